@@ -1,0 +1,38 @@
+# Set-up and the commands that must stay true (see README).
+# torch comes first, pinned to a CPU wheel, so that pip never resolves plain "torch" to a
+# multi-GB CUDA build on a CPU machine. GPU users: make TORCH_SPEC="torch==2.13.0" with the
+# index of their choice, e.g. PIP_INDEX_URL=https://download.pytorch.org/whl/cu128.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.keenlm-installed
+
+.PHONY: demo test bench bench-quick install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/keenlm demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+$(VENV)/.keenlm-bench: $(STAMP)
+	$(BIN)/pip install -e ".[dev,bench]"
+	touch $@
+
+bench: $(VENV)/.keenlm-bench
+	$(BIN)/python benchmarks/train_throughput.py
+
+bench-quick: $(VENV)/.keenlm-bench
+	$(BIN)/python benchmarks/train_throughput.py --quick
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

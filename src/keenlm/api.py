@@ -1,0 +1,67 @@
+"""The Python API, mirroring the CLI: ``keenlm.train(config)``, ``keenlm.load(run_dir)``."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from keenlm import runs
+from keenlm.config import GenerateConfig, RunConfig, from_dict
+
+
+class KeenModel:
+    """A trained model with its tokenizer and config: what ``keenlm.load`` returns."""
+
+    def __init__(self, net, tokenizer, config: RunConfig, run_dir: Path | None = None):
+        self.net, self.tokenizer, self.config, self.run_dir = net, tokenizer, config, run_dir
+
+    def generate(self, prompts: str | Sequence[str], *, stream: Optional[Callable[[str], None]] = None,
+                 **overrides) -> str | list[str]:
+        """Generate text; keyword overrides are GenerateConfig fields (temperature=0, ...)."""
+        from keenlm.config import section_from_dict
+        from keenlm.infer import generate
+
+        cfg = section_from_dict("generate", GenerateConfig, overrides, self.config.generate)
+        return generate(self.net, self.tokenizer, prompts, cfg, stream=stream)
+
+    def evaluate(self, corpus: str | None = None, *, batch_size: int = 8, seq_len: int | None = None,
+                 max_batches: int = 50) -> dict:
+        """Loss, perplexity and bits per byte on the run's validation split or on a corpus/file."""
+        from keenlm.data import TokenData, load_corpus, tokenize_corpus, default_cache_dir
+        from keenlm.evaluate import evaluate
+
+        data_cfg = self.config.data if corpus is None else replace(self.config.data, corpus=corpus)
+        data: TokenData = tokenize_corpus(load_corpus(data_cfg), self.tokenizer,
+                                          default_cache_dir(data_cfg.cache_dir))
+        # a single file or folder given explicitly is evaluated whole: train and val parts
+        tokens = data.val if corpus is None else _concat(data.train, data.val)
+        return evaluate(self.net, tokens, data.token_bytes, batch_size=batch_size,
+                        seq_len=seq_len or self.config.train.seq_len, max_batches=max_batches,
+                        device=next(self.net.parameters()).device)
+
+
+def _concat(a, b):
+    import numpy as np
+
+    return np.concatenate([np.asarray(a), np.asarray(b)])
+
+
+def load(run_dir: str | Path, device: str = "cpu") -> KeenModel:
+    """Load a run folder's newest checkpoint (weights via safetensors; no code executed)."""
+    from keenlm.data import load_tokenizer
+    from keenlm.model import build_model, load_model_state
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir} is not a keenlm run folder (no config.json)")
+    cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
+    ckpt = runs.latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest missing)")
+    net = build_model(cfg.model)
+    load_model_state(net, runs.load_model_state(ckpt))
+    net.to(torch.device(device)).eval()
+    return KeenModel(net, load_tokenizer(run_dir / "tokenizer"), cfg, run_dir)

@@ -1,0 +1,191 @@
+"""The ``keenlm`` command line. Thin: it parses, builds configs, and calls the library.
+
+Every config field is an option ``--SECTION.FIELD``, generated from the dataclasses in
+keenlm.config, with its default and the comment written beside it in the source as help.
+Precedence: defaults < --preset < --config file < --SECTION.FIELD options.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import dataclasses
+import inspect
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+from keenlm.config import SECTIONS, ConfigError, from_dict, load_file, merge, parse_overrides
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in the dataclass source, used as --help text."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for line in src.splitlines():
+        code, _, comment = line.partition("  # ")
+        code = code.strip()
+        if ":" in code and "=" in code and not code.startswith(("def ", "#")):
+            out[code.split(":")[0].strip()] = comment.strip()
+    return out
+
+
+def _metavar(typ) -> str:
+    name = typ if isinstance(typ, str) else getattr(typ, "__name__", "value")
+    return "A,B,..." if name.startswith("tuple") else name.upper()
+
+
+def add_config_options(parser: argparse.ArgumentParser, sections=tuple(SECTIONS)) -> None:
+    for section in sections:
+        cls = SECTIONS[section]
+        group = parser.add_argument_group(f"{section} options ({cls.__name__})")
+        comments = _field_comments(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            hint = comments.get(f.name, "")
+            group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}",
+                               metavar=_metavar(f.type),
+                               default=argparse.SUPPRESS,
+                               help=f"{hint + '; ' if hint else ''}default: {shown!r}"
+                               .replace("%", "%%"))
+
+
+def config_from_args(args, base: dict | None = None):
+    layers = [base or {}]
+    if getattr(args, "preset", None):
+        from keenlm.presets import preset_dict
+
+        layers.append(preset_dict(args.preset))
+        layers.append({"preset": args.preset})
+    if getattr(args, "config", None):
+        layers.append(load_file(args.config))
+    pairs = [(k[4:], v) for k, v in vars(args).items() if k.startswith("cfg:") and v is not None]
+    layers.append(parse_overrides(pairs))
+    return from_dict(merge(*layers))
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def cmd_train(args) -> int:
+    from keenlm.train import train
+
+    cfg = config_from_args(args)
+    res = train(cfg)
+    ev = res.final_eval
+    print(f"{'stopped' if res.interrupted else 'finished'} at step {res.step}: val loss "
+          f"{ev['loss']:.4f}, {ev['bits_per_byte']:.3f} bits/byte; run folder {res.run_dir}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import keenlm
+
+    km = keenlm.load(args.run, device=args.device)
+    overrides = {k[len("cfg:generate."):]: v for k, v in vars(args).items()
+                 if k.startswith("cfg:generate.") and v is not None}
+    prompts = args.prompt or [""]
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            prompt = "\n"  # an empty prompt has no token to start from
+        if args.no_stream:
+            print(km.generate(prompt, **overrides))
+        else:
+            sys.stdout.write(prompt)
+            km.generate(prompt, stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()), **overrides)
+            sys.stdout.write("\n")
+        if i + 1 < len(prompts):
+            print("-" * 40)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import keenlm
+
+    km = keenlm.load(args.run, device=args.device)
+    res = km.evaluate(args.corpus, batch_size=args.batch_size, seq_len=args.seq_len,
+                      max_batches=args.batches)
+    print(json.dumps(res, indent=2) if args.json else
+          f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
+          f"bits/byte {res['bits_per_byte']:.4f}  ({res['tokens']} tokens, {res['bytes']} bytes)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from keenlm.info import run_info
+
+    print(run_info(Path(args.run), as_json=args.json))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from keenlm.demo import run_demo
+
+    run_demo(out_dir=args.out, time_budget_s=args.budget)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="keenlm", description="Train, evaluate and run small "
+                                "language models on the compute one person has.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (writes a run folder)", formatter_class=fmt,
+                       description="Train a model. Precedence: defaults < --preset < --config < "
+                       "--SECTION.FIELD options.")
+    t.add_argument("--preset", help="size preset: tiny | demo | small | base | large, or a YAML file")
+    t.add_argument("--config", help="YAML or JSON file of config sections")
+    add_config_options(t)
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate text from a run", formatter_class=fmt)
+    g.add_argument("run", help="run folder")
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g.add_argument("--no-stream", action="store_true", help="print each result at the end")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    add_config_options(g, ("generate",))
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="validation loss, bits per byte, perplexity", formatter_class=fmt)
+    e.add_argument("run", help="run folder")
+    e.add_argument("--corpus", default=None,
+                   help="stdlib, a file, a folder or a .jsonl (whole); default: the run's val split")
+    e.add_argument("--batches", type=int, default=50, help="at most this many batches")
+    e.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    e.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's)")
+    e.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="describe a run: config, parameters, ledger, files",
+                       formatter_class=fmt)
+    i.add_argument("run", help="run folder")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="train a small model on the Python stdlib, evaluate, sample",
+                       formatter_class=fmt)
+    d.add_argument("--out", default="runs/demo", help="run folder")
+    d.add_argument("--budget", type=float, default=210.0, help="training time budget in seconds")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("KEENLM_DEBUG"):
+            raise
+        print(f"keenlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

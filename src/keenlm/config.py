@@ -1,0 +1,363 @@
+"""Run configuration: small frozen dataclasses, validated where they are made.
+
+A run is described by one ``RunConfig`` holding four parts (``model``, ``data``, ``train``,
+``generate``). Every field can come from a preset, a YAML/JSON file, or the command line as
+``--model.n_layer 4``; they are merged in that order. A bad value fails here, at load time,
+with the dotted key, the value and what is allowed -- never deep inside a forward pass.
+
+Derived values (feed-forward width, learning rate, ...) are left at 0 in the config and
+filled in by one visible function, ``keenlm.presets.resolve``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config key '{key}': got {value!r}; allowed: {allowed}")
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(key, value, allowed)
+
+
+# Names of registered variants, checked at load. The registries themselves live beside the
+# code that implements them; tests assert the two lists agree.
+ATTENTION_BACKENDS = ("naive", "sdpa")
+LINEAR_KINDS = ("dense",)
+FFN_KINDS = ("dense",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and parts of the Llama-family decoder. Zeros mean "derive" (see presets.resolve)."""
+
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    n_layer: int = 4  # transformer blocks
+    d_model: int = 256  # residual stream width
+    n_head: int = 4  # query heads; head dim = d_model / n_head
+    n_kv_head: int = 0  # 0: same as n_head (plain multi-head attention)
+    d_ff: int = 0  # 0: SwiGLU width 8/3 * d_model rounded up to a multiple of 32
+    max_seq_len: int = 512  # longest context (rotary table size, KV cache limit)
+    rope_theta: float = 10000.0  # RoPE base; larger = longer wavelengths
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # LM head shares the embedding matrix
+    init_std: float = 0.02  # normal init std; residual outputs get std/sqrt(2 n_layer)
+    attention: str = "sdpa"  # naive | sdpa
+    linear: str = "dense"  # dense
+    ffn: str = "dense"  # dense
+
+    def __post_init__(self):
+        p = "model."
+        for name in ("n_layer", "d_model", "n_head", "max_seq_len"):
+            v = getattr(self, name)
+            _check(v >= 1, p + name, v, "an integer >= 1")
+        for name in ("vocab_size", "n_kv_head", "d_ff"):
+            v = getattr(self, name)
+            _check(v >= 0, p + name, v, "an integer >= 0 (0 = derive)")
+        _check(self.d_model % self.n_head == 0, p + "d_model", self.d_model,
+               f"a multiple of model.n_head={self.n_head}")
+        _check((self.d_model // self.n_head) % 2 == 0, p + "d_model", self.d_model,
+               "d_model / n_head must be even (RoPE rotates pairs of dimensions)")
+        kv = self.n_kv_head or self.n_head
+        _check(self.n_head % kv == 0, p + "n_kv_head", self.n_kv_head,
+               f"a divisor of model.n_head={self.n_head}")
+        _check(self.rope_theta > 0, p + "rope_theta", self.rope_theta, "a number > 0")
+        _check(0 < self.norm_eps < 1, p + "norm_eps", self.norm_eps, "a number in (0, 1)")
+        _check(self.init_std > 0, p + "init_std", self.init_std, "a number > 0")
+        _check(self.attention in ATTENTION_BACKENDS, p + "attention", self.attention,
+               " | ".join(ATTENTION_BACKENDS))
+        _check(self.linear in LINEAR_KINDS, p + "linear", self.linear, " | ".join(LINEAR_KINDS))
+        _check(self.ffn in FFN_KINDS, p + "ffn", self.ffn, " | ".join(FFN_KINDS))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from and how it becomes tokens."""
+
+    corpus: str = "stdlib"  # stdlib | a .txt/.py/... file | a folder | a .jsonl file | hf:NAME[:CONFIG]
+    tokenizer: str = "bpe"  # byte | bpe | PATH to a folder holding tokenizer.json
+    vocab_size: int = 4096  # BPE vocabulary size (ignored for byte)
+    tokenizer_train_bytes: int = 8_000_000  # how much training text the BPE trainer reads
+    val_fraction: float = 0.02  # share of documents (files) held out, chosen by path hash
+    max_bytes: int = 0  # 0: whole corpus; else stop reading after this many bytes
+    jsonl_field: str = "text"  # field holding the text in .jsonl / HF datasets
+    hf_split: str = "train"  # split of a hf: dataset to read
+    cache_dir: str = ""  # "": $KEENLM_CACHE or ~/.cache/keenlm
+
+    def __post_init__(self):
+        p = "data."
+        _check(bool(self.corpus), p + "corpus", self.corpus, "stdlib, a path, or hf:NAME")
+        _check(256 + 1 <= self.vocab_size <= 1_000_000, p + "vocab_size", self.vocab_size,
+               "an integer in [257, 1000000]")
+        _check(self.tokenizer_train_bytes >= 1000, p + "tokenizer_train_bytes",
+               self.tokenizer_train_bytes, "an integer >= 1000")
+        _check(0.0 < self.val_fraction < 0.5, p + "val_fraction", self.val_fraction,
+               "a number in (0, 0.5)")
+        _check(self.max_bytes >= 0, p + "max_bytes", self.max_bytes, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimization loop."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 256  # tokens per training sequence
+    grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # adamw | muon
+    lr: float = 0.0  # 0: from the size preset (presets.default_lr)
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak
+    warmup_steps: int = 0  # 0: 2% of steps, at least 1
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: final share of steps spent decaying
+    weight_decay: float = 0.1  # decoupled, on matrices only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # 0: off
+    dtype: str = "fp32"  # fp32 | bf16 (autocast) | auto
+    compile: bool = False  # torch.compile the model (first steps slower)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = 0  # 0: torch default
+    seed: int = 1337  # model init and batch order
+    eval_every: int = 200  # 0: only at the end
+    eval_batches: int = 20  # validation batches per evaluation
+    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 10  # steps between metrics.jsonl lines
+    time_budget_s: float = 0.0  # >0: stop (and save) once this much wall time has passed
+    progress: bool = True  # live progress bar (plain lines when not a terminal)
+    out_dir: str = "runs/latest"  # run folder
+    resume: bool = True  # continue from out_dir's latest checkpoint when it exists
+
+    def __post_init__(self):
+        p = "train."
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
+                     "keep_checkpoints", "log_every"):
+            v = getattr(self, name)
+            _check(v >= 1, p + name, v, "an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "threads"):
+            v = getattr(self, name)
+            _check(v >= 0, p + name, v, "an integer >= 0")
+        _check(self.optimizer in ("adamw", "muon"), p + "optimizer", self.optimizer, "adamw | muon")
+        _check(self.lr >= 0, p + "lr", self.lr, "a number >= 0 (0 = from the size preset)")
+        _check(0 <= self.min_lr_ratio <= 1, p + "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        _check(self.schedule in ("cosine", "wsd", "constant"), p + "schedule", self.schedule,
+               "cosine | wsd | constant")
+        _check(0 < self.decay_fraction <= 1, p + "decay_fraction", self.decay_fraction, "a number in (0, 1]")
+        _check(self.weight_decay >= 0, p + "weight_decay", self.weight_decay, "a number >= 0")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            _check(0 <= v < 1, p + name, v, "a number in [0, 1)")
+        _check(self.grad_clip >= 0, p + "grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
+        _check(self.dtype in ("fp32", "bf16", "auto"), p + "dtype", self.dtype, "fp32 | bf16 | auto")
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+               p + "device", self.device, "auto | cpu | cuda | cuda:N | mps")
+        _check(self.time_budget_s >= 0, p + "time_budget_s", self.time_budget_s, "a number >= 0")
+        _check(bool(self.out_dir), p + "out_dir", self.out_dir, "a folder path")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sampling settings. temperature 0 means greedy."""
+
+    max_new_tokens: int = 128  # tokens to generate per prompt
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off (CTRL-style: divide positive logits, multiply negative)
+    stop: tuple[str, ...] = ()  # stop strings, comma-separated on the command line
+    seed: int = 0  # sampling seed
+
+    def __post_init__(self):
+        p = "generate."
+        _check(self.max_new_tokens >= 1, p + "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(self.temperature >= 0, p + "temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        _check(self.top_k >= 0, p + "top_k", self.top_k, "an integer >= 0 (0 = off)")
+        _check(0 < self.top_p <= 1, p + "top_p", self.top_p, "a number in (0, 1]")
+        _check(self.repetition_penalty > 0, p + "repetition_penalty", self.repetition_penalty,
+               "a number > 0 (1 = off)")
+        _check(all(isinstance(s, str) and s for s in self.stop), p + "stop", self.stop,
+               "a list of non-empty strings")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    preset: str = ""  # name of the size preset it was made from, for the record
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "generate": GenerateConfig}
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass, with type checks that name the key
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert ``value`` (from JSON/YAML or a command-line string) to ``typ`` or fail naming ``key``."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [s for s in value.split(",") if s] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, "a list of strings")
+        return tuple(coerce(key, v, str) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(key, value, "true | false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, value, "an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+            try:  # "1e6" is a fine way to write a step count
+                f = float(value)
+                if f.is_integer():
+                    return int(f)
+            except (ValueError, OverflowError):
+                pass
+        raise ConfigError(key, value, "an integer")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, value, "a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, value, "a number")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, value, "a string")
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def section_from_dict(name: str, cls, data: dict, base=None):
+    if not isinstance(data, dict):
+        raise ConfigError(name, data, "a mapping of keys to values")
+    types = _field_types(cls)
+    values = dataclasses.asdict(base) if base is not None else {}
+    for k, v in data.items():
+        if k not in types:
+            raise ConfigError(f"{name}.{k}", v, "one of " + ", ".join(types))
+        values[k] = coerce(f"{name}.{k}", v, types[k])
+    return cls(**values)
+
+
+def from_dict(data: dict, base: RunConfig | None = None) -> RunConfig:
+    """Build a RunConfig from a nested dict, on top of ``base`` (default: all defaults)."""
+    base = base or RunConfig()
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", data, "a mapping with sections " + ", ".join(SECTIONS))
+    parts = {}
+    for k in data:
+        if k not in SECTIONS and k != "preset":
+            raise ConfigError(k, data[k], "top-level sections " + ", ".join(SECTIONS) + ", preset")
+    for name, cls in SECTIONS.items():
+        parts[name] = section_from_dict(name, cls, data.get(name, {}) or {}, getattr(base, name))
+    preset = data.get("preset", base.preset)
+    return RunConfig(preset=coerce("preset", preset, str), **parts)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["generate"]["stop"] = list(d["generate"]["stop"])
+    return d
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """Read a YAML or JSON config file into a nested dict (no code is ever executed)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError("--config", path, "an existing .yaml, .yml or .json file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError("--config", path, f"valid JSON ({e})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:  # pragma: no cover - pyyaml is a core dependency
+            raise ConfigError("--config", path, "JSON, or install pyyaml for YAML") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", path, f"valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", path, "a mapping with sections " + ", ".join(SECTIONS))
+    return data
+
+
+def save_json(cfg: RunConfig, path: str | os.PathLike) -> None:
+    from keenlm.runs import atomic_write_text
+
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def parse_overrides(pairs: list[tuple[str, str]]) -> dict:
+    """``[("model.n_layer", "4")] -> {"model": {"n_layer": "4"}}`` with key checks."""
+    out: dict = {}
+    for key, value in pairs:
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in SECTIONS:
+            raise ConfigError(key, value, "SECTION.FIELD with SECTION in " + ", ".join(SECTIONS))
+        section, name = parts
+        if name not in _field_types(SECTIONS[section]):
+            raise ConfigError(key, value, "one of " + ", ".join(_field_types(SECTIONS[section])))
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def merge(*dicts: dict) -> dict:
+    """Deep-merge nested config dicts; later ones win."""
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = merge(out[k], v)
+            else:
+                out[k] = v
+    return out

@@ -1,0 +1,59 @@
+"""``keenlm info RUN``: what a run folder holds, in one screen."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from keenlm import runs
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else (
+        path.stat().st_size if path.exists() else 0)
+
+
+def gather(run: Path) -> dict:
+    if not (run / "config.json").exists():
+        raise FileNotFoundError(f"{run} is not a keenlm run folder (no config.json)")
+    cfg = json.loads((run / "config.json").read_text())
+    ledger = json.loads((run / "ledger.json").read_text()) if (run / "ledger.json").exists() else {}
+    env = json.loads((run / "env.json").read_text()) if (run / "env.json").exists() else {}
+    evals = [r for r in runs.read_jsonl(run / "metrics.jsonl") if r.get("kind") == "eval"]
+    ckpt = runs.latest_checkpoint(run)
+    files = {}
+    if ckpt is not None:
+        files = {f.name: f.stat().st_size for f in sorted(ckpt.iterdir())}
+    return {"run": str(run), "model": cfg["model"], "train": cfg["train"], "data": cfg["data"],
+            "params": ledger.get("params", {}), "ledger": {k: v for k, v in ledger.items()
+                                                           if k != "params"},
+            "last_eval": evals[-1] if evals else None, "checkpoint": str(ckpt) if ckpt else None,
+            "checkpoint_files": files, "run_bytes": _size(run), "git": env.get("git"),
+            "versions": env.get("versions")}
+
+
+def run_info(run: Path, as_json: bool = False) -> str:
+    info = gather(run)
+    if as_json:
+        return json.dumps(info, indent=2)
+    m, p, lg, ev = info["model"], info["params"], info["ledger"], info["last_eval"]
+    lines = [
+        f"run          {info['run']}  (git {info['git']})",
+        f"model        {m['n_layer']} layers, d_model {m['d_model']}, heads {m['n_head']}/"
+        f"{m['n_kv_head'] or m['n_head']} kv, d_ff {m['d_ff']}, vocab {m['vocab_size']}, "
+        f"ctx {m['max_seq_len']}, attention {m['attention']}, linear {m['linear']}, ffn {m['ffn']}",
+    ]
+    if p:
+        lines.append(f"parameters   {p['total']:,} total, {p['non_embedding']:,} non-embedding, "
+                     f"{p['embedding']:,} embedding, {p['active']:,} active per token")
+    if lg:
+        fpt = lg.get("flops_per_token", {})
+        lines += [f"compute      {lg.get('tokens_seen', 0):,} tokens, {lg.get('flops_total', 0):.3e} "
+                  f"FLOPs ({fpt.get('train', 0):.3e}/token), {lg.get('wall_time_s', 0):.0f} s, "
+                  f"{lg.get('achieved_flops_per_s', 0) / 1e9:.1f} GFLOP/s"]
+    if ev:
+        lines.append(f"last eval    step {ev['step']}: loss {ev['loss']:.4f}, perplexity "
+                     f"{ev['perplexity']:.3f}, {ev['bits_per_byte']:.4f} bits/byte")
+    for name, size in info["checkpoint_files"].items():
+        lines.append(f"file         {name}: {size / 1e6:.2f} MB")
+    lines.append(f"folder size  {info['run_bytes'] / 1e6:.2f} MB")
+    return "\n".join(lines)

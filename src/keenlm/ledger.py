@@ -1,0 +1,111 @@
+"""The compute ledger: parameters, FLOPs, tokens and time of a run, in one place.
+
+Every run keeps a ``ledger.json`` next to its metrics so that "smarter per unit of compute" is a
+number. FLOPs are counted per token, for a training sequence of T positions:
+
+    forward  = 2 * P_matmul                      # every weight matrix, LM head included
+             + n_layer * 4 * T * n_head * head_dim   # q k^T and probs v, full T x T
+    backward = 2 * forward                       # grad wrt inputs + grad wrt weights
+
+P_matmul counts the weights used by matrix multiplies per token (the embedding lookup is a
+gather, not a matmul; a tied LM head is a matmul). Attention is counted as the full T x T score
+matrix, which is what the naive and fused kernels execute and what ``torch.utils.flop_counter``
+counts; the causally useful part is half of it (``attn_flops_causal`` records that). Norms,
+activations and softmax are not counted (well under 1% at these shapes). The formula is checked
+against ``torch.utils.flop_counter.FlopCounterMode`` in tests/test_ledger.py.
+
+Kaplan et al. (2020, https://arxiv.org/abs/2001.08361) give the 6N rule of thumb this refines.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """total (unique tensors), embedding, non_embedding, and active per token."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    embed = model.embed_tokens.weight.numel()
+    head = model.lm_head.weight
+    untied_head = head.numel() if head is not model.embed_tokens.weight else 0
+    active_fn = getattr(model, "active_params", None)  # parts that route (MoE) report their own
+    non_embedding = total - embed - untied_head
+    return {
+        "total": total,
+        "embedding": embed + untied_head,
+        "non_embedding": non_embedding,
+        # weights a token's forward pass multiplies by: every block weight plus the LM head
+        "active": active_fn() if active_fn else non_embedding + head.numel(),
+    }
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Weights used in matrix multiplies per token (all nn.Linear weights incl. the LM head)."""
+    fn = getattr(model, "active_matmul_params", None)
+    if fn is not None:
+        return fn()
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:
+    cfg = model.cfg
+    linear = 2 * matmul_params(model)
+    attn = cfg.n_layer * 4 * seq_len * cfg.n_head * cfg.head_dim
+    fwd = linear + attn
+    return {"forward": float(fwd), "backward": float(2 * fwd), "train": float(3 * fwd),
+            "attn_forward": float(attn), "attn_flops_causal": float(attn) / 2}
+
+
+@dataclass
+class Ledger:
+    params: dict
+    seq_len: int
+    flops_per_token: dict
+    weight_bytes: int  # bytes of weights read per token at decode (dense: all matmul weights)
+    tokens_seen: int = 0
+    tokens_backward: int = 0  # tokens whose loss was backpropagated (selective backprop < seen)
+    flops_forward: float = 0.0
+    flops_backward: float = 0.0
+    wall_time_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, seq_len: int) -> "Ledger":
+        p = next(model.parameters())
+        return cls(params=count_params(model), seq_len=seq_len,
+                   flops_per_token=flops_per_token(model, seq_len),
+                   weight_bytes=matmul_params(model) * p.element_size())
+
+    def add_step(self, tokens: int, tokens_backward: int | None = None, seconds: float = 0.0):
+        tb = tokens if tokens_backward is None else tokens_backward
+        self.tokens_seen += tokens
+        self.tokens_backward += tb
+        self.flops_forward += tokens * self.flops_per_token["forward"]
+        self.flops_backward += tb * self.flops_per_token["backward"]
+        self.wall_time_s += seconds
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        total = self.flops_forward + self.flops_backward
+        d["flops_total"] = total
+        d["achieved_flops_per_s"] = total / self.wall_time_s if self.wall_time_s > 0 else 0.0
+        d["tokens_per_s"] = self.tokens_seen / self.wall_time_s if self.wall_time_s > 0 else 0.0
+        d["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Ledger":
+        keys = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in keys})
+
+    def save(self, path) -> None:
+        from keenlm.runs import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,0 +1,128 @@
+"""Attention backends and the grouped-query attention layer.
+
+Every backend is a plain function with one signature, registered in ``ATTENTION`` and
+resolved once when the model is built (no string dispatch inside the forward pass):
+
+    backend(q, k, v, mask) -> out
+        q:    (B, H,  T, D)   queries for the T new positions
+        k, v: (B, Hk, S, D)   keys/values for all S visible positions (S >= T), Hk divides H
+        mask: None            -> plain causal attention with T == S (training, prefill)
+              (B, 1, T, S)    bool, True where a query may attend (KV cache, padding)
+        out:  (B, H, T, D)
+
+Grouped-query attention (Ainslie et al. 2023, https://arxiv.org/abs/2305.13245): Hk key/value
+heads are each shared by H/Hk query heads.
+
+- ``naive``: the textbook formula softmax(q k^T / sqrt(D)) v with an explicit T x S score
+  matrix. It is the reference every other backend is tested against.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``, which picks PyTorch's fused
+  kernels (FlashAttention-style on CPU and CUDA where the inputs allow).
+
+Legend: B batch, T new positions, S visible key positions, H query heads, Hk key/value heads,
+D head dim, C model width.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from keenlm.model.layers import apply_rope
+
+Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def naive_attention(q, k, v, mask):
+    """Reference: explicit scores, explicit causal/padding mask, explicit softmax."""
+    B, H, T, D = q.shape
+    S, Hk = k.shape[2], k.shape[1]
+    if Hk != H:  # share each key/value head among H // Hk query heads
+        k = k.repeat_interleave(H // Hk, dim=1)
+        v = v.repeat_interleave(H // Hk, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(D)  # (B, H, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    # a fully masked row (a padding query) would be NaN; its output is never used, make it 0
+    probs = torch.nan_to_num(probs, nan=0.0)
+    return probs @ v
+
+
+def sdpa_attention(q, k, v, mask):
+    """PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels)."""
+    gqa = k.shape[1] != q.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    # rows with no visible key (left padding) come out NaN; they are never read, zero them
+    return torch.nan_to_num(out, nan=0.0) if not mask.any(-1).all() else out
+
+
+ATTENTION: dict[str, Backend] = {
+    "naive": naive_attention,
+    "sdpa": sdpa_attention,
+}
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions and an optional KV cache."""
+
+    def __init__(self, cfg, linear, backend: Backend, layer_idx: int):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.layer_idx = layer_idx
+        self.q_proj = linear(cfg.d_model, self.n_head * self.head_dim)
+        self.k_proj = linear(cfg.d_model, self.n_kv_head * self.head_dim)
+        self.v_proj = linear(cfg.d_model, self.n_kv_head * self.head_dim)
+        self.o_proj = linear(self.n_head * self.head_dim, cfg.d_model)
+        self.backend = backend
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = self.backend(q, k, v, mask)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (L, B, Hk, max_len, D) each.
+
+    ``update`` writes the new positions at the current length and returns views of everything
+    written so far; ``advance`` moves the length once all layers have been updated.
+    """
+
+    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, device, dtype):
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+        self._pending = 0
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        self._pending = T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self):
+        self.length += self._pending
+        self._pending = 0
+
+    def select(self, rows: torch.Tensor):
+        """Keep only the given batch rows (e.g. drop finished sequences)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]

@@ -1,0 +1,159 @@
+"""The keenlm decoder: one Llama-family model whose parts come from registries.
+
+    tokens -> embed -> [x + attn(norm(x)); x + ffn(norm(x))] * n_layer -> norm -> lm_head
+
+Llama (Touvron et al. 2023, https://arxiv.org/abs/2302.13971): pre-norm RMSNorm, rotary
+positions, SwiGLU, no biases; grouped-query attention; tied or untied embeddings. Parameter
+names follow Hugging Face's ``LlamaForCausalLM`` (minus its ``model.`` prefix), so checkpoints
+map one to one.
+
+The attention backend, the linear-layer factory and the feed-forward factory are looked up once
+here, from ``ATTENTION``, ``LINEAR`` and ``FFN``; the forward pass has no string dispatch.
+
+Legend: B batch, T positions in this call, S positions visible (cache + new), C width, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from keenlm.config import ModelConfig
+from keenlm.model.attention import ATTENTION, Attention, KVCache
+from keenlm.model.layers import FFN, LINEAR, RMSNorm, rope_tables
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, linear, backend, ffn, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, linear, backend, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = ffn(cfg, linear)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0 or cfg.d_ff <= 0:
+            raise ValueError("model config is not resolved: vocab_size and d_ff must be set "
+                             "(use keenlm.presets.resolve)")
+        self.cfg = cfg
+        linear, backend, ffn = LINEAR[cfg.linear], ATTENTION[cfg.attention], FFN[cfg.ffn]
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, linear, backend, ffn, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg.head_dim, torch.arange(cfg.max_seq_len), cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 n_layer) (GPT-2)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / (2 * self.cfg.n_layer) ** 0.5)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, std)
+
+    # ------------------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, *, cache: Optional[KVCache] = None,
+                positions: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V), or (B, 1, V) with ``last_only``.
+
+        cache:     a KVCache to read and extend (generation).
+        positions: (B, T) rotary positions per row (left-padded batches); default start..start+T.
+        key_mask:  (B, S) bool, False for padding keys; S = cache length + T.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} positions exceeds model.max_seq_len "
+                             f"{self.cfg.max_seq_len}")
+        if positions is None:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        else:
+            assert positions.shape == (B, T), f"positions {tuple(positions.shape)} != {(B, T)}"
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        mask = self.build_mask(B, T, start, key_mask, idx.device)
+        x = self.embed_tokens(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance()
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    @staticmethod
+    def build_mask(B, T, start, key_mask, device):
+        """None for the plain causal square; else (B, 1, T, S) bool, True = may attend."""
+        if start == 0 and key_mask is None:
+            return None
+        S = start + T
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
+        if key_mask is None:
+            return causal.expand(B, 1, T, S)
+        assert key_mask.shape == (B, S), f"key_mask {tuple(key_mask.shape)} != {(B, S)}"
+        return causal[None, None] & key_mask[:, None, None, :].bool()
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
+        """Cross-entropy in fp32. reduction 'none' gives (B, T) per-token losses for hooks."""
+        V = logits.shape[-1]
+        losses = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1),
+                                 reduction=reduction)
+        return losses.view(targets.shape) if reduction == "none" else losses
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses left by parts during the last forward (e.g. MoE load balance)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, m in self.named_modules():
+            pop = getattr(m, "pop_aux_losses", None)
+            if pop is not None:
+                for k, v in pop().items():
+                    out[f"{name}.{k}" if name else k] = v
+        return out
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.embed_tokens.weight
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        return KVCache(self.cfg.n_layer, batch, self.cfg.kv_heads, max_len or self.cfg.max_seq_len,
+                       self.cfg.head_dim, p.device, dtype)
+
+
+def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """State dict ready for safetensors: contiguous CPU tensors, tied LM head omitted."""
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def load_model_state(model: Transformer, state: dict[str, torch.Tensor]) -> None:
+    """Load weights strictly: a missing, unexpected or mis-shaped tensor is an error naming it."""
+    expected = {k: v for k, v in model.state_dict().items()
+                if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, "
+                             f"model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)

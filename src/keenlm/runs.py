@@ -1,0 +1,173 @@
+"""Run folders and crash-safe checkpoints.
+
+A run is a folder:
+
+    config.json          resolved RunConfig (every derived value filled in)
+    env.json             git revision, package versions, machine, threads
+    tokenizer/           tokenizer.json (+ keenlm_tokenizer.json)
+    metrics.jsonl        one JSON object per logged step / evaluation
+    ledger.json          parameters, FLOPs, tokens, wall time (keenlm.ledger)
+    samples.txt          generated samples
+    checkpoints/
+        step-000100/     model.safetensors + trainer_state.pt (optimizer, RNG, step)
+        latest           name of the newest complete checkpoint folder
+
+A checkpoint is written into a temporary folder, flushed, and renamed; only then is ``latest``
+replaced (itself by write-to-temp + ``os.replace``). A crash at any point leaves ``latest``
+naming a complete checkpoint. Loading uses safetensors for weights and
+``torch.load(weights_only=True)`` for trainer state: no code in a file is ever executed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_jsonl(path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash: ignore it
+                continue
+    return out
+
+
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+                               text=True, timeout=5)
+        if rev.returncode:
+            return "unknown"
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import numpy
+
+    import keenlm
+
+    versions = {"keenlm": keenlm.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+                "python": sys.version.split()[0]}
+    for name in ("tokenizers", "safetensors", "transformers"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            versions[name] = getattr(mod, "__version__", "?")
+    return {"git": git_revision(), "versions": versions, "platform": platform.platform(),
+            "machine": platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "argv": sys.argv}
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _step_dir(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def save_checkpoint(run_dir, step: int, model_state: dict, trainer_state: dict, keep: int = 2) -> Path:
+    """Write model + trainer state for ``step`` atomically; keep the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    ckdir = Path(run_dir) / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / _step_dir(step)
+    tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=".tmp-"))
+    try:
+        save_file(model_state, str(tmp / "model.safetensors"))
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(ckdir / "latest", final.name + "\n")
+    _prune(ckdir, keep, final.name)
+    return final
+
+
+def _prune(ckdir: Path, keep: int, current: str) -> None:
+    steps = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for p in steps[:-keep]:
+        if p.name != current:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in ckdir.glob(".tmp-*"):  # leftovers of an interrupted write
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which has no model.safetensors")
+    return path
+
+
+def load_model_state(ckpt: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = Path(ckpt) / "model.safetensors"
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {f}: {e}") from None
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    f = Path(ckpt) / "trainer_state.pt"
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a corrupt file
+        raise ValueError(f"cannot read {f}: {e}") from None

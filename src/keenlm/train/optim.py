@@ -1,0 +1,146 @@
+"""Optimizers and learning-rate schedules.
+
+- AdamW (Loshchilov & Hutter 2019): decoupled weight decay on matrices only (not on norm
+  gains); the fused kernel where PyTorch has one for the device, else foreach.
+- Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/): SGD-momentum whose
+  update for each hidden weight matrix is orthogonalized by 5 Newton-Schulz iterations; the
+  embedding, LM head and norm gains stay on AdamW, as in the reference recipe. Muon's
+  learning rate is its own (``MUON_LR``, 0.02 in the reference) times the schedule.
+- Schedules (multipliers of the peak lr, a pure function of the step so resume is exact):
+  linear warmup, then ``cosine`` decay to ``min_lr_ratio``, ``wsd`` (warmup-stable-decay:
+  constant, then linear decay over the last ``decay_fraction`` of steps; Hu et al. 2024,
+  MiniCPM), or ``constant``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+MUON_LR = 0.02
+
+
+def lr_multiplier(step: int, cfg) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    # wsd: stable until the decay phase, then linear to the floor
+    decay_steps = max(1, int(cfg.decay_fraction * cfg.steps))
+    decay_start = cfg.steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (1 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
+
+
+def _split_params(model: nn.Module):
+    """(hidden matrices, embedding/head matrices, vectors) without duplicates (tied weights)."""
+    seen, hidden, edge, vectors = set(), [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.dim() < 2:
+            vectors.append(p)
+        elif "embed_tokens" in name or "lm_head" in name:
+            edge.append(p)
+        else:
+            hidden.append(p)
+    return hidden, edge, vectors
+
+
+def _adamw(groups, cfg, device_type: str):
+    kwargs = {"betas": (cfg.beta1, cfg.beta2), "eps": 1e-8, "lr": cfg.lr}
+    # fused AdamW exists for CPU and CUDA in torch >= 2.4; foreach is the fallback
+    try:
+        return torch.optim.AdamW(groups, fused=device_type in ("cpu", "cuda"), **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    hidden, edge, vectors = _split_params(model)
+    if cfg.optimizer == "adamw":
+        return _adamw([{"params": hidden + edge, "weight_decay": cfg.weight_decay},
+                       {"params": vectors, "weight_decay": 0.0}], cfg, device_type)
+    return MuonAdamW(hidden, [{"params": edge, "weight_decay": cfg.weight_decay},
+                              {"params": vectors, "weight_decay": 0.0}], cfg)
+
+
+def set_lr(opt: torch.optim.Optimizer, mult: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * mult
+
+
+def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T of G = U S V^T by a quintic Newton-Schulz iteration (Muon)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.float()
+    transpose = X.shape[0] > X.shape[1]
+    if transpose:
+        X = X.T
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if transpose else X).to(G.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for hidden matrices, AdamW for everything else, stepped together."""
+
+    def __init__(self, muon_params, adam_groups, cfg, momentum: float = 0.95):
+        groups = [{"params": list(muon_params), "muon": True, "lr": MUON_LR, "momentum": momentum,
+                   "weight_decay": cfg.weight_decay}]
+        for g in adam_groups:
+            groups.append({**g, "muon": False, "lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)})
+        super().__init__(groups, {})
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            (self._muon if g["muon"] else self._adam)(g)
+
+    def _muon(self, g):
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            buf = st.setdefault("momentum_buffer", torch.zeros_like(p))
+            buf.mul_(g["momentum"]).add_(p.grad)
+            update = p.grad.add(buf, alpha=g["momentum"])  # Nesterov
+            update = zeropower_newton_schulz(update)
+            scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+            p.mul_(1 - g["lr"] * g["weight_decay"])
+            p.add_(update, alpha=-g["lr"] * scale)
+
+    def _adam(self, g):
+        b1, b2 = g["betas"]
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            st["step"] += 1
+            t = st["step"].item()
+            st["exp_avg"].lerp_(p.grad, 1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(1e-8)
+            p.mul_(1 - g["lr"] * g["weight_decay"])
+            p.addcdiv_(st["exp_avg"], denom, value=-g["lr"] / (1 - b1 ** t))
+
+
+def init_base_lr(opt: torch.optim.Optimizer) -> None:
+    """Remember each group's peak lr so schedules multiply it (idempotent across resume)."""
+    for g in opt.param_groups:
+        g.setdefault("base_lr", g["lr"])

@@ -1,0 +1,286 @@
+"""The training loop: one loop for every model variant, with hook points for later techniques.
+
+Each optimizer step:
+  1. lr <- peak * schedule(step)                              (pure function of the step)
+  2. for each of grad_accum micro-batches: batch = get_batch(seed, micro index)
+       hooks may replace the batch and give per-token loss weights   (selective backprop)
+       loss = weighted mean per-token cross-entropy + model/hook auxiliary losses (MoE balance)
+       backward
+  3. clip gradients, optimizer step, ledger, log, evaluate, checkpoint
+
+Exact resume: the batch of a micro-step is a pure function of (seed, index), the schedule a
+pure function of the step, and the optimizer state, RNG states and step are checkpointed, so a
+run stopped and resumed produces the same losses as one that never stopped (CPU, fp32).
+
+Ctrl-C: the first SIGINT finishes the current step, saves a checkpoint and returns; a second
+one aborts at once (the previous checkpoint stays valid: writes are atomic, see keenlm.runs).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+
+from keenlm import runs
+from keenlm.config import RunConfig, from_dict, save_json
+from keenlm.evaluate import evaluate
+from keenlm.ledger import Ledger
+from keenlm.model import build_model, load_model_state, model_state
+from keenlm.presets import resolve
+from keenlm.train.optim import build_optimizer, init_base_lr, lr_multiplier, set_lr
+from keenlm.train.progress import Progress
+
+
+class TrainHook(Protocol):
+    """Optional methods a technique implements to shape the loss without forking the loop."""
+
+    def select_batch(self, x, y, model):  # -> (x, y, token_weights or None)
+        ...
+
+    def extra_losses(self, model, x, y, per_token_loss) -> dict:  # -> {name: scalar tensor}
+        ...
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r} but CUDA is not available here")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(name: str, device: torch.device):
+    """None for fp32. 'auto' uses bf16 only on GPUs that support it: CPU bf16 autocast is
+    slower than fp32 on most CPUs without AMX units."""
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    final_eval: dict
+    ledger: dict
+    interrupted: bool
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, hooks: Sequence[TrainHook] = ()):
+        from keenlm.data import prepare_data
+
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = pick_device(t.device)
+        self.amp = autocast_dtype(t.dtype, self.device)
+        self.run_dir = Path(t.out_dir)
+        self.tokenizer, self.data = prepare_data(cfg.data)
+        self.cfg = self._resolve_against_run(resolve(cfg, self.tokenizer.vocab_size))
+        torch.manual_seed(t.seed)
+        self.model = build_model(self.cfg.model).to(self.device)
+        self.opt = build_optimizer(self.model, self.cfg.train, self.device.type)
+        init_base_lr(self.opt)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.hooks = list(hooks)
+        self.ledger = Ledger.for_model(self.model, t.seq_len)
+        self.step = 0
+        self.planned_steps = self.cfg.train.steps
+        self.history: list[dict] = []
+        self._stop = threading.Event()
+        self._maybe_resume()
+        self._write_run_files()
+
+    # --------------------------------------------------------------------------- set-up
+
+    def _resolve_against_run(self, cfg: RunConfig) -> RunConfig:
+        """Resuming: the run's saved model and data config must match (training knobs may change)."""
+        saved = self.run_dir / "config.json"
+        if not (cfg.train.resume and saved.exists() and runs.latest_checkpoint(self.run_dir)):
+            return cfg
+        import json
+
+        old = from_dict(json.loads(saved.read_text()))
+        for section in ("model", "data"):
+            if getattr(old, section) != getattr(cfg, section):
+                raise ValueError(f"{self.run_dir} holds a run with a different {section} config; "
+                                 f"use another train.out_dir or train.resume=false")
+        return cfg
+
+    def _maybe_resume(self):
+        ckpt = runs.latest_checkpoint(self.run_dir) if self.cfg.train.resume else None
+        if ckpt is None:
+            return
+        load_model_state(self.model, runs.load_model_state(ckpt))
+        state = runs.load_trainer_state(ckpt)
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        if self.cfg.train.time_budget_s:  # keep the schedule length the budget fixed
+            self.planned_steps = int(state.get("planned_steps", self.cfg.train.steps))
+        self.ledger = Ledger.from_dict({**self.ledger.to_dict(), **state["ledger"]})
+        print(f"resuming {self.run_dir} from step {self.step}")
+
+    def _write_run_files(self):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(self.cfg, self.run_dir / "config.json")
+        import json
+
+        runs.atomic_write_text(self.run_dir / "env.json", json.dumps(runs.environment(), indent=2))
+        self.tokenizer.save(self.run_dir / "tokenizer")
+
+    # --------------------------------------------------------------------------- one step
+
+    def _micro_step(self, index: int) -> tuple[float, int, int]:
+        from keenlm.data import get_batch
+
+        t = self.cfg.train
+        x, y = get_batch(self.data.train, t.batch_size, t.seq_len, t.seed, index)
+        x, y = x.to(self.device), y.to(self.device)
+        weights = None
+        for h in self.hooks:
+            if hasattr(h, "select_batch"):
+                x, y, weights = h.select_batch(x, y, self.model)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.forward(x)
+        if weights is None and not self.hooks:
+            loss = self.model.loss(logits, y)
+        else:
+            per_token = self.model.loss(logits, y, reduction="none")
+            loss = per_token.mean() if weights is None else (per_token * weights).sum() / weights.sum().clamp_min(1e-8)
+            for h in self.hooks:
+                if hasattr(h, "extra_losses"):
+                    loss = loss + sum(h.extra_losses(self.model, x, y, per_token).values())
+        for aux in self.model.aux_losses().values():
+            loss = loss + aux
+        (loss / t.grad_accum).backward()
+        return loss.item(), x.numel(), y.numel() if weights is None else int((weights > 0).sum())
+
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        lr_mult = lr_multiplier(self.step, dataclasses.replace(t, steps=self.planned_steps))
+        set_lr(self.opt, lr_mult)
+        start = time.perf_counter()
+        losses, n_tok, n_bwd = [], 0, 0
+        for m in range(t.grad_accum):
+            loss, tok, bwd = self._micro_step(self.step * t.grad_accum + m)
+            losses.append(loss)
+            n_tok, n_bwd = n_tok + tok, n_bwd + bwd
+        grad_norm = None
+        if t.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        self.ledger.add_step(n_tok, n_bwd, seconds)
+        self.step += 1
+        loss = sum(losses) / len(losses)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {self.step}; lower train.lr "
+                                     f"(now {t.lr}) or enable train.grad_clip")
+        return {"step": self.step, "loss": loss, "lr": t.lr * lr_mult, "grad_norm": grad_norm,
+                "tokens_per_s": n_tok / seconds, "tokens": self.ledger.tokens_seen,
+                "flops": self.ledger.flops_forward + self.ledger.flops_backward}
+
+    # --------------------------------------------------------------------------- loop
+
+    def evaluate(self) -> dict:
+        t = self.cfg.train
+        return evaluate(self.model, self.data.val, self.data.token_bytes, batch_size=t.batch_size,
+                        seq_len=t.seq_len, max_batches=t.eval_batches, device=self.device,
+                        autocast_dtype=self.amp)
+
+    def save(self):
+        state = {"optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "step": self.step, "planned_steps": self.planned_steps,
+                 "ledger": {k: v for k, v in self.ledger.to_dict().items()
+                            if k in ("tokens_seen", "tokens_backward", "flops_forward",
+                                     "flops_backward", "wall_time_s")}}
+        runs.save_checkpoint(self.run_dir, self.step, model_state(self.model), state,
+                             keep=self.cfg.train.keep_checkpoints)
+        self.ledger.save(self.run_dir / "ledger.json")
+
+    def _plan_for_budget(self, started: float, first_step: int):
+        """With a time budget, fix the schedule's length from the measured step time once."""
+        t = self.cfg.train
+        done = self.step - first_step
+        if t.time_budget_s <= 0 or done != 10 or self.planned_steps != t.steps:
+            return
+        per_step = (time.perf_counter() - started) / done
+        # leave ~8% of the budget for the evaluations and the final checkpoint
+        fit = self.step + int((0.92 * t.time_budget_s - (time.perf_counter() - started)) / per_step)
+        self.planned_steps = max(self.step + 1, min(t.steps, fit))
+
+    def fit(self) -> TrainResult:
+        t = self.cfg.train
+        first, started = self.step, time.perf_counter()
+        progress = Progress(self.planned_steps, enabled=t.progress, start_step=self.step)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        with _sigint_stops(self._stop), progress:
+            while self.step < self.planned_steps and not self._stop.is_set():
+                rec = self.train_step()
+                self._plan_for_budget(started, first)
+                progress.update(rec, total=self.planned_steps)
+                if self.step % t.log_every == 0 or self.step == self.planned_steps:
+                    runs.append_jsonl(metrics_path, {"kind": "train", **rec})
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < self.planned_steps:
+                    ev = self.evaluate()
+                    runs.append_jsonl(metrics_path, {"kind": "eval", "step": self.step, **ev})
+                    progress.note(f"step {self.step}: val loss {ev['loss']:.4f}, "
+                                  f"{ev['bits_per_byte']:.3f} bits/byte")
+                if t.save_every and self.step % t.save_every == 0:
+                    self.save()
+                if t.time_budget_s and time.perf_counter() - started > t.time_budget_s:
+                    progress.note(f"time budget of {t.time_budget_s:.0f} s reached")
+                    break
+        interrupted = self._stop.is_set()
+        final = self.evaluate()
+        runs.append_jsonl(metrics_path, {"kind": "eval", "step": self.step, **final})
+        self.save()
+        return TrainResult(self.run_dir, self.step, final, self.ledger.to_dict(), interrupted)
+
+    def request_stop(self):
+        """Ask the loop to stop after the current step (what Ctrl-C does)."""
+        self._stop.set()
+
+
+@contextlib.contextmanager
+def _sigint_stops(event: threading.Event):
+    """First Ctrl-C: stop after this step and save. Second: abort."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def train(cfg: RunConfig | dict, hooks: Sequence[TrainHook] = ()) -> TrainResult:
+    """Train a model from a config (a RunConfig or a nested dict); returns the result."""
+    if isinstance(cfg, dict):
+        cfg = from_dict(cfg)
+    return Trainer(cfg, hooks).fit()

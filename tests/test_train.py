@@ -1,0 +1,169 @@
+"""Trainer: exact resume, crash-safe checkpoints, Ctrl-C, hooks, optimizers, schedules."""
+import dataclasses
+import json
+import shutil
+import signal
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import keenlm
+from keenlm import runs
+from keenlm.config import TrainConfig, from_dict
+from keenlm.presets import preset_dict
+from keenlm.train import Trainer
+from keenlm.train.optim import lr_multiplier, zeropower_newton_schulz
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    for name in ("argparse.py", "textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py",
+                 "heapq.py", "keyword.py", "colorsys.py", "copy.py", "queue.py", "sched.py"):
+        shutil.copy(STDLIB / name, d / name)
+    return d
+
+
+def tiny(corpus_dir, out, **train):
+    base = preset_dict("tiny")
+    base["data"].update({"corpus": str(corpus_dir), "cache_dir": str(out.parent / "cache"),
+                         "val_fraction": 0.2})
+    base["train"].update({"out_dir": str(out), "progress": False, "log_every": 1, **train})
+    return from_dict(base)
+
+
+def test_loss_goes_down_and_every_parameter_changes(corpus_dir, tmp_path):
+    cfg = tiny(corpus_dir, tmp_path / "run", steps=40)
+    tr = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    first = tr.evaluate()["loss"]
+    res = tr.fit()
+    assert res.final_eval["loss"] < first - 0.5
+    for n, p in tr.model.named_parameters():
+        assert not torch.equal(p, before[n]), f"{n} never changed"
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "env.json", "metrics.jsonl", "ledger.json", "tokenizer",
+            "checkpoints"} <= files
+    led = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    assert led["tokens_seen"] == 40 * 8 * 64 and led["flops_total"] > 0
+
+
+@pytest.mark.parametrize("optimizer,accum", [("adamw", 1), ("muon", 2)])
+def test_resume_gives_identical_losses(corpus_dir, tmp_path, optimizer, accum):
+    cfg = tiny(corpus_dir, tmp_path / "a", steps=12, optimizer=optimizer, grad_accum=accum)
+    straight = Trainer(cfg)
+    expected = [straight.train_step()["loss"] for _ in range(12)]
+
+    cfg_b = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "b")))
+    first = Trainer(cfg_b)
+    got = [first.train_step()["loss"] for _ in range(5)]
+    first.save()
+    del first
+    resumed = Trainer(cfg_b)  # a new process would do the same: read config + checkpoint
+    assert resumed.step == 5
+    got += [resumed.train_step()["loss"] for _ in range(7)]
+    assert got == expected  # bitwise: same batches, same optimizer state, same schedule
+
+
+def test_interrupted_checkpoint_write_keeps_previous(corpus_dir, tmp_path, monkeypatch):
+    cfg = tiny(corpus_dir, tmp_path / "run", steps=10)
+    tr = Trainer(cfg)
+    tr.train_step()
+    tr.save()
+    good = runs.latest_checkpoint(tmp_path / "run")
+    tr.train_step()
+
+    def crash(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", crash)  # dies after model.safetensors is written
+    with pytest.raises(OSError):
+        tr.save()
+    monkeypatch.undo()
+    assert runs.latest_checkpoint(tmp_path / "run") == good
+    # a hard kill leaves a temp folder behind; it is never mistaken for a checkpoint
+    stray = tmp_path / "run" / "checkpoints" / ".tmp-killed"
+    stray.mkdir()
+    (stray / "model.safetensors").write_bytes(b"\x00" * 10)
+    km = keenlm.load(tmp_path / "run")
+    assert km.net.cfg.n_layer == 2
+    assert Trainer(cfg).step == 1
+
+
+def test_truncated_checkpoint_is_a_clear_error(corpus_dir, tmp_path):
+    cfg = tiny(corpus_dir, tmp_path / "run", steps=2)
+    Trainer(cfg).fit()
+    f = runs.latest_checkpoint(tmp_path / "run") / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        keenlm.load(tmp_path / "run")
+
+
+def test_sigint_stops_after_the_step_and_saves(corpus_dir, tmp_path):
+    cfg = tiny(corpus_dir, tmp_path / "run", steps=50)
+    tr = Trainer(cfg)
+
+    class CtrlCAtStep3:
+        calls = 0
+
+        def select_batch(self, x, y, model):
+            self.calls += 1
+            if self.calls == 3:
+                signal.raise_signal(signal.SIGINT)  # what the terminal sends on Ctrl-C
+            return x, y, None
+
+    tr.hooks.append(CtrlCAtStep3())
+    res = tr.fit()
+    assert res.interrupted and res.step == 3
+    assert runs.latest_checkpoint(tmp_path / "run").name == "step-0000003"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_hook_token_weights_and_extra_losses(corpus_dir, tmp_path):
+    cfg = tiny(corpus_dir, tmp_path / "run", steps=3)
+    tr = Trainer(cfg)
+
+    class HalfTokens:
+        def select_batch(self, x, y, model):
+            w = torch.zeros_like(y, dtype=torch.float32)
+            w[:, : y.shape[1] // 2] = 1
+            return x, y, w
+
+        def extra_losses(self, model, x, y, per_token):
+            self.seen = per_token.shape
+            return {"zero": per_token.sum() * 0}
+
+    hook = HalfTokens()
+    tr.hooks.append(hook)
+    tr.train_step()
+    assert hook.seen == (8, 64)
+    assert tr.ledger.tokens_backward == 8 * 32 and tr.ledger.tokens_seen == 8 * 64
+
+
+def test_schedules():
+    t = TrainConfig(steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_multiplier(0, t) == pytest.approx(0.1)
+    assert lr_multiplier(9, t) == pytest.approx(1.0)
+    assert lr_multiplier(99, t) == pytest.approx(0.1, abs=1e-3)
+    w = dataclasses.replace(t, schedule="wsd", decay_fraction=0.2)
+    assert lr_multiplier(50, w) == 1.0 and lr_multiplier(79, w) == 1.0
+    assert lr_multiplier(99, w) == pytest.approx(0.1)
+    assert 0.1 < lr_multiplier(90, w) < 1.0
+
+
+def test_newton_schulz_orthogonalizes():
+    g = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(zeropower_newton_schulz(g))
+    assert s.min() > 0.5 and s.max() < 1.3  # singular values pushed toward 1 (Muon's target)
+
+
+def test_resume_with_different_model_config_is_refused(corpus_dir, tmp_path):
+    cfg = tiny(corpus_dir, tmp_path / "run", steps=2)
+    Trainer(cfg).fit()
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layer=3))
+    with pytest.raises(ValueError, match="different model config"):
+        Trainer(other)
