@@ -135,6 +135,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: off
     dtype: str = "fp32"  # fp32 | bf16 (autocast) | auto
     compile: bool = False  # torch.compile the model (first steps slower)
+    loss_kernel: str = "fused"  # fused (chunked LM head + cross-entropy) | reference
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = 0  # 0: torch default
     seed: int = 1337  # model init and batch order
@@ -168,6 +169,8 @@ class TrainConfig:
             v = getattr(self, name)
             _check(0 <= v < 1, p + name, v, "a number in [0, 1)")
         _check(self.grad_clip >= 0, p + "grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
+        _check(self.loss_kernel in ("fused", "reference"), p + "loss_kernel", self.loss_kernel,
+               "fused | reference")
         _check(self.dtype in ("fp32", "bf16", "auto"), p + "dtype", self.dtype, "fp32 | bf16 | auto")
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                p + "device", self.device, "auto | cpu | cuda | cuda:N | mps")

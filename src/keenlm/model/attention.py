@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keenlm.model.layers import apply_rope
+from keenlm.model.layers import apply_rope, fused_projection
 
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -79,14 +79,16 @@ class Attention(nn.Module):
         self.k_proj = linear(cfg.d_model, self.n_kv_head * self.head_dim)
         self.v_proj = linear(cfg.d_model, self.n_kv_head * self.head_dim)
         self.o_proj = linear(self.n_head * self.head_dim, cfg.d_model)
+        self._qkv = fused_projection([self.q_proj, self.k_proj, self.v_proj])
         self.backend = backend
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self._qkv(x).view(B, T, H + 2 * Hk, D)
+        qk = apply_rope(qkv[:, :, :H + Hk], cos, sin)  # q and k heads rotated in one call
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hk:]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = self.backend(q, k, v, mask)  # (B, H, T, D)

@@ -79,25 +79,32 @@ class Transformer(nn.Module):
         positions: (B, T) rotary positions per row (left-padded batches); default start..start+T.
         key_mask:  (B, S) bool, False for padding keys; S = cache length + T.
         """
+        x = self.hidden_states(idx, cache=cache, positions=positions, key_mask=key_mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    def hidden_states(self, idx: torch.Tensor, *, cache: Optional[KVCache] = None,
+                      positions: Optional[torch.Tensor] = None,
+                      key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final normalized hidden states (B, T, C): what the LM head (or a fused loss) reads."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} positions exceeds model.max_seq_len "
                              f"{self.cfg.max_seq_len}")
-        if positions is None:
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if positions is None:  # tables broadcast as (T, 1, D/2) against (B, T, H, D/2)
+            cos, sin = self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]
         else:
             assert positions.shape == (B, T), f"positions {tuple(positions.shape)} != {(B, T)}"
-            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]
         mask = self.build_mask(B, T, start, key_mask, idx.device)
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance()
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     @staticmethod
     def build_mask(B, T, start, key_mask, device):

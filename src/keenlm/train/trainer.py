@@ -33,6 +33,7 @@ from keenlm.config import RunConfig, from_dict, save_json
 from keenlm.evaluate import evaluate
 from keenlm.ledger import Ledger
 from keenlm.model import build_model, load_model_state, model_state
+from keenlm.model.loss import LOSSES
 from keenlm.presets import resolve
 from keenlm.train.optim import build_optimizer, init_base_lr, lr_multiplier, set_lr
 from keenlm.train.progress import Progress
@@ -45,6 +46,7 @@ class TrainHook(Protocol):
         ...
 
     def extra_losses(self, model, x, y, per_token_loss) -> dict:  # -> {name: scalar tensor}
+        """per_token_loss (B, T) is detached: for selection and logging, not for gradients."""
         ...
 
 
@@ -94,7 +96,9 @@ class Trainer:
         self.model = build_model(self.cfg.model).to(self.device)
         self.opt = build_optimizer(self.model, self.cfg.train, self.device.type)
         init_base_lr(self.opt)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        hidden = self.model.hidden_states
+        self.hidden = torch.compile(hidden) if t.compile else hidden
+        self.loss_fn = LOSSES[t.loss_kernel]
         self.hooks = list(hooks)
         self.ledger = Ledger.for_model(self.model, t.seq_len)
         self.step = 0
@@ -151,19 +155,18 @@ class Trainer:
         x, y = get_batch(self.data.train, t.batch_size, t.seq_len, t.seed, index)
         x, y = x.to(self.device), y.to(self.device)
         weights = None
-        for h in self.hooks:
-            if hasattr(h, "select_batch"):
-                x, y, weights = h.select_batch(x, y, self.model)
+        for hook in self.hooks:
+            if hasattr(hook, "select_batch"):
+                x, y, weights = hook.select_batch(x, y, self.model)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            logits = self.forward(x)
-        if weights is None and not self.hooks:
-            loss = self.model.loss(logits, y)
-        else:
-            per_token = self.model.loss(logits, y, reduction="none")
-            loss = per_token.mean() if weights is None else (per_token * weights).sum() / weights.sum().clamp_min(1e-8)
-            for h in self.hooks:
-                if hasattr(h, "extra_losses"):
-                    loss = loss + sum(h.extra_losses(self.model, x, y, per_token).values())
+            h = self.hidden(x)
+        B, T = y.shape
+        loss, per_token = self.loss_fn(h.reshape(B * T, -1), self.model.lm_head.weight,
+                                       y.reshape(-1), None if weights is None else weights.reshape(-1))
+        for hook in self.hooks:
+            if hasattr(hook, "extra_losses"):
+                extra = hook.extra_losses(self.model, x, y, per_token.view(B, T))
+                loss = loss + sum(extra.values())
         for aux in self.model.aux_losses().values():
             loss = loss + aux
         (loss / t.grad_accum).backward()
