@@ -133,7 +133,7 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # 0: off
-    dtype: str = "fp32"  # fp32 | bf16 (autocast) | auto
+    dtype: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where the GPU/CPU multiplies bf16 natively)
     compile: bool = False  # torch.compile the model (first steps slower)
     loss_kernel: str = "fused"  # fused (chunked LM head + cross-entropy) | reference
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
