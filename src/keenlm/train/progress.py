@@ -12,8 +12,7 @@ class Progress:
         self.total, self.enabled, self.every_s = total, enabled, every_s
         self.start_step = start_step
         self._bar = None
-        self._last_print = 0.0
-        self._t0 = time.perf_counter()
+        self._t0 = self._last_print = time.perf_counter()  # first line after every_s, not step 1
         self._live = enabled and sys.stdout.isatty()
 
     def __enter__(self):

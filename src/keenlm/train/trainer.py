@@ -105,7 +105,7 @@ class Trainer:
         self.device = pick_device(t.device)
         self.amp = autocast_dtype(t.dtype, self.device)
         self.run_dir = Path(t.out_dir)
-        self.tokenizer, self.data = prepare_data(cfg.data)
+        self.tokenizer, self.data = prepare_data(cfg.data, log=print if t.progress else None)
         self.cfg = self._resolve_against_run(resolve(cfg, self.tokenizer.vocab_size))
         torch.manual_seed(t.seed)
         self.model = build_model(self.cfg.model).to(self.device)
