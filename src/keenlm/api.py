@@ -49,19 +49,52 @@ def _concat(a, b):
     return np.concatenate([np.asarray(a), np.asarray(b)])
 
 
-def load(run_dir: str | Path, device: str = "cpu") -> KeenModel:
-    """Load a run folder's newest checkpoint (weights via safetensors; no code executed)."""
+def load(path: str | Path, device: str = "cpu") -> KeenModel:
+    """Load a model: a keenlm run folder (newest checkpoint), a GGUF file, or a Hugging Face
+    folder (config.json + safetensors). Weights via safetensors/GGUF; no code is executed."""
     from keenlm.data import load_tokenizer
     from keenlm.model import build_model, load_model_state
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise FileNotFoundError(f"{run_dir} is not a keenlm run folder (no config.json)")
-    cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
-    ckpt = runs.latest_checkpoint(run_dir)
+    path = Path(path)
+    if path.is_file():
+        from keenlm.io.gguf import load_gguf
+
+        cfg_m, state, tok = load_gguf(path)
+        return _assemble(RunConfig(model=cfg_m), state, tok, None, device)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a keenlm run folder, a GGUF file or a Hugging Face "
+                                "folder (no config.json)")
+    if not (path / "checkpoints").exists() and any(path.glob("*.safetensors*")):
+        from keenlm.io.hf import load_hf
+
+        cfg_m, state, tok = load_hf(path)
+        return _assemble(RunConfig(model=cfg_m), state, tok, None, device)
+    cfg = from_dict(json.loads((path / "config.json").read_text()))
+    ckpt = runs.latest_checkpoint(path)
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/latest missing)")
+        raise FileNotFoundError(f"{path} has no checkpoint yet (checkpoints/latest missing)")
     net = build_model(cfg.model)
     load_model_state(net, runs.load_model_state(ckpt))
     net.to(torch.device(device)).eval()
-    return KeenModel(net, load_tokenizer(run_dir / "tokenizer"), cfg, run_dir)
+    return KeenModel(net, load_tokenizer(path / "tokenizer"), cfg, path)
+
+
+def _assemble(cfg: RunConfig, state, tokenizer, run_dir, device) -> KeenModel:
+    from keenlm.model import build_model, load_model_state
+
+    with torch.device("meta"):  # no throwaway random init of a large model
+        net = build_model(cfg.model)
+    net = net.to_empty(device="cpu")
+    net.tie_weights()
+    load_model_state(net, state)
+    net.rope_cos.copy_(_rope(cfg)[0])
+    net.rope_sin.copy_(_rope(cfg)[1])
+    net.to(torch.device(device)).eval()
+    return KeenModel(net, tokenizer, cfg, run_dir)
+
+
+def _rope(cfg: RunConfig):
+    from keenlm.model.layers import rope_tables
+
+    m = cfg.model
+    return rope_tables(m.head_dim, torch.arange(m.max_seq_len), m.rope_theta)

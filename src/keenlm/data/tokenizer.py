@@ -74,6 +74,9 @@ class Tokenizer:
     eos_id: int
     kind: str  # "byte" | "bpe"
     eos_token: str = EOS_TOKEN
+    bos_token: str | None = None  # imported models: prepended to prompts when add_bos
+    add_bos: bool = False
+    chat_template: str | None = None  # a Jinja2 template, as in Hugging Face / GGUF files
     _table: list[bytes]  # exact bytes of each id (special tokens: their text, for display)
     _special: set[int]
 
@@ -85,6 +88,36 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt for generation: special tokens written in it (``<|im_start|>``) are parsed as
+        such, and the BOS token is prepended when the model expects one."""
+        ids = self.encode(text) if self.kind == "byte" else self.encode(text, allow_special=True)
+        if self.add_bos and self.bos_token is not None:
+            bos = self.token_to_id(self.bos_token)
+            if not ids or ids[0] != bos:
+                ids = [bos] + ids
+        return ids
+
+    def token_to_id(self, token: str) -> int:
+        raise NotImplementedError
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render a conversation with the tokenizer's chat template (sandboxed Jinja2: a template
+        from a file can format text but cannot reach Python objects or the file system)."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg):
+            raise ValueError(f"chat template: {msg}")
+
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         if hasattr(ids, "tolist"):  # a tensor or array: one conversion instead of one per item
@@ -105,13 +138,19 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / HF_FILE).write_text(self._hf_json(), encoding="utf-8")
-        meta = {"kind": self.kind, "eos_token": self.eos_token, "vocab_size": self.vocab_size}
+        meta = {"kind": self.kind, "eos_token": self.eos_token, "vocab_size": self.vocab_size,
+                "bos_token": self.bos_token, "add_bos": self.add_bos,
+                "chat_template": self.chat_template,
+                "require_all_bytes": getattr(self, "require_all_bytes", True)}
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         # For transformers' AutoTokenizer. Its clean_up_tokenization_spaces would turn " ." into
         # "." when decoding, breaking the round trip, so it is switched off explicitly.
         hf_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
-                  "bos_token": self.eos_token, "unk_token": None,
-                  "clean_up_tokenization_spaces": False, "add_prefix_space": False}
+                  "bos_token": self.bos_token or self.eos_token, "unk_token": None,
+                  "clean_up_tokenization_spaces": False, "add_prefix_space": False,
+                  "add_bos_token": self.add_bos}
+        if self.chat_template:
+            hf_cfg["chat_template"] = self.chat_template
         (folder / "tokenizer_config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n",
                                                       encoding="utf-8")
 
@@ -164,8 +203,14 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, hf, eos_token: str = EOS_TOKEN, source: str = "<memory>"):
-        _check_lossless(hf, eos_token, source)
+    def __init__(self, hf, eos_token: str = EOS_TOKEN, source: str = "<memory>", *,
+                 bos_token: str | None = None, add_bos: bool = False,
+                 chat_template: str | None = None, require_all_bytes: bool = True):
+        # Imported vocabularies (SmolLM2's) may lack symbols for bytes that never occur in
+        # UTF-8 text; they encode every text, but not every invalid byte string.
+        _check_lossless(hf, eos_token, source, require_all_bytes)
+        self.bos_token, self.add_bos, self.chat_template = bos_token, add_bos, chat_template
+        self.require_all_bytes = require_all_bytes
         # Not stored in tokenizer.json, so it is set on every load: "<|endoftext|>" inside a
         # document stays text (see module docstring).
         hf.encode_special_tokens = True
@@ -176,8 +221,20 @@ class BPETokenizer(Tokenizer):
         self._table, self._special = _byte_table(hf, vocab, self.vocab_size, source)
         self._byte_id = [hf.token_to_id(bytes_to_unicode()[b]) for b in range(256)]
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        if not allow_special:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        self.hf.encode_special_tokens = False  # parse <|im_start|> etc. as their own ids
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        finally:
+            self.hf.encode_special_tokens = True
+
+    def token_to_id(self, token: str) -> int:
+        i = self.hf.token_to_id(token)
+        if i is None:
+            raise ValueError(f"token {token!r} is not in the vocabulary")
+        return i
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = list(texts)
@@ -194,7 +251,12 @@ class BPETokenizer(Tokenizer):
         ids: list[int] = []
         for k, part in enumerate(parts):
             if k % 2 == 1:
-                ids.extend(self._byte_id[ord(c) - 0xDC00] for c in part)
+                for c in part:
+                    i = self._byte_id[ord(c) - 0xDC00]
+                    if i is None:
+                        raise ValueError(f"byte 0x{ord(c) - 0xDC00:02x} has no token in this "
+                                         "vocabulary")
+                    ids.append(i)
             elif part:
                 ids.extend(next(encoded))
         return ids
@@ -233,7 +295,7 @@ def _byte_level_parts(hf) -> None:
     hf.decoder = decoders.ByteLevel()
 
 
-def _check_lossless(hf, eos_token: str, source: str) -> None:
+def _check_lossless(hf, eos_token: str, source: str, require_all_bytes: bool = True) -> None:
     """Refuse tokenizers that cannot round-trip arbitrary text (e.g. SentencePiece with NFKC)."""
     j = json.loads(hf.to_str())
     problems = []
@@ -243,7 +305,7 @@ def _check_lossless(hf, eos_token: str, source: str) -> None:
         problems.append("its decoder is not ByteLevel")
     vocab = hf.get_vocab(with_added_tokens=True)
     missing = [b for b, u in bytes_to_unicode().items() if u not in vocab]
-    if missing:
+    if missing and require_all_bytes:
         problems.append(f"{len(missing)} of the 256 byte symbols are not in its vocabulary")
     if eos_token not in vocab:
         problems.append(f"it has no {eos_token!r} token")
@@ -308,7 +370,10 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
         hf = HFTokenizer.from_file(str(hf_path))
     except Exception as e:  # the Rust side raises a bare Exception on bad JSON
         raise ValueError(f"{hf_path}: not a valid Hugging Face tokenizer file ({e})") from None
-    return BPETokenizer(hf, eos_token=meta["eos_token"], source=str(hf_path))
+    return BPETokenizer(hf, eos_token=meta["eos_token"], source=str(hf_path),
+                        bos_token=meta.get("bos_token"), add_bos=bool(meta.get("add_bos")),
+                        chat_template=meta.get("chat_template"),
+                        require_all_bytes=bool(meta.get("require_all_bytes", True)))
 
 
 def build_tokenizer(cfg: "DataConfig", corpus: "Corpus") -> Tokenizer:

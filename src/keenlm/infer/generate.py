@@ -146,7 +146,7 @@ def generate(model, tokenizer, prompts: str | Sequence[str], cfg: GenerateConfig
     """Text in, text out (stop strings cut off). ``stream`` receives row 0's text as it comes."""
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
-    ids = [tokenizer.encode(t) for t in texts]
+    ids = [tokenizer.encode_prompt(t) for t in texts]
 
     def should_stop(row, new_ids):  # stop strings are short: decoding the tail suffices
         tail = tokenizer.decode(new_ids[-64:])

@@ -50,12 +50,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, linear, backend, ffn, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         cos, sin = rope_tables(cfg.head_dim, torch.arange(cfg.max_seq_len), cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+
+    def tie_weights(self):
+        """Share the embedding with the LM head (again: ``to_empty`` from meta unties them)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def reset_parameters(self):
         """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 n_layer) (GPT-2)."""

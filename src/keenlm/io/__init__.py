@@ -1,0 +1,1 @@
+"""Models in and out: GGUF (llama.cpp) and Hugging Face folders."""

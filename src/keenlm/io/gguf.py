@@ -1,0 +1,205 @@
+"""GGUF import: llama.cpp's model files as keenlm models (weights, config, tokenizer, chat template).
+
+GGUF (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) is one file: a header of
+key-value metadata (architecture, hyperparameters, tokenizer vocabulary and merges, chat
+template), a table of tensors (name, shape in ggml order, type, offset), then the tensor data.
+It is read with the ``gguf`` PyPI package (``GGUFReader``, memory-mapped) and dequantized with
+``gguf.quants.dequantize`` (vectorized numpy; ~1 s for SmolLM2-135M's 272 tensors here).
+
+Two details of the llama.cpp convention matter for exact parity:
+- shapes are stored fastest-dimension first; the reader's numpy arrays are already (out, in);
+- q and k projection rows are permuted from Hugging Face's "rotate half" RoPE layout to the
+  interleaved-pairs layout (convert_hf_to_gguf.py ``permute``); ``unpermute_qk`` undoes it, so
+  keenlm's rotate-half RoPE applies unchanged.
+
+Everything is checked before a model is built: magic and version (by the reader), that every
+tensor's data lies inside the file (a truncated download), the architecture, the tensor types,
+every expected tensor's presence and shape. A failure raises ``GGUFError`` naming the file and
+the problem; no half-loaded model is ever returned.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from keenlm.config import ModelConfig
+
+SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+class GGUFError(ValueError):
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def open_reader(path):
+    """A GGUFReader, or GGUFError for anything that is not a readable GGUF file."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(path, "no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise GGUFError(path, "not a GGUF file (the first 4 bytes are not 'GGUF')")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors...
+        raise GGUFError(path, f"corrupt GGUF header or tensor table ({type(e).__name__}: {e})") from None
+    size = os.path.getsize(path)
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise GGUFError(path, f"truncated: tensor {t.name} needs bytes up to "
+                                  f"{t.data_offset + t.n_bytes:,} but the file has {size:,}")
+    return reader
+
+
+def model_config(reader, path) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise GGUFError(path, f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+    def need(key):
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise GGUFError(path, f"metadata key {arch}.{key} is missing")
+        return v
+
+    names = {t.name for t in reader.tensors}
+    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if emb is None:
+        raise GGUFError(path, "tensor token_embd.weight is missing")
+    d_model, n_head = int(need("embedding_length")), int(need("attention.head_count"))
+    rope_dims = _field(reader, f"{arch}.rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != d_model // n_head:
+        raise GGUFError(path, f"partial rotary embedding ({rope_dims} of {d_model // n_head} dims) "
+                              "is not supported")
+    try:
+        return ModelConfig(
+            vocab_size=int(emb.shape[-1]), n_layer=int(need("block_count")), d_model=d_model,
+            n_head=n_head, n_kv_head=int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
+            d_ff=int(need("feed_forward_length")),
+            max_seq_len=int(_field(reader, f"{arch}.context_length", 2048)),
+            rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+            norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_embeddings="output.weight" not in names, attention="sdpa")
+    except ValueError as e:
+        raise GGUFError(path, f"hyperparameters out of range: {e}") from None
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved pairs -> rotate-half halves)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's permutation (rotate-half -> interleaved pairs), for export."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_TO_KEENLM = {  # per-block names; {i} is the block index
+    "blk.{i}.attn_norm.weight": "layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.mlp.down_proj.weight",
+}
+GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+                "output.weight": "lm_head.weight"}
+
+
+def name_map(cfg: ModelConfig) -> dict[str, str]:
+    """GGUF tensor name -> keenlm parameter name, for every tensor the model needs."""
+    out = {g: k for g, k in GLOBAL_NAMES.items() if g != "output.weight" or not cfg.tie_embeddings}
+    for i in range(cfg.n_layer):
+        out.update({g.format(i=i): k.format(i=i) for g, k in GGUF_TO_KEENLM.items()})
+    return out
+
+
+def read_state(reader, cfg: ModelConfig, path) -> dict[str, torch.Tensor]:
+    """Every weight, dequantized to fp32 and renamed; checked against the config's shapes."""
+    from gguf import quants
+    from keenlm.model import build_model
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    tensors = {t.name: t for t in reader.tensors}
+    state = {}
+    for gname, kname in name_map(cfg).items():
+        t = tensors.get(gname)
+        if t is None:
+            raise GGUFError(path, f"tensor {gname} is missing")
+        if t.tensor_type.name not in SUPPORTED_TYPES:
+            raise GGUFError(path, f"tensor {gname} has type {t.tensor_type.name}, not supported "
+                                  f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        try:
+            w = quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        except Exception as e:
+            raise GGUFError(path, f"tensor {gname} cannot be decoded ({e})") from None
+        if ".attn_q." in gname:
+            w = unpermute_qk(w, cfg.n_head)
+        elif ".attn_k." in gname:
+            w = unpermute_qk(w, cfg.kv_heads)
+        if tuple(w.shape) != expected[kname]:
+            raise GGUFError(path, f"tensor {gname} has shape {tuple(w.shape)}, the config "
+                                  f"implies {expected[kname]}")
+        state[kname] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # own copy
+    return state
+
+
+def read_tokenizer(reader, path):
+    """The embedded byte-level BPE tokenizer and chat template, as a keenlm BPETokenizer."""
+    from keenlm.io.hf_tokenizer import tokenizer_from_vocab
+
+    model = _field(reader, "tokenizer.ggml.model")
+    if model is None:
+        raise GGUFError(path, "no tokenizer in the file (tokenizer.ggml.model is missing)")
+    if model != "gpt2":
+        raise GGUFError(path, f"tokenizer model {model!r} is not supported (only byte-level BPE, "
+                              "'gpt2')")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise GGUFError(path, "tokenizer vocabulary or merges are missing")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    try:
+        return tokenizer_from_vocab(
+            tokens, merges, special=[t for t, k in zip(tokens, types) if k == 3],
+            eos_token=tokens[int(eos)] if eos is not None else None,
+            bos_token=tokens[int(bos)] if bos is not None else None,
+            add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+            pre=_field(reader, "tokenizer.ggml.pre", "default"),
+            chat_template=_field(reader, "tokenizer.chat_template"), source=str(path))
+    except (ValueError, IndexError) as e:
+        raise GGUFError(path, f"tokenizer cannot be rebuilt ({e})") from None
+
+
+def load_gguf(path):
+    """(model config, fp32 state dict, tokenizer) from a GGUF file, all validated first."""
+    reader = open_reader(path)
+    cfg = model_config(reader, path)
+    tokenizer = read_tokenizer(reader, path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise GGUFError(path, f"tokenizer has {tokenizer.vocab_size} tokens but the embedding "
+                              f"only {cfg.vocab_size}")
+    state = read_state(reader, cfg, path)
+    return cfg, state, tokenizer
