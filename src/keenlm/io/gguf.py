@@ -175,9 +175,9 @@ def read_tokenizer(reader, path):
         raise GGUFError(path, f"tokenizer model {model!r} is not supported (only byte-level BPE, "
                               "'gpt2')")
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    merges = _field(reader, "tokenizer.ggml.merges")
-    if not tokens or merges is None:
-        raise GGUFError(path, "tokenizer vocabulary or merges are missing")
+    merges = _field(reader, "tokenizer.ggml.merges") or []  # a byte vocabulary has none
+    if not tokens:
+        raise GGUFError(path, "the tokenizer vocabulary (tokenizer.ggml.tokens) is missing")
     types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")

@@ -1,0 +1,146 @@
+"""GGUF export: a keenlm model, its tokenizer and chat template as one llama.cpp file.
+
+Written with the ``gguf`` package's ``GGUFWriter`` in llama.cpp's "llama" layout, the inverse of
+``keenlm.io.gguf``: tensor names ``blk.N.attn_q.weight`` etc., q/k rows permuted to the
+interleaved RoPE layout, 1-D norm gains always F32 (as llama.cpp's converter writes them), the
+rest as F32, F16 or Q8_0 (``gguf.quants.quantize``; Q8_0 = blocks of 32 int8 with one fp16
+scale, 8.5 bits per weight). A matrix whose rows are not a multiple of the block size is kept
+F16 and the exporter says so. The byte-level BPE vocabulary, merges, special tokens, BOS/EOS,
+pre-tokenizer name and chat template go into the ``tokenizer.*`` metadata keys.
+
+The file is written beside its destination and renamed into place, so an interrupted export
+never leaves a partial file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from keenlm.io.gguf import GGUF_TO_KEENLM, GLOBAL_NAMES, permute_qk
+
+QTYPES = ("f32", "f16", "q8_0")
+
+
+def _vocab_and_merges(tokenizer):
+    """(tokens in byte-level spelling, token types, merges, pre-tokenizer name)."""
+    from keenlm.data.tokenizer import bytes_to_unicode
+
+    if tokenizer.kind == "byte":
+        b2u = bytes_to_unicode()
+        return [b2u[b] for b in range(256)] + [tokenizer.eos_token], [1] * 256 + [3], [], "gpt-2"
+    spec = json.loads(tokenizer.hf.to_str())
+    vocab = dict(spec["model"]["vocab"])
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    tokens = [""] * (max(vocab.values()) + 1)
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+    types = [3 if i in special else 1 for i in range(len(tokens))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    pre = "smollm" if "Digits" in json.dumps(spec.get("pre_tokenizer")) else "gpt-2"
+    return tokens, types, merges, pre
+
+
+def _add_metadata(w, net, tokenizer, file_type: int):
+    cfg = net.cfg
+    w.add_name("keenlm")
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(file_type)
+    tokens, types, merges, pre = _vocab_and_merges(tokenizer)
+    for i in range(len(tokens), cfg.vocab_size):  # llama.cpp wants one token per embedding row
+        tokens.append(f"<|keenlm_unused_{i}|>")
+        types.append(5)  # UNUSED
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(tokenizer.eos_id)
+    if tokenizer.bos_token is not None:
+        w.add_bos_token_id(tokenizer.token_to_id(tokenizer.bos_token))
+    w.add_add_bos_token(bool(tokenizer.add_bos))
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)
+
+
+def _encode_tensor(name: str, arr: np.ndarray, qtype: str):
+    """(data, raw_dtype or None) for GGUFWriter.add_tensor."""
+    from gguf import GGMLQuantizationType, quants
+
+    if arr.ndim == 1 or qtype == "f32":
+        return arr.astype(np.float32), None
+    if qtype == "q8_0":
+        if arr.shape[-1] % 32 == 0:
+            return quants.quantize(arr.astype(np.float32), GGMLQuantizationType.Q8_0), \
+                GGMLQuantizationType.Q8_0
+        print(f"keenlm: {name} has rows of {arr.shape[-1]} (not a multiple of 32); kept as F16",
+              file=sys.stderr)
+    return arr.astype(np.float16), None
+
+
+def _tensors(net):
+    """(gguf name, fp32 numpy array) in llama.cpp's layout."""
+    cfg = net.cfg
+    sd = {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
+    for g, k in GLOBAL_NAMES.items():
+        if g == "output.weight" and cfg.tie_embeddings:
+            continue
+        yield g, sd[k]
+    for i in range(cfg.n_layer):
+        for g, k in GGUF_TO_KEENLM.items():
+            g, k = g.format(i=i), k.format(i=i)
+            arr = sd[k]
+            if ".attn_q." in g:
+                arr = permute_qk(arr, cfg.n_head)
+            elif ".attn_k." in g:
+                arr = permute_qk(arr, cfg.kv_heads)
+            yield g, arr
+
+
+def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
+    """Write ``net`` + ``tokenizer`` as a GGUF file of weight type f32 | f16 | q8_0."""
+    from gguf import GGUFWriter, LlamaFileType
+
+    if qtype not in QTYPES:
+        raise ValueError(f"GGUF export type {qtype!r} is not supported ({' | '.join(QTYPES)})")
+    cfg = net.cfg
+    if cfg.linear != "dense" or cfg.ffn != "dense":
+        raise ValueError(f"only plain Llama models export to GGUF here (linear={cfg.linear}, "
+                         f"ffn={cfg.ffn})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
+                 "q8_0": LlamaFileType.MOSTLY_Q8_0}[qtype]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w = GGUFWriter(tmp, "llama")
+        _add_metadata(w, net, tokenizer, int(file_type))
+        for name, arr in _tensors(net):
+            data, raw_dtype = _encode_tensor(name, arr, qtype)
+            w.add_tensor(name, data, raw_dtype=raw_dtype)  # quantized: shape from the bytes
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

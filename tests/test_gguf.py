@@ -1,0 +1,159 @@
+"""GGUF export -> import round trips, and every kind of bad file gives a one-line error."""
+import dataclasses
+import types
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'keenlm[io]')")
+
+import keenlm  # noqa: E402
+from keenlm.config import ModelConfig  # noqa: E402
+from keenlm.data import ByteTokenizer, train_bpe  # noqa: E402
+from keenlm.io import gguf as G  # noqa: E402
+from keenlm.io.gguf_export import _add_metadata, _tensors, export_gguf  # noqa: E402
+from keenlm.model import build_model  # noqa: E402
+
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def tiny(tie=True, d_ff=64, kv=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=257, n_layer=2, d_model=32, n_head=4, n_kv_head=kv, d_ff=d_ff,
+                      max_seq_len=64, tie_embeddings=tie)
+    return build_model(cfg).eval()
+
+
+def logits(net, ids):
+    with torch.no_grad():
+        return net(torch.tensor([ids]))
+
+
+@pytest.mark.parametrize("tie,kv", [(True, 2), (False, 4), (True, 1)])
+def test_f32_round_trip_is_exact(tmp_path, tie, kv):
+    net, tok = tiny(tie=tie, kv=kv), ByteTokenizer()
+    path = export_gguf(net, tok, tmp_path / "m.gguf", "f32")
+    km = keenlm.load(path)
+    ids = torch.randint(0, 257, (20,)).tolist()
+    torch.testing.assert_close(logits(km.net, ids), logits(net, ids), rtol=0, atol=1e-5)
+    assert km.net.cfg.tie_embeddings == tie and km.net.cfg.kv_heads == kv
+    assert km.tokenizer.encode("héllo\n\tworld") == tok.encode("héllo\n\tworld")
+
+
+@pytest.mark.parametrize("qtype,atol", [("f16", 2e-3), ("q8_0", 2e-2)])
+def test_quantized_exports_stay_close(tmp_path, qtype, atol):
+    net = tiny()
+    path = export_gguf(net, ByteTokenizer(), tmp_path / "m.gguf", qtype)
+    km = keenlm.load(path)
+    ids = torch.randint(0, 257, (20,)).tolist()
+    a, b = logits(km.net, ids), logits(net, ids)
+    assert (a - b).abs().max() < atol
+    reader = G.open_reader(path)
+    kinds = {t.tensor_type.name for t in reader.tensors}
+    assert kinds == {"F32", qtype.upper()}  # norms stay F32, matrices take the chosen type
+
+
+def test_bpe_tokenizer_and_chat_template_survive(tmp_path):
+    text = "def add(a, b):\n    return a + b\n" * 50 + "print('héllo wörld', 12345)\n" * 20
+    bpe = train_bpe([text], 320)
+    bpe.chat_template = TEMPLATE
+    net = build_model(ModelConfig(vocab_size=bpe.vocab_size, n_layer=1, d_model=32, n_head=2,
+                                  d_ff=64, max_seq_len=64))
+    km = keenlm.load(export_gguf(net, bpe, tmp_path / "m.gguf"))
+    for s in ("def add(a, b):", "print('héllo', 987)", "  spaces\n\nnew"):
+        assert km.tokenizer.encode(s) == bpe.encode(s)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert km.tokenizer.apply_chat_template(msgs) == bpe.apply_chat_template(msgs)
+
+
+# ------------------------------------------------------------------------------ bad files
+
+
+def write(path, net, tok, *, arch="llama", cfg=None, drop=(), tokenizer=True, tensor_type=None):
+    """A GGUF writer with knobs for breaking things on purpose."""
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    w = GGUFWriter(str(path), arch)
+    fake = types.SimpleNamespace(cfg=cfg or net.cfg)
+    if tokenizer:
+        _add_metadata(w, fake, tok, 0)
+    else:
+        w.add_block_count(fake.cfg.n_layer)
+        w.add_embedding_length(fake.cfg.d_model)
+        w.add_feed_forward_length(fake.cfg.d_ff)
+        w.add_head_count(fake.cfg.n_head)
+    for name, arr in _tensors(net):
+        if name in drop:
+            continue
+        if tensor_type == "TQ2_0" and arr.ndim == 2 and arr.shape[1] % 256 == 0:
+            w.add_tensor(name, quants.quantize(arr, GGMLQuantizationType.TQ2_0),
+                         raw_dtype=GGMLQuantizationType.TQ2_0)
+        else:
+            w.add_tensor(name, arr.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def assert_one_line_error(path, match):
+    with pytest.raises(G.GGUFError) as e:
+        keenlm.load(path)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg and match in msg, msg
+
+
+def test_truncated_file(tmp_path):
+    path = export_gguf(tiny(), ByteTokenizer(), tmp_path / "m.gguf")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    assert_one_line_error(path, "truncated")
+
+
+def test_corrupted_header(tmp_path):
+    path = export_gguf(tiny(), ByteTokenizer(), tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    path.write_bytes(b"GGUX" + bytes(data[4:]))
+    assert_one_line_error(path, "not a GGUF file")
+    data[8:16] = (2**40).to_bytes(8, "little")  # absurd tensor count
+    path.write_bytes(bytes(data))
+    assert_one_line_error(path, "corrupt")
+
+
+def test_tensor_with_wrong_size(tmp_path):
+    net = tiny()
+    bad = dataclasses.replace(net.cfg, d_ff=96)  # metadata says 96, tensors hold 64
+    path = write(tmp_path / "m.gguf", net, ByteTokenizer(), cfg=bad)
+    assert_one_line_error(path, "shape")
+
+
+def test_unknown_architecture(tmp_path):
+    path = write(tmp_path / "m.gguf", tiny(), ByteTokenizer(), arch="mamba")
+    assert_one_line_error(path, "unsupported architecture 'mamba'")
+
+
+def test_unsupported_quantization_type(tmp_path):
+    net = tiny(d_ff=256)
+    path = write(tmp_path / "m.gguf", net, ByteTokenizer(), tensor_type="TQ2_0")
+    assert_one_line_error(path, "TQ2_0")
+
+
+def test_missing_tokenizer_and_missing_tensor(tmp_path):
+    path = write(tmp_path / "a.gguf", tiny(), ByteTokenizer(), tokenizer=False)
+    assert_one_line_error(path, "no tokenizer")
+    path = write(tmp_path / "b.gguf", tiny(), ByteTokenizer(), drop=("blk.1.ffn_up.weight",))
+    assert_one_line_error(path, "blk.1.ffn_up.weight is missing")
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    import gguf
+
+    def boom(self):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(OSError):
+        export_gguf(tiny(), ByteTokenizer(), tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
