@@ -157,3 +157,31 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         export_gguf(tiny(), ByteTokenizer(), tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_convert_and_chat(tmp_path, capsys):
+    from keenlm.chat import chat_loop
+    from keenlm.cli import main
+
+    text = "hello there, how are you? fine thanks\n" * 40
+    bpe = train_bpe([text], 300)
+    bpe.chat_template = TEMPLATE + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    net = build_model(ModelConfig(vocab_size=bpe.vocab_size, n_layer=1, d_model=32, n_head=2,
+                                  d_ff=64, max_seq_len=1024))
+    src = export_gguf(net, bpe, tmp_path / "m.gguf")
+    assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m2.gguf"), "--to", "gguf",
+                 "--type", "f16"]) == 0
+    assert (tmp_path / "m2.gguf").exists()
+    turns = iter(["hello", "how are you?"])
+
+    def read(_prompt):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None
+
+    out = []
+    messages = chat_loop(tmp_path / "m2.gguf", max_new_tokens=8, temperature=0, read=read,
+                         write=out.append)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]

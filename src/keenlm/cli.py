@@ -122,6 +122,30 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import keenlm
+
+    km = keenlm.load(args.src)
+    if args.to == "hf":
+        from keenlm.io.hf import export_hf
+
+        out = export_hf(km.net, km.tokenizer, args.dst, overwrite=args.overwrite)
+    else:
+        from keenlm.io.gguf_export import export_gguf
+
+        out = export_gguf(km.net, km.tokenizer, args.dst, args.type)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from keenlm.chat import chat_loop
+
+    chat_loop(args.model, system=args.system, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, device=args.device)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from keenlm.demo import run_demo
 
@@ -144,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="generate text from a run", formatter_class=fmt)
-    g.add_argument("run", help="run folder")
+    g.add_argument("run", help="run folder, .gguf file or Hugging Face folder")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     g.add_argument("--no-stream", action="store_true", help="print each result at the end")
     g.add_argument("--device", default="cpu", help="cpu | cuda | mps")
@@ -152,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="validation loss, bits per byte, perplexity", formatter_class=fmt)
-    e.add_argument("run", help="run folder")
+    e.add_argument("run", help="run folder, .gguf file or Hugging Face folder")
     e.add_argument("--corpus", default=None,
                    help="stdlib, a file, a folder or a .jsonl (whole); default: the run's val split")
     e.add_argument("--batches", type=int, default=50, help="at most this many batches")
@@ -167,6 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("run", help="run folder")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("convert", help="convert a run, GGUF or HF model to HF or GGUF",
+                       formatter_class=fmt)
+    c.add_argument("src", help="run folder, .gguf file or Hugging Face folder")
+    c.add_argument("dst", help="output folder (hf) or .gguf file")
+    c.add_argument("--to", choices=("hf", "gguf"), required=True, help="output format")
+    c.add_argument("--type", default="f32", choices=("f32", "f16", "q8_0"),
+                   help="GGUF weight type")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing HF folder")
+    c.set_defaults(func=cmd_convert)
+
+    ch = sub.add_parser("chat", help="multi-turn chat with a model that has a chat template",
+                        formatter_class=fmt)
+    ch.add_argument("model", help="run folder, .gguf file or Hugging Face folder")
+    ch.add_argument("--system", default=None, help="system message")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply")
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    ch.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    ch.set_defaults(func=cmd_chat)
 
     d = sub.add_parser("demo", help="train a small model on the Python stdlib, evaluate, sample",
                        formatter_class=fmt)

@@ -1,0 +1,54 @@
+"""``keenlm chat MODEL``: a multi-turn conversation in the terminal.
+
+Each turn renders the whole conversation with the model's chat template (sandboxed Jinja2),
+generates the reply with streaming, and stops at the end-of-turn token. Ctrl-C while the model
+is answering stops that answer and keeps the conversation; Ctrl-C (or Ctrl-D) at the prompt
+leaves. The conversation is cut from the oldest turns when it would outgrow the context.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def chat_loop(model_path, *, system=None, max_new_tokens=256, temperature=0.7, device="cpu",
+              read=input, write=None):
+    import keenlm
+
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    km = keenlm.load(model_path, device=device)
+    if not km.tokenizer.chat_template:
+        raise ValueError(f"{model_path}: the model has no chat template; use keenlm generate")
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            user = read("> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return messages
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        reply = _answer(km, messages, max_new_tokens, temperature, write)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _answer(km, messages, max_new_tokens, temperature, write) -> str:
+    limit = km.net.cfg.max_seq_len - max_new_tokens
+    while True:  # drop the oldest exchanges until the prompt fits
+        prompt = km.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(km.tokenizer.encode_prompt(prompt)) <= limit or len(messages) - first <= 1:
+            break
+        del messages[first:first + 2]
+    parts: list[str] = []
+
+    def sink(text):
+        parts.append(text)
+        write(text)
+
+    try:
+        km.generate(prompt, stream=sink, max_new_tokens=max_new_tokens, temperature=temperature)
+    except KeyboardInterrupt:
+        write(" [stopped]")
+    write("\n")
+    return "".join(parts)
