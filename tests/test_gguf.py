@@ -50,7 +50,7 @@ def test_quantized_exports_stay_close(tmp_path, qtype, atol):
     a, b = logits(km.net, ids), logits(net, ids)
     assert (a - b).abs().max() < atol
     reader = G.open_reader(path)
-    kinds = {t.tensor_type.name for t in reader.tensors}
+    kinds = {reader.type_name(t) for t in reader.tensors}
     assert kinds == {"F32", qtype.upper()}  # norms stay F32, matrices take the chosen type
 
 

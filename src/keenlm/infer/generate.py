@@ -96,6 +96,10 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = positions[:, -1:] + 1
+    # the key mask for every step, allocated once: the prompt's padding, then all-visible
+    full_mask = torch.ones(B, total, dtype=torch.bool, device=device)
+    full_mask[:, :L] = key_mask
+    track_seen = cfg.repetition_penalty != 1.0
     try:
         for _ in range(cfg.max_new_tokens):
             tok = sample_next(logits.float(), seen, cfg, gen)
@@ -111,9 +115,10 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
                     done[r] = True
             if bool(done.all()):
                 break
-            seen[torch.arange(B, device=device), tok] = True
-            key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
-            logits = model(tok[:, None], cache=cache, positions=next_pos, key_mask=key_mask)[:, -1]
+            if track_seen:
+                seen[torch.arange(B, device=device), tok] = True
+            logits = model(tok[:, None], cache=cache, positions=next_pos,
+                           key_mask=full_mask[:, :cache.length + 1])[:, -1]
             next_pos = next_pos + 1
     finally:
         model.train(was_training)

@@ -59,7 +59,7 @@ def sdpa_attention(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     # rows with no visible key (left padding) come out NaN; they are never read, zero them
-    return torch.nan_to_num(out, nan=0.0) if not mask.any(-1).all() else out
+    return torch.nan_to_num(out, nan=0.0)
 
 
 ATTENTION: dict[str, Backend] = {
@@ -79,13 +79,15 @@ class Attention(nn.Module):
         self.k_proj = linear(cfg.d_model, self.n_kv_head * self.head_dim)
         self.v_proj = linear(cfg.d_model, self.n_kv_head * self.head_dim)
         self.o_proj = linear(self.n_head * self.head_dim, cfg.d_model)
-        self._qkv = fused_projection([self.q_proj, self.k_proj, self.v_proj])
+        self.qkv_proj = None  # a converter may install one module computing [q | k | v] at once
         self.backend = backend
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self._qkv(x).view(B, T, H + 2 * Hk, D)
+        qkv = (self.qkv_proj(x) if self.qkv_proj is not None
+               else fused_projection(x, self.q_proj, self.k_proj, self.v_proj))
+        qkv = qkv.view(B, T, H + 2 * Hk, D)
         qk = apply_rope(qkv[:, :, :H + Hk], cos, sin)  # q and k heads rotated in one call
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hk:]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)

@@ -61,6 +61,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if not torch.is_grad_enabled():  # generation: skip the autograd.Function machinery
+            xf = x.float()
+            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))
+            return (xf * rstd).mul_(self.weight.float()).to(x.dtype)
         return _RMSNorm.apply(x, self.weight, self.eps)
 
 
@@ -118,6 +122,8 @@ class _Rope(torch.autograd.Function):
 def apply_rope(x, cos, sin):
     """Rotary embedding of x: (B, T, H, D), contiguous in D (rotate before moving heads to
     dim 1: elementwise ops on the transposed view are several times slower on CPU)."""
+    if not torch.is_grad_enabled():
+        return _rotate(x, cos.to(x.dtype), sin.to(x.dtype))
     return _Rope.apply(x, cos, sin)
 
 
@@ -125,18 +131,20 @@ def dense_linear(in_features: int, out_features: int) -> nn.Module:
     return nn.Linear(in_features, out_features, bias=False)
 
 
-def fused_projection(mods: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """One matrix multiply for several projections of the same input (q, k, v; gate, up).
+def fused_projection(x: torch.Tensor, *mods: nn.Module) -> torch.Tensor:
+    """Several projections of the same input (q, k, v; gate, up), concatenated on the last dim.
 
     The parameters stay separate (named as in Hugging Face's Llama, quantizable one by one);
-    only the execution is fused: a bigger GEMM runs closer to the machine's peak, and the
-    backward pass sums one input gradient instead of three. Chosen once, at build time: plain
-    bias-free ``nn.Linear`` layers are fused by concatenating their weights (a copy of a few MB,
-    small beside the activations); any other linear kind runs one by one and is concatenated.
+    only the execution is fused when that pays: in training, plain bias-free ``nn.Linear``
+    layers run as one matrix multiply over their concatenated weights (a bigger GEMM runs
+    closer to peak, and backward sums one input gradient instead of three). Without autograd
+    (generation) the weight copy would cost more than it saves -- a decode step reads each
+    weight once anyway -- and other linear kinds (quantized ones) always run one by one.
+    Decided per call from the modules present, so converters that swap layers need no rewiring.
     """
-    if all(type(m) is nn.Linear and m.bias is None for m in mods):
-        return lambda x: F.linear(x, torch.cat([m.weight for m in mods]))
-    return lambda x: torch.cat([m(x) for m in mods], dim=-1)
+    if torch.is_grad_enabled() and all(type(m) is nn.Linear and m.bias is None for m in mods):
+        return F.linear(x, torch.cat([m.weight for m in mods]))
+    return torch.cat([m(x) for m in mods], dim=-1)
 
 
 LINEAR: dict[str, Callable[[int, int], nn.Module]] = {
@@ -183,10 +191,15 @@ class SwiGLU(nn.Module):
         self.gate_proj = linear(cfg.d_model, cfg.d_ff)
         self.up_proj = linear(cfg.d_model, cfg.d_ff)
         self.down_proj = linear(cfg.d_ff, cfg.d_model)
-        self._gate_up = fused_projection([self.gate_proj, self.up_proj])
+        self.gate_up_proj = None  # a converter may install one module computing [gate | up]
 
     def forward(self, x):
-        return self.down_proj(_SwiGLU.apply(self._gate_up(x)))
+        gate_up = (self.gate_up_proj(x) if self.gate_up_proj is not None
+                   else fused_projection(x, self.gate_proj, self.up_proj))
+        if not torch.is_grad_enabled():
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate).mul_(up))
+        return self.down_proj(_SwiGLU.apply(gate_up))
 
 
 FFN: dict[str, Callable] = {

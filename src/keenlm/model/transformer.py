@@ -64,6 +64,8 @@ class Transformer(nn.Module):
     def reset_parameters(self):
         """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 n_layer) (GPT-2)."""
         std = self.cfg.init_std
+        if self.embed_tokens.weight.is_meta:  # built on "meta" to be filled from a file
+            return
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 nn.init.ones_(p)
