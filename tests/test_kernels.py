@@ -146,3 +146,21 @@ def test_int8_model_stays_close_to_fp32():
                                    model.layers[0].mlp.gate_up_proj(h)[:, 128:])
     snr = 10 * torch.log10(ref.pow(2).mean() / (got - ref).pow(2).mean())
     assert snr > 25, f"signal-to-quantization-noise {snr:.1f} dB"
+
+
+def test_int4_kernel_matches_its_reference_and_recovers_a_q4_grid():
+    from keenlm.infer.int4 import Int4Linear
+
+    g = torch.Generator().manual_seed(8)
+    # weights already on a 16-level grid per block of 32 (what a Q4_1 file holds)
+    lo = torch.randn(48, 4, 1, generator=g)
+    d = torch.rand(48, 4, 1, generator=g) * 0.1 + 0.01
+    q = torch.randint(0, 16, (48, 4, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # every block spans its full range, as Q4_1 quantizes
+    w = (lo + d * q).view(48, 128)
+    lin = Int4Linear(w, group_size=32)
+    assert (lin.dequantized() - w).abs().max() < 1e-2 * w.abs().max()  # bf16 scales: ~3 digits
+    for rows in (1, 3, 20):
+        x = torch.randn(rows, 128, generator=g)
+        fast, ref = lin(x), lin.reference(x)
+        assert (fast - ref).abs().max() <= 2e-2 * ref.abs().max()

@@ -76,11 +76,11 @@ class FusedSlice(nn.Module):
         return self._fused[0](x)[..., self.start:self.end]
 
 
-def _fuse(parent: nn.Module, names: list[str], attr: str) -> None:
-    """Quantize the projections ``names`` of ``parent`` as one Int8Linear set as ``attr``:
-    one kernel call instead of several per decode step."""
+def _fuse(parent: nn.Module, names: list[str], attr: str, make) -> None:
+    """Quantize the projections ``names`` of ``parent`` as one module (``make(weight)``) set as
+    ``attr``: one kernel call instead of several per decode step."""
     weights = [getattr(parent, n).weight for n in names]
-    fused = Int8Linear(torch.cat(weights))
+    fused = make(torch.cat(weights))
     setattr(parent, attr, fused)
     start = 0
     for n, w in zip(names, weights):
@@ -88,19 +88,23 @@ def _fuse(parent: nn.Module, names: list[str], attr: str) -> None:
         start += w.shape[0]
 
 
-def quantize_int8(net: nn.Module) -> nn.Module:
-    """Replace every nn.Linear of ``net`` by an Int8Linear, in place; returns ``net``.
-    q/k/v and gate/up are fused into one quantized projection each where the model has
-    ``qkv_proj`` / ``gate_up_proj`` slots (keenlm's attention and SwiGLU do)."""
-    if not _has_kernel():
-        print("keenlm: torch._weight_int8pack_mm is unavailable here; int8 layers use the "
-              "dequantizing reference (correct, not faster)")
+def _fuse_slots(net: nn.Module, make) -> None:
+    """Fill every ``qkv_proj`` / ``gate_up_proj`` slot (keenlm's attention and SwiGLU)."""
     for m in list(net.modules()):
         plain = lambda n: type(getattr(m, n, None)) is nn.Linear  # noqa: E731
         if hasattr(m, "qkv_proj") and all(plain(n) for n in ("q_proj", "k_proj", "v_proj")):
-            _fuse(m, ["q_proj", "k_proj", "v_proj"], "qkv_proj")
+            _fuse(m, ["q_proj", "k_proj", "v_proj"], "qkv_proj", make)
         if hasattr(m, "gate_up_proj") and all(plain(n) for n in ("gate_proj", "up_proj")):
-            _fuse(m, ["gate_proj", "up_proj"], "gate_up_proj")
+            _fuse(m, ["gate_proj", "up_proj"], "gate_up_proj", make)
+
+
+def quantize_int8(net: nn.Module) -> nn.Module:
+    """Replace every nn.Linear of ``net`` by an Int8Linear, in place; returns ``net``.
+    q/k/v and gate/up are fused into one quantized projection each."""
+    if not _has_kernel():
+        print("keenlm: torch._weight_int8pack_mm is unavailable here; int8 layers use the "
+              "dequantizing reference (correct, not faster)")
+    _fuse_slots(net, Int8Linear)
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.bias is None:
