@@ -108,3 +108,30 @@ def test_perplexity_on_argparse_matches_transformers(models):
     ours, theirs = ppl(km.net), ppl(lambda w: hf(w).logits)
     print(f"argparse.py perplexity: keenlm {ours:.4f}, transformers {theirs:.4f}")
     assert abs(ours / theirs - 1) < 1e-3
+
+
+def test_gguf_to_hf_export_loads_in_transformers_with_same_logits(models, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from keenlm.io.hf import export_hf
+
+    km, _, _ = models
+    out = export_hf(km.net, km.tokenizer, tmp_path / "smollm2-hf")
+    hf2 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf2).__name__ == "LlamaForCausalLM"
+    tok2 = AutoTokenizer.from_pretrained(out)
+    for prompt in PROMPTS[:3]:
+        ids = km.tokenizer.encode_prompt(prompt)
+        assert tok2(prompt, add_special_tokens=False)["input_ids"] == ids
+        with torch.no_grad():
+            a = km.net(torch.tensor([ids]))
+            b = hf2(torch.tensor([ids])).logits
+        assert (a - b).abs().max().item() <= 1e-4, prompt
+
+
+def test_chat_template_renders_like_transformers(models):
+    km, _, tok = models
+    msgs = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Name a prime."}]
+    ours = km.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    assert ours == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

@@ -49,13 +49,33 @@ def _concat(a, b):
     return np.concatenate([np.asarray(a), np.asarray(b)])
 
 
-def load(path: str | Path, device: str = "cpu") -> KeenModel:
+QUANT = ("none", "int8", "int4")
+
+
+def load(path: str | Path, device: str = "cpu", quant: str = "none") -> KeenModel:
     """Load a model: a keenlm run folder (newest checkpoint), a GGUF file, or a Hugging Face
-    folder (config.json + safetensors). Weights via safetensors/GGUF; no code is executed."""
+    folder (config.json + safetensors). Weights via safetensors/GGUF; no code is executed.
+
+    quant: "int8" or "int4" converts the linear layers to weight-only quantized ones for fast
+    CPU generation (keenlm.infer.int8 / int4); the model is then for inference only."""
+    km = _load(Path(path), device)
+    if quant not in QUANT:
+        raise ValueError(f"quant={quant!r}: allowed {' | '.join(QUANT)}")
+    if quant == "int8":
+        from keenlm.infer.int8 import quantize_int8
+
+        quantize_int8(km.net)
+    elif quant == "int4":
+        from keenlm.infer.int4 import quantize_int4
+
+        quantize_int4(km.net)
+    return km
+
+
+def _load(path: Path, device: str) -> KeenModel:
     from keenlm.data import load_tokenizer
     from keenlm.model import build_model, load_model_state
 
-    path = Path(path)
     if path.is_file():
         from keenlm.io.gguf import load_gguf
 

@@ -11,11 +11,11 @@ import sys
 
 
 def chat_loop(model_path, *, system=None, max_new_tokens=256, temperature=0.7, device="cpu",
-              read=input, write=None):
+              quant="none", read=input, write=None):
     import keenlm
 
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    km = keenlm.load(model_path, device=device)
+    km = keenlm.load(model_path, device=device, quant=quant)
     if not km.tokenizer.chat_template:
         raise ValueError(f"{model_path}: the model has no chat template; use keenlm generate")
     messages = [{"role": "system", "content": system}] if system else []

@@ -85,7 +85,7 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     import keenlm
 
-    km = keenlm.load(args.run, device=args.device)
+    km = keenlm.load(args.run, device=args.device, quant=args.quant)
     overrides = {k[len("cfg:generate."):]: v for k, v in vars(args).items()
                  if k.startswith("cfg:generate.") and v is not None}
     prompts = args.prompt or [""]
@@ -106,7 +106,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     import keenlm
 
-    km = keenlm.load(args.run, device=args.device)
+    km = keenlm.load(args.run, device=args.device, quant=args.quant)
     res = km.evaluate(args.corpus, batch_size=args.batch_size, seq_len=args.seq_len,
                       max_batches=args.batches)
     print(json.dumps(res, indent=2) if args.json else
@@ -142,7 +142,7 @@ def cmd_chat(args) -> int:
     from keenlm.chat import chat_loop
 
     chat_loop(args.model, system=args.system, max_new_tokens=args.max_new_tokens,
-              temperature=args.temperature, device=args.device)
+              temperature=args.temperature, device=args.device, quant=args.quant)
     return 0
 
 
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     g.add_argument("--no-stream", action="store_true", help="print each result at the end")
     g.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    g.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
+                   help="none | int8 | int4: weight-only quantized CPU inference (int4: ~3x faster decode)")
     add_config_options(g, ("generate",))
     g.set_defaults(func=cmd_generate)
 
@@ -183,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8, help="windows per batch")
     e.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's)")
     e.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    e.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
+                   help="none | int8 | int4: weight-only quantized CPU inference (int4: ~3x faster decode)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)
 
@@ -209,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply")
     ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     ch.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    ch.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
+                    help="none | int8 | int4: weight-only quantized CPU inference (int4: ~3x faster decode)")
     ch.set_defaults(func=cmd_chat)
 
     d = sub.add_parser("demo", help="train a small model on the Python stdlib, evaluate, sample",
