@@ -33,9 +33,11 @@ $(VENV)/.keenlm-bench: $(STAMP)
 
 bench: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/decode.py
 
 bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py --quick
+	$(BIN)/python benchmarks/decode.py --quick
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
