@@ -67,13 +67,17 @@ def hf_greedy(hf, ids, n):
     (``hf.generate`` is not used: on the chat prompt, transformers 5.24's generate reports logits
     at step 59 that differ by ~0.24 from its own forward pass on the same tokens, cached or not,
     and so picks another token there; its forward pass agrees with keenlm within 1e-4.)"""
+    import inspect
+
+    new_api = "cache" in inspect.signature(hf.forward).parameters  # transformers >= 5.x
     seq, out = torch.tensor([ids]), []
     with torch.no_grad():
         o = hf(seq, use_cache=True)
         for _ in range(n):
             tok = int(o.logits[0, -1].argmax())
             out.append(tok)
-            o = hf(torch.tensor([[tok]]), past_key_values=o.past_key_values, use_cache=True)
+            cache = {"cache": o.cache} if new_api else {"past_key_values": o.past_key_values}
+            o = hf(torch.tensor([[tok]]), use_cache=True, **cache)
     return out
 
 
