@@ -49,6 +49,11 @@ def worker(kind: str, new_tokens: int, ppl_windows: int) -> dict:
     torch.set_num_threads(2)
     path = gguf_path()
     t0 = time.perf_counter()
+    if kind == "llama.cpp":
+        from keenlm.io.gguf import open_reader, read_tokenizer
+
+        tok = read_tokenizer(open_reader(path), path)  # the file's own tokenizer, no weights
+        return llama_cpp_worker(path, prompt_ids(tok.encode), new_tokens, ppl_windows)
     if kind == "transformers":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,6 +106,43 @@ def worker(kind: str, new_tokens: int, ppl_windows: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def llama_cpp_worker(path, ids, new_tokens, ppl_windows) -> dict:
+    """llama.cpp (llama-cpp-python) on the Q4_1 file as shipped: the figure to chase."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=2, logits_all=True,
+                verbose=False)
+    load_s = time.perf_counter() - t0
+    prompt = ids[:256]
+
+    def prefill():
+        llm.reset()
+        llm.eval(prompt)
+
+    pre = min(_timed(prefill) for _ in range(3))
+
+    def decode():
+        prefill()
+        for _ in range(new_tokens):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+
+    total = _timed(decode)
+    nll, n = 0.0, 0
+    for w in range(ppl_windows):
+        window = ids[w * 512:(w + 1) * 512]
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[:511], dtype=np.float64)
+        logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+        nll += float((logz - logits[np.arange(511), window[1:]]).sum())
+        n += 511
+    return {"kind": "llama.cpp", "load_s": load_s, "prefill_tok_s": 256 / pre,
+            "decode_tok_s": new_tokens / max(total - pre, 1e-9), "perplexity": math.exp(nll / n),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -133,8 +175,13 @@ def main() -> int:
     print(f"decode: SmolLM2-135M-Instruct Q4_1 GGUF, machine {platform.machine()} "
           f"{os.cpu_count()} cores, 2 threads, 256-token prompt, {args.new_tokens} greedy tokens, "
           f"perplexity on {args.ppl_windows} x 512 tokens of argparse.py, {time.strftime('%Y-%m-%d')}")
-    res = {k: run_worker(k, args) for k in ("transformers", "keenlm-fp32", "keenlm-int8",
-                                            "keenlm-int4")}
+    kinds = ["transformers", "keenlm-fp32", "keenlm-int8", "keenlm-int4"]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        kinds.append("llama.cpp")
+    else:
+        print("  (llama-cpp-python is not installed: no llama.cpp column; "
+              "CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python builds it in ~10 min)")
+    res = {k: run_worker(k, args) for k in kinds}
     base = res["transformers"]
     for k, r in res.items():
         print(f"  {k:13s} load {r['load_s']:5.1f} s  prefill {r['prefill_tok_s']:6.0f} tok/s  "
@@ -155,6 +202,10 @@ def main() -> int:
         ("gguf_load_s", fp32["load_s"], "<=", 5.0),
         ("fast_perplexity_vs_fp32", fast["perplexity"] / fp32["perplexity"], "<=", 1.01),
     ]
+    if "llama.cpp" in res:
+        lc = res["llama.cpp"]
+        print(f"  keenlm {name} / llama.cpp: decode {fast['decode_tok_s'] / lc['decode_tok_s']:.2f}x, "
+              f"prefill {fast['prefill_tok_s'] / lc['prefill_tok_s']:.2f}x")
     print()
     for name, value, op, target in lines:
         ok = value >= target if op == ">=" else value <= target

@@ -80,3 +80,10 @@ def test_console_script():
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "keenlm.cli"]
     out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "demo" in out.stdout
+
+
+def test_model_option_and_missing_model(run_dir, capsys):
+    assert main(["eval", "--model", str(run_dir), "--json", "--batches", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+    assert main(["generate"]) == 2
+    assert "name a model" in capsys.readouterr().err

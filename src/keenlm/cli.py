@@ -33,6 +33,9 @@ def _field_comments(cls) -> dict[str, str]:
     return out
 
 
+QUANT_HELP = "weight-only quantized CPU inference (int4: ~3x faster decode on SmolLM2)"
+
+
 def _metavar(typ) -> str:
     name = typ if isinstance(typ, str) else getattr(typ, "__name__", "value")
     return "A,B,..." if name.startswith("tuple") else name.upper()
@@ -82,10 +85,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _model_path(args) -> str:
+    path = args.model or args.run
+    if not path:
+        raise ValueError("name a model: a run folder, a .gguf file or a Hugging Face folder")
+    return path
+
+
 def cmd_generate(args) -> int:
     import keenlm
 
-    km = keenlm.load(args.run, device=args.device, quant=args.quant)
+    km = keenlm.load(_model_path(args), device=args.device, quant=args.quant)
     overrides = {k[len("cfg:generate."):]: v for k, v in vars(args).items()
                  if k.startswith("cfg:generate.") and v is not None}
     prompts = args.prompt or [""]
@@ -106,7 +116,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     import keenlm
 
-    km = keenlm.load(args.run, device=args.device, quant=args.quant)
+    km = keenlm.load(_model_path(args), device=args.device, quant=args.quant)
     res = km.evaluate(args.corpus, batch_size=args.batch_size, seq_len=args.seq_len,
                       max_batches=args.batches)
     print(json.dumps(res, indent=2) if args.json else
@@ -153,49 +163,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(prog="keenlm", description="Train, evaluate and run small "
-                                "language models on the compute one person has.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    t = sub.add_parser("train", help="train a model (writes a run folder)", formatter_class=fmt,
-                       description="Train a model. Precedence: defaults < --preset < --config < "
-                       "--SECTION.FIELD options.")
-    t.add_argument("--preset", help="size preset: tiny | demo | small | base | large, or a YAML file")
-    t.add_argument("--config", help="YAML or JSON file of config sections")
-    add_config_options(t)
-    t.set_defaults(func=cmd_train)
-
-    g = sub.add_parser("generate", help="generate text from a run", formatter_class=fmt)
-    g.add_argument("run", help="run folder, .gguf file or Hugging Face folder")
-    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    g.add_argument("--no-stream", action="store_true", help="print each result at the end")
-    g.add_argument("--device", default="cpu", help="cpu | cuda | mps")
-    g.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
-                   help="none | int8 | int4: weight-only quantized CPU inference (int4: ~3x faster decode)")
-    add_config_options(g, ("generate",))
-    g.set_defaults(func=cmd_generate)
-
-    e = sub.add_parser("eval", help="validation loss, bits per byte, perplexity", formatter_class=fmt)
-    e.add_argument("run", help="run folder, .gguf file or Hugging Face folder")
-    e.add_argument("--corpus", default=None,
-                   help="stdlib, a file, a folder or a .jsonl (whole); default: the run's val split")
-    e.add_argument("--batches", type=int, default=50, help="at most this many batches")
-    e.add_argument("--batch-size", type=int, default=8, help="windows per batch")
-    e.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's)")
-    e.add_argument("--device", default="cpu", help="cpu | cuda | mps")
-    e.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
-                   help="none | int8 | int4: weight-only quantized CPU inference (int4: ~3x faster decode)")
-    e.add_argument("--json", action="store_true", help="print JSON")
-    e.set_defaults(func=cmd_eval)
-
-    i = sub.add_parser("info", help="describe a run: config, parameters, ledger, files",
-                       formatter_class=fmt)
-    i.add_argument("run", help="run folder")
-    i.add_argument("--json", action="store_true", help="print JSON")
-    i.set_defaults(func=cmd_info)
-
+def _add_io_commands(sub, fmt) -> None:
     c = sub.add_parser("convert", help="convert a run, GGUF or HF model to HF or GGUF",
                        formatter_class=fmt)
     c.add_argument("src", help="run folder, .gguf file or Hugging Face folder")
@@ -214,8 +182,56 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     ch.add_argument("--device", default="cpu", help="cpu | cuda | mps")
     ch.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
-                    help="none | int8 | int4: weight-only quantized CPU inference (int4: ~3x faster decode)")
+                    help=QUANT_HELP)
     ch.set_defaults(func=cmd_chat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="keenlm", description="Train, evaluate and run small "
+                                "language models on the compute one person has.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (writes a run folder)", formatter_class=fmt,
+                       description="Train a model. Precedence: defaults < --preset < --config < "
+                       "--SECTION.FIELD options.")
+    t.add_argument("--preset", help="size preset: tiny | demo | small | base | large, or a YAML file")
+    t.add_argument("--config", help="YAML or JSON file of config sections")
+    add_config_options(t)
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate text from a run", formatter_class=fmt)
+    g.add_argument("run", nargs="?", help="run folder, .gguf file or Hugging Face folder")
+    g.add_argument("--model", help="the same as RUN, for scripts that name it")
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g.add_argument("--no-stream", action="store_true", help="print each result at the end")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    g.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
+                   help=QUANT_HELP)
+    add_config_options(g, ("generate",))
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="validation loss, bits per byte, perplexity", formatter_class=fmt)
+    e.add_argument("run", nargs="?", help="run folder, .gguf file or Hugging Face folder")
+    e.add_argument("--model", help="the same as RUN, for scripts that name it")
+    e.add_argument("--corpus", default=None,
+                   help="stdlib, a file, a folder or a .jsonl (whole); default: the run's val split")
+    e.add_argument("--batches", type=int, default=50, help="at most this many batches")
+    e.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    e.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's)")
+    e.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    e.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
+                   help=QUANT_HELP)
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="describe a run: config, parameters, ledger, files",
+                       formatter_class=fmt)
+    i.add_argument("run", help="run folder")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+
+    _add_io_commands(sub, fmt)
 
     d = sub.add_parser("demo", help="train a small model on the Python stdlib, evaluate, sample",
                        formatter_class=fmt)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 
 from keenlm.data.corpus import SPLITS
+from keenlm.data.tokenizer import text_batches
 
 if TYPE_CHECKING:
     from keenlm.data.corpus import Corpus
@@ -144,7 +145,7 @@ def _write_split(docs: Iterable[str], tokenizer: "Tokenizer", path: Path) -> dic
     token_bytes = tokenizer.token_byte_lengths()
     counts = {"tokens": 0, "bytes": 0, "documents": 0}
     with open(path, "wb") as f:
-        for chunk in _chunks(docs):
+        for chunk in text_batches(docs, _CHUNK_CHARS):
             flat: list[int] = []
             for ids in tokenizer.encode_batch(chunk):
                 flat.extend(ids)
@@ -160,18 +161,6 @@ def _write_split(docs: Iterable[str], tokenizer: "Tokenizer", path: Path) -> dic
             counts["bytes"] += nbytes
             counts["documents"] += len(chunk)
     return counts
-
-
-def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
-    chunk, n = [], 0
-    for d in docs:
-        chunk.append(d)
-        n += len(d)
-        if n >= _CHUNK_CHARS:
-            yield chunk
-            chunk, n = [], 0
-    if chunk:
-        yield chunk
 
 
 def _open(folder: Path, tokenizer: "Tokenizer") -> TokenData | None:

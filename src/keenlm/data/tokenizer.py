@@ -331,12 +331,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    hf.train_from_iterator(_chunks(texts), trainer=trainer)
+    hf.train_from_iterator(text_batches(texts), trainer=trainer)
     return BPETokenizer(hf)
 
 
-def _chunks(texts: Iterable[str], size: int = 1 << 20) -> Iterator[list[str]]:
-    """Batches of ~1 MB, so the trainer's Rust side gets work in large pieces."""
+def text_batches(texts: Iterable[str], size: int = 1 << 20) -> Iterator[list[str]]:
+    """Texts grouped into batches of about ``size`` characters, so Rust-side tokenizer work
+    (training, encode_batch) comes in large pieces."""
     batch, n = [], 0
     for t in texts:
         batch.append(t)
