@@ -185,3 +185,21 @@ def test_cli_convert_and_chat(tmp_path, capsys):
     messages = chat_loop(tmp_path / "m2.gguf", max_new_tokens=8, temperature=0, read=read,
                          write=out.append)
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_llama_cpp_reads_our_export(tmp_path):
+    # optional: llama-cpp-python compiles for ~10 minutes, so it is not part of `make test`
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    text = "def add(a, b):\n    return a + b\n" * 60
+    bpe = train_bpe([text], 300)
+    torch.manual_seed(3)
+    net = build_model(ModelConfig(vocab_size=bpe.vocab_size, n_layer=2, d_model=64, n_head=4,
+                                  n_kv_head=2, d_ff=128, max_seq_len=64)).eval()
+    path = export_gguf(net, bpe, tmp_path / "m.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True,
+                          verbose=False)
+    ids = bpe.encode("def add(a, b):")
+    assert llm.tokenize(b"def add(a, b):", add_bos=False, special=False) == ids
+    llm.eval(ids)
+    theirs = torch.tensor(np.asarray(llm.scores[: len(ids)]))
+    torch.testing.assert_close(theirs, logits(net, ids)[0], rtol=0, atol=1e-3)
