@@ -34,7 +34,7 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 # Names of registered variants, checked at load. The registries themselves live beside the
 # code that implements them; tests assert the two lists agree.
 ATTENTION_BACKENDS = ("naive", "sdpa")
-LINEAR_KINDS = ("dense",)
+LINEAR_KINDS = ("dense", "ternary", "int2", "int4")
 FFN_KINDS = ("dense",)
 
 
@@ -54,8 +54,11 @@ class ModelConfig:
     tie_embeddings: bool = True  # LM head shares the embedding matrix
     init_std: float = 0.02  # normal init std; residual outputs get std/sqrt(2 n_layer)
     attention: str = "sdpa"  # naive | sdpa
-    linear: str = "dense"  # dense
+    linear: str = "dense"  # dense | ternary | int2 | int4 (quantization-aware, model/lowbit.py)
     ffn: str = "dense"  # dense
+    lowbit_group: int = 32  # int4: weights per scale group along the input dimension
+    lowbit_per_channel: bool = False  # ternary: one absmean scale per output row, not per tensor
+    act_bits: int = 0  # 0: full-precision activations; 8: per-token absmax int8 (W1.58A8)
 
     def __post_init__(self):
         p = "model."
@@ -79,6 +82,12 @@ class ModelConfig:
                " | ".join(ATTENTION_BACKENDS))
         _check(self.linear in LINEAR_KINDS, p + "linear", self.linear, " | ".join(LINEAR_KINDS))
         _check(self.ffn in FFN_KINDS, p + "ffn", self.ffn, " | ".join(FFN_KINDS))
+        _check(self.act_bits in (0, 8), p + "act_bits", self.act_bits, "0 | 8")
+        _check(self.lowbit_group >= 1, p + "lowbit_group", self.lowbit_group, "an integer >= 1")
+        if self.linear == "int4":
+            widths = [self.d_model] + ([self.d_ff] if self.d_ff else [])
+            _check(all(w % self.lowbit_group == 0 for w in widths), p + "lowbit_group",
+                   self.lowbit_group, f"a divisor of d_model={self.d_model} and d_ff={self.d_ff}")
 
     @property
     def head_dim(self) -> int:

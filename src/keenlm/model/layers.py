@@ -8,7 +8,7 @@ registries of linear-layer and feed-forward constructors.
 
 Registries are plain dicts of same-signature constructors, resolved once at build time:
 
-    LINEAR[kind](in_features, out_features) -> nn.Module     (no bias, as in Llama)
+    LINEAR[kind](in_features, out_features, cfg) -> nn.Module   (no bias, as in Llama)
     FFN[kind](cfg, linear) -> nn.Module                        (maps (B, T, C) -> (B, T, C))
 
 A later technique (low-bit linears, mixture of experts) adds an entry; the model never changes.
@@ -127,7 +127,7 @@ def apply_rope(x, cos, sin):
     return _Rope.apply(x, cos, sin)
 
 
-def dense_linear(in_features: int, out_features: int) -> nn.Module:
+def dense_linear(in_features: int, out_features: int, cfg=None) -> nn.Module:
     return nn.Linear(in_features, out_features, bias=False)
 
 
@@ -147,8 +147,17 @@ def fused_projection(x: torch.Tensor, *mods: nn.Module) -> torch.Tensor:
     return torch.cat([m(x) for m in mods], dim=-1)
 
 
-LINEAR: dict[str, Callable[[int, int], nn.Module]] = {
+def _lowbit(kind: str):
+    from keenlm.model.lowbit import qat_linear_factory
+
+    return qat_linear_factory(kind)
+
+
+LINEAR: dict[str, Callable[..., nn.Module]] = {
     "dense": dense_linear,
+    "ternary": _lowbit("ternary"),  # BitNet b1.58 absmean, quantization-aware (model/lowbit.py)
+    "int2": _lowbit("int2"),
+    "int4": _lowbit("int4"),
 }
 
 

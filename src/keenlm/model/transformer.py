@@ -14,6 +14,7 @@ Legend: B batch, T positions in this call, S positions visible (cache + new), C 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -45,7 +46,8 @@ class Transformer(nn.Module):
             raise ValueError("model config is not resolved: vocab_size and d_ff must be set "
                              "(use keenlm.presets.resolve)")
         self.cfg = cfg
-        linear, backend, ffn = LINEAR[cfg.linear], ATTENTION[cfg.attention], FFN[cfg.ffn]
+        linear = functools.partial(LINEAR[cfg.linear], cfg=cfg)
+        backend, ffn = ATTENTION[cfg.attention], FFN[cfg.ffn]
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, linear, backend, ffn, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -67,12 +69,17 @@ class Transformer(nn.Module):
         if self.embed_tokens.weight.is_meta:  # built on "meta" to be filled from a file
             return
         for name, p in self.named_parameters():
+            if name.endswith("alpha"):  # low-bit step sizes: set from the weights below
+                continue
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / (2 * self.cfg.n_layer) ** 0.5)
             elif p.dim() >= 2:
                 nn.init.normal_(p, 0.0, std)
+        for m in self.modules():
+            if hasattr(m, "init_alpha"):
+                m.init_alpha()
 
     # ------------------------------------------------------------------------------------
 

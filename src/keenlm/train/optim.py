@@ -47,7 +47,7 @@ def _split_params(model: nn.Module):
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if p.dim() < 2:
+        if p.dim() < 2 or name.endswith("alpha"):  # gains, low-bit step sizes: no decay
             vectors.append(p)
         elif "embed_tokens" in name or "lm_head" in name:
             edge.append(p)

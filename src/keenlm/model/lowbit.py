@@ -1,0 +1,138 @@
+"""Low-bit weights: quantization-aware training with ternary, 2-bit and 4-bit linears.
+
+The claim (BitNet b1.58, Ma et al. 2024, https://arxiv.org/abs/2402.17764): weights in
+{-1, 0, +1} times a scale keep most of a model's quality when the model is trained that way.
+Training keeps full-precision *latent* weights; every forward pass uses their quantized values,
+and the gradient passes the rounding unchanged (the straight-through estimator, Bengio et al.
+2013), so the latent weights keep learning.
+
+Quantizers (weights W of one linear layer, rows = output channels):
+
+- ``ternary``: absmean, as in BitNet b1.58. gamma = mean |W| (per tensor, or per row with
+  ``per_channel``); W_q = gamma * clip(round(W / gamma), -1, 1). 1.58 bits per weight.
+- ``int2``: ParetoQ's stretched elastic quantizer (Liu et al. 2025,
+  https://arxiv.org/abs/2502.02631) for 2 bits: four levels {-1.5, -0.5, 0.5, 1.5} * alpha
+  (no zero level, the grid stretched to use all four codes), alpha learned per output row
+  with the LSQ gradient (Esser et al. 2019) -- autograd derives it from the STE formula below.
+  alpha starts at max|W_row| / 2, the same initialization scale ParetoQ reports for 2-bit.
+- ``int4``: symmetric groupwise, 16 levels {-8..7} * s per group of ``group`` weights along the
+  input dimension, s = absmax / 7 of the group (round to nearest).
+
+Optional 8-bit activations (``act_bits=8``, BitNet's W1.58A8): each token's activation vector is
+scaled by 127 / absmax and rounded, with the same straight-through gradient.
+
+These are registered as linear kinds (``LINEAR["ternary" | "int2" | "int4"]`` in
+keenlm.model.layers), so ``model.linear: ternary`` trains a BitNet-style model from scratch, and
+``prepare_qat(model, kind)`` converts an existing model (a keenlm run, an imported GGUF or HF
+model) for quantization-aware fine-tuning. Packing, fast kernels and export come on top.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RoundSTE(torch.autograd.Function):
+    """round() forward; identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+round_ste = RoundSTE.apply
+
+
+def ternary_absmean(w: torch.Tensor, per_channel: bool = False, eps: float = 1e-5) -> torch.Tensor:
+    gamma = (w.abs().mean(dim=1, keepdim=True) if per_channel else w.abs().mean()).clamp_min(eps)
+    return round_ste(w / gamma).clamp(-1, 1) * gamma
+
+
+def int2_seq(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Stretched elastic 2-bit grid {-1.5, -0.5, 0.5, 1.5} * alpha (alpha: (rows, 1))."""
+    return (round_ste(w / alpha - 0.5).clamp(-2, 1) + 0.5) * alpha
+
+
+def int4_groupwise(w: torch.Tensor, group: int) -> torch.Tensor:
+    rows, cols = w.shape
+    if cols % group:
+        raise ValueError(f"int4 QAT: input width {cols} is not a multiple of group {group}")
+    g = w.view(rows, cols // group, group)
+    scale = (g.abs().amax(dim=-1, keepdim=True) / 7).clamp_min(1e-8)
+    return (round_ste(g / scale).clamp(-8, 7) * scale).view(rows, cols)
+
+
+def act_quant_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Per-token absmax 8-bit fake quantization of activations (straight-through)."""
+    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-5)
+    return round_ste(x * scale).clamp(-128, 127) / scale
+
+
+class QATLinear(nn.Linear):
+    """A bias-free linear whose forward uses quantized weights (and optionally activations)."""
+
+    def __init__(self, in_features: int, out_features: int, kind: str, *, group: int = 32,
+                 per_channel: bool = False, act_bits: int = 0):
+        super().__init__(in_features, out_features, bias=False)
+        if kind not in QUANTIZERS:
+            raise ValueError(f"unknown low-bit kind {kind!r} ({' | '.join(QUANTIZERS)})")
+        self.kind, self.group, self.per_channel, self.act_bits = kind, group, per_channel, act_bits
+        if kind == "int2":  # learned step per output row (LSQ-style), set from the weights
+            self.alpha = nn.Parameter(torch.ones(out_features, 1))
+            self.init_alpha()
+
+    @torch.no_grad()
+    def init_alpha(self):
+        if self.kind == "int2" and not self.weight.is_meta:
+            self.alpha.copy_((self.weight.abs().amax(dim=1, keepdim=True) / 2).clamp_min(1e-5))
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.kind == "ternary":
+            return ternary_absmean(self.weight, self.per_channel)
+        if self.kind == "int2":
+            return int2_seq(self.weight, self.alpha.abs().clamp_min(1e-8))
+        return int4_groupwise(self.weight, self.group)
+
+    def forward(self, x):
+        if self.act_bits == 8:
+            x = act_quant_8bit(x)
+        return F.linear(x, self.quantized_weight().to(x.dtype))
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, kind={self.kind}"
+
+
+QUANTIZERS = ("ternary", "int2", "int4")
+
+
+def qat_linear_factory(kind: str):
+    """A LINEAR registry entry: (in_features, out_features, cfg) -> QATLinear."""
+
+    def make(in_features: int, out_features: int, cfg=None) -> QATLinear:
+        return QATLinear(in_features, out_features, kind,
+                         group=getattr(cfg, "lowbit_group", 32),
+                         per_channel=getattr(cfg, "lowbit_per_channel", False),
+                         act_bits=getattr(cfg, "act_bits", 0))
+
+    return make
+
+
+@torch.no_grad()
+def prepare_qat(net: nn.Module, kind: str, *, group: int = 32, per_channel: bool = False,
+                act_bits: int = 0, skip=("lm_head",)) -> nn.Module:
+    """Converter: every bias-free nn.Linear (except ``skip``) becomes a QATLinear that keeps
+    the trained weights as its latent weights. In place; returns ``net``."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.bias is None and name not in skip:
+                q = QATLinear(child.in_features, child.out_features, kind, group=group,
+                              per_channel=per_channel, act_bits=act_bits).to(child.weight.device)
+                q.weight.copy_(child.weight)
+                q.init_alpha()
+                setattr(parent, name, q)
+    return net
