@@ -87,3 +87,34 @@ def test_bad_group_is_a_config_error():
 
     with pytest.raises(ConfigError, match="model.lowbit_group"):
         ModelConfig(linear="int4", d_model=96, n_head=2, d_ff=256, lowbit_group=64)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 64, 255, 257])
+def test_pack_unpack_round_trip_is_exact(bits, n):
+    from keenlm.model.packing import pack, unpack
+
+    g = torch.Generator().manual_seed(n * bits)
+    codes = torch.randint(0, 1 << bits, (5, n), generator=g, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.shape == (5, -(-n * bits // 8))
+    assert torch.equal(unpack(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("kind,per_channel", [("ternary", False), ("ternary", True),
+                                              ("int2", False), ("int4", False)])
+def test_converted_model_gives_the_qat_model_logits(kind, per_channel):
+    from keenlm.model.packing import PackedLinear, convert_qat
+
+    torch.manual_seed(4)
+    model = build_model(ModelConfig(vocab_size=97, n_layer=2, d_model=64, n_head=4, d_ff=128,
+                                    linear=kind, lowbit_per_channel=per_channel)).eval()
+    x = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        qat = model(x)
+        convert_qat(model)
+        packed = model(x)
+    assert isinstance(model.layers[0].mlp.down_proj, PackedLinear)
+    torch.testing.assert_close(packed, qat, rtol=0, atol=1e-5)
+    lin = model.layers[0].mlp.up_proj  # 128 x 64 weights: 2 bits each (+ scales) vs 32 fp32
+    assert lin.packed.numel() == 128 * 64 * (4 if kind == "int4" else 2) // 8
