@@ -86,9 +86,10 @@ def write(path, net, tok, *, arch="llama", cfg=None, drop=(), tokenizer=True, te
     for name, arr in _tensors(net):
         if name in drop:
             continue
-        if tensor_type == "TQ2_0" and arr.ndim == 2 and arr.shape[1] % 256 == 0:
-            w.add_tensor(name, quants.quantize(arr, GGMLQuantizationType.TQ2_0),
-                         raw_dtype=GGMLQuantizationType.TQ2_0)
+        if tensor_type == "IQ4_NL" and arr.ndim == 2 and arr.shape[1] % 32 == 0:
+            # any bytes will do: the importer must refuse the type before decoding anything
+            raw = np.zeros((arr.shape[0], arr.shape[1] // 32 * 18), dtype=np.uint8)
+            w.add_tensor(name, raw, raw_dtype=GGMLQuantizationType.IQ4_NL)
         else:
             w.add_tensor(name, arr.astype(np.float32))
     w.write_header_to_file()
@@ -136,8 +137,30 @@ def test_unknown_architecture(tmp_path):
 
 def test_unsupported_quantization_type(tmp_path):
     net = tiny(d_ff=256)
-    path = write(tmp_path / "m.gguf", net, ByteTokenizer(), tensor_type="TQ2_0")
-    assert_one_line_error(path, "TQ2_0")
+    path = write(tmp_path / "m.gguf", net, ByteTokenizer(), tensor_type="IQ4_NL")
+    assert_one_line_error(path, "IQ4_NL")
+
+
+def test_ternary_model_round_trips_through_tq2_0(tmp_path):
+    from keenlm.io.gguf_export import effective_weights
+    from keenlm.model.packing import convert_qat
+
+    torch.manual_seed(5)
+    cfg = ModelConfig(vocab_size=257, n_layer=2, d_model=256, n_head=4, d_ff=512,
+                      max_seq_len=64, linear="ternary")
+    net = build_model(cfg).eval()
+    convert_qat(net)  # packed ternary, as a trained model would be exported
+    path = export_gguf(net, ByteTokenizer(), tmp_path / "t.gguf", "tq2_0")
+    reader = G.open_reader(path)
+    kinds = {t.name: reader.type_name(t) for t in reader.tensors}
+    assert kinds["blk.0.ffn_down.weight"] == "TQ2_0" and kinds["token_embd.weight"] == "F16"
+    km = keenlm.load(path)
+    ours = effective_weights(net)
+    for name, w in km.net.state_dict().items():
+        if name.endswith("proj.weight"):  # ternary matrices: equal up to fp16 scale rounding
+            np.testing.assert_allclose(w.numpy(), ours[name], rtol=1e-3, atol=1e-7)
+    ids = torch.randint(0, 257, (16,)).tolist()
+    torch.testing.assert_close(logits(km.net, ids), logits(net, ids), rtol=0, atol=1e-2)
 
 
 def test_missing_tokenizer_and_missing_tensor(tmp_path):

@@ -169,8 +169,8 @@ def _add_io_commands(sub, fmt) -> None:
     c.add_argument("src", help="run folder, .gguf file or Hugging Face folder")
     c.add_argument("dst", help="output folder (hf) or .gguf file")
     c.add_argument("--to", choices=("hf", "gguf"), required=True, help="output format")
-    c.add_argument("--type", default="f32", choices=("f32", "f16", "q8_0"),
-                   help="GGUF weight type")
+    c.add_argument("--type", default="f32", choices=("f32", "f16", "q8_0", "tq2_0"),
+                   help="GGUF weight type (tq2_0: ternary models)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing HF folder")
     c.set_defaults(func=cmd_convert)
 

@@ -3,8 +3,10 @@
 Written with the ``gguf`` package's ``GGUFWriter`` in llama.cpp's "llama" layout, the inverse of
 ``keenlm.io.gguf``: tensor names ``blk.N.attn_q.weight`` etc., q/k rows permuted to the
 interleaved RoPE layout, 1-D norm gains always F32 (as llama.cpp's converter writes them), the
-rest as F32, F16 or Q8_0 (``gguf.quants.quantize``; Q8_0 = blocks of 32 int8 with one fp16
-scale, 8.5 bits per weight). A matrix whose rows are not a multiple of the block size is kept
+rest as F32, F16, Q8_0 (``gguf.quants.quantize``; Q8_0 = blocks of 32 int8 with one fp16
+scale, 8.5 bits per weight) or, for ternary models, TQ2_0 (blocks of 256 weights in 2 bits with
+one fp16 scale: lossless for weights that are exactly scale x {-1, 0, 1}, up to the fp16
+rounding of the scale). A matrix whose rows are not a multiple of the block size is kept
 F16 and the exporter says so. The byte-level BPE vocabulary, merges, special tokens, BOS/EOS,
 pre-tokenizer name and chat template go into the ``tokenizer.*`` metadata keys.
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from keenlm.io.gguf import GGUF_TO_KEENLM, GLOBAL_NAMES, permute_qk
 
-QTYPES = ("f32", "f16", "q8_0")
+QTYPES = ("f32", "f16", "q8_0", "tq2_0")
 
 
 def _vocab_and_merges(tokenizer):
@@ -84,6 +86,14 @@ def _encode_tensor(name: str, arr: np.ndarray, qtype: str):
 
     if arr.ndim == 1 or qtype == "f32":
         return arr.astype(np.float32), None
+    if qtype == "tq2_0":  # ternary: 2 bits per weight, one fp16 scale per 256 weights
+        if not name.startswith("blk."):  # embedding / output are not ternary: keep them F16
+            return arr.astype(np.float16), None
+        if arr.shape[-1] % 256 == 0:
+            return quants.quantize(arr.astype(np.float32), GGMLQuantizationType.TQ2_0), \
+                GGMLQuantizationType.TQ2_0
+        print(f"keenlm: {name} has rows of {arr.shape[-1]} (not a multiple of 256, TQ2_0's "
+              "block); kept as F16", file=sys.stderr)
     if qtype == "q8_0":
         if arr.shape[-1] % 32 == 0:
             return quants.quantize(arr.astype(np.float32), GGMLQuantizationType.Q8_0), \
@@ -93,10 +103,22 @@ def _encode_tensor(name: str, arr: np.ndarray, qtype: str):
     return arr.astype(np.float16), None
 
 
+def effective_weights(net) -> dict[str, np.ndarray]:
+    """keenlm name -> the fp32 weights the model computes with: a low-bit layer's quantized
+    matrix (not its latent weights), a packed layer's unpacked one, plain tensors as they are."""
+    sd = {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
+    for name, m in net.named_modules():
+        if hasattr(m, "quantized_weight"):  # QATLinear
+            sd[f"{name}.weight"] = m.quantized_weight().detach().float().cpu().numpy()
+        elif callable(getattr(m, "weight", None)):  # PackedLinear
+            sd[f"{name}.weight"] = m.weight().detach().float().cpu().numpy()
+    return sd
+
+
 def _tensors(net):
     """(gguf name, fp32 numpy array) in llama.cpp's layout."""
     cfg = net.cfg
-    sd = {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
+    sd = effective_weights(net)
     for g, k in GLOBAL_NAMES.items():
         if g == "output.weight" and cfg.tie_embeddings:
             continue
@@ -113,19 +135,22 @@ def _tensors(net):
 
 
 def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
-    """Write ``net`` + ``tokenizer`` as a GGUF file of weight type f32 | f16 | q8_0."""
+    """Write ``net`` + ``tokenizer`` as a GGUF file of weight type f32 | f16 | q8_0 | tq2_0
+    (ternary models). Low-bit models are written with their quantized weights."""
     from gguf import GGUFWriter, LlamaFileType
 
     if qtype not in QTYPES:
         raise ValueError(f"GGUF export type {qtype!r} is not supported ({' | '.join(QTYPES)})")
     cfg = net.cfg
-    if cfg.linear != "dense" or cfg.ffn != "dense":
-        raise ValueError(f"only plain Llama models export to GGUF here (linear={cfg.linear}, "
-                         f"ffn={cfg.ffn})")
+    if cfg.ffn != "dense" or cfg.linear not in ("dense", "ternary"):
+        raise ValueError(f"only plain and ternary Llama models export to GGUF here "
+                         f"(linear={cfg.linear}, ffn={cfg.ffn})")
+    if qtype == "tq2_0" and cfg.linear != "ternary":
+        raise ValueError("tq2_0 holds ternary weights: export a model with model.linear=ternary")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-                 "q8_0": LlamaFileType.MOSTLY_Q8_0}[qtype]
+                 "q8_0": LlamaFileType.MOSTLY_Q8_0, "tq2_0": LlamaFileType.MOSTLY_TQ2_0}[qtype]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
