@@ -34,10 +34,12 @@ $(VENV)/.keenlm-bench: $(STAMP)
 bench: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/lowbit.py
 
 bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py --quick
 	$(BIN)/python benchmarks/decode.py --quick
+	$(BIN)/python benchmarks/lowbit.py --quick
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

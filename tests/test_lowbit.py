@@ -118,3 +118,23 @@ def test_converted_model_gives_the_qat_model_logits(kind, per_channel):
     torch.testing.assert_close(packed, qat, rtol=0, atol=1e-5)
     lin = model.layers[0].mlp.up_proj  # 128 x 64 weights: 2 bits each (+ scales) vs 32 fp32
     assert lin.packed.numel() == 128 * 64 * (4 if kind == "int4" else 2) // 8
+
+
+@pytest.mark.parametrize("kind", ["ternary", "int2"])
+@pytest.mark.parametrize("rows,n_in,batch", [(7, 5, 1), (33, 64, 3), (16, 257, 2), (130, 100, 8)])
+def test_lut_kernel_matches_unpack_reference(kind, rows, n_in, batch):
+    from keenlm.model import packed_kernels
+    from keenlm.model.packing import LEVELS, PackedLinear, pack
+
+    if not packed_kernels.available():
+        pytest.skip("numba is not installed (pip install 'keenlm[lowbit]')")
+    g = torch.Generator().manual_seed(rows * n_in + batch)
+    hi = 3 if kind == "ternary" else 4
+    codes = torch.randint(0, hi, (rows, n_in), generator=g, dtype=torch.uint8)
+    lin = PackedLinear(kind, pack(codes, 2), torch.rand(rows, 1, generator=g) + 0.1, n_in)
+    assert lin.use_kernel
+    x = torch.randn(batch, n_in, generator=g)
+    with torch.no_grad():
+        fast, ref = lin(x), lin.reference(x)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    assert LEVELS[kind].numel() == 4

@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keenlm.model.packed_kernels import MAX_ROWS, lut_matmul
+from keenlm.model.packed_kernels import available as kernels_available
+
 # code -> level, per kind (levels are multiplied by the row's or group's scale)
 LEVELS = {
     "ternary": torch.tensor([0.0, 1.0, -1.0, 0.0]),  # code 3 unused
@@ -81,6 +84,10 @@ class PackedLinear(nn.Module):
         self.group, self.act_bits = group, act_bits
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
+        # the lookup-table kernel reads 2-bit codes with one scale per row
+        self.use_kernel = kernels_available() and BITS[kind] == 2 and scales.shape[1] == 1
+        if self.use_kernel:  # the kernel's layout: input-group-major (see packed_kernels)
+            self.register_buffer("packed_t", packed.t().contiguous(), persistent=False)
 
     def weight(self) -> torch.Tensor:
         codes = unpack(self.packed, BITS[self.kind], self.in_features).long()
@@ -94,6 +101,14 @@ class PackedLinear(nn.Module):
             from keenlm.model.lowbit import act_quant_8bit
 
             x = act_quant_8bit(x)
+        rows = x.numel() // x.shape[-1]
+        if self.use_kernel and rows <= MAX_ROWS and not torch.is_grad_enabled() and x.device.type == "cpu":
+            y = lut_matmul(x.reshape(rows, -1), self.packed_t, LEVELS[self.kind], self.scales)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return self.reference(x)
+
+    def reference(self, x):
+        """Unpack, then multiply: the plain path every kernel is tested against."""
         return F.linear(x, self.weight().to(x.dtype))
 
     def nbytes(self) -> int:
