@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import bench_line, best_of  # noqa: E402
 
 
 def gguf_path() -> Path:
@@ -72,15 +75,7 @@ def worker(kind: str, new_tokens: int, ppl_windows: int) -> dict:
         from keenlm.config import GenerateConfig
         from keenlm.infer import generate_tokens
 
-        km = keenlm.load(path)
-        if kind == "keenlm-int8":
-            from keenlm.infer.int8 import quantize_int8
-
-            quantize_int8(km.net)
-        elif kind == "keenlm-int4":
-            from keenlm.infer.int4 import quantize_int4
-
-            quantize_int4(km.net)
+        km = keenlm.load(path, quant={"keenlm-fp32": "none"}.get(kind, kind[len("keenlm-"):]))
         load_s = time.perf_counter() - t0
         ids = prompt_ids(km.tokenizer.encode)
         forward = km.net
@@ -92,8 +87,8 @@ def worker(kind: str, new_tokens: int, ppl_windows: int) -> dict:
     prompt = ids[:256]
     with torch.no_grad():
         forward(torch.tensor([prompt[:32]]))  # warm-up
-        prefill = min(_timed(lambda: forward(torch.tensor([prompt]))) for _ in range(3))
-        total = _timed(lambda: decode(prompt))
+        prefill = best_of(lambda: forward(torch.tensor([prompt])), 3, warmup=0)
+        total = best_of(lambda: decode(prompt), 1, warmup=0)
         nll, n = 0.0, 0
         for w in range(ppl_windows):
             x = torch.tensor([ids[w * 512:(w + 1) * 512]])
@@ -121,14 +116,14 @@ def llama_cpp_worker(path, ids, new_tokens, ppl_windows) -> dict:
         llm.reset()
         llm.eval(prompt)
 
-    pre = min(_timed(prefill) for _ in range(3))
+    pre = best_of(prefill, 3, warmup=0)
 
     def decode():
         prefill()
         for _ in range(new_tokens):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
 
-    total = _timed(decode)
+    total = best_of(decode, 1, warmup=0)
     nll, n = 0.0, 0
     for w in range(ppl_windows):
         window = ids[w * 512:(w + 1) * 512]
@@ -141,12 +136,6 @@ def llama_cpp_worker(path, ids, new_tokens, ppl_windows) -> dict:
     return {"kind": "llama.cpp", "load_s": load_s, "prefill_tok_s": 256 / pre,
             "decode_tok_s": new_tokens / max(total - pre, 1e-9), "perplexity": math.exp(nll / n),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def run_worker(kind: str, args) -> dict:
@@ -207,9 +196,8 @@ def main() -> int:
         print(f"  keenlm {name} / llama.cpp: decode {fast['decode_tok_s'] / lc['decode_tok_s']:.2f}x, "
               f"prefill {fast['prefill_tok_s'] / lc['prefill_tok_s']:.2f}x")
     print()
-    for name, value, op, target in lines:
-        ok = value >= target if op == ">=" else value <= target
-        print(f"BENCH {name} {value:.3f} target {op}{target} {'PASS' if ok else 'MISS'}")
+    for line in lines:
+        print(bench_line(*line))
     return 0
 
 

@@ -26,21 +26,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import bench_line, best_of  # noqa: E402
 from keenlm.model import packed_kernels  # noqa: E402
 from keenlm.model.packing import LEVELS, pack  # noqa: E402
 
 SHAPES = [(576, 1536), (1536, 576), (2048, 8192)]  # (in_features, out_features)
-
-
-def best_of(fn, reps: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> int:
@@ -62,19 +52,20 @@ def main() -> int:
             g = torch.Generator().manual_seed(n_in)
             x = torch.randn(1, n_in, generator=g)
             w = torch.randn(n_out, n_in, generator=g)
-            base = best_of(lambda: F.linear(x, w), reps)
+            base = best_of(lambda: F.linear(x, w), reps, warmup=2)
             for kind in ("ternary", "int2"):
                 codes = torch.randint(0, 3 if kind == "ternary" else 4, (n_out, n_in),
                                       generator=g, dtype=torch.uint8)
                 packed_t = pack(codes, 2).t().contiguous()
                 scales = torch.rand(n_out, 1, generator=g)
-                t = best_of(lambda: packed_kernels.lut_matmul(x, packed_t, LEVELS[kind], scales), reps)
+                t = best_of(lambda: packed_kernels.lut_matmul(x, packed_t, LEVELS[kind], scales), reps,
+                            warmup=2)
                 ratio = base / t
                 print(f"  {threads}t {n_in}x{n_out} {kind:7s} fp32 {base * 1e6:8.1f} us  packed "
                       f"{t * 1e6:8.1f} us  speed-up {ratio:5.2f}x")
                 if (n_in, n_out) == (2048, 8192):
-                    lines.append(f"BENCH lowbit_matvec_{kind}_2048x8192_{threads}t {ratio:.3f} "
-                                 f"target >=3.0 {'PASS' if ratio >= 3 else 'MISS'}")
+                    lines.append(bench_line(f"lowbit_matvec_{kind}_2048x8192_{threads}t",
+                                            ratio, ">=", 3.0))
     print()
     print("\n".join(lines))
     return 0

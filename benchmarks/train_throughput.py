@@ -18,7 +18,6 @@ Ends with one line per target: BENCH <name> <value> target <op><target> PASS|MIS
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import bench_line, best_of  # noqa: E402
 from keenlm.config import from_dict  # noqa: E402
 from keenlm.data import get_batch  # noqa: E402
 from keenlm.train import Trainer  # noqa: E402
@@ -153,19 +153,10 @@ def compute_floor(shape: str, vocab: int, reps: int = 3) -> dict:
     N = batch * seq
     mats = [(d, 3 * d), (d, d), (d, 2 * d_ff), (d_ff, d)] * n_layer + [(d, vocab)]
 
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
     gemm = 0.0
     for fan_in, fan_out in mats:
         x, w, g = torch.randn(N, fan_in), torch.randn(fan_out, fan_in), torch.randn(N, fan_out)
-        gemm += best(lambda: (x @ w.t(), g @ w, g.t() @ x))
+        gemm += best_of(lambda: (x @ w.t(), g @ w, g.t() @ x), reps)
     q = torch.randn(batch, n_head, seq, d // n_head, requires_grad=True)
     out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
     go = torch.randn_like(out)
@@ -174,7 +165,7 @@ def compute_floor(shape: str, vocab: int, reps: int = 3) -> dict:
         o = F.scaled_dot_product_attention(q, q, q, is_causal=True)
         torch.autograd.grad(o, q, go)
 
-    attention = best(attn) * n_layer
+    attention = best_of(attn, reps) * n_layer
     return {"gemm_s": gemm, "attention_s": attention, "floor_tok_s": N / (gemm + attention)}
 
 
@@ -230,8 +221,7 @@ def main() -> int:
                   f"{res['keenlm']['tok_s'] / floor['floor_tok_s']:.0%} of that ceiling")
             for base, target in TARGETS.items():
                 ratio = res["keenlm"]["tok_s"] / res[base]["tok_s"]
-                lines.append(f"BENCH train_throughput_{shape}_vs_{base} {ratio:.3f} target >={target} "
-                             f"{'PASS' if ratio >= target else 'MISS'}")
+                lines.append(bench_line(f"train_throughput_{shape}_vs_{base}", ratio, ">=", target))
     print()
     print("\n".join(lines))
     return 0

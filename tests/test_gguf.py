@@ -72,7 +72,7 @@ def test_bpe_tokenizer_and_chat_template_survive(tmp_path):
 
 def write(path, net, tok, *, arch="llama", cfg=None, drop=(), tokenizer=True, tensor_type=None):
     """A GGUF writer with knobs for breaking things on purpose."""
-    from gguf import GGMLQuantizationType, GGUFWriter, quants
+    from gguf import GGMLQuantizationType, GGUFWriter
 
     w = GGUFWriter(str(path), arch)
     fake = types.SimpleNamespace(cfg=cfg or net.cfg)
@@ -226,3 +226,33 @@ def test_llama_cpp_reads_our_export(tmp_path):
     llm.eval(ids)
     theirs = torch.tensor(np.asarray(llm.scores[: len(ids)]))
     torch.testing.assert_close(theirs, logits(net, ids)[0], rtol=0, atol=1e-3)
+
+
+def test_fast_reader_matches_gguf_package_reader(tmp_path):
+    # against a trusted implementation: keenlm's struct parser vs gguf.GGUFReader
+    from gguf import GGUFReader
+
+    from keenlm.io import gguf_format
+
+    text = "def add(a, b):\n    return a + b\n" * 30
+    bpe = train_bpe([text], 300)
+    bpe.chat_template = TEMPLATE
+    net = build_model(ModelConfig(vocab_size=bpe.vocab_size, n_layer=2, d_model=64, n_head=4,
+                                  n_kv_head=2, d_ff=128, max_seq_len=64))
+    path = export_gguf(net, bpe, tmp_path / "m.gguf", "q8_0")
+    meta, infos, data = gguf_format.read(path)
+    ref = GGUFReader(str(path))
+    for key, field in ref.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        want = field.contents()
+        got = meta[key]
+        if isinstance(want, float):
+            assert got == pytest.approx(want)
+        else:
+            assert got == want, key
+    assert [t.name for t in infos] == [t.name for t in ref.tensors]
+    for ours, theirs in zip(infos, ref.tensors):
+        assert ours.shape == tuple(int(d) for d in reversed(theirs.shape.tolist()))
+        assert ours.offset == theirs.data_offset and ours.n_bytes == theirs.n_bytes
+        assert ours.type_id == int(theirs.tensor_type)

@@ -1,7 +1,4 @@
 """Quantization-aware low-bit linears: STE gradients, quantization grids, training, converters."""
-import shutil
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -48,17 +45,13 @@ def test_quantization_grids():
 
 
 @pytest.mark.parametrize("kind", ["ternary", "int2", "int4"])
-def test_low_bit_model_trains(kind, tmp_path):
+def test_low_bit_model_trains(kind, tmp_path, small_corpus):
     from keenlm.presets import preset_dict
     from keenlm.train import Trainer
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name in ("argparse.py", "textwrap.py", "shlex.py", "copy.py"):
-        shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / name, corpus / name)
     p = preset_dict("tiny")
     p["model"].update({"linear": kind, "d_model": 64, "n_head": 4, "d_ff": 128})
-    p["data"].update({"corpus": str(corpus), "cache_dir": str(tmp_path / "cache"),
+    p["data"].update({"corpus": str(small_corpus), "cache_dir": str(tmp_path / "cache"),
                       "val_fraction": 0.3})
     p["train"].update({"steps": 40, "out_dir": str(tmp_path / "run"), "progress": False})
     tr = Trainer(from_dict(p))

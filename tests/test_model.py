@@ -1,10 +1,9 @@
 """Model numerics: causality, attention backends against the reference, KV cache invariances."""
-import dataclasses
 
 import pytest
 import torch
 
-from keenlm.config import ATTENTION_BACKENDS, FFN_KINDS, LINEAR_KINDS, ModelConfig, RunConfig
+from keenlm.config import ATTENTION_BACKENDS, FFN_KINDS, LINEAR_KINDS, ModelConfig
 from keenlm.model import ATTENTION, FFN, LINEAR, Transformer, build_model
 from keenlm.model.attention import naive_attention, sdpa_attention
 from keenlm.presets import PRESETS, preset_dict, resolve

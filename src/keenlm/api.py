@@ -106,15 +106,7 @@ def _assemble(cfg: RunConfig, state, tokenizer, run_dir, device) -> KeenModel:
         net = build_model(cfg.model)
     net = net.to_empty(device="cpu")
     net.tie_weights()
+    net.reset_buffers()
     load_model_state(net, state)
-    net.rope_cos.copy_(_rope(cfg)[0])
-    net.rope_sin.copy_(_rope(cfg)[1])
     net.to(torch.device(device)).eval()
     return KeenModel(net, tokenizer, cfg, run_dir)
-
-
-def _rope(cfg: RunConfig):
-    from keenlm.model.layers import rope_tables
-
-    m = cfg.model
-    return rope_tables(m.head_dim, torch.arange(m.max_seq_len), m.rope_theta)

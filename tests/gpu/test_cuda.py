@@ -3,9 +3,6 @@
 Opt-in by nature: skipped where torch sees no CUDA device (CI, laptops without a GPU).
 Run on a GPU machine with: PYTHONPATH=src python -m pytest -q tests/gpu
 """
-import shutil
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -60,16 +57,12 @@ def test_fused_loss_matches_reference_on_cuda():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
-def test_trainer_on_cuda_with_bf16_autocast(tmp_path):
+def test_trainer_on_cuda_with_bf16_autocast(tmp_path, small_corpus):
     from keenlm.presets import preset_dict
     from keenlm.train import Trainer
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name in ("argparse.py", "textwrap.py", "shlex.py", "copy.py"):
-        shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / name, corpus / name)
     p = preset_dict("tiny")
-    p["data"].update({"corpus": str(corpus), "cache_dir": str(tmp_path / "cache"),
+    p["data"].update({"corpus": str(small_corpus), "cache_dir": str(tmp_path / "cache"),
                       "val_fraction": 0.3})
     p["train"].update({"steps": 60, "out_dir": str(tmp_path / "run"), "progress": False,
                        "device": "auto", "dtype": "auto"})

@@ -50,7 +50,9 @@ class Int4Linear(nn.Module):
         d = ((hi - lo) / 15).clamp_min(1e-12)
         q = torch.round((g - lo[..., None]) / d[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
         sz = torch.stack([d, lo + 8 * d], dim=-1).transpose(0, 1).contiguous()  # (k/g, n, 2)
-        self.register_buffer("q", q.to(torch.uint8))  # kept for the reference and for tests
+        # codes one per byte, beside the kernel's packed copy: the prefill path widens them to
+        # bf16 and the reference dequantizes them (costs 1 byte per weight of memory)
+        self.register_buffer("q", q.to(torch.uint8))
         self.register_buffer("scales_zeros", sz.to(torch.bfloat16))
         # the same pairs laid out (n, k/g, 1) to widen weights to bf16 for prefill GEMMs
         self.register_buffer("_scale_rows", sz[..., 0].T.unsqueeze(-1).to(torch.bfloat16).contiguous())

@@ -20,7 +20,6 @@ the problem; no half-loaded model is ever returned.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

@@ -125,8 +125,3 @@ class KVCache:
     def advance(self):
         self.length += self._pending
         self._pending = 0
-
-    def select(self, rows: torch.Tensor):
-        """Keep only the given batch rows (e.g. drop finished sequences)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]

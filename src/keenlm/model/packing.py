@@ -111,9 +111,6 @@ class PackedLinear(nn.Module):
         """Unpack, then multiply: the plain path every kernel is tested against."""
         return F.linear(x, self.weight().to(x.dtype))
 
-    def nbytes(self) -> int:
-        return self.packed.numel() + self.scales.numel() * self.scales.element_size()
-
 
 @torch.no_grad()
 def convert_qat(net: nn.Module) -> nn.Module:

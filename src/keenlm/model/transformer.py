@@ -53,10 +53,19 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
-        cos, sin = rope_tables(cfg.head_dim, torch.arange(cfg.max_seq_len), cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_buffers()
         self.reset_parameters()
+
+    def reset_buffers(self):
+        """Recompute the rotary tables (derived state, never saved): after construction and
+        after ``to_empty``, which leaves buffers uninitialized."""
+        device = self.embed_tokens.weight.device
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.head_dim, torch.arange(cfg.max_seq_len, device=device),
+                               cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos, sin
 
     def tie_weights(self):
         """Share the embedding with the LM head (again: ``to_empty`` from meta unties them)."""
