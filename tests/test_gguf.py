@@ -141,19 +141,38 @@ def test_unsupported_quantization_type(tmp_path):
     assert_one_line_error(path, "IQ4_NL")
 
 
-def test_ternary_model_round_trips_through_tq2_0(tmp_path):
-    from keenlm.io.gguf_export import effective_weights
+def ternary_net(d_model=256, d_ff=512, vocab_size=257, seed=5):
+    """A packed ternary model, as a trained one would be exported. With the defaults every
+    matrix row (d_model, d_ff) is a multiple of 256, the TQ1_0 / TQ2_0 block."""
     from keenlm.model.packing import convert_qat
 
-    torch.manual_seed(5)
-    cfg = ModelConfig(vocab_size=257, n_layer=2, d_model=256, n_head=4, d_ff=512,
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab_size, n_layer=2, d_model=d_model, n_head=4, d_ff=d_ff,
                       max_seq_len=64, linear="ternary")
-    net = build_model(cfg).eval()
-    convert_qat(net)  # packed ternary, as a trained model would be exported
-    path = export_gguf(net, ByteTokenizer(), tmp_path / "t.gguf", "tq2_0")
-    reader = G.open_reader(path)
-    kinds = {t.name: reader.type_name(t) for t in reader.tensors}
-    assert kinds["blk.0.ffn_down.weight"] == "TQ2_0" and kinds["token_embd.weight"] == "F16"
+    return convert_qat(build_model(cfg).eval())
+
+
+def tensor_types(path) -> dict[str, str]:
+    """gguf tensor name -> type name, as gguf.GGUFReader (the trusted reader) sees them."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def ternary_types(path) -> dict[str, str]:
+    """Name -> type of the matrices a ternary model holds as ternary: the blocks' projections."""
+    types = tensor_types(path)
+    return {n: k for n, k in types.items() if n.startswith("blk.") and "norm" not in n}
+
+
+@pytest.mark.parametrize("qtype", ["tq1_0", "tq2_0"])
+def test_ternary_model_round_trips(tmp_path, qtype):
+    from keenlm.io.gguf_export import effective_weights
+
+    net = ternary_net()
+    path = export_gguf(net, ByteTokenizer(), tmp_path / "t.gguf", qtype)
+    assert set(ternary_types(path).values()) == {qtype.upper()}
+    assert tensor_types(path)["token_embd.weight"] == "F16"
     km = keenlm.load(path)
     ours = effective_weights(net)
     for name, w in km.net.state_dict().items():
@@ -161,6 +180,37 @@ def test_ternary_model_round_trips_through_tq2_0(tmp_path):
             np.testing.assert_allclose(w.numpy(), ours[name], rtol=1e-3, atol=1e-7)
     ids = torch.randint(0, 257, (16,)).tolist()
     torch.testing.assert_close(logits(km.net, ids), logits(net, ids), rtol=0, atol=1e-2)
+
+
+def test_tq1_0_is_smaller_than_tq2_0(tmp_path):
+    from gguf import GGUFReader
+
+    net, size, matrix_bytes = ternary_net(), {}, {}
+    for qtype in ("tq1_0", "tq2_0"):
+        path = export_gguf(net, ByteTokenizer(), tmp_path / f"{qtype}.gguf", qtype)
+        size[qtype] = path.stat().st_size
+        matrix_bytes[qtype] = sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors
+                                  if t.tensor_type.name == qtype.upper())
+    assert size["tq1_0"] < size["tq2_0"]
+    assert matrix_bytes["tq1_0"] * 66 == matrix_bytes["tq2_0"] * 54  # bytes per 256 weights
+
+
+@pytest.mark.parametrize("qtype", ["tq1_0", "tq2_0"])
+def test_ternary_rows_off_the_block_stay_f16(tmp_path, capsys, qtype):
+    from keenlm.io.gguf_export import effective_weights
+
+    net = ternary_net(d_model=64, d_ff=256)  # rows of 64, but ffn_down's rows are 256
+    path = export_gguf(net, ByteTokenizer(), tmp_path / "t.gguf", qtype)
+    kinds = ternary_types(path)
+    assert {k for n, k in kinds.items() if ".ffn_down." in n} == {qtype.upper()}
+    assert {k for n, k in kinds.items() if ".ffn_down." not in n} == {"F16"}
+    err = capsys.readouterr().err
+    assert (f"keenlm: blk.0.attn_q.weight has rows of 64 (not a multiple of 256, "
+            f"{qtype.upper()}'s block); kept as F16") in err
+    ours = effective_weights(net)
+    for name, w in keenlm.load(path).net.state_dict().items():
+        if name.endswith("proj.weight"):
+            np.testing.assert_allclose(w.numpy(), ours[name], rtol=1e-3, atol=1e-7)
 
 
 def test_missing_tokenizer_and_missing_tensor(tmp_path):
@@ -226,6 +276,22 @@ def test_llama_cpp_reads_our_export(tmp_path):
     llm.eval(ids)
     theirs = torch.tensor(np.asarray(llm.scores[: len(ids)]))
     torch.testing.assert_close(theirs, logits(net, ids)[0], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("qtype", ["tq1_0", "tq2_0"])
+def test_llama_cpp_reads_our_ternary_export(tmp_path, qtype):
+    # optional, as above; against a trusted implementation: llama.cpp's TQ1_0 / TQ2_0 kernels
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    bpe = train_bpe(["def add(a, b):\n    return a + b\n" * 60], 300)  # llama.cpp wants merges
+    net = ternary_net(vocab_size=bpe.vocab_size)
+    path = export_gguf(net, bpe, tmp_path / "t.gguf", qtype)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True,
+                          verbose=False)
+    ids = bpe.encode("def add(a, b):")
+    llm.eval(ids)
+    theirs = torch.tensor(np.asarray(llm.scores[: len(ids)]))
+    # llama.cpp's ternary dot products take 8-bit (Q8_K) activations: ~1e-2 off on logits of ~4
+    torch.testing.assert_close(theirs, logits(net, ids)[0], rtol=0, atol=3e-2)
 
 
 def test_fast_reader_matches_gguf_package_reader(tmp_path):

@@ -113,21 +113,211 @@ def test_converted_model_gives_the_qat_model_logits(kind, per_channel):
     assert lin.packed.numel() == 128 * 64 * (4 if kind == "int4" else 2) // 8
 
 
-@pytest.mark.parametrize("kind", ["ternary", "int2"])
+@pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("rows,n_in,batch", [(7, 5, 1), (33, 64, 3), (16, 257, 2), (130, 100, 8)])
-def test_lut_kernel_matches_unpack_reference(kind, rows, n_in, batch):
+def test_lut_kernel_matches_unpack_reference(bits, rows, n_in, batch):
     from keenlm.model import packed_kernels
-    from keenlm.model.packing import LEVELS, PackedLinear, pack
+    from keenlm.model.packing import from_codes
 
     if not packed_kernels.available():
         pytest.skip("numba is not installed (pip install 'keenlm[lowbit]')")
     g = torch.Generator().manual_seed(rows * n_in + batch)
-    hi = 3 if kind == "ternary" else 4
-    codes = torch.randint(0, hi, (rows, n_in), generator=g, dtype=torch.uint8)
-    lin = PackedLinear(kind, pack(codes, 2), torch.rand(rows, 1, generator=g) + 0.1, n_in)
-    assert lin.use_kernel
+    codes = torch.randint(0, 3 if bits == 2 else 4, (rows, n_in), generator=g, dtype=torch.uint8)
+    scale = torch.rand(rows, 1, generator=g) + 0.1
+    lin = from_codes(codes, scale, -scale * torch.rand(rows, 1, generator=g), 2)
+    assert lin.path == "lut"
     x = torch.randn(batch, n_in, generator=g)
     with torch.no_grad():
         fast, ref = lin(x), lin.reference(x)
-    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-    assert LEVELS[kind].numel() == 4
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("rows,n_in,group,batch", [(16, 64, 32, 1), (48, 256, 64, 3), (32, 512, 128, 15)])
+def test_int4_kernel_matches_unpack_reference(bits, rows, n_in, group, batch):
+    from keenlm.model.packing import _int4_kernel_available, from_codes
+
+    if not _int4_kernel_available():
+        pytest.skip("this torch build has no int4 CPU kernel")
+    g = torch.Generator().manual_seed(rows + n_in + bits)
+    codes = torch.randint(0, 1 << bits, (rows, n_in), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(rows, n_in // group, generator=g) + 0.1) / 10
+    offset = -torch.rand(rows, n_in // group, generator=g)
+    lin = from_codes(codes, scale, offset, bits, group)
+    assert lin.path == "int4"
+    x = torch.randn(batch, n_in, generator=g)
+    with torch.no_grad():
+        fast, ref = lin(x), lin.reference(x)
+    # the kernel takes bf16 activations and bf16 (scale, zero) pairs
+    torch.testing.assert_close(fast, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 8])
+def test_pack_unpack_other_widths(bits):
+    from keenlm.model.packing import pack, packed_width, unpack
+
+    for n in (1, 7, 8, 9, 100):
+        codes = torch.randint(0, 1 << bits, (3, n), dtype=torch.uint8)
+        packed = pack(codes, bits)
+        assert packed.shape == (3, packed_width(n, bits))
+        assert packed.shape[1] * 8 <= (n + 8) * bits  # at most one byte group of padding
+        assert torch.equal(unpack(packed, bits, n), codes)
+
+
+def test_packed_layer_rejects_inconsistent_tensors():
+    from keenlm.model.packing import PackedLinear, pack
+
+    packed = pack(torch.zeros(4, 10, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="do not hold"):
+        PackedLinear(packed, torch.ones(4, 1), torch.zeros(4, 1), bits=2, in_features=20)
+    with pytest.raises(ValueError, match="scale"):
+        PackedLinear(packed, torch.ones(3, 1), torch.zeros(3, 1), bits=2, in_features=10)
+
+
+# ------------------------------------------------------------------ post-training quantization
+
+
+@pytest.mark.parametrize("kind,levels", [("ternary", 3), ("int2", 4), ("int3", 8), ("int4", 16)])
+def test_rtn_codes_fit_the_grid_and_error_falls_with_bits(kind, levels):
+    from keenlm.model import ptq
+
+    torch.manual_seed(5)
+    w = torch.randn(32, 128)
+    codes, scale, offset = ptq.rtn(w, kind, group=64)
+    assert codes.max() < levels and scale.dtype == torch.float16 and scale.shape == (32, 2)
+    deq = codes.float().view(32, 2, 64) * scale.float()[..., None] + offset.float()[..., None]
+    err = (deq.view(32, 128) - w).pow(2).mean()
+    # the fitted (clipped) grid beats plain min-max / absmean rounding
+    s0, o0 = ptq.fit_grid(w.view(64, 64), kind, search=False)
+    plain = (ptq._codes(w.view(64, 64), s0, o0, levels) * s0 + o0 - w.view(64, 64)).pow(2).mean()
+    assert err <= plain + 1e-7
+    assert err < {3: 0.25, 4: 0.15, 8: 0.04, 16: 0.01}[levels]
+
+
+@pytest.mark.parametrize("kind,group", [("int4", 32), ("int2", 0), ("ternary", 0)])
+def test_gptq_beats_rtn_on_the_layer_output(kind, group):
+    from keenlm.model import ptq
+
+    torch.manual_seed(6)
+    # correlated inputs (as real activations are): GPTQ's error compensation has work to do
+    X = torch.randn(2048, 64) @ (torch.randn(64, 64) / 8 + torch.eye(64))
+    w = torch.randn(48, 64)
+    H = 2 * X.T @ X / len(X)
+
+    def out_err(codes, scale, offset):
+        g = group or 64
+        deq = codes.float().view(48, -1, g) * scale.float()[..., None] + offset.float()[..., None]
+        return (X @ deq.view(48, 64).T - X @ w.T).pow(2).mean()
+
+    e_rtn = out_err(*ptq.rtn(w, kind, group))
+    e_gptq = out_err(*ptq.gptq(w, H, kind, group))
+    assert e_gptq < 0.9 * e_rtn
+
+
+def _tiny_km(tie=True, seed=0):
+    from keenlm.api import KeenModel
+    from keenlm.config import RunConfig
+    from keenlm.data import ByteTokenizer
+
+    torch.manual_seed(seed)
+    m = ModelConfig(vocab_size=ByteTokenizer().vocab_size, n_layer=2, d_model=64, n_head=4, d_ff=128, tie_embeddings=tie)
+    return KeenModel(build_model(m).eval(), ByteTokenizer(), RunConfig(model=m))
+
+
+@pytest.mark.parametrize("bits,method,embed,tie", [("1.58", "rtn", "int8", True),
+                                                   ("2", "rtn", "fp16", True),
+                                                   ("3", "rtn", "fp32", False),
+                                                   ("4", "gptq", "int8", False)])
+def test_quantized_model_saved_and_loaded_gives_identical_logits(bits, method, embed, tie, tmp_path,
+                                                                 monkeypatch):
+    import keenlm
+    from keenlm import quantize as Q
+    from keenlm.config import QuantConfig
+    from keenlm.model.packing import PackedLinear
+
+    km = _tiny_km(tie)
+    x = torch.randint(0, km.config.model.vocab_size, (2, 20))
+    with torch.no_grad():
+        ref = km.net(x)
+    monkeypatch.setattr(Q, "_calibration", lambda km, q, log: torch.randint(0, 250, (4, 32)))
+    q = QuantConfig(bits=bits, method=method, embed=embed, head="int8" if not tie else "fp32")
+    Q.quantize(km, q, log=None)
+    assert isinstance(km.net.layers[1].mlp.down_proj, PackedLinear)
+    with torch.no_grad():
+        got = km.net(x)
+    snr = 10 * torch.log10(ref.pow(2).mean() / (got - ref).pow(2).mean())
+    assert snr > {"1.58": 8, "2": 10, "3": 15, "4": 20}[bits]
+    Q.save_quantized(km, tmp_path / "q")
+    loaded = keenlm.load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded.net(x), got)
+    b = Q.model_bytes(loaded)
+    assert b["fp32_total"] > (2 if embed == "fp32" else 4) * b["total"]
+    text = loaded.generate("ab", max_new_tokens=5, temperature=0)
+    assert isinstance(text, str)
+
+
+def test_quantized_folder_errors_name_the_problem(tmp_path):
+    import keenlm
+    from keenlm import quantize as Q
+    from keenlm.config import QuantConfig
+
+    km = Q.quantize(_tiny_km(), QuantConfig(bits="2", method="rtn"), log=None)
+    out = Q.save_quantized(km, tmp_path / "q")
+    with pytest.raises(FileExistsError):
+        Q.save_quantized(km, out)
+    f = out / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match="model.safetensors"):
+        keenlm.load(out)
+    from safetensors.torch import load_file, save_file
+
+    f.write_bytes(data)
+    state = load_file(str(f))
+    del state["layers.0.mlp.up_proj.scale"]
+    save_file(state, str(f))
+    with pytest.raises(ValueError, match="layers.0.mlp.up_proj.scale"):
+        keenlm.load(out)
+
+
+def test_qat_start_switches_quantization_on_at_the_fraction(tmp_path, small_corpus):
+    from keenlm.presets import preset_dict
+    from keenlm.train import Trainer
+
+    p = preset_dict("tiny")
+    p["model"].update({"linear": "int2", "d_model": 64, "n_head": 4, "d_ff": 128})
+    p["data"].update({"corpus": str(small_corpus), "cache_dir": str(tmp_path / "cache"),
+                      "val_fraction": 0.3})
+    p["train"].update({"steps": 10, "qat_start": 0.5, "out_dir": str(tmp_path / "run"),
+                       "progress": False, "eval_every": 0})
+    tr = Trainer(from_dict(p))
+    lin = tr.model.layers[0].mlp.up_proj
+    seen = []
+    for _ in range(10):
+        tr.train_step()
+        seen.append(lin.quantize)
+    assert seen == [False] * 5 + [True] * 5
+
+
+def test_init_from_starts_at_the_source_model(tmp_path, small_corpus):
+    import keenlm
+    from keenlm.presets import preset_dict
+    from keenlm.train import Trainer
+
+    p = preset_dict("tiny")
+    p["model"].update({"d_model": 64, "n_head": 4, "d_ff": 128})
+    p["data"].update({"corpus": str(small_corpus), "cache_dir": str(tmp_path / "cache"),
+                      "val_fraction": 0.3})
+    p["train"].update({"steps": 30, "out_dir": str(tmp_path / "src"), "progress": False,
+                       "eval_every": 0})
+    src = Trainer(from_dict(p))
+    trained = src.fit().final_eval["loss"]
+    p["model"].update({"linear": "int4", "lowbit_group": 32, "n_layer": 1, "d_model": 32})
+    p["train"].update({"steps": 5, "out_dir": str(tmp_path / "qat"), "init_from": str(tmp_path / "src")})
+    tr = Trainer(from_dict(p))
+    assert tr.cfg.model.d_model == 64 and tr.cfg.model.linear == "int4"  # shape from the source
+    assert isinstance(tr.model.layers[0].mlp.up_proj, QATLinear)
+    assert abs(tr.evaluate()["loss"] - trained) < 0.1  # 4-bit QAT starts near the source
+    tr.fit()
+    assert isinstance(keenlm.load(tmp_path / "qat").net.layers[0].mlp.up_proj, QATLinear)

@@ -17,6 +17,7 @@ class KeenModel:
 
     def __init__(self, net, tokenizer, config: RunConfig, run_dir: Path | None = None):
         self.net, self.tokenizer, self.config, self.run_dir = net, tokenizer, config, run_dir
+        self.quant: dict | None = None  # a packed low-bit model: what its quant.json says
 
     def generate(self, prompts: str | Sequence[str], *, stream: Optional[Callable[[str], None]] = None,
                  **overrides) -> str | list[str]:
@@ -53,8 +54,9 @@ QUANT = ("none", "int8", "int4")
 
 
 def load(path: str | Path, device: str = "cpu", quant: str = "none") -> KeenModel:
-    """Load a model: a keenlm run folder (newest checkpoint), a GGUF file, or a Hugging Face
-    folder (config.json + safetensors). Weights via safetensors/GGUF; no code is executed.
+    """Load a model: a keenlm run folder (newest checkpoint), a quantized model folder
+    (``keenlm quantize``), a GGUF file, or a Hugging Face folder (config.json + safetensors).
+    Weights via safetensors/GGUF; no code is executed.
 
     quant: "int8" or "int4" converts the linear layers to weight-only quantized ones for fast
     CPU generation (keenlm.infer.int8 / int4); the model is then for inference only."""
@@ -76,6 +78,10 @@ def _load(path: Path, device: str) -> KeenModel:
     from keenlm.data import load_tokenizer
     from keenlm.model import build_model, load_model_state
 
+    from keenlm.quantize import is_quantized_folder, load_quantized
+
+    if path.is_dir() and is_quantized_folder(path):
+        return load_quantized(path, device)
     if path.is_file():
         from keenlm.io.gguf import load_gguf
 

@@ -57,6 +57,15 @@ def add_config_options(parser: argparse.ArgumentParser, sections=tuple(SECTIONS)
                                .replace("%", "%%"))
 
 
+def _add_dataclass_options(parser, cls) -> None:
+    """Plain options ``--field-name`` for a small dataclass (dest = the field name)."""
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                            metavar=_metavar(f.type),
+                            help=f"{comments.get(f.name, '')}; default: {f.default!r}".replace("%", "%%"))
+
+
 def config_from_args(args, base: dict | None = None):
     layers = [base or {}]
     if getattr(args, "preset", None):
@@ -148,6 +157,24 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from keenlm.config import QuantConfig, section_from_dict
+    from keenlm.quantize import model_bytes, quantize, save_quantized
+
+    fields = {f.name for f in dataclasses.fields(QuantConfig)}
+    q = section_from_dict("quant", QuantConfig, {k: v for k, v in vars(args).items()
+                                                 if k in fields and v is not None}, QuantConfig())
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists (--overwrite replaces it)")
+    km = quantize(args.model, q, qat_dir=out.parent / f"{out.name}.qat-run")
+    save_quantized(km, out, overwrite=args.overwrite)
+    b = model_bytes(km)
+    print(f"wrote {out}: {b['total'] / 1e6:.2f} MB of weights ({b['fp32_total'] / 1e6:.2f} MB in "
+          f"fp32, {b['ratio']:.1f}x smaller)")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from keenlm.chat import chat_loop
 
@@ -164,15 +191,27 @@ def cmd_demo(args) -> int:
 
 
 def _add_io_commands(sub, fmt) -> None:
+    from keenlm.config import QuantConfig
+    from keenlm.io.gguf_export import QTYPES  # no gguf package needed to build the parser
+
     c = sub.add_parser("convert", help="convert a run, GGUF or HF model to HF or GGUF",
                        formatter_class=fmt)
     c.add_argument("src", help="run folder, .gguf file or Hugging Face folder")
     c.add_argument("dst", help="output folder (hf) or .gguf file")
     c.add_argument("--to", choices=("hf", "gguf"), required=True, help="output format")
-    c.add_argument("--type", default="f32", choices=("f32", "f16", "q8_0", "tq2_0"),
-                   help="GGUF weight type (tq2_0: ternary models)")
+    c.add_argument("--type", default="f32", choices=QTYPES,
+                   help="GGUF weight type: q8_0 8.5 bits per weight; for ternary models only, "
+                        "tq1_0 1.69 or tq2_0 2.06")
     c.add_argument("--overwrite", action="store_true", help="replace an existing HF folder")
     c.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser("quantize", help="packed low-bit model: 1.58/2/3/4 bits by rtn, gptq or qat",
+                       formatter_class=fmt)
+    q.add_argument("model", help="run folder, .gguf file or Hugging Face folder")
+    q.add_argument("out", help="output folder (a quantized model: keenlm generate|eval|info OUT)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_dataclass_options(q, QuantConfig)
+    q.set_defaults(func=cmd_quantize)
 
     ch = sub.add_parser("chat", help="multi-turn chat with a model that has a chat template",
                         formatter_class=fmt)
@@ -245,7 +284,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         if os.environ.get("KEENLM_DEBUG"):
             raise
         print(f"keenlm {args.command}: error: {e}", file=sys.stderr)

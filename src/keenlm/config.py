@@ -157,6 +157,8 @@ class TrainConfig:
     progress: bool = True  # live progress bar (plain lines when not a terminal)
     out_dir: str = "runs/latest"  # run folder
     resume: bool = True  # continue from out_dir's latest checkpoint when it exists
+    init_from: str = ""  # start from this model (run folder, .gguf, HF folder): its shape and tokenizer; model.linear etc. still apply
+    qat_start: float = 0.0  # low-bit linears: train in full precision until this fraction of the steps, then quantization-aware
 
     def __post_init__(self):
         p = "train."
@@ -185,6 +187,7 @@ class TrainConfig:
                p + "device", self.device, "auto | cpu | cuda | cuda:N | mps")
         _check(self.time_budget_s >= 0, p + "time_budget_s", self.time_budget_s, "a number >= 0")
         _check(bool(self.out_dir), p + "out_dir", self.out_dir, "a folder path")
+        _check(0.0 <= self.qat_start < 1.0, p + "qat_start", self.qat_start, "a number in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,53 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     preset: str = ""  # name of the size preset it was made from, for the record
+
+
+QUANT_BITS = ("1.58", "2", "3", "4")
+QUANT_METHODS = ("rtn", "gptq", "qat")
+STORE_KINDS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """``keenlm quantize``: how a model's weights become packed low-bit weights."""
+
+    bits: str = "4"  # 1.58 (ternary) | 2 | 3 | 4 bits per weight of every block projection
+    method: str = "gptq"  # rtn (round to nearest) | gptq (calibrated) | qat (quantization-aware fine-tuning)
+    group: int = -1  # weights per (scale, offset) pair along the input; 0: one per row; -1: 64 for 2-4 bits, per row for ternary
+    embed: str = "int8"  # storage of the token embedding: fp32 | fp16 | int8 (per-row absmax)
+    head: str = "int8"  # storage of an untied LM head: fp32 | fp16 | int8
+    calib_seqs: int = 64  # gptq: calibration sequences of stdlib text (training split)
+    calib_len: int = 256  # gptq: tokens per calibration sequence
+    qat_steps: int = 200  # qat: fine-tuning steps
+    qat_lr: float = 1e-4  # qat: peak learning rate
+    qat_batch: int = 8  # qat: sequences per step
+    seed: int = 0  # calibration sample
+
+    def __post_init__(self):
+        p = "quant."
+        _check(self.bits in QUANT_BITS, p + "bits", self.bits, " | ".join(QUANT_BITS))
+        _check(self.method in QUANT_METHODS, p + "method", self.method, " | ".join(QUANT_METHODS))
+        _check(self.group >= -1, p + "group", self.group, "-1 (default), 0 (per row) or a group size")
+        for name in ("embed", "head"):
+            v = getattr(self, name)
+            _check(v in STORE_KINDS, p + name, v, " | ".join(STORE_KINDS))
+        for name in ("calib_seqs", "calib_len", "qat_steps", "qat_batch"):
+            v = getattr(self, name)
+            _check(v >= 1, p + name, v, "an integer >= 1")
+        _check(self.qat_lr > 0, p + "qat_lr", self.qat_lr, "a number > 0")
+        _check(not (self.method == "qat" and self.bits == "3"), p + "bits", self.bits,
+               "1.58 | 2 | 4 with method qat (there is no 3-bit quantization-aware linear)")
+
+    @property
+    def kind(self) -> str:
+        return {"1.58": "ternary", "2": "int2", "3": "int3", "4": "int4"}[self.bits]
+
+    @property
+    def group_size(self) -> int:
+        if self.group >= 0:
+            return self.group
+        return 0 if self.bits == "1.58" else 64
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "generate": GenerateConfig}

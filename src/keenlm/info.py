@@ -31,7 +31,39 @@ def gather(run: Path) -> dict:
             "versions": env.get("versions")}
 
 
+def quantized_info(path: Path, as_json: bool = False) -> str:
+    """A quantized model folder: its format, and its bytes against the same model in fp32."""
+    import keenlm
+    from keenlm.quantize import model_bytes
+
+    km = keenlm.load(path)
+    b = model_bytes(km)
+    files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
+    q, m = km.quant, km.config.model
+    paths = {}
+    for mod in km.net.modules():
+        if hasattr(mod, "path") and hasattr(mod, "bits"):
+            paths[mod.path] = paths.get(mod.path, 0) + 1
+    if as_json:
+        return json.dumps({"model": str(path), "quant": {k: v for k, v in q.items() if k != "layers"},
+                           "bytes": b, "files": files, "kernels": paths}, indent=2)
+    lines = [
+        f"model        {path}: {m.n_layer} layers, d_model "
+        f"{m.d_model}, vocab {m.vocab_size}",
+        f"quantized    {q['bits']} bits by {q['method']}, group {q['group'] or 'per row'}; "
+        f"embedding {q['embed']}, LM head {'tied' if q['tied'] else q['head']}",
+        f"weights      {b['total'] / 1e6:.2f} MB: packed {b['packed'] / 1e6:.2f}, embedding "
+        f"{b['embedding'] / 1e6:.2f}, head {b['head'] / 1e6:.2f}, other {b['other'] / 1e6:.2f}",
+        f"vs fp32      {b['fp32_total'] / 1e6:.2f} MB in fp32: {b['ratio']:.1f}x smaller",
+        "kernels      " + ", ".join(f"{n} layers {k}" for k, n in sorted(paths.items())),
+    ]
+    lines += [f"file         {name}: {size / 1e6:.2f} MB" for name, size in files.items()]
+    return "\n".join(lines)
+
+
 def run_info(run: Path, as_json: bool = False) -> str:
+    if (run / "quant.json").exists():
+        return quantized_info(run, as_json)
     info = gather(run)
     if as_json:
         return json.dumps(info, indent=2)

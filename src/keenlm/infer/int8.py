@@ -32,18 +32,46 @@ def _has_kernel() -> bool:
         return False
 
 
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8: (int8 rows, fp32 scale per row), w ~ q * scale."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding stored as int8 rows with one scale each (a quarter of fp32's bytes);
+    looked-up rows are dequantized to fp32."""
+
+    def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        if weight_int8.dtype != torch.int8 or scale.shape != (weight_int8.shape[0],):
+            raise ValueError("Int8Embedding needs int8 rows with one scale per row")
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scale", scale.float())
+        self.num_embeddings, self.embedding_dim = weight_int8.shape
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.weight_int8[idx].float() * self.scale[idx].unsqueeze(-1)
+
+
 class Int8Linear(nn.Module):
     """y = x (s * W_int8)^T with one scale per output row."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor | None = None, *, weight_int8: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None):
         super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127)
-                             .to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        if weight is not None:
+            weight_int8, scale = quantize_rows_int8(weight)
+        if weight_int8 is None or scale is None or weight_int8.dtype != torch.int8 \
+                or scale.shape != (weight_int8.shape[0],):
+            raise ValueError("Int8Linear needs a float weight, or int8 rows with one scale per row")
+        if weight_int8.data_ptr() % 64:  # the kernel reads aligned rows (a tensor sliced out
+            weight_int8 = weight_int8.clone()  # of a safetensors file need not be): own copy
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("scale_bf16", self.scale.to(torch.bfloat16), persistent=False)
+        self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
         self.use_kernel = _has_kernel()
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:

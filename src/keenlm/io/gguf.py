@@ -28,7 +28,8 @@ import torch
 from keenlm.config import ModelConfig
 
 SUPPORTED_ARCHS = ("llama",)
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "TQ2_0")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "TQ1_0",
+                   "TQ2_0")
 
 
 class GGUFError(ValueError):

@@ -3,12 +3,17 @@
 Written with the ``gguf`` package's ``GGUFWriter`` in llama.cpp's "llama" layout, the inverse of
 ``keenlm.io.gguf``: tensor names ``blk.N.attn_q.weight`` etc., q/k rows permuted to the
 interleaved RoPE layout, 1-D norm gains always F32 (as llama.cpp's converter writes them), the
-rest as F32, F16, Q8_0 (``gguf.quants.quantize``; Q8_0 = blocks of 32 int8 with one fp16
-scale, 8.5 bits per weight) or, for ternary models, TQ2_0 (blocks of 256 weights in 2 bits with
-one fp16 scale: lossless for weights that are exactly scale x {-1, 0, 1}, up to the fp16
-rounding of the scale). A matrix whose rows are not a multiple of the block size is kept
-F16 and the exporter says so. The byte-level BPE vocabulary, merges, special tokens, BOS/EOS,
-pre-tokenizer name and chat template go into the ``tokenizer.*`` metadata keys.
+rest as F32, F16 or a block type quantized by ``gguf.quants.quantize``:
+- Q8_0: blocks of 32 int8 with one fp16 scale, 8.5 bits per weight;
+- for ternary models only (BitNet b1.58, https://arxiv.org/abs/2402.17764), llama.cpp's TQ1_0
+  (1.6875 bits per weight: base-3 digits packed five to a byte) or TQ2_0 (2.0625 bits per
+  weight: 2 bits each), both blocks of 256 weights with one fp16 scale (llama.cpp PR #8151).
+  They hold the same values -- lossless for weights that are exactly scale x {-1, 0, 1}, up to
+  the fp16 rounding of the scale -- so TQ1_0 is the smaller file and TQ2_0 the simpler decode.
+  The embedding and output matrices are not ternary and stay F16.
+A matrix whose rows are not a multiple of the block size is kept F16 and the exporter says so.
+The byte-level BPE vocabulary, merges, special tokens, BOS/EOS, pre-tokenizer name and chat
+template go into the ``tokenizer.*`` metadata keys.
 
 The file is written beside its destination and renamed into place, so an interrupted export
 never leaves a partial file under the final name.
@@ -25,7 +30,8 @@ import numpy as np
 
 from keenlm.io.gguf import GGUF_TO_KEENLM, GLOBAL_NAMES, permute_qk
 
-QTYPES = ("f32", "f16", "q8_0", "tq2_0")
+QTYPES = ("f32", "f16", "q8_0", "tq1_0", "tq2_0")
+TERNARY_QTYPES = ("tq1_0", "tq2_0")  # only for models whose linears are ternary
 
 
 def _vocab_and_merges(tokenizer):
@@ -82,24 +88,19 @@ def _add_metadata(w, net, tokenizer, file_type: int):
 
 def _encode_tensor(name: str, arr: np.ndarray, qtype: str):
     """(data, raw_dtype or None) for GGUFWriter.add_tensor."""
-    from gguf import GGMLQuantizationType, quants
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
     if arr.ndim == 1 or qtype == "f32":
         return arr.astype(np.float32), None
-    if qtype == "tq2_0":  # ternary: 2 bits per weight, one fp16 scale per 256 weights
-        if not name.startswith("blk."):  # embedding / output are not ternary: keep them F16
-            return arr.astype(np.float16), None
-        if arr.shape[-1] % 256 == 0:
-            return quants.quantize(arr.astype(np.float32), GGMLQuantizationType.TQ2_0), \
-                GGMLQuantizationType.TQ2_0
-        print(f"keenlm: {name} has rows of {arr.shape[-1]} (not a multiple of 256, TQ2_0's "
-              "block); kept as F16", file=sys.stderr)
-    if qtype == "q8_0":
-        if arr.shape[-1] % 32 == 0:
-            return quants.quantize(arr.astype(np.float32), GGMLQuantizationType.Q8_0), \
-                GGMLQuantizationType.Q8_0
-        print(f"keenlm: {name} has rows of {arr.shape[-1]} (not a multiple of 32); kept as F16",
-              file=sys.stderr)
+    if qtype in TERNARY_QTYPES and not name.startswith("blk."):
+        return arr.astype(np.float16), None  # embedding / output are not ternary
+    if qtype != "f16":  # a block type: q8_0, tq1_0, tq2_0
+        gtype = GGMLQuantizationType[qtype.upper()]
+        block = GGML_QUANT_SIZES[gtype][0]  # weights per block
+        if arr.shape[-1] % block == 0:
+            return quants.quantize(arr.astype(np.float32), gtype), gtype
+        print(f"keenlm: {name} has rows of {arr.shape[-1]} (not a multiple of {block}, "
+              f"{gtype.name}'s block); kept as F16", file=sys.stderr)
     return arr.astype(np.float16), None
 
 
@@ -135,8 +136,8 @@ def _tensors(net):
 
 
 def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
-    """Write ``net`` + ``tokenizer`` as a GGUF file of weight type f32 | f16 | q8_0 | tq2_0
-    (ternary models). Low-bit models are written with their quantized weights."""
+    """Write ``net`` + ``tokenizer`` as a GGUF file of weight type f32 | f16 | q8_0, or
+    tq1_0 | tq2_0 for ternary models. Low-bit models are written with their quantized weights."""
     from gguf import GGUFWriter, LlamaFileType
 
     if qtype not in QTYPES:
@@ -145,12 +146,13 @@ def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
     if cfg.ffn != "dense" or cfg.linear not in ("dense", "ternary"):
         raise ValueError(f"only plain and ternary Llama models export to GGUF here "
                          f"(linear={cfg.linear}, ffn={cfg.ffn})")
-    if qtype == "tq2_0" and cfg.linear != "ternary":
-        raise ValueError("tq2_0 holds ternary weights: export a model with model.linear=ternary")
+    if qtype in TERNARY_QTYPES and cfg.linear != "ternary":
+        raise ValueError(f"{qtype} holds ternary weights: export a model with model.linear=ternary")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-                 "q8_0": LlamaFileType.MOSTLY_Q8_0, "tq2_0": LlamaFileType.MOSTLY_TQ2_0}[qtype]
+                 "q8_0": LlamaFileType.MOSTLY_Q8_0, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
+                 "tq2_0": LlamaFileType.MOSTLY_TQ2_0}[qtype]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

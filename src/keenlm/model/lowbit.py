@@ -82,6 +82,7 @@ class QATLinear(nn.Linear):
         if kind not in QUANTIZERS:
             raise ValueError(f"unknown low-bit kind {kind!r} ({' | '.join(QUANTIZERS)})")
         self.kind, self.group, self.per_channel, self.act_bits = kind, group, per_channel, act_bits
+        self.quantize = True  # False: plain full-precision linear (the QAT schedule's first part)
         if kind == "int2":  # learned step per output row (LSQ-style), set from the weights
             self.alpha = nn.Parameter(torch.ones(out_features, 1))
             self.init_alpha()
@@ -99,12 +100,49 @@ class QATLinear(nn.Linear):
         return int4_groupwise(self.weight, self.group)
 
     def forward(self, x):
+        if not self.quantize:
+            return F.linear(x, self.weight.to(x.dtype))
         if self.act_bits == 8:
             x = act_quant_8bit(x)
         return F.linear(x, self.quantized_weight().to(x.dtype))
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, kind={self.kind}"
+
+
+def set_quantize(net: nn.Module, on: bool) -> int:
+    """Turn quantization of every QATLinear on or off; returns how many switched. Turning it on
+    re-fits the learned 2-bit steps to the weights as they are now."""
+    switched = 0
+    for m in net.modules():
+        if isinstance(m, QATLinear) and m.quantize != on:
+            m.quantize = on
+            if on:
+                m.init_alpha()
+            switched += 1
+    return switched
+
+
+@torch.no_grad()
+def qat_codes(q: QATLinear):
+    """(codes, scale, offset, bits, group) of a QATLinear's quantized weight in the packed
+    format's affine form w = code * scale + offset (see keenlm.model.packing)."""
+    w = q.weight.detach().float()
+    rows, cols = w.shape
+    if q.kind == "ternary":
+        gamma = (w.abs().mean(dim=1, keepdim=True) if q.per_channel else w.abs().mean()).clamp_min(1e-5)
+        gamma = gamma.expand(rows, 1) if gamma.dim() == 0 else gamma
+        codes = (torch.round(w / gamma).clamp(-1, 1) + 1).to(torch.uint8)  # -1, 0, +1 -> 0, 1, 2
+        return codes, gamma.contiguous(), (-gamma).contiguous(), 2, cols
+    if q.kind == "int2":
+        alpha = q.alpha.detach().float().abs().clamp_min(1e-8)
+        codes = (torch.round(w / alpha - 0.5).clamp(-2, 1) + 2).to(torch.uint8)
+        return codes, alpha.contiguous(), (-1.5 * alpha).contiguous(), 2, cols
+    g = w.view(rows, cols // q.group, q.group)
+    scale = (g.abs().amax(dim=-1, keepdim=True) / 7).clamp_min(1e-8)
+    codes = (torch.round(g / scale).clamp(-8, 7) + 8).to(torch.uint8).view(rows, cols)
+    scale = scale.squeeze(-1).contiguous()
+    return codes, scale, -8 * scale, 4, q.group
 
 
 QUANTIZERS = ("ternary", "int2", "int4")

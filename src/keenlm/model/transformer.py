@@ -61,7 +61,7 @@ class Transformer(nn.Module):
     def reset_buffers(self):
         """Recompute the rotary tables (derived state, never saved): after construction and
         after ``to_empty``, which leaves buffers uninitialized."""
-        device = self.embed_tokens.weight.device
+        device = self.norm.weight.device
         cfg = self.cfg
         cos, sin = rope_tables(cfg.head_dim, torch.arange(cfg.max_seq_len, device=device),
                                cfg.rope_theta)
@@ -158,7 +158,7 @@ class Transformer(nn.Module):
         return out
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        p = self.embed_tokens.weight
+        p = self.norm.weight  # a full-precision parameter in every variant (quantized ones too)
         dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
         return KVCache(self.cfg.n_layer, batch, self.cfg.kv_heads, max_len or self.cfg.max_seq_len,
                        self.cfg.head_dim, p.device, dtype)

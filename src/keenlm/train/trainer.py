@@ -96,7 +96,8 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, hooks: Sequence[TrainHook] = ()):
+    def __init__(self, cfg: RunConfig, hooks: Sequence[TrainHook] = (), init=None):
+        """init: a loaded model (keenlm.load) to start from instead of ``train.init_from``."""
         from keenlm.data import prepare_data
 
         t = cfg.train
@@ -105,10 +106,20 @@ class Trainer:
         self.device = pick_device(t.device)
         self.amp = autocast_dtype(t.dtype, self.device)
         self.run_dir = Path(t.out_dir)
-        self.tokenizer, self.data = prepare_data(cfg.data, log=print if t.progress else None)
-        self.cfg = self._resolve_against_run(resolve(cfg, self.tokenizer.vocab_size))
+        log = print if t.progress else None
+        if init is None and t.init_from:
+            from keenlm.api import load
+
+            init = load(t.init_from)
+        if init is None:
+            self.tokenizer, self.data = prepare_data(cfg.data, log=log)
+            cfg = resolve(cfg, self.tokenizer.vocab_size)
+        else:
+            cfg = self._adopt(cfg, init, log)
+        self.cfg = self._resolve_against_run(cfg)
         torch.manual_seed(t.seed)
-        self.model = build_model(self.cfg.model).to(self.device)
+        self.model = (init.net if init is not None else build_model(self.cfg.model)).to(self.device)
+        self._quantizing = None
         self.opt = build_optimizer(self.model, self.cfg.train, self.device.type)
         init_base_lr(self.opt)
         hidden = self.model.hidden_states
@@ -123,6 +134,27 @@ class Trainer:
         self._write_run_files()
 
     # --------------------------------------------------------------------------- set-up
+
+    def _adopt(self, cfg: RunConfig, init, log) -> RunConfig:
+        """Start from a loaded model: its shape and tokenizer; this config's linear kind
+        (quantization-aware fine-tuning: every block projection becomes a QATLinear)."""
+        from keenlm.data import default_cache_dir, load_corpus, tokenize_corpus
+        from keenlm.model.lowbit import prepare_qat
+
+        self.tokenizer = init.tokenizer
+        self.data = tokenize_corpus(load_corpus(cfg.data), self.tokenizer,
+                                    default_cache_dir(cfg.data.cache_dir), log=log)
+        m = cfg.model
+        model = dataclasses.replace(init.config.model, linear=m.linear, lowbit_group=m.lowbit_group,
+                                    lowbit_per_channel=m.lowbit_per_channel, act_bits=m.act_bits)
+        if any(p.dtype != torch.float32 or not p.requires_grad for p in init.net.parameters()) or \
+                any(b.dtype == torch.uint8 for b in init.net.buffers()):
+            raise ValueError("train.init_from needs a full-precision model (not a quantized one)")
+        if m.linear != "dense":
+            prepare_qat(init.net, m.linear, group=m.lowbit_group, per_channel=m.lowbit_per_channel,
+                        act_bits=m.act_bits)
+        init.net.train()
+        return resolve(dataclasses.replace(cfg, model=model), self.tokenizer.vocab_size)
 
     def _resolve_against_run(self, cfg: RunConfig) -> RunConfig:
         """Resuming: the run's saved model and data config must match (training knobs may change)."""
@@ -186,8 +218,20 @@ class Trainer:
         (loss / t.grad_accum).backward()
         return loss.item(), x.numel(), y.numel() if weights is None else int((weights > 0).sum())
 
+    def _qat_schedule(self):
+        """train.qat_start: full precision first, quantization-aware from that fraction on."""
+        t = self.cfg.train
+        on = self.step >= int(t.qat_start * self.planned_steps)
+        if on != self._quantizing:
+            from keenlm.model.lowbit import set_quantize
+
+            if set_quantize(self.model, on) and self._quantizing is not None:
+                print(f"step {self.step}: quantization-aware training starts")
+            self._quantizing = on
+
     def train_step(self) -> dict:
         t = self.cfg.train
+        self._qat_schedule()
         lr_mult = lr_multiplier(self.step, dataclasses.replace(t, steps=self.planned_steps))
         set_lr(self.opt, lr_mult)
         start = time.perf_counter()
