@@ -128,9 +128,10 @@ class PackedLinear(nn.Module):
         return "reference"
 
     def _prepare_path(self):
-        if self.path == "lut":  # the kernel's layout: input-group-major (see packed_kernels)
-            self.register_buffer("_packed_t", self.packed.t().contiguous(), persistent=False)
-            self.register_buffer("_code_values", torch.arange(4, dtype=torch.float32), persistent=False)
+        if self.path == "lut":  # the kernel's layout: input-group-major words (see packed_kernels)
+            self.register_buffer("_words", packed_kernels.kernel_layout(self.packed), persistent=False)
+            self.register_buffer("_scale32", self.scale.float().reshape(-1).contiguous(), persistent=False)
+            self.register_buffer("_offset32", self.offset.float().reshape(-1).contiguous(), persistent=False)
         elif self.path == "int4":
             codes = self.codes().to(torch.int32)
             self.register_buffer("_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
@@ -171,8 +172,7 @@ class PackedLinear(nn.Module):
             return self.reference(x)
         x2 = x.reshape(rows, -1)
         if self.path == "lut" and rows <= MAX_ROWS:
-            y = lut_matmul(x2, self._packed_t, self._code_values, self.scale.float())
-            y = y + x2.float().sum(-1, keepdim=True) * self.offset.float().reshape(1, -1)
+            y = lut_matmul(x2, self._words, self._scale32, self._offset32)
         elif self.path == "int4" and rows <= INT4_MAX_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._int4,
                                                            self.group, self._scales_zeros)
