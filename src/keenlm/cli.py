@@ -175,6 +175,23 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from keenlm import study
+
+    floats = lambda s: tuple(float(v) for v in s.split(",") if v)  # noqa: E731
+    if args.study == "frontier":
+        study.frontier(args.out, depths=tuple(int(v) for v in args.depths.split(",")),
+                       kinds=tuple(args.kinds.split(",")), steps=args.steps,
+                       qat_starts=floats(args.qat_starts))
+    else:
+        if not args.model:
+            raise ValueError("keenlm study ptq needs --model (a run folder, .gguf or HF folder)")
+        study.ptq(args.model, args.out, recipes=tuple(args.recipes.split(",")),
+                  eval_batches=args.eval_batches, qat_steps=args.qat_steps)
+    print(f"results in {args.out}/results.md")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from keenlm.chat import chat_loop
 
@@ -192,7 +209,8 @@ def cmd_demo(args) -> int:
 
 def _add_io_commands(sub, fmt) -> None:
     from keenlm.config import QuantConfig
-    from keenlm.io.gguf_export import QTYPES  # no gguf package needed to build the parser
+    from keenlm.io.gguf_export import QTYPES
+    from keenlm.study import DEFAULT_PTQ  # no gguf package needed to build the parser
 
     c = sub.add_parser("convert", help="convert a run, GGUF or HF model to HF or GGUF",
                        formatter_class=fmt)
@@ -212,6 +230,24 @@ def _add_io_commands(sub, fmt) -> None:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_dataclass_options(q, QuantConfig)
     q.set_defaults(func=cmd_quantize)
+
+    st = sub.add_parser("study", help="low-bit studies: the bits-vs-quality frontier, PTQ methods",
+                        formatter_class=fmt)
+    st.add_argument("study", choices=("frontier", "ptq"),
+                    help="frontier: train fp32/int4/int2/ternary models at several sizes on equal "
+                         "tokens; ptq: quantize one model by several recipes")
+    st.add_argument("out", help="output folder (results.json, results.md, frontier.svg, runs/)")
+    st.add_argument("--depths", default="2,4,6", help="frontier: model depths (d_model = 32 x depth)")
+    st.add_argument("--kinds", default="dense,int4,int2,ternary", help="frontier: linear kinds")
+    st.add_argument("--steps", type=int, default=300, help="frontier: steps (16 x 256 tokens each)")
+    st.add_argument("--qat-starts", default="", help="frontier: extra ternary runs at the middle "
+                    "depth that start QAT at these fractions, e.g. 0.25,0.5,0.75")
+    st.add_argument("--model", help="ptq: run folder, .gguf file or HF folder")
+    st.add_argument("--recipes", default=",".join(DEFAULT_PTQ),
+                    help="ptq: bits:method:group list (group 0 = per row)")
+    st.add_argument("--eval-batches", type=int, default=10, help="ptq: held-out batches (4 x 512)")
+    st.add_argument("--qat-steps", type=int, default=0, help="ptq: add 2-bit QAT of this many steps")
+    st.set_defaults(func=cmd_study)
 
     ch = sub.add_parser("chat", help="multi-turn chat with a model that has a chat template",
                         formatter_class=fmt)

@@ -19,10 +19,11 @@ column's rounding error over the not-yet-quantized columns, weighted by the inve
 H = 2 X^T X of the layer's inputs on calibration text, so that the layer's *outputs* on that
 text move as little as possible. Implemented as in the paper's Algorithm 1: Cholesky factor of
 H^-1 (with 1% dampening of the mean diagonal), lazy batched updates in blocks of 128 columns,
-group grids fitted when a group's first column is reached. Not implemented: act-order
-(columns by decreasing Hessian diagonal). Calibration runs block by block: each block's
-inputs come from the already-quantized blocks before it, so later blocks correct for earlier
-blocks' errors.
+columns in decreasing order of the Hessian diagonal ("act-order") with each group's grid
+fitted on the original weights ("static groups"). Calibration runs block by block: each block's
+inputs come from the already-quantized blocks before it, and within a block q/k/v, o, gate/up
+and down are quantized in that order, each on inputs from the already-quantized ones
+("true-sequential"), so later layers correct for earlier layers' errors.
 """
 from __future__ import annotations
 
@@ -84,9 +85,14 @@ def rtn(w: torch.Tensor, kind: str, group: int = 0):
 
 @torch.no_grad()
 def gptq(w: torch.Tensor, H: torch.Tensor, kind: str, group: int = 0, block: int = 128,
-         damp: float = 0.01):
+         damp: float = 0.01, act_order: bool = True):
     """GPTQ of one weight matrix (rows, cols) given the Hessian H = 2 X^T X / n (cols, cols).
-    Returns (codes, scale, offset) as ``rtn`` does."""
+    Returns (codes, scale, offset) as ``rtn`` does.
+
+    act_order: quantize columns by decreasing H diagonal (the inputs with the most energy
+    first, while the most columns remain to absorb their error); the group grids are then
+    fitted up front on the original weights ("static groups"), so stored groups stay
+    contiguous runs of inputs and the packed format is unchanged."""
     levels, _ = GRIDS[kind]
     W = w.detach().float().clone()
     rows, cols = W.shape
@@ -97,37 +103,40 @@ def gptq(w: torch.Tensor, H: torch.Tensor, kind: str, group: int = 0, block: int
     dead = torch.diag(H) == 0  # inputs never active on the calibration text
     H[dead, dead] = 1
     W[:, dead] = 0
+    # grids per group: (rows, groups) each
+    s_all, o_all = (t.view(rows, cols // g) for t in
+                    fit_grid(W.reshape(rows * (cols // g), g), kind))
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    col_group = perm // g  # the stored group of each (permuted) column
     H.diagonal().add_(damp * torch.diag(H).mean())
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    if g < cols:  # blocks hold whole groups, so each group's grid sees its updated weights
-        block = max(g, block - block % g)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    scales = torch.zeros(rows, cols // g)
-    offsets = torch.zeros(rows, cols // g)
-    if g == cols:
-        s, o = fit_grid(W, kind)
+    Q = torch.zeros(rows, cols)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].clone()
         err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % g == 0:
-                if g < cols:
-                    s, o = fit_grid(W1[:, i:i + g], kind)
-                scales[:, col // g], offsets[:, col // g] = s[:, 0], o[:, 0]
+            gi = col_group[i1 + i]
+            s, o = s_all[:, gi:gi + 1], o_all[:, gi:gi + 1]
             w_col = W1[:, i:i + 1]
             c = _codes(w_col, s, o, levels)
-            codes[:, col] = c[:, 0].to(torch.uint8)
+            Q[:, i1 + i] = c[:, 0]
             e = (w_col - (c * s + o)) / Hinv1[i, i]
             W1[:, i:] -= e * Hinv1[i:i + 1, i:]
             err1[:, i:i + 1] = e
         W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
-    return codes, scales.half(), offsets.half()
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    codes[:, perm] = Q.to(torch.uint8)
+    return codes, s_all.half(), o_all.half()
 
 
 # ---------------------------------------------------------------------------------- models
+
+
+# true-sequential order within a block (as the GPTQ reference runs it)
+SEQUENCE = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 def _targets(net: nn.Module, skip=("lm_head",)) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -151,7 +160,7 @@ def quantize_rtn(net: nn.Module, kind: str, group: int = 0) -> nn.Module:
 
 @torch.no_grad()
 def quantize_gptq(net, kind: str, group: int, calib: torch.Tensor, *, batch: int = 8,
-                  log: Callable[[str], None] | None = None) -> nn.Module:
+                  act_order: bool = True, log: Callable[[str], None] | None = None) -> nn.Module:
     """GPTQ every block projection of a keenlm Transformer, block by block, on calibration
     token ids ``calib`` (N, T). In place."""
     net.eval()
@@ -159,23 +168,30 @@ def quantize_gptq(net, kind: str, group: int, calib: torch.Tensor, *, batch: int
     cos, sin = net.rope_cos[:T, None], net.rope_sin[:T, None]
     xs = [net.embed_tokens(calib[i:i + batch]) for i in range(0, len(calib), batch)]
     for li, layer in enumerate(net.layers):
-        targets = _targets(layer)
-        hess = {id(m): torch.zeros(m.in_features, m.in_features) for _, _, m in targets}
-        count = {"n": 0}
+        for names in SEQUENCE:  # in execution order: each stage sees the quantized ones before it
+            targets = [t for t in _targets(layer) if t[1] in names]
+            if not targets:
+                continue
+            hess = {id(m): torch.zeros(m.in_features, m.in_features) for _, _, m in targets}
+            count = {"n": 0}
 
-        def hook(mod, inputs, _out):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            hess[id(mod)].addmm_(x.T, x, alpha=2.0)
+            def hook(mod, inputs, _out):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+                hess[id(mod)].addmm_(x.T, x, alpha=2.0)
 
-        handles = [m.register_forward_hook(hook) for _, _, m in targets]
-        for x in xs:
-            layer(x, cos, sin, None, None)
-            count["n"] += x.shape[0] * x.shape[1]
-        for h in handles:
-            h.remove()
-        for parent, name, m in targets:
-            H = hess[id(m)] / count["n"]
-            setattr(parent, name, _packed(*gptq(m.weight, H, kind, group), kind, group))
+            handles = [m.register_forward_hook(hook) for _, _, m in targets]
+            for x in xs:
+                layer(x, cos, sin, None, None)
+                count["n"] += x.shape[0] * x.shape[1]
+            for h in handles:
+                h.remove()
+            for parent, name, m in targets:
+                H = hess[id(m)] / count["n"]
+                setattr(parent, name, _packed(*gptq(m.weight, H, kind, group, act_order=act_order),
+                                              kind, group))
+        left = [n for _, n, _ in _targets(layer)]
+        if left:
+            raise ValueError(f"gptq: block {li} has projections outside keenlm's order: {left}")
         xs = [layer(x, cos, sin, None, None) for x in xs]  # inputs of the next block
         if log:
             log(f"gptq: block {li + 1}/{len(net.layers)} quantized")

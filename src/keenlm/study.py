@@ -1,0 +1,222 @@
+"""``keenlm study``: measured answers to "which low-bit recipe pays off at my scale?".
+
+Two studies, each writing ``results.json``, ``results.md`` (a table) and, for the frontier, a
+plot ``frontier.svg`` into its output folder:
+
+- ``frontier``: the bits-vs-quality frontier. For each size (a depth of the one-dial size
+  preset) and each linear kind (dense fp32, int4, int2, ternary quantization-aware training), a
+  model is trained on the stdlib corpus with the same tokens; the low-bit ones are converted
+  to packed weights (int8 embedding). Validation loss of the model *as stored* against its bytes.
+  Optionally, ternary runs at the middle size that switch from full precision to QAT at given
+  fractions of training (``train.qat_start``), to find the fraction that works best.
+- ``ptq``: one model (a run, a GGUF file such as SmolLM2, an HF folder) quantized by several
+  methods and bit widths (``keenlm quantize``'s code), each evaluated on the same held-out text.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+Log = Callable[[str], None]
+
+KIND_LABEL = {"dense": "fp32", "int4": "int4 QAT", "int2": "2-bit QAT", "ternary": "ternary QAT"}
+
+
+def _write(out: Path, results: dict, table: str) -> None:
+    from keenlm.runs import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
+
+
+# --------------------------------------------------------------------------------- frontier
+
+
+def _frontier_config(depth: int, kind: str, steps: int, out_dir: Path, qat_start: float = 0.0,
+                     batch: int = 16, seq: int = 256):
+    from keenlm.config import from_dict
+    from keenlm.presets import size_preset
+
+    p = size_preset(depth, aspect=32)
+    p["model"].update({"linear": kind, "max_seq_len": seq, "lowbit_per_channel": True})
+    p["data"] = {"tokenizer": "bpe", "vocab_size": 4096, "max_bytes": 12_000_000}
+    p["train"].update({"steps": steps, "batch_size": batch, "seq_len": seq, "schedule": "wsd",
+                       "decay_fraction": 0.25, "eval_every": 0, "eval_batches": 40,
+                       "warmup_steps": max(1, steps // 30), "dtype": "auto", "qat_start": qat_start,
+                       "out_dir": str(out_dir), "resume": True, "progress": False})
+    return from_dict(p)
+
+
+def _measure_run(run_dir: Path, kind: str) -> dict:
+    """Loss and bytes of a trained run as it would be stored: fp32 for dense; packed
+    (convert_qat) with an int8 embedding for the low-bit kinds."""
+    import keenlm
+    from keenlm.config import QuantConfig
+    from keenlm.model.packing import convert_qat
+    from keenlm.quantize import _store_tables, model_bytes
+
+    km = keenlm.load(run_dir)
+    params = sum(p.numel() for p in km.net.parameters())
+    trained = km.evaluate(max_batches=40)["loss"]
+    if kind == "dense":
+        return {"loss": trained, "loss_trained": trained, "bytes": params * 4, "params": params}
+    convert_qat(km.net)
+    _store_tables(km.net, QuantConfig(embed="int8"))
+    km.quant = {"embed": "int8", "head": "int8"}
+    b = model_bytes(km)
+    return {"loss": km.evaluate(max_batches=40)["loss"], "loss_trained": trained,
+            "bytes": b["total"], "params": params}
+
+
+def frontier(out: str | Path, depths=(2, 4, 6), kinds=("dense", "int4", "int2", "ternary"),
+             steps: int = 300, qat_starts=(), log: Log = print) -> dict:
+    from keenlm.train import train
+
+    out = Path(out)
+    rows = []
+    plan = [(d, k, 0.0) for d in depths for k in kinds]
+    mid = list(depths)[len(depths) // 2]
+    plan += [(mid, "ternary", s) for s in qat_starts if s > 0]
+    for depth, kind, start in plan:
+        name = f"d{depth}-{kind}" + (f"-from{start:g}" if start else "")
+        cfg = _frontier_config(depth, kind, steps, out / "runs" / name, start)
+        t0 = time.perf_counter()
+        res = train(cfg)
+        m = _measure_run(Path(res.run_dir), kind)
+        tokens = steps * cfg.train.batch_size * cfg.train.seq_len
+        rows.append({"name": name, "depth": depth, "d_model": cfg.model.d_model, "kind": kind,
+                     "qat_start": start, "tokens": tokens, "seconds": time.perf_counter() - t0, **m})
+        log(f"{name}: loss {m['loss']:.4f} (as trained {m['loss_trained']:.4f}), "
+            f"{m['bytes'] / 1e6:.3f} MB, {m['params']:,} params")
+        _write(out, {"rows": rows}, _frontier_table(rows))  # partial results survive a stop
+    _svg_frontier(rows, out / "frontier.svg")
+    return {"rows": rows}
+
+
+def _frontier_table(rows: list[dict]) -> str:
+    dense = {r["depth"]: r["loss"] for r in rows if r["kind"] == "dense"}
+    lines = ["| model | d_model | params | tokens | QAT from | bytes (MB) | val loss (stored) | "
+             "val loss (as trained) | vs fp32 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rel = (f"{100 * (r['loss'] / dense[r['depth']] - 1):+.1f}%" if r["depth"] in dense else "")
+        lines.append(f"| {KIND_LABEL[r['kind']]} depth {r['depth']} | {r['d_model']} | "
+                     f"{r['params']:,} | {r['tokens']:,} | {r['qat_start'] or '-'} | "
+                     f"{r['bytes'] / 1e6:.3f} | {r['loss']:.4f} | {r['loss_trained']:.4f} | {rel} |")
+    return "\n".join(lines)
+
+
+def _svg_frontier(rows: list[dict], path: Path) -> None:
+    """Validation loss against model bytes (log scale), one line per kind: a plain SVG file."""
+    from keenlm.runs import atomic_write_text
+
+    pts = [r for r in rows if not r["qat_start"]]
+    if not pts:
+        return
+    W, H, L, B = 640, 420, 70, 50
+    xs = [math.log10(r["bytes"]) for r in pts]
+    ys = [r["loss"] for r in pts]
+    x0, x1 = min(xs) - 0.05, max(xs) + 0.05
+    y0, y1 = min(ys) - 0.05, max(ys) + 0.05
+    X = lambda v: L + (v - x0) / (x1 - x0) * (W - L - 20)  # noqa: E731
+    Y = lambda v: 20 + (y1 - v) / (y1 - y0) * (H - 20 - B)  # noqa: E731
+    colors = {"dense": "#222222", "int4": "#1f77b4", "int2": "#2ca02c", "ternary": "#d62728"}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{W}" height="{H}" fill="white"/>',
+             f'<line x1="{L}" y1="{H - B}" x2="{W - 20}" y2="{H - B}" stroke="black"/>',
+             f'<line x1="{L}" y1="20" x2="{L}" y2="{H - B}" stroke="black"/>',
+             f'<text x="{(W + L) / 2}" y="{H - 10}" text-anchor="middle">model bytes (log scale)</text>',
+             f'<text x="15" y="{H / 2}" transform="rotate(-90 15 {H / 2})" text-anchor="middle">'
+             f'validation loss (nats/token)</text>']
+    for e in range(math.floor(x0), math.ceil(x1) + 1):
+        for m in (1, 2, 5):
+            v = e + math.log10(m)
+            if x0 <= v <= x1:
+                label = f"{m * 10 ** e / 1e6:g} MB"
+                parts.append(f'<line x1="{X(v):.1f}" y1="{H - B}" x2="{X(v):.1f}" y2="{H - B + 5}" '
+                             f'stroke="black"/><text x="{X(v):.1f}" y="{H - B + 18}" '
+                             f'text-anchor="middle">{label}</text>')
+    for i in range(6):
+        v = y0 + (y1 - y0) * i / 5
+        parts.append(f'<text x="{L - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+    for k, kind in enumerate(colors):
+        series = sorted((r for r in pts if r["kind"] == kind), key=lambda r: r["bytes"])
+        if not series:
+            continue
+        line = " ".join(f"{X(math.log10(r['bytes'])):.1f},{Y(r['loss']):.1f}" for r in series)
+        parts.append(f'<polyline points="{line}" fill="none" stroke="{colors[kind]}" stroke-width="2"/>')
+        for r in series:
+            parts.append(f'<circle cx="{X(math.log10(r["bytes"])):.1f}" cy="{Y(r["loss"]):.1f}" '
+                         f'r="4" fill="{colors[kind]}"><title>{r["name"]}: {r["loss"]:.4f}</title></circle>')
+        parts.append(f'<rect x="{W - 150}" y="{28 + 18 * k}" width="12" height="12" fill="{colors[kind]}"/>'
+                     f'<text x="{W - 132}" y="{38 + 18 * k}">{KIND_LABEL[kind]}</text>')
+    parts.append("</svg>")
+    atomic_write_text(path, "\n".join(parts) + "\n")
+
+
+# --------------------------------------------------------------------------------- ptq
+
+
+DEFAULT_PTQ = ("4:rtn:64", "4:gptq:64", "4:gptq:128", "3:rtn:64", "3:gptq:64", "2:rtn:64",
+               "2:gptq:64", "1.58:rtn:0", "1.58:gptq:0")
+
+
+def ptq(model: str, out: str | Path, recipes=DEFAULT_PTQ, eval_batches: int = 10,
+        qat_steps: int = 0, log: Log = print) -> dict:
+    """Evaluate ``model`` in fp32 and quantized by each recipe "bits:method:group" on the
+    same held-out text; ``qat_steps`` > 0 adds 2-bit QAT of that many steps."""
+    import dataclasses
+
+    import keenlm
+    from keenlm.config import DataConfig, QuantConfig
+    from keenlm.quantize import model_bytes, quantize
+
+    out = Path(out)
+    rows = []
+
+    def evaluate(km):
+        if km.run_dir is None:  # an imported model: the held-out split of the 4 MB of stdlib
+            # text whose training split GPTQ calibrates on (keenlm.quantize._calibration)
+            km.config = dataclasses.replace(km.config, data=DataConfig(max_bytes=4_000_000))
+            return km.evaluate(max_batches=eval_batches, batch_size=4, seq_len=512)
+        return km.evaluate(max_batches=eval_batches)
+
+    base = keenlm.load(model)
+    params = sum(p.numel() for p in base.net.parameters())
+    ev = evaluate(base)
+    rows.append({"recipe": "fp32", "bits": 32, "method": "-", "group": "-", "bytes": params * 4,
+                 "loss": ev["loss"], "perplexity": ev["perplexity"], "seconds": 0.0})
+    log(f"fp32: perplexity {ev['perplexity']:.4f}")
+    del base
+    recipes = list(recipes) + ([f"2:qat:0:{qat_steps}"] if qat_steps else [])
+    for recipe in recipes:
+        bits, method, group, *rest = recipe.split(":")
+        q = QuantConfig(bits=bits, method=method, group=int(group),
+                        **({"qat_steps": int(rest[0])} if rest else {}))
+        t0 = time.perf_counter()
+        km = quantize(model, q, log=None, qat_dir=out / "qat-run" if method == "qat" else None)
+        seconds = time.perf_counter() - t0
+        ev = evaluate(km)
+        b = model_bytes(km)
+        rows.append({"recipe": recipe, "bits": bits, "method": method,
+                     "group": q.group_size or "row", "bytes": b["total"], "loss": ev["loss"],
+                     "perplexity": ev["perplexity"], "seconds": seconds})
+        log(f"{recipe}: perplexity {ev['perplexity']:.4f}, {b['total'] / 1e6:.1f} MB, "
+            f"{seconds:.0f} s to quantize")
+        _write(out, {"model": str(model), "rows": rows}, _ptq_table(rows))
+    return {"model": str(model), "rows": rows}
+
+
+def _ptq_table(rows: list[dict]) -> str:
+    fp = rows[0]["perplexity"]
+    lines = ["| recipe | bits | method | group | weights (MB) | perplexity | vs fp32 | quantize (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {r['bits']} | {r['method']} | {r['group']} | "
+                     f"{r['bytes'] / 1e6:.1f} | {r['perplexity']:.4f} | "
+                     f"{100 * (r['perplexity'] / fp - 1):+.2f}% | {r['seconds']:.0f} |")
+    return "\n".join(lines)
