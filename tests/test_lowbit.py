@@ -321,3 +321,88 @@ def test_init_from_starts_at_the_source_model(tmp_path, small_corpus):
     assert abs(tr.evaluate()["loss"] - trained) < 0.1  # 4-bit QAT starts near the source
     tr.fit()
     assert isinstance(keenlm.load(tmp_path / "qat").net.layers[0].mlp.up_proj, QATLinear)
+
+
+def test_ptq_ternary_folder_exports_to_tq2_0(tmp_path):
+    pytest.importorskip("gguf")
+    import keenlm
+    from keenlm import quantize as Q
+    from keenlm.api import KeenModel
+    from keenlm.config import QuantConfig, RunConfig
+    from keenlm.data import ByteTokenizer
+    from keenlm.io.gguf_export import export_gguf
+
+    torch.manual_seed(7)
+    m = ModelConfig(vocab_size=ByteTokenizer().vocab_size, n_layer=1, d_model=256, n_head=4, d_ff=512)
+    km = KeenModel(build_model(m).eval(), ByteTokenizer(), RunConfig(model=m))
+    Q.save_quantized(Q.quantize(km, QuantConfig(bits="1.58", method="rtn"), log=None), tmp_path / "q")
+    packed = keenlm.load(tmp_path / "q")  # q/k/v and gate/up fused for decoding
+    export_gguf(packed.net, packed.tokenizer, tmp_path / "t.gguf", "tq2_0")
+    back = keenlm.load(tmp_path / "t.gguf")
+    x = torch.randint(0, m.vocab_size, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(back.net(x), packed.net(x), atol=1e-2, rtol=0)
+    km2 = KeenModel(build_model(m).eval(), ByteTokenizer(), RunConfig(model=m))
+    Q.quantize(km2, QuantConfig(bits="2", method="rtn"), log=None)
+    with pytest.raises(ValueError, match="ternary"):
+        export_gguf(km2.net, km2.tokenizer, tmp_path / "u.gguf", "tq2_0")
+
+
+def test_quantize_command_qat_then_info_and_generate(tmp_path, small_corpus, capsys):
+    from keenlm.cli import main
+    from keenlm.presets import preset_dict
+    from keenlm.train import train
+
+    p = preset_dict("tiny")
+    p["model"].update({"d_model": 64, "n_head": 4, "d_ff": 128})
+    p["data"].update({"corpus": str(small_corpus), "cache_dir": str(tmp_path / "cache"),
+                      "val_fraction": 0.3})
+    p["train"].update({"steps": 20, "out_dir": str(tmp_path / "run"), "progress": False})
+    train(from_dict(p))
+    out = tmp_path / "q2"
+    assert main(["quantize", str(tmp_path / "run"), str(out), "--bits", "2", "--method", "qat",
+                 "--qat-steps", "3", "--qat-batch", "2"]) == 0
+    assert (tmp_path / "q2.qat-run" / "config.json").exists()  # the fine-tuning run is kept
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 bits by qat" in text and "smaller" in text
+    assert main(["generate", str(out), "--prompt", "def ", "--generate.max_new_tokens", "4",
+                 "--generate.temperature", "0", "--no-stream"]) == 0
+    assert main(["quantize", str(tmp_path / "run"), str(out), "--bits", "3"]) == 2  # exists
+    assert main(["quantize", str(tmp_path / "run"), str(tmp_path / "x"), "--bits", "5"]) == 2
+
+
+def test_frontier_plot_and_table_from_rows(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from keenlm.study import _frontier_table, _svg_frontier
+
+    rows = [{"name": f"d{d}-{k}", "size": f"{32 * d}x{d}", "d_model": 32 * d, "kind": k, "qat_start": 0.0,
+             "tokens": 1000, "params": int(10 ** (4 + d / 2)), "bytes": 10 ** (4 + d / 2) * b,
+             "loss": 5.0 - d / 4 + (0 if k == "dense" else 0.1), "loss_trained": 5.0}
+            for d in (2, 4) for k, b in (("dense", 4), ("ternary", 0.3))]
+    _svg_frontier(rows, tmp_path / "f.svg")
+    root = ET.parse(tmp_path / "f.svg").getroot()  # well-formed SVG
+    lines = root.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2 and all(len(p.get("points").split()) == 2 for p in lines)
+    table = _frontier_table(rows)
+    assert "| ternary QAT | 128x4 |" in table and "+2.5%" in table  # 4.1 / 4.0 - 1 at depth 4
+
+
+def test_quant_json_naming_a_layer_the_model_lacks_is_an_error(tmp_path):
+    import json
+
+    import keenlm
+    from keenlm import quantize as Q
+    from keenlm.config import QuantConfig
+
+    out = Q.save_quantized(Q.quantize(_tiny_km(), QuantConfig(bits="4", method="rtn"), log=None),
+                           tmp_path / "q")
+    spec = json.loads((out / "quant.json").read_text())
+    spec["layers"]["layers.9.mlp.up_proj"] = spec["layers"].pop("layers.1.mlp.up_proj")
+    (out / "quant.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="layers.9.mlp.up_proj"):
+        keenlm.load(out)
+    (out / "quant.json").write_text("{}")
+    with pytest.raises(ValueError, match="quant.json"):
+        keenlm.load(out)

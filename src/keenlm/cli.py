@@ -180,7 +180,7 @@ def cmd_study(args) -> int:
 
     floats = lambda s: tuple(float(v) for v in s.split(",") if v)  # noqa: E731
     if args.study == "frontier":
-        study.frontier(args.out, depths=tuple(int(v) for v in args.depths.split(",")),
+        study.frontier(args.out, sizes=tuple(args.sizes.split(",")),
                        kinds=tuple(args.kinds.split(",")), steps=args.steps,
                        qat_starts=floats(args.qat_starts))
     else:
@@ -237,11 +237,11 @@ def _add_io_commands(sub, fmt) -> None:
                     help="frontier: train fp32/int4/int2/ternary models at several sizes on equal "
                          "tokens; ptq: quantize one model by several recipes")
     st.add_argument("out", help="output folder (results.json, results.md, frontier.svg, runs/)")
-    st.add_argument("--depths", default="2,4,6", help="frontier: model depths (d_model = 32 x depth)")
+    st.add_argument("--sizes", default="64x2,128x2,128x4", help="frontier: d_model x layers list")
     st.add_argument("--kinds", default="dense,int4,int2,ternary", help="frontier: linear kinds")
-    st.add_argument("--steps", type=int, default=300, help="frontier: steps (16 x 256 tokens each)")
+    st.add_argument("--steps", type=int, default=500, help="frontier: steps (16 x 256 tokens each)")
     st.add_argument("--qat-starts", default="", help="frontier: extra ternary runs at the middle "
-                    "depth that start QAT at these fractions, e.g. 0.25,0.5,0.75")
+                    "size that start QAT at these fractions, e.g. 0.25,0.5,0.75")
     st.add_argument("--model", help="ptq: run folder, .gguf file or HF folder")
     st.add_argument("--recipes", default=",".join(DEFAULT_PTQ),
                     help="ptq: bits:method:group list (group 0 = per row)")

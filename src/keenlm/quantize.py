@@ -176,8 +176,11 @@ def load_quantized(path: Path, device: str = "cpu"):
         cfg = from_dict(json.loads((path / "config.json").read_text()))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable quant.json/config.json ({e})") from e
-    if spec.get("format") != FORMAT:
-        raise ValueError(f"{path}/quant.json: format {spec.get('format')!r}, this keenlm reads {FORMAT}")
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise ValueError(f"{path}/quant.json: not format {FORMAT} of a keenlm quantized model")
+    missing = [k for k in ("layers", "embed", "head", "tied") if k not in spec]
+    if missing or not isinstance(spec["layers"], dict):
+        raise ValueError(f"{path}/quant.json: missing or malformed {missing or ['layers']}")
     state = runs.load_model_state(path)  # safetensors: a truncated or corrupt file is an error
     with torch.device("meta"):
         net = build_model(dataclasses.replace(cfg.model, linear="dense"))
@@ -192,7 +195,10 @@ def load_quantized(path: Path, device: str = "cpu"):
 
     for name, L in spec["layers"].items():
         parent_name, _, attr = name.rpartition(".")
-        parent = net.get_submodule(parent_name) if parent_name else net
+        try:
+            parent = net.get_submodule(parent_name) if parent_name else net
+        except AttributeError:
+            parent = None
         old = getattr(parent, attr, None)
         if not isinstance(old, nn.Linear) or old.in_features != L["in_features"]:
             raise ValueError(f"{path}: quant.json names {name!r}, which the model config does not have")

@@ -3,8 +3,8 @@
 Two studies, each writing ``results.json``, ``results.md`` (a table) and, for the frontier, a
 plot ``frontier.svg`` into its output folder:
 
-- ``frontier``: the bits-vs-quality frontier. For each size (a depth of the one-dial size
-  preset) and each linear kind (dense fp32, int4, int2, ternary quantization-aware training), a
+- ``frontier``: the bits-vs-quality frontier. For each size (d_model x layers; heads of 64,
+  SwiGLU width and learning rate by the preset rules) and each linear kind (dense fp32, int4, int2, ternary quantization-aware training), a
   model is trained on the stdlib corpus with the same tokens; the low-bit ones are converted
   to packed weights (int8 embedding). Validation loss of the model *as stored* against its bytes.
   Optionally, ternary runs at the middle size that switch from full precision to QAT at given
@@ -36,13 +36,24 @@ def _write(out: Path, results: dict, table: str) -> None:
 # --------------------------------------------------------------------------------- frontier
 
 
-def _frontier_config(depth: int, kind: str, steps: int, out_dir: Path, qat_start: float = 0.0,
-                     batch: int = 16, seq: int = 256):
-    from keenlm.config import from_dict
-    from keenlm.presets import size_preset
+def parse_size(text: str) -> tuple[int, int]:
+    """"128x4" -> (d_model 128, 4 layers)."""
+    try:
+        d, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r}: write d_model x layers, e.g. 128x4") from None
+    if d % 64 or n < 1:
+        raise ValueError(f"size {text!r}: d_model must be a multiple of 64 (heads of 64), layers >= 1")
+    return d, n
 
-    p = size_preset(depth, aspect=32)
-    p["model"].update({"linear": kind, "max_seq_len": seq, "lowbit_per_channel": True})
+
+def _frontier_config(size: tuple[int, int], kind: str, steps: int, out_dir: Path,
+                     qat_start: float = 0.0, batch: int = 16, seq: int = 256):
+    from keenlm.config import from_dict
+
+    d_model, n_layer = size  # d_ff and lr (0) follow the preset rules (keenlm.presets.resolve)
+    p = {"model": {"n_layer": n_layer, "d_model": d_model, "n_head": d_model // 64, "linear": kind,
+                   "max_seq_len": seq, "lowbit_per_channel": True}, "train": {}}
     p["data"] = {"tokenizer": "bpe", "vocab_size": 4096, "max_bytes": 12_000_000}
     p["train"].update({"steps": steps, "batch_size": batch, "seq_len": seq, "schedule": "wsd",
                        "decay_fraction": 0.25, "eval_every": 0, "eval_batches": 40,
@@ -72,23 +83,25 @@ def _measure_run(run_dir: Path, kind: str) -> dict:
             "bytes": b["total"], "params": params}
 
 
-def frontier(out: str | Path, depths=(2, 4, 6), kinds=("dense", "int4", "int2", "ternary"),
-             steps: int = 300, qat_starts=(), log: Log = print) -> dict:
+def frontier(out: str | Path, sizes=("64x2", "128x2", "128x4"),
+             kinds=("dense", "int4", "int2", "ternary"), steps: int = 500, qat_starts=(),
+             log: Log = print) -> dict:
     from keenlm.train import train
 
     out = Path(out)
     rows = []
-    plan = [(d, k, 0.0) for d in depths for k in kinds]
-    mid = list(depths)[len(depths) // 2]
+    plan = [(s, k, 0.0) for s in sizes for k in kinds]
+    mid = list(sizes)[len(sizes) // 2]
     plan += [(mid, "ternary", s) for s in qat_starts if s > 0]
-    for depth, kind, start in plan:
-        name = f"d{depth}-{kind}" + (f"-from{start:g}" if start else "")
-        cfg = _frontier_config(depth, kind, steps, out / "runs" / name, start)
+    for size, kind, start in plan:
+        name = f"{size}-{kind}" + (f"-from{start:g}" if start else "")
+        cfg = _frontier_config(parse_size(size), kind, steps, out / "runs" / name, start)
         t0 = time.perf_counter()
         res = train(cfg)
         m = _measure_run(Path(res.run_dir), kind)
         tokens = steps * cfg.train.batch_size * cfg.train.seq_len
-        rows.append({"name": name, "depth": depth, "d_model": cfg.model.d_model, "kind": kind,
+        rows.append({"name": name, "size": size, "d_model": cfg.model.d_model,
+                     "n_layer": cfg.model.n_layer, "kind": kind,
                      "qat_start": start, "tokens": tokens, "seconds": time.perf_counter() - t0, **m})
         log(f"{name}: loss {m['loss']:.4f} (as trained {m['loss_trained']:.4f}), "
             f"{m['bytes'] / 1e6:.3f} MB, {m['params']:,} params")
@@ -98,12 +111,13 @@ def frontier(out: str | Path, depths=(2, 4, 6), kinds=("dense", "int4", "int2", 
 
 
 def _frontier_table(rows: list[dict]) -> str:
-    dense = {r["depth"]: r["loss"] for r in rows if r["kind"] == "dense"}
-    lines = ["| model | d_model | params | tokens | QAT from | bytes (MB) | val loss (stored) | "
-             "val loss (as trained) | vs fp32 |", "|---|---|---|---|---|---|---|---|---|"]
+    dense = {r["size"]: r["loss"] for r in rows if r["kind"] == "dense"}
+    lines = ["| model | d_model x layers | params | tokens | QAT from | bytes (MB) | "
+             "val loss (stored) | val loss (as trained) | vs fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        rel = (f"{100 * (r['loss'] / dense[r['depth']] - 1):+.1f}%" if r["depth"] in dense else "")
-        lines.append(f"| {KIND_LABEL[r['kind']]} depth {r['depth']} | {r['d_model']} | "
+        rel = (f"{100 * (r['loss'] / dense[r['size']] - 1):+.1f}%" if r["size"] in dense else "")
+        lines.append(f"| {KIND_LABEL[r['kind']]} | {r['size']} | "
                      f"{r['params']:,} | {r['tokens']:,} | {r['qat_start'] or '-'} | "
                      f"{r['bytes'] / 1e6:.3f} | {r['loss']:.4f} | {r['loss_trained']:.4f} | {rel} |")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from keenlm.io.gguf import GGUF_TO_KEENLM, GLOBAL_NAMES, permute_qk
 
@@ -106,14 +107,42 @@ def _encode_tensor(name: str, arr: np.ndarray, qtype: str):
 
 def effective_weights(net) -> dict[str, np.ndarray]:
     """keenlm name -> the fp32 weights the model computes with: a low-bit layer's quantized
-    matrix (not its latent weights), a packed layer's unpacked one, plain tensors as they are."""
+    matrix (not its latent weights), a packed or int8 layer's dequantized one (a projection
+    fused for decoding as its rows of the fused matrix), plain tensors as they are."""
+    from keenlm.infer.int8 import FusedSlice
+
     sd = {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
     for name, m in net.named_modules():
-        if hasattr(m, "quantized_weight"):  # QATLinear
-            sd[f"{name}.weight"] = m.quantized_weight().detach().float().cpu().numpy()
-        elif callable(getattr(m, "weight", None)):  # PackedLinear
-            sd[f"{name}.weight"] = m.weight().detach().float().cpu().numpy()
+        w = _dequantized(m)
+        if isinstance(m, FusedSlice):
+            w = _dequantized(m._fused[0])[m.start:m.end]
+        if w is not None:
+            sd[f"{name}.weight"] = w.detach().float().cpu().numpy()
     return sd
+
+
+def _dequantized(m):
+    from keenlm.infer.int8 import Int8Embedding, Int8Linear
+
+    if hasattr(m, "quantized_weight"):  # QATLinear
+        return m.quantized_weight()
+    if callable(getattr(m, "weight", None)):  # PackedLinear
+        return m.weight()
+    if isinstance(m, (Int8Linear, Int8Embedding)):
+        return m.weight_int8.float() * m.scale[:, None]
+    return None
+
+
+def is_ternary(net) -> bool:
+    """Every block projection holds ternary weights: a ternary QAT model, or a packed model
+    whose layers are scale x {-1, 0, +1} (offset = -scale, codes 0..2)."""
+    from keenlm.model.packing import PackedLinear
+
+    if net.cfg.linear == "ternary":
+        return True
+    packed = [m for m in net.modules() if isinstance(m, PackedLinear)]
+    return bool(packed) and all(
+        m.bits == 2 and torch.equal(m.offset, -m.scale) and int(m.codes().max()) <= 2 for m in packed)
 
 
 def _tensors(net):
@@ -143,11 +172,11 @@ def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
     if qtype not in QTYPES:
         raise ValueError(f"GGUF export type {qtype!r} is not supported ({' | '.join(QTYPES)})")
     cfg = net.cfg
-    if cfg.ffn != "dense" or cfg.linear not in ("dense", "ternary"):
-        raise ValueError(f"only plain and ternary Llama models export to GGUF here "
-                         f"(linear={cfg.linear}, ffn={cfg.ffn})")
-    if qtype in TERNARY_QTYPES and cfg.linear != "ternary":
-        raise ValueError(f"{qtype} holds ternary weights: export a model with model.linear=ternary")
+    if cfg.ffn != "dense":
+        raise ValueError(f"only Llama models with a dense SwiGLU export to GGUF here (ffn={cfg.ffn})")
+    if qtype in TERNARY_QTYPES and not is_ternary(net):
+        raise ValueError(f"{qtype} holds ternary weights: export a model trained with "
+                         f"model.linear=ternary or quantized with --bits 1.58")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,

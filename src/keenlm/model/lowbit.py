@@ -14,7 +14,8 @@ Quantizers (weights W of one linear layer, rows = output channels):
   https://arxiv.org/abs/2502.02631) for 2 bits: four levels {-1.5, -0.5, 0.5, 1.5} * alpha
   (no zero level, the grid stretched to use all four codes), alpha learned per output row
   with the LSQ gradient (Esser et al. 2019) -- autograd derives it from the STE formula below.
-  alpha starts at max|W_row| / 2, the same initialization scale ParetoQ reports for 2-bit.
+  alpha starts at max|W_row| / 2 from scratch; converting a trained model (``prepare_qat``,
+  or the switch of ``train.qat_start``) starts it at the step with the least rounding error.
 - ``int4``: symmetric groupwise, 16 levels {-8..7} * s per group of ``group`` weights along the
   input dimension, s = absmax / 7 of the group (round to nearest).
 
@@ -88,9 +89,26 @@ class QATLinear(nn.Linear):
             self.init_alpha()
 
     @torch.no_grad()
-    def init_alpha(self):
-        if self.kind == "int2" and not self.weight.is_meta:
-            self.alpha.copy_((self.weight.abs().amax(dim=1, keepdim=True) / 2).clamp_min(1e-5))
+    def init_alpha(self, fit: bool = False):
+        """2-bit step per row: max|w| / 2, or with ``fit`` (trained weights: prepare_qat, the
+        QAT schedule's switch) the step with the least squared rounding error per row."""
+        if self.kind != "int2" or self.weight.is_meta:
+            return
+        w = self.weight.float()
+        top = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-5)
+        if not fit:
+            self.alpha.copy_(top / 2)
+            return
+        best, best_err = None, None
+        for f in torch.linspace(0.1, 0.7, 25).tolist():
+            a = top * f
+            err = ((torch.round(w / a - 0.5).clamp(-2, 1) + 0.5) * a - w).pow(2).sum(1, keepdim=True)
+            if best is None:
+                best, best_err = a, err
+            else:
+                better = err < best_err
+                best, best_err = torch.where(better, a, best), torch.where(better, err, best_err)
+        self.alpha.copy_(best)
 
     def quantized_weight(self) -> torch.Tensor:
         if self.kind == "ternary":
@@ -118,7 +136,7 @@ def set_quantize(net: nn.Module, on: bool) -> int:
         if isinstance(m, QATLinear) and m.quantize != on:
             m.quantize = on
             if on:
-                m.init_alpha()
+                m.init_alpha(fit=True)
             switched += 1
     return switched
 
@@ -171,6 +189,6 @@ def prepare_qat(net: nn.Module, kind: str, *, group: int = 32, per_channel: bool
                 q = QATLinear(child.in_features, child.out_features, kind, group=group,
                               per_channel=per_channel, act_bits=act_bits).to(child.weight.device)
                 q.weight.copy_(child.weight)
-                q.init_alpha()
+                q.init_alpha(fit=True)
                 setattr(parent, name, q)
     return net
