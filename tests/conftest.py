@@ -1,9 +1,16 @@
 """Fixtures shared by several test files."""
+import os
 import shutil
 import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter; it must be chosen before any
+# kernel is defined (keenlm.model.flash_triton is imported later, by the tests).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -33,7 +33,7 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 # Names of registered variants, checked at load. The registries themselves live beside the
 # code that implements them; tests assert the two lists agree.
-ATTENTION_BACKENDS = ("naive", "sdpa")
+ATTENTION_BACKENDS = ("naive", "sdpa", "flash", "flash_triton", "auto")
 LINEAR_KINDS = ("dense", "ternary", "int2", "int4")
 FFN_KINDS = ("dense",)
 
@@ -53,7 +53,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # LM head shares the embedding matrix
     init_std: float = 0.02  # normal init std; residual outputs get std/sqrt(2 n_layer)
-    attention: str = "sdpa"  # naive | sdpa
+    attention: str = "sdpa"  # naive | sdpa | flash (FlashAttention-2 in PyTorch) | flash_triton (CUDA) | auto
     linear: str = "dense"  # dense | ternary | int2 | int4 (quantization-aware, model/lowbit.py)
     ffn: str = "dense"  # dense
     lowbit_group: int = 32  # int4: weights per scale group along the input dimension

@@ -17,6 +17,9 @@ heads are each shared by H/Hk query heads.
   matrix. It is the reference every other backend is tested against.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``, which picks PyTorch's fused
   kernels (FlashAttention-style on CPU and CUDA where the inputs allow).
+- ``flash``: the FlashAttention-2 algorithm written in PyTorch (keenlm.model.flash).
+- ``flash_triton``: the same algorithm as Triton kernels (keenlm.model.flash_triton), CUDA.
+- ``auto``: ``flash_triton`` on CUDA GPUs, ``sdpa`` elsewhere.
 
 Legend: B batch, T new positions, S visible key positions, H query heads, Hk key/value heads,
 D head dim, C model width.
@@ -62,9 +65,46 @@ def sdpa_attention(q, k, v, mask):
     return torch.nan_to_num(out, nan=0.0)
 
 
+def flash_backend(q, k, v, mask):
+    """FlashAttention-2 in PyTorch (keenlm.model.flash): blocked, online softmax, recomputing
+    backward; memory O(T x block) instead of O(T x S)."""
+    from keenlm.model.flash import flash_attention
+
+    return flash_attention(q, k, v, mask, causal=True)
+
+
+def flash_triton_backend(q, k, v, mask):
+    """FlashAttention-2 as Triton kernels (keenlm.model.flash_triton): CUDA only; a clear
+    error elsewhere (on a CPU the tests run it under Triton's interpreter)."""
+    from keenlm.model.flash_triton import flash_triton_attention
+
+    return flash_triton_attention(q, k, v, mask, causal=True)
+
+
+_said = set()
+
+
+def auto_backend(q, k, v, mask):
+    """The fastest exact backend for the device of the call: the Triton kernel on CUDA GPUs
+    (when triton is installed), PyTorch's fused sdpa elsewhere (on this project's 2-core CPU,
+    benchmarks/attention.py measures sdpa ahead of flash and naive at every length)."""
+    if q.is_cuda:
+        from keenlm.model import flash_triton
+
+        if flash_triton.available():
+            return flash_triton.flash_triton_attention(q, k, v, mask, causal=True)
+        if "triton" not in _said:
+            _said.add("triton")
+            print("keenlm: triton is not installed; attention 'auto' uses sdpa on this GPU")
+    return sdpa_attention(q, k, v, mask)
+
+
 ATTENTION: dict[str, Backend] = {
     "naive": naive_attention,
     "sdpa": sdpa_attention,
+    "flash": flash_backend,
+    "flash_triton": flash_triton_backend,
+    "auto": auto_backend,
 }
 
 

@@ -104,6 +104,12 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = pick_device(t.device)
+        if cfg.model.attention == "flash_triton" and self.device.type != "cuda":
+            from keenlm.model.flash_triton import interpreted
+
+            if not interpreted():
+                raise ValueError(f"model.attention=flash_triton runs on CUDA GPUs; this run's device "
+                                 f"is {self.device} (use flash, sdpa or auto)")
         self.amp = autocast_dtype(t.dtype, self.device)
         self.run_dir = Path(t.out_dir)
         log = print if t.progress else None
