@@ -35,11 +35,13 @@ bench: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/lowbit.py
+	$(BIN)/python benchmarks/attention.py
 
 bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py --quick
 	$(BIN)/python benchmarks/decode.py --quick
 	$(BIN)/python benchmarks/lowbit.py --quick
+	$(BIN)/python benchmarks/attention.py --quick
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

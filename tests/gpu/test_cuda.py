@@ -72,3 +72,26 @@ def test_trainer_on_cuda_with_bf16_autocast(tmp_path, small_corpus):
     res = tr.fit()
     assert res.final_eval["loss"] < first - 0.5
     assert all(p.is_cuda and p.dtype == torch.float32 for p in tr.model.parameters())
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("T,D,Hk,padded", [(1000, 64, 8, False), (257, 128, 2, False), (300, 64, 4, True)])
+def test_flash_triton_matches_naive_on_cuda(dtype, atol, T, D, Hk, padded):
+    from keenlm.model.flash_triton import flash_triton_attention
+
+    g = torch.Generator(device="cuda").manual_seed(T + D)
+    q, k, v = (torch.randn(2, 8 if i == 0 else Hk, T, D, device="cuda", generator=g, dtype=dtype)
+               .requires_grad_() for i in range(3))
+    mask = None
+    if padded:
+        keys = torch.ones(2, T, dtype=torch.bool, device="cuda")
+        keys[0, :37] = False
+        mask = torch.ones(T, T, dtype=torch.bool, device="cuda").tril()[None, None] & keys[:, None, None]
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference in full fp32
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = naive_attention(*ref_in, mask)
+    out = flash_triton_attention(q, k, v, mask, causal=True)
+    go = torch.randn_like(ref)
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=atol)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go.to(dtype)), torch.autograd.grad(ref, ref_in, go)):
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=atol * 10)
