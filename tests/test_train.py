@@ -117,10 +117,11 @@ def test_sigint_stops_after_the_step_and_saves(corpus_dir, tmp_path):
             return x, y, None
 
     tr.hooks.append(CtrlCAtStep3())
+    before = signal.getsignal(signal.SIGINT)  # default, or SIG_IGN under nohup / background jobs
     res = tr.fit()
     assert res.interrupted and res.step == 3
     assert runs.latest_checkpoint(tmp_path / "run").name == "step-0000003"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
 
 
 def test_hook_token_weights_and_extra_losses(corpus_dir, tmp_path):

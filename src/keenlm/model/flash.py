@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-BLOCK = 256  # keys per step: a (B, H, T, 256) fp32 slab of scores at a time
+BLOCK = 256  # keys per tile
+ROWS = 512  # queries per tile: a (heads x 512 x 256) fp32 tile of scores (4 MB at 8 heads)
 
 
 def _grouped(q, Hk):
@@ -37,63 +38,64 @@ def _grouped(q, Hk):
     return q.view(B, Hk, H // Hk, T, D)
 
 
-def _block_mask(mask, causal, B, T, S, qs, j0, j1, device):
-    """Bool (.., Tq, bk) of visible (query qs.., key j0..j1) pairs, broadcastable against
-    (B, Hk, G, Tq, bk); None when every pair is visible."""
+def _tile_mask(mask, causal, T, S, i0, i1, j0, j1, device):
+    """Bool (.., rows, keys) of visible (query i0..i1, key j0..j1) pairs, broadcastable against
+    (B, Hk, G, rows, keys); None when every pair is visible."""
     if mask is not None:
-        return mask[:, :, qs:, j0:j1].unsqueeze(1)  # (B, 1, 1, Tq, bk)
+        return mask[:, :, i0:i1, j0:j1].unsqueeze(1)  # (B, 1, 1, rows, keys)
     if not causal:
         return None
     offset = S - T  # query i sees keys <= i + offset
-    if j1 - 1 <= qs + offset:  # the whole block is visible to every remaining row
+    if j1 - 1 <= i0 + offset:  # the whole tile is at or below the diagonal
         return None
-    rows = torch.arange(qs, T, device=device)[:, None] + offset
-    return torch.arange(j0, j1, device=device)[None, :] <= rows  # (Tq, bk)
+    rows = torch.arange(i0, i1, device=device)[:, None] + offset
+    return torch.arange(j0, j1, device=device)[None, :] <= rows
 
 
-def _first_row(causal, mask, T, S, j0):
-    """The first query row that can see key j0 (earlier rows skip the block)."""
-    if causal and mask is None:
-        return max(0, j0 - (S - T))
-    return 0
+def _key_end(causal, mask, T, S, i1):
+    """Keys past this are invisible to every query row before i1 (causal, no explicit mask)."""
+    return min(S, i1 + S - T) if causal and mask is None else S
 
 
-def flash_forward(q, k, v, mask=None, causal=True, block=BLOCK):
-    """(out (B, H, T, D) in q's dtype, lse (B, H, T) fp32)."""
+def flash_forward(q, k, v, mask=None, causal=True, block=BLOCK, rows=ROWS):
+    """(out (B, H, T, D) in q's dtype, lse (B, H, T) fp32). Tiles of ``rows`` queries x
+    ``block`` keys; each query tile keeps its running max, sum and output."""
     B, H, T, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D)
     qg = _grouped(q, Hk)
     G = H // Hk
-    m = torch.full((B, Hk, G, T), float("-inf"), device=q.device)
-    l = torch.zeros(B, Hk, G, T, device=q.device)
-    acc = torch.zeros(B, Hk, G, T, D, device=q.device)
-    for j0 in range(0, S, block):
-        j1 = min(S, j0 + block)
-        qs = _first_row(causal, mask, T, S, j0)
-        if qs >= T:
-            break
-        kj, vj = k[:, :, None, j0:j1], v[:, :, None, j0:j1]  # (B, Hk, 1, bk, D)
-        s = (qg[..., qs:, :] @ kj.transpose(-2, -1)).float() * scale  # (B, Hk, G, Tq, bk)
-        vis = _block_mask(mask, causal, B, T, S, qs, j0, j1, q.device)
-        if vis is not None:
-            s = s.masked_fill(~vis, float("-inf"))
-        m_old = m[..., qs:]
-        m_new = torch.maximum(m_old, s.amax(-1))
-        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # no -inf - -inf
-        p = torch.exp(s - safe[..., None])
-        corr = torch.exp(m_old - safe)
-        l[..., qs:] = l[..., qs:] * corr + p.sum(-1)
-        acc[..., qs:, :] = acc[..., qs:, :] * corr[..., None] + p.to(v.dtype) @ vj
-        m[..., qs:] = m_new
-    seen = l > 0
-    out = torch.where(seen[..., None], acc / l.clamp_min(1e-30)[..., None], torch.zeros_like(acc))
-    lse = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), torch.full_like(m, float("inf")))
-    return out.to(q.dtype).view(B, H, T, D), lse.view(B, H, T)
+    out = torch.zeros(B, Hk, G, T, D, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hk, G, T), float("inf"), device=q.device)
+    for i0 in range(0, T, rows):
+        i1 = min(T, i0 + rows)
+        qi = qg[..., i0:i1, :]
+        m = torch.full((B, Hk, G, i1 - i0), float("-inf"), device=q.device)
+        l = torch.zeros(B, Hk, G, i1 - i0, device=q.device)
+        acc = torch.zeros(B, Hk, G, i1 - i0, D, device=q.device)
+        for j0 in range(0, _key_end(causal, mask, T, S, i1), block):
+            j1 = min(S, j0 + block)
+            kj, vj = k[:, :, None, j0:j1], v[:, :, None, j0:j1]  # (B, Hk, 1, keys, D)
+            s = (qi @ kj.transpose(-2, -1)).float().mul_(scale)  # (B, Hk, G, rows, keys)
+            vis = _tile_mask(mask, causal, T, S, i0, i1, j0, j1, q.device)
+            if vis is not None:
+                s.masked_fill_(~vis, float("-inf"))
+            m_new = torch.maximum(m, s.amax(-1))
+            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # no -inf - -inf
+            p = s.sub_(safe[..., None]).exp_()  # in place: the tile is the largest tensor
+            corr = torch.exp(m - safe)
+            l.mul_(corr).add_(p.sum(-1))
+            acc.mul_(corr[..., None]).add_(p.to(v.dtype) @ vj)
+            m = m_new
+        seen = l > 0
+        out[..., i0:i1, :] = torch.where(seen[..., None], acc / l.clamp_min(1e-30)[..., None], 0.0)
+        lse[..., i0:i1] = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), lse[..., i0:i1])
+    return out.view(B, H, T, D), lse.view(B, H, T)
 
 
-def flash_backward(dout, q, k, v, out, lse, mask=None, causal=True, block=BLOCK):
-    """Gradients (dq, dk, dv) by recomputing each key block's probabilities from lse."""
+def flash_backward(dout, q, k, v, out, lse, mask=None, causal=True, block=BLOCK, rows=ROWS):
+    """Gradients (dq, dk, dv) by recomputing each tile's probabilities from lse; the outer
+    loop runs over key blocks (their dk, dv stay local), the inner over query tiles."""
     B, H, T, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     G = H // Hk
@@ -104,52 +106,54 @@ def flash_backward(dout, q, k, v, out, lse, mask=None, causal=True, block=BLOCK)
     dq = torch.zeros(B, Hk, G, T, D, device=q.device)
     dk = torch.zeros(B, Hk, S, D, device=q.device)
     dv = torch.zeros(B, Hk, S, D, device=q.device)
+    offset = S - T
     for j0 in range(0, S, block):
         j1 = min(S, j0 + block)
-        qs = _first_row(causal, mask, T, S, j0)
-        if qs >= T:
-            break
         kj, vj = k[:, :, None, j0:j1], v[:, :, None, j0:j1]
-        qi, doi = qg[..., qs:, :], dog[..., qs:, :]
-        s = (qi @ kj.transpose(-2, -1)).float() * scale
-        p = torch.exp(s - lse_g[..., qs:, None])  # rows with lse = inf (no visible key) -> 0
-        vis = _block_mask(mask, causal, B, T, S, qs, j0, j1, q.device)
-        if vis is not None:
-            p = p.masked_fill(~vis, 0.0)
-        dv[:, :, j0:j1] += (p.transpose(-2, -1) @ doi.float()).sum(2)
-        dp = (doi @ vj.transpose(-2, -1)).float()
-        ds = p * (dp - delta[..., qs:, None]) * scale
-        dq[..., qs:, :] += ds @ kj.float()
-        dk[:, :, j0:j1] += (ds.transpose(-2, -1) @ qi.float()).sum(2)
+        first = max(0, j0 - offset) // rows * rows if causal and mask is None else 0
+        for i0 in range(first, T, rows):
+            i1 = min(T, i0 + rows)
+            qi, doi = qg[..., i0:i1, :], dog[..., i0:i1, :]
+            s = (qi @ kj.transpose(-2, -1)).float().mul_(scale)
+            p = s.sub_(lse_g[..., i0:i1, None]).exp_()  # rows with lse = inf -> 0
+            vis = _tile_mask(mask, causal, T, S, i0, i1, j0, j1, q.device)
+            if vis is not None:
+                p.masked_fill_(~vis, 0.0)
+            dv[:, :, j0:j1] += (p.transpose(-2, -1) @ doi.float()).sum(2)
+            dp = (doi @ vj.transpose(-2, -1)).float()
+            ds = dp.sub_(delta[..., i0:i1, None]).mul_(p).mul_(scale)
+            dq[..., i0:i1, :] += ds @ kj.float()
+            dk[:, :, j0:j1] += (ds.transpose(-2, -1) @ qi.float()).sum(2)
     return dq.view(B, H, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _Flash(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, causal, block):
-        out, lse = flash_forward(q, k, v, mask, causal, block)
+    def forward(ctx, q, k, v, mask, causal, block, rows):
+        out, lse = flash_forward(q, k, v, mask, causal, block, rows)
         ctx.save_for_backward(q, k, v, out, lse, *(() if mask is None else (mask,)))
-        ctx.causal, ctx.block, ctx.has_mask = causal, block, mask is not None
+        ctx.causal, ctx.block, ctx.rows, ctx.has_mask = causal, block, rows, mask is not None
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, *rest = ctx.saved_tensors
         mask = rest[0] if ctx.has_mask else None
-        dq, dk, dv = flash_backward(dout.contiguous(), q, k, v, out, lse, mask, ctx.causal, ctx.block)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = flash_backward(dout.contiguous(), q, k, v, out, lse, mask, ctx.causal,
+                                    ctx.block, ctx.rows)
+        return dq, dk, dv, None, None, None, None
 
 
 def flash_attention(q, k, v, mask: Optional[torch.Tensor] = None, causal: bool = True,
-                    block: int = BLOCK):
+                    block: int = BLOCK, rows: int = ROWS):
     """The ``flash`` backend: (B, H, T, D) queries, (B, Hk, S, D) keys/values -> (B, H, T, D)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads")
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"attention mask must be bool, got {mask.dtype}")
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _Flash.apply(q, k, v, mask, causal, block)
-    return flash_forward(q, k, v, mask, causal, block)[0]
+        return _Flash.apply(q, k, v, mask, causal, block, rows)
+    return flash_forward(q, k, v, mask, causal, block, rows)[0]
 
 
 # ------------------------------------------------------------------------------ the IO model
