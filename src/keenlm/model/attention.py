@@ -68,9 +68,9 @@ def sdpa_attention(q, k, v, mask):
 def flash_backend(q, k, v, mask):
     """FlashAttention-2 in PyTorch (keenlm.model.flash): blocked, online softmax, recomputing
     backward; memory O(T x block) instead of O(T x S)."""
-    from keenlm.model.flash import flash_attention
+    from keenlm.model import flash
 
-    return flash_attention(q, k, v, mask, causal=True)
+    return flash.flash_attention(q, k, v, mask, causal=True, block=flash.BLOCK, rows=flash.ROWS)
 
 
 def flash_triton_backend(q, k, v, mask):
