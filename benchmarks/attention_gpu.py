@@ -74,7 +74,6 @@ def main() -> int:
             ratios.append(t_s / t_t)
             print(f"{D:4d} {N:6d} {B:3d} {H:3d} {flops / t_s / 1e12:13.1f} {flops / t_t / 1e12:15.1f} "
                   f"{t_s / t_t:6.2f}")
-            del q, k, v, go
     print()
     print(bench_line("attention_gpu_triton_vs_sdpa_min", min(ratios), ">=", 0.8))
     return 0

@@ -220,7 +220,8 @@ def _tiny_km(tie=True, seed=0):
     from keenlm.data import ByteTokenizer
 
     torch.manual_seed(seed)
-    m = ModelConfig(vocab_size=ByteTokenizer().vocab_size, n_layer=2, d_model=64, n_head=4, d_ff=128, tie_embeddings=tie)
+    m = ModelConfig(vocab_size=ByteTokenizer().vocab_size, n_layer=2, d_model=64, n_head=4, d_ff=128,
+                    tie_embeddings=tie)
     return KeenModel(build_model(m).eval(), ByteTokenizer(), RunConfig(model=m))
 
 

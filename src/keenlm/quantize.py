@@ -232,7 +232,6 @@ def load_quantized(path: Path, device: str = "cpu"):
 
 def model_bytes(km) -> dict:
     """Bytes of the weights as stored, by part, and of the same model in fp32."""
-    from keenlm.infer.int8 import Int8Embedding, Int8Linear
     from keenlm.model.packing import PackedLinear
 
     parts = {"packed": 0, "embedding": 0, "head": 0, "other": 0}

@@ -4,9 +4,9 @@ Two studies, each writing ``results.json``, ``results.md`` (a table) and, for th
 plot ``frontier.svg`` into its output folder:
 
 - ``frontier``: the bits-vs-quality frontier. For each size (d_model x layers; heads of 64,
-  SwiGLU width and learning rate by the preset rules) and each linear kind (dense fp32, int4, int2, ternary quantization-aware training), a
-  model is trained on the stdlib corpus with the same tokens; the low-bit ones are converted
-  to packed weights (int8 embedding). Validation loss of the model *as stored* against its bytes.
+  SwiGLU width and learning rate by the preset rules) and each linear kind (dense fp32, int4,
+  int2, ternary quantization-aware training), a model is trained on the stdlib corpus with the
+  same tokens; the low-bit ones are converted to packed weights (int8 embedding). Validation loss of the model *as stored* against its bytes.
   Optionally, ternary runs at the middle size that switch from full precision to QAT at given
   fractions of training (``train.qat_start``), to find the fraction that works best.
 - ``ptq``: one model (a run, a GGUF file such as SmolLM2, an HF folder) quantized by several
