@@ -407,3 +407,20 @@ def test_quant_json_naming_a_layer_the_model_lacks_is_an_error(tmp_path):
     (out / "quant.json").write_text("{}")
     with pytest.raises(ValueError, match="quant.json"):
         keenlm.load(out)
+
+
+def test_default_group_halves_until_it_divides_every_width():
+    from keenlm import quantize as Q
+    from keenlm.api import KeenModel
+    from keenlm.config import QuantConfig, RunConfig
+    from keenlm.data import ByteTokenizer
+
+    m = ModelConfig(vocab_size=ByteTokenizer().vocab_size, n_layer=1, d_model=64, n_head=4, d_ff=96)
+    km = KeenModel(build_model(m).eval(), ByteTokenizer(), RunConfig(model=m))
+    said = []
+    Q.quantize(km, QuantConfig(bits="4", method="rtn"), log=said.append)
+    assert km.quant["group"] == 32 and "groups of 32" in said[0]
+    assert km.net.layers[0].mlp.down_proj.group == 32
+    with pytest.raises(ValueError, match="multiple of the group 64"):  # an explicit group is kept
+        Q.quantize(KeenModel(build_model(m).eval(), ByteTokenizer(), RunConfig(model=m)),
+                   QuantConfig(bits="4", method="rtn", group=64), log=None)

@@ -53,12 +53,12 @@ def _calibration(km, q: QuantConfig, log) -> torch.Tensor:
     return x
 
 
-def _qat(km, q: QuantConfig, run_dir: Path, log) -> None:
+def _qat(km, q: QuantConfig, group: int, run_dir: Path, log) -> None:
     """Quantization-aware fine-tuning of km.net in place, through the Trainer."""
     from keenlm.train import Trainer
 
     m = km.config.model
-    group = q.group_size or m.d_model
+    group = group or m.d_model
     model = dataclasses.replace(m, linear=q.kind, lowbit_group=group if q.kind == "int4" else
                                 m.lowbit_group, lowbit_per_channel=True)
     data = km.config.data if km.run_dir is not None else DataConfig(max_bytes=4_000_000)
@@ -93,6 +93,22 @@ def _store_tables(net, q: QuantConfig) -> None:
             net.lm_head.weight.copy_(net.lm_head.weight.half().float())
 
 
+def _fit_group(net, q: QuantConfig, log) -> int:
+    """The group size: as given; by default 64, halved until it divides every projection's
+    input width (a SwiGLU width of 352 takes groups of 32), and said so."""
+    group = q.group_size
+    if q.group != -1 or group == 0:
+        return group
+    widths = {m.in_features for name, m in net.named_modules()
+              if type(m) is nn.Linear and not name.endswith("lm_head")}
+    while group > 8 and any(w % group for w in widths):
+        group //= 2
+    if group != q.group_size and log:
+        log(f"quantize: groups of {q.group_size} do not divide every layer width "
+            f"{sorted(widths)}; using groups of {group}")
+    return group
+
+
 def quantize(model, q: QuantConfig, *, log: Callable[[str], None] | None = print,
              qat_dir: str | Path | None = None):
     """Quantize ``model`` (a path or a keenlm.load result) in place; returns the KeenModel with
@@ -104,7 +120,7 @@ def quantize(model, q: QuantConfig, *, log: Callable[[str], None] | None = print
     km = load(model) if isinstance(model, (str, Path)) else model
     if any(isinstance(m, PackedLinear) for m in km.net.modules()):
         raise ValueError("the model is already quantized")
-    group = q.group_size
+    group = _fit_group(km.net, q, log)
     km.net.eval()
     if q.method == "rtn":
         ptq.quantize_rtn(km.net, q.kind, group)
@@ -115,7 +131,7 @@ def quantize(model, q: QuantConfig, *, log: Callable[[str], None] | None = print
         ptq.quantize_gptq(km.net, q.kind, group, calib, log=log)
     else:
         run_dir = Path(qat_dir) if qat_dir else Path(tempfile.mkdtemp(prefix="keenlm-qat-"))
-        _qat(km, q, run_dir, log)
+        _qat(km, q, group, run_dir, log)
         convert_qat(km.net)
     _store_tables(km.net, q)
     layers = {name: {"bits": m.bits, "group": m.group, "in_features": m.in_features,
