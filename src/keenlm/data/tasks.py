@@ -1,0 +1,238 @@
+"""Verifiable tasks: generators with difficulty levels, deterministic splits, exact rewards.
+
+Each task makes problems (a prompt, a gold answer, a worked demonstration for supervised
+warm-up) and scores completions with a plain callable ``reward(prompts, completions) ->
+list[float]``. Rewards read everything they need from the prompt text itself, so any list of
+prompts and completions (from a sampler, a file, a test) can be scored without hidden state.
+
+Answers go inside ``<answer>...</answer>``. The reward is TinyZero's (Pan et al. 2025): 0 when
+no answer tag is found, 0.1 when the tag is there but the answer is wrong, 1.0 when it is
+right. ``format_reward`` alone gives 1 for a well-formed answer tag.
+
+- ``addition`` / ``multiplication``: two operands of ``digits`` digits each (the difficulty);
+  with ``scratchpad`` the demonstration works column by column (addition) or by partial
+  products (multiplication) before the answer.
+- ``countdown``: reach a target from ``n`` given numbers with + - * / and parentheses, each
+  number used at most once. The generator builds the target from a random expression over
+  the numbers, so a solution exists. The verifier parses the expression with ``ast`` and
+  walks the tree, accepting only integer literals, the four operators and parentheses; it
+  computes with exact fractions and rejects division by zero, numbers not on offer (or used
+  twice), values beyond 10^9 and expressions over 200 characters. Nothing is ever ``eval``-ed.
+
+Splits are deterministic: problem i of a split comes from a generator seeded by (task,
+difficulty, split, i), and the train split skips every prompt the test split holds.
+"""
+from __future__ import annotations
+
+import ast
+import random
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Callable
+
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+LIMIT = 10**9
+MAX_EXPR = 200
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+    demonstration: str  # a worked completion, for supervised warm-up
+    meta: dict = field(default_factory=dict)
+
+
+def extract_answer(completion: str) -> str | None:
+    """The text inside the first <answer>...</answer>, stripped; None without one."""
+    m = ANSWER.search(completion)
+    return m.group(1).strip() if m else None
+
+
+def format_reward(prompts, completions) -> list[float]:
+    return [1.0 if extract_answer(c) is not None else 0.0 for c in completions]
+
+
+def _tiered(ok: bool | None) -> float:
+    return 0.0 if ok is None else (1.0 if ok else 0.1)
+
+
+# ------------------------------------------------------------------------------ arithmetic
+
+ARITH = re.compile(r"What is (\d+) ([+*]) (\d+)\?")
+
+
+def _number(n_digits: int, rng: random.Random) -> int:
+    return rng.randint(10 ** (n_digits - 1) if n_digits > 1 else 0, 10**n_digits - 1)
+
+
+def _addition_steps(a: int, b: int) -> str:
+    da, db = str(a)[::-1], str(b)[::-1]
+    carry, lines = 0, []
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        lines.append(f"{x}+{y}+{carry}={s}, write {s % 10}, carry {s // 10}")
+        carry = s // 10
+    if carry:
+        lines.append(f"write {carry}")
+    return "\n".join(lines)
+
+
+def _multiplication_steps(a: int, b: int) -> str:
+    parts = [(int(d) * 10**i, a * int(d) * 10**i) for i, d in enumerate(str(b)[::-1])]
+    lines = [f"{a}*{p}={v}" for p, v in parts]
+    lines.append(" + ".join(str(v) for _, v in parts) + f" = {a * b}")
+    return "\n".join(lines)
+
+
+def arithmetic_problem(op: str, digits: int, scratchpad: bool, rng: random.Random) -> Problem:
+    a, b = _number(digits, rng), _number(digits, rng)
+    result = a + b if op == "+" else a * b
+    prompt = f"What is {a} {op} {b}? Answer inside <answer></answer>.\n"
+    steps = (_addition_steps(a, b) if op == "+" else _multiplication_steps(a, b)) if scratchpad else ""
+    demo = (steps + "\n" if steps else "") + f"<answer>{result}</answer>"
+    return Problem(prompt, str(result), demo, {"a": a, "b": b, "op": op})
+
+
+def arithmetic_reward(prompts, completions) -> list[float]:
+    out = []
+    for p, c in zip(prompts, completions):
+        m = ARITH.search(p)
+        if m is None:
+            raise ValueError(f"not an arithmetic prompt: {p[:60]!r}")
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        gold = a + b if op == "+" else a * b
+        ans = extract_answer(c)
+        ok = None if ans is None else (ans.replace(",", "").strip() == str(gold))
+        out.append(_tiered(ok))
+    return out
+
+
+# ------------------------------------------------------------------------------ countdown
+
+COUNTDOWN = re.compile(r"Using the numbers \[([\d, ]+)\], make (-?\d+)\.")
+OPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y,
+       ast.Mult: lambda x, y: x * y, ast.Div: lambda x, y: x / y}
+
+
+class InvalidExpression(ValueError):
+    pass
+
+
+def evaluate_expression(text: str, numbers: list[int]) -> Fraction:
+    """The exact value of an arithmetic expression over ``numbers`` (each at most once);
+    InvalidExpression for anything else. Walks the syntax tree; never evaluates text."""
+    if len(text) > MAX_EXPR:
+        raise InvalidExpression("expression too long")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as e:
+        raise InvalidExpression(f"not an expression: {e.msg}") from None
+    pool = list(numbers)
+
+    def walk(node) -> Fraction:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            if node.value not in pool:
+                raise InvalidExpression(f"{node.value} is not on offer (or used twice)")
+            pool.remove(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in OPS:
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.Div) and right == 0:
+                raise InvalidExpression("division by zero")
+            value = OPS[type(node.op)](left, right)
+            if abs(value) > LIMIT or value.denominator > LIMIT:
+                raise InvalidExpression("value too large")
+            return value
+        raise InvalidExpression(f"{type(node).__name__} is not allowed")
+
+    return walk(tree.body)
+
+
+def countdown_problem(n: int, rng: random.Random, max_number: int = 25) -> Problem:
+    while True:
+        numbers = [rng.randint(1, max_number) for _ in range(n)]
+        order = rng.sample(numbers, len(numbers))
+        expr = str(order[0])
+        for x in order[1:]:
+            op = rng.choice("+-*/")
+            expr = f"({expr}) {op} {x}" if rng.random() < 0.5 else f"{x} {op} ({expr})"
+        try:
+            value = evaluate_expression(expr, numbers)
+        except InvalidExpression:
+            continue
+        if value.denominator == 1 and 0 < value <= 1000:
+            target = int(value)
+            break
+    prompt = (f"Using the numbers [{', '.join(map(str, numbers))}], make {target}. Use + - * / "
+              f"and parentheses, each number at most once. Answer inside <answer></answer>.\n")
+    return Problem(prompt, expr, f"<answer>{expr}</answer>", {"numbers": numbers, "target": target})
+
+
+def countdown_reward(prompts, completions) -> list[float]:
+    out = []
+    for p, c in zip(prompts, completions):
+        m = COUNTDOWN.search(p)
+        if m is None:
+            raise ValueError(f"not a countdown prompt: {p[:60]!r}")
+        numbers = [int(x) for x in m.group(1).split(",")]
+        target = int(m.group(2))
+        ans = extract_answer(c)
+        if ans is None:
+            out.append(0.0)
+            continue
+        try:
+            ok = evaluate_expression(ans, numbers) == target
+        except InvalidExpression:
+            ok = False
+        out.append(_tiered(ok))
+    return out
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    make: Callable[[random.Random], Problem]
+    reward: Callable[[list[str], list[str]], list[float]]
+
+    def problems(self, split: str, n: int, test_size: int = 200) -> list[Problem]:
+        """``n`` problems of a split; train never repeats a test prompt."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split {split!r}: train | test")
+        held = set()
+        if split == "train":
+            held = {p.prompt for p in self._draw("test", test_size)}
+        return self._draw(split, n, held)
+
+    def _draw(self, split: str, n: int, skip=frozenset()) -> list[Problem]:
+        out, i = [], 0
+        while len(out) < n:
+            p = self.make(random.Random(f"{self.name}|{split}|{i}"))
+            i += 1
+            if p.prompt not in skip:
+                out.append(p)
+            if i > 100 * n + 1000:
+                raise ValueError(f"task {self.name}: cannot draw {n} distinct {split} problems")
+        return out
+
+
+def get_task(kind: str, difficulty: int = 2, scratchpad: bool = False) -> Task:
+    """addition | multiplication (difficulty = digits per operand) | countdown (= numbers)."""
+    if difficulty < 1:
+        raise ValueError(f"difficulty {difficulty}: an integer >= 1")
+    if kind in ("addition", "multiplication"):
+        op = "+" if kind == "addition" else "*"
+        return Task(f"{kind}{difficulty}{'s' if scratchpad else ''}",
+                    lambda rng: arithmetic_problem(op, difficulty, scratchpad, rng), arithmetic_reward)
+    if kind == "countdown":
+        if difficulty < 2:
+            raise ValueError("countdown needs at least 2 numbers")
+        return Task(f"countdown{difficulty}", lambda rng: countdown_problem(difficulty, rng),
+                    countdown_reward)
+    raise ValueError(f"task {kind!r}: addition | multiplication | countdown")

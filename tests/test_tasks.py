@@ -1,0 +1,51 @@
+"""Verifiable tasks: deterministic splits, exact rewards, a verifier that never evaluates text."""
+
+import pytest
+
+from keenlm.data.tasks import (InvalidExpression, countdown_reward, evaluate_expression, format_reward,
+                               get_task)
+
+
+@pytest.mark.parametrize("kind,difficulty,scratchpad", [("addition", 3, False), ("addition", 5, True),
+                                                         ("multiplication", 2, True),
+                                                         ("countdown", 3, False), ("countdown", 4, False)])
+def test_demonstrations_earn_full_reward_and_splits_are_disjoint(kind, difficulty, scratchpad):
+    task = get_task(kind, difficulty, scratchpad)
+    train, test = task.problems("train", 50, test_size=30), task.problems("test", 30)
+    assert task.problems("test", 30) == test  # deterministic
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    assert task.reward([p.prompt for p in test], [p.demonstration for p in test]) == [1.0] * 30
+    wrong = ["<answer>0</answer>" if kind != "countdown" else "<answer>1 + 1 + 1 + 1 + 1</answer>"] * 30
+    assert set(task.reward([p.prompt for p in test], wrong)) <= {0.1, 1.0}
+    assert task.reward([test[0].prompt], ["no tag here"]) == [0.0]
+
+
+def test_scratchpad_demonstration_shows_the_work():
+    p = get_task("addition", 3, scratchpad=True).problems("test", 1)[0]
+    assert "carry" in p.demonstration and p.demonstration.endswith(f"<answer>{p.answer}</answer>")
+
+
+def test_countdown_verifier_is_exact_and_safe():
+    nums = [3, 5, 7, 2]
+    assert evaluate_expression("(3 + 5) * 7 / 2", nums) == 28
+    for bad, why in [("3 + 3", "not on offer"), ("9 * 1", "not on offer"), ("7 / (5 - 5)", "not on offer"),
+                     ("7 / (3 - 3)", "not on offer"), ("__import__('os')", "not allowed"),
+                     ("3 ** 5", "not allowed"), ("-3 + 5", "not allowed"), ("3 +", "not an expression"),
+                     ("1" * 300, "too long"), ("3.0 + 5", "not allowed")]:
+        with pytest.raises(InvalidExpression, match=why):
+            evaluate_expression(bad, nums)
+    with pytest.raises(InvalidExpression, match="division by zero"):
+        evaluate_expression("7 / (5 - 5)", [7, 5, 5])
+    with pytest.raises(InvalidExpression, match="too large"):
+        evaluate_expression("999 * 999 * 999 * 999", [999, 999, 999, 999])
+    prompt = "Using the numbers [3, 5, 7, 2], make 28. Use + - * / and parentheses."
+    assert countdown_reward([prompt] * 4, ["<answer>(3+5)*7/2</answer>", "<answer>3*5</answer>",
+                                           "<answer>open('x')</answer>", "28"]) == [1.0, 0.1, 0.1, 0.0]
+
+
+def test_format_reward_and_bad_arguments():
+    assert format_reward(["p", "p"], ["<answer>1</answer>", "1"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="task"):
+        get_task("sorting")
+    with pytest.raises(ValueError, match="difficulty"):
+        get_task("addition", 0)
