@@ -49,3 +49,23 @@ def test_format_reward_and_bad_arguments():
         get_task("sorting")
     with pytest.raises(ValueError, match="difficulty"):
         get_task("addition", 0)
+
+
+def test_supervised_warm_up_gives_nonzero_success(tmp_path):
+    import keenlm
+    from keenlm.config import from_dict
+    from keenlm.data.tasks import evaluate_policy, write_demonstrations
+    from keenlm.train import Trainer
+
+    task = get_task("addition", 1)
+    path = write_demonstrations(task, tmp_path / "add1.jsonl", 2000)
+    cfg = {"model": {"n_layer": 2, "d_model": 64, "n_head": 2, "d_ff": 192, "max_seq_len": 128},
+           "data": {"corpus": str(path), "tokenizer": "byte", "cache_dir": str(tmp_path / "cache"),
+                    "val_fraction": 0.05},
+           "train": {"steps": 300, "batch_size": 16, "seq_len": 128, "lr": 3e-3, "eval_every": 0,
+                     "out_dir": str(tmp_path / "run"), "progress": False}}
+    tr = Trainer(from_dict(cfg))
+    before = evaluate_policy(tr.model.eval(), tr.tokenizer, task, n=64)
+    km = keenlm.load(tr.fit().run_dir)
+    after = evaluate_policy(km.net, km.tokenizer, task, n=64)
+    assert before["success"] == 0.0 and after["format"] > 0.5 and after["success"] > 0.0

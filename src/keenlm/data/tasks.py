@@ -29,6 +29,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Callable
 
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -236,3 +237,41 @@ def get_task(kind: str, difficulty: int = 2, scratchpad: bool = False) -> Task:
         return Task(f"countdown{difficulty}", lambda rng: countdown_problem(difficulty, rng),
                     countdown_reward)
     raise ValueError(f"task {kind!r}: addition | multiplication | countdown")
+
+
+# ------------------------------------------------------------------------------ warm-up and evaluation
+
+
+def write_demonstrations(task: Task, path, n: int) -> Path:
+    """A .jsonl corpus of ``n`` training problems with their worked completions (one
+    document per line, field "text"): train on it with ``--data.corpus PATH`` for the
+    supervised warm-up that gives RL a policy with non-zero success."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": p.prompt + p.demonstration}) for p in task.problems("train", n)]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def evaluate_policy(model, tokenizer, task: Task, n: int = 100, max_new_tokens: int = 64,
+                    batch: int = 32) -> dict:
+    """Greedy answers to ``n`` test problems: success rate (reward 1), format rate (an answer
+    tag), mean reward."""
+    from keenlm.config import GenerateConfig
+    from keenlm.infer import generate
+
+    problems = task.problems("test", n)
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=0, stop=("</answer>",))
+    completions = []
+    for i in range(0, n, batch):
+        prompts = [p.prompt for p in problems[i:i + batch]]
+        completions += generate(model, tokenizer, prompts, cfg)
+    completions = [c + "</answer>" if "<answer>" in c and "</answer>" not in c else c
+                   for c in completions]  # the stop string is cut off the returned text
+    rewards = task.reward([p.prompt for p in problems], completions)
+    return {"success": sum(r == 1.0 for r in rewards) / n, "format": sum(r > 0 for r in rewards) / n,
+            "reward": sum(rewards) / n, "n": n}
