@@ -40,9 +40,11 @@ def quantized_info(path: Path, as_json: bool = False) -> str:
     b = model_bytes(km)
     files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
     q, m = km.quant, km.config.model
+    from keenlm.model.packing import PackedLinear
+
     paths = {}
     for mod in km.net.modules():
-        if hasattr(mod, "path") and hasattr(mod, "bits"):
+        if isinstance(mod, PackedLinear):
             paths[mod.path] = paths.get(mod.path, 0) + 1
     if as_json:
         return json.dumps({"model": str(path), "quant": {k: v for k, v in q.items() if k != "layers"},

@@ -74,7 +74,7 @@ def _qat(km, q: QuantConfig, group: int, run_dir: Path, log) -> None:
 
 
 @torch.no_grad()
-def _store_tables(net, q: QuantConfig) -> None:
+def store_tables(net, q: QuantConfig) -> None:
     """The embedding (and an untied head) as ``q.embed`` / ``q.head`` say."""
     from keenlm.infer.int8 import Int8Embedding, Int8Linear, quantize_rows_int8
 
@@ -133,7 +133,7 @@ def quantize(model, q: QuantConfig, *, log: Callable[[str], None] | None = print
         run_dir = Path(qat_dir) if qat_dir else Path(tempfile.mkdtemp(prefix="keenlm-qat-"))
         _qat(km, q, group, run_dir, log)
         convert_qat(km.net)
-    _store_tables(km.net, q)
+    store_tables(km.net, q)
     layers = {name: {"bits": m.bits, "group": m.group, "in_features": m.in_features,
                      "act_bits": m.act_bits}
               for name, m in km.net.named_modules() if isinstance(m, PackedLinear)}
@@ -248,6 +248,7 @@ def load_quantized(path: Path, device: str = "cpu"):
 
 def model_bytes(km) -> dict:
     """Bytes of the weights as stored, by part, and of the same model in fp32."""
+    from keenlm.model import build_model
     from keenlm.model.packing import PackedLinear
 
     parts = {"packed": 0, "embedding": 0, "head": 0, "other": 0}
@@ -266,26 +267,9 @@ def model_bytes(km) -> dict:
             parts["head"] += size // (2 if km.quant.get("head") == "fp16" else 1)
         else:
             parts["other"] += size
-    m = km.config.model
-    params = sum(p.numel() for p in _fp32_shapes(m))
+    with torch.device("meta"):  # the same model in fp32 (parameters() counts a tied one once)
+        dense = build_model(dataclasses.replace(km.config.model, linear="dense"))
     parts["total"] = sum(parts.values())
-    parts["fp32_total"] = params * 4
+    parts["fp32_total"] = 4 * sum(p.numel() for p in dense.parameters())
     parts["ratio"] = parts["fp32_total"] / parts["total"]
     return parts
-
-
-def _fp32_shapes(m):
-    with torch.device("meta"):
-        net = build_dense(m)
-    seen, out = set(), []
-    for p in net.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
-def build_dense(m):
-    from keenlm.model import build_model
-
-    return build_model(dataclasses.replace(m, linear="dense"))

@@ -68,7 +68,7 @@ def _measure_run(run_dir: Path, kind: str) -> dict:
     import keenlm
     from keenlm.config import QuantConfig
     from keenlm.model.packing import convert_qat
-    from keenlm.quantize import _store_tables, model_bytes
+    from keenlm.quantize import model_bytes, store_tables
 
     km = keenlm.load(run_dir)
     params = sum(p.numel() for p in km.net.parameters())
@@ -76,7 +76,7 @@ def _measure_run(run_dir: Path, kind: str) -> dict:
     if kind == "dense":
         return {"loss": trained, "loss_trained": trained, "bytes": params * 4, "params": params}
     convert_qat(km.net)
-    _store_tables(km.net, QuantConfig(embed="int8"))
+    store_tables(km.net, QuantConfig(embed="int8"))
     km.quant = {"embed": "int8", "head": "int8"}
     b = model_bytes(km)
     return {"loss": km.evaluate(max_batches=40)["loss"], "loss_trained": trained,

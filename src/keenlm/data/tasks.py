@@ -98,18 +98,26 @@ def arithmetic_problem(op: str, digits: int, scratchpad: bool, rng: random.Rando
     return Problem(prompt, str(result), demo, {"a": a, "b": b, "op": op})
 
 
-def arithmetic_reward(prompts, completions) -> list[float]:
+def _rewards(prompts, completions, pattern: re.Pattern, name: str, is_right) -> list[float]:
+    """Tiered rewards: each prompt parsed by ``pattern``, each answer judged by
+    ``is_right(match, answer)``."""
     out = []
     for p, c in zip(prompts, completions):
-        m = ARITH.search(p)
+        m = pattern.search(p)
         if m is None:
-            raise ValueError(f"not an arithmetic prompt: {p[:60]!r}")
-        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-        gold = a + b if op == "+" else a * b
+            raise ValueError(f"not a {name} prompt: {p[:60]!r}")
         ans = extract_answer(c)
-        ok = None if ans is None else (ans.replace(",", "").strip() == str(gold))
-        out.append(_tiered(ok))
+        out.append(_tiered(None if ans is None else is_right(m, ans)))
     return out
+
+
+def _arithmetic_right(m: re.Match, ans: str) -> bool:
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    return ans.replace(",", "").strip() == str(a + b if op == "+" else a * b)
+
+
+def arithmetic_reward(prompts, completions) -> list[float]:
+    return _rewards(prompts, completions, ARITH, "arithmetic", _arithmetic_right)
 
 
 # ------------------------------------------------------------------------------ countdown
@@ -173,24 +181,15 @@ def countdown_problem(n: int, rng: random.Random, max_number: int = 25) -> Probl
     return Problem(prompt, expr, f"<answer>{expr}</answer>", {"numbers": numbers, "target": target})
 
 
+def _countdown_right(m: re.Match, ans: str) -> bool:
+    try:
+        return evaluate_expression(ans, [int(x) for x in m.group(1).split(",")]) == int(m.group(2))
+    except InvalidExpression:
+        return False
+
+
 def countdown_reward(prompts, completions) -> list[float]:
-    out = []
-    for p, c in zip(prompts, completions):
-        m = COUNTDOWN.search(p)
-        if m is None:
-            raise ValueError(f"not a countdown prompt: {p[:60]!r}")
-        numbers = [int(x) for x in m.group(1).split(",")]
-        target = int(m.group(2))
-        ans = extract_answer(c)
-        if ans is None:
-            out.append(0.0)
-            continue
-        try:
-            ok = evaluate_expression(ans, numbers) == target
-        except InvalidExpression:
-            ok = False
-        out.append(_tiered(ok))
-    return out
+    return _rewards(prompts, completions, COUNTDOWN, "countdown", _countdown_right)
 
 
 # ------------------------------------------------------------------------------ registry

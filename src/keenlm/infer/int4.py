@@ -18,6 +18,8 @@ the kernel is tested against. ``quantize_int4(net)`` is the converter; the LM he
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +29,8 @@ from keenlm.infer.int8 import Int8Linear, _fuse_slots
 PREFILL_ROWS = 16
 
 
-def _kernel_available() -> bool:
+@functools.cache
+def _kernel_available() -> bool:  # probed once, not per layer
     try:
         q = torch.zeros(16, 64, dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)

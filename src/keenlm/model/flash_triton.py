@@ -57,6 +57,16 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _tile_grads(q, k, v, do, lse, delta, rows, cols, scale, T, S, offset, mask_ptr, smb, smt,
+                    sms, b, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+        """A tile's probabilities recomputed from the log-sum-exp, and dS = P (dP - delta)."""
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+        ok = _visible(rows, cols, T, S, offset, mask_ptr, smb, smt, sms, b, CAUSAL, HAS_MASK)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
+        return p, p * (dp - delta[:, None]) * scale
+
+    @triton.jit
     def _fwd(Q, K, V, O, L, Mask, scale, T, S, offset, H, G,
              sqb, sqh, sqt, skb, skh, skt, smb, smt, sms,
              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr,
@@ -103,7 +113,7 @@ if triton is not None:
                   sqb, sqh, sqt, skb, skh, skt, smb, smt, sms,
                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr):
         pid_n, bkh = tl.program_id(0), tl.program_id(1)
         Hk = H // G
         b, kh = bkh // Hk, bkh % Hk
@@ -128,12 +138,9 @@ if triton is not None:
                 do = tl.load(DO + q_off, mask=q_ok, other=0.0)
                 lse = tl.load(L + (b * H + h) * T + rows, mask=rows < T, other=float("inf"))
                 delta = tl.load(Delta + (b * H + h) * T + rows, mask=rows < T, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-                ok = _visible(rows, cols, T, S, offset, Mask, smb, smt, sms, b, CAUSAL, HAS_MASK)
-                p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+                p, ds = _tile_grads(q, k, v, do, lse, delta, rows, cols, scale, T, S, offset, Mask,
+                                    smb, smt, sms, b, CAUSAL, HAS_MASK, PRECISION)
                 dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION).to(tl.float32)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
-                ds = p * (dp - delta[:, None]) * scale
                 dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION).to(tl.float32)
         tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_ok)
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
@@ -143,7 +150,7 @@ if triton is not None:
                 sqb, sqh, sqt, skb, skh, skt, smb, smt, sms,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, D: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr):
         pid_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         kh = h // G
@@ -165,11 +172,8 @@ if triton is not None:
             kv_ok = (cols[:, None] < S) & (dims[None, :] < D)
             k = tl.load(K + kv_off, mask=kv_ok, other=0.0)
             v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-            ok = _visible(rows, cols, T, S, offset, Mask, smb, smt, sms, b, CAUSAL, HAS_MASK)
-            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
-            ds = p * (dp - delta[:, None]) * scale
+            _, ds = _tile_grads(q, k, v, do, lse, delta, rows, cols, scale, T, S, offset, Mask,
+                                smb, smt, sms, b, CAUSAL, HAS_MASK, PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION).to(tl.float32)
         tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=q_ok)
 

@@ -86,7 +86,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def _int4_kernel_available() -> bool:
-    from keenlm.infer.int4 import _kernel_available
+    from keenlm.infer.int4 import _kernel_available  # probed once per process
 
     return _kernel_available()
 
