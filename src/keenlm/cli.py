@@ -61,7 +61,8 @@ def _add_dataclass_options(parser, cls) -> None:
     """Plain options ``--field-name`` for a small dataclass (dest = the field name)."""
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name,
+                            default=argparse.SUPPRESS,
                             metavar=_metavar(f.type),
                             help=f"{comments.get(f.name, '')}; default: {f.default!r}".replace("%", "%%"))
 
@@ -126,11 +127,51 @@ def cmd_eval(args) -> int:
     import keenlm
 
     km = keenlm.load(_model_path(args), device=args.device, quant=args.quant)
+    if args.task:
+        return _eval_task(km, args)
     res = km.evaluate(args.corpus, batch_size=args.batch_size, seq_len=args.seq_len,
                       max_batches=args.batches)
     print(json.dumps(res, indent=2) if args.json else
           f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
           f"bits/byte {res['bits_per_byte']:.4f}  ({res['tokens']} tokens, {res['bytes']} bytes)")
+    return 0
+
+
+def _eval_task(km, args) -> int:
+    from keenlm.data.tasks import evaluate_task, get_task
+
+    if args.samples < 0 or args.n < 1:
+        raise ValueError("--n must be >= 1 and --samples >= 0")
+    ks = tuple(int(k) for k in args.k.split(",") if k)
+    if any(k < 1 for k in ks):
+        raise ValueError(f"--k {args.k!r}: a list of integers >= 1")
+    task = get_task(args.task, args.difficulty, args.scratchpad)
+    res = evaluate_task(km.net, km.tokenizer, task, n=args.n, samples=args.samples, ks=ks,
+                        temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    g = res["pass@1 greedy"]
+    print(f"{task.name}, {args.n} held-out problems: greedy pass@1 {g['success']:.3f} "
+          f"(format {g['format']:.3f}, mean reward {g['reward']:.3f})")
+    for k in ks:
+        if f"pass@{k}" in res:
+            print(f"  {args.samples} samples at temperature {args.temperature}: pass@{k} "
+                  f"{res[f'pass@{k}']:.3f}  maj@{k} {res[f'maj@{k}']:.3f}")
+    return 0
+
+
+def cmd_rl(args) -> int:
+    from keenlm.config import RLConfig, section_from_dict
+    from keenlm.train.grpo import rl
+
+    fields = {f.name for f in dataclasses.fields(RLConfig)}
+    cfg = section_from_dict("rl", RLConfig, {k: v for k, v in vars(args).items()
+                                             if k in fields and v is not None}, RLConfig())
+    res = rl(args.model, cfg)
+    print(f"{'stopped' if res.interrupted else 'finished'} at RL step {res.step}: held-out greedy "
+          f"pass@1 {res.start_eval['pass@1']:.3f} -> {res.final_eval['pass@1']:.3f}; run folder "
+          f"{res.run_dir} (metrics.jsonl, rl_curves.svg)")
     return 0
 
 
@@ -183,6 +224,14 @@ def cmd_study(args) -> int:
         study.frontier(args.out, sizes=tuple(args.sizes.split(",")),
                        kinds=tuple(args.kinds.split(",")), steps=args.steps,
                        qat_starts=floats(args.qat_starts))
+    elif args.study == "rl":
+        res = study.rl(args.out, task=args.task, difficulty=args.difficulty, size=args.size,
+                       sft_steps=args.sft_steps, budget_s=args.budget,
+                       algos=tuple(args.algos.split(",")), eval_n=args.eval_n,
+                       rl_options={"lr": args.lr})
+        for r in res["runs"]:
+            print(f"{r['algo']}: held-out greedy pass@1 {r['start']:.3f} -> "
+                  f"{r['final']['pass@1']:.3f} in {r['seconds']:.0f} s")
     else:
         if not args.model:
             raise ValueError("keenlm study ptq needs --model (a run folder, .gguf or HF folder)")
@@ -233,9 +282,10 @@ def _add_io_commands(sub, fmt) -> None:
 
     st = sub.add_parser("study", help="low-bit studies: the bits-vs-quality frontier, PTQ methods",
                         formatter_class=fmt)
-    st.add_argument("study", choices=("frontier", "ptq"),
+    st.add_argument("study", choices=("frontier", "ptq", "rl"),
                     help="frontier: train fp32/int4/int2/ternary models at several sizes on equal "
-                         "tokens; ptq: quantize one model by several recipes")
+                         "tokens; ptq: quantize one model by several recipes; rl: supervised "
+                         "warm-up on a task, then GRPO and rejection-sampling fine-tuning")
     st.add_argument("out", help="output folder (results.json, results.md, frontier.svg, runs/)")
     st.add_argument("--sizes", default="64x2,128x2,128x4", help="frontier: d_model x layers list")
     st.add_argument("--kinds", default="dense,int4,int2,ternary", help="frontier: linear kinds")
@@ -247,6 +297,16 @@ def _add_io_commands(sub, fmt) -> None:
                     help="ptq: bits:method:group list (group 0 = per row)")
     st.add_argument("--eval-batches", type=int, default=10, help="ptq: held-out batches (4 x 512)")
     st.add_argument("--qat-steps", type=int, default=0, help="ptq: add 2-bit QAT of this many steps")
+    st.add_argument("--task", default="countdown", choices=("addition", "multiplication", "countdown"),
+                    help="rl: the verifiable task")
+    st.add_argument("--difficulty", type=int, default=2, help="rl: digits / numbers on offer")
+    st.add_argument("--size", default="128x4", help="rl: policy d_model x layers")
+    st.add_argument("--sft-steps", type=int, default=1000, help="rl: supervised warm-up steps")
+    st.add_argument("--budget", type=float, default=880.0,
+                    help="rl: wall-clock seconds of each RL run (sampling, updates, evaluations)")
+    st.add_argument("--algos", default="grpo,rft", help="rl: algorithms, each from the same policy")
+    st.add_argument("--eval-n", type=int, default=200, help="rl: held-out problems")
+    st.add_argument("--lr", type=float, default=2e-4, help="rl: learning rate of the RL runs")
     st.set_defaults(func=cmd_study)
 
     ch = sub.add_parser("chat", help="multi-turn chat with a model that has a chat template",
@@ -298,7 +358,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
                    help=QUANT_HELP)
     e.add_argument("--json", action="store_true", help="print JSON")
+    tk = e.add_argument_group("task evaluation (instead of the loss): pass@1 greedy, pass@k, maj@k")
+    tk.add_argument("--task", choices=("addition", "multiplication", "countdown"),
+                    help="a verifiable task: score answers on its held-out split")
+    tk.add_argument("--difficulty", type=int, default=2, help="digits per operand / numbers on offer")
+    tk.add_argument("--scratchpad", action="store_true", help="arithmetic worked step by step")
+    tk.add_argument("--n", type=int, default=100, help="held-out problems")
+    tk.add_argument("--samples", type=int, default=0,
+                    help="sampled answers per problem for pass@k and maj@k (0: greedy only)")
+    tk.add_argument("--k", default="1,4,8", help="k values for pass@k and maj@k")
+    tk.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    tk.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("rl", help="reinforcement learning on a verifiable task: GRPO or "
+                       "rejection-sampling fine-tuning", formatter_class=fmt,
+                       description="Sample --group completions per prompt, reward them exactly, "
+                       "reinforce the best (keenlm.train.grpo). Writes a run folder.")
+    r.add_argument("model", help="the starting policy: run folder, .gguf file or HF folder")
+    from keenlm.config import RLConfig
+    _add_dataclass_options(r, RLConfig)
+    r.set_defaults(func=cmd_rl)
 
     i = sub.add_parser("info", help="describe a run: config, parameters, ledger, files",
                        formatter_class=fmt)

@@ -270,6 +270,76 @@ class QuantConfig:
         return 0 if self.bits == "1.58" else 64
 
 
+RL_TASKS = ("addition", "multiplication", "countdown")
+RL_ALGOS = ("grpo", "rft")
+RL_LOSSES = ("grpo", "dapo", "dr_grpo")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """``keenlm rl``: reinforcement learning on a verifiable task (keenlm.train.grpo)."""
+
+    task: str = "addition"  # addition | multiplication | countdown
+    difficulty: int = 2  # digits per operand (arithmetic) or numbers on offer (countdown)
+    scratchpad: bool = False  # arithmetic: answers worked step by step before the answer tag
+    algo: str = "grpo"  # grpo | rft (rejection-sampling fine-tuning: train on the correct samples)
+    loss: str = "dr_grpo"  # grpo | dapo | dr_grpo: advantage scaling and token normalization
+    group: int = 8  # completions sampled per prompt (G)
+    prompts: int = 16  # prompts per step
+    steps: int = 200  # RL steps (each: sample, score, epochs x minibatches optimizer steps)
+    epochs: int = 1  # passes over each sampled batch (GRPO's mu); >1 makes the ratio differ from 1
+    minibatches: int = 1  # optimizer steps per pass
+    lr: float = 1e-4  # AdamW learning rate (constant after warm-up)
+    warmup_steps: int = 0  # optimizer steps of linear warm-up
+    weight_decay: float = 0.0  # decoupled, on matrices only
+    grad_clip: float = 1.0  # 0: off
+    clip: float = 0.2  # epsilon: the ratio is clipped to [1 - clip, 1 + clip_high]
+    clip_high: float = -1.0  # upper clip; -1: the loss variant's own (dapo 0.28, else = clip)
+    kl_coef: float = 0.0  # beta: weight of the KL to the frozen starting policy (k3 estimator)
+    log_kl: bool = True  # keep the frozen starting policy to log the KL even when kl_coef is 0
+    temperature: float = 1.0  # sampling temperature (log-probabilities are taken at it too)
+    max_new_tokens: int = 32  # completion length limit
+    eval_every: int = 10  # steps between held-out greedy pass@1 (0: start and end only)
+    eval_n: int = 100  # held-out problems in that evaluation (a fixed sample)
+    seed: int = 0  # prompt order and sampling
+    time_budget_s: float = 0.0  # >0: stop (and save) once this much wall time has passed
+    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    threads: int = 0  # 0: torch default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    out_dir: str = "runs/rl"  # run folder (a keenlm run: keenlm generate|eval OUT work on it)
+    resume: bool = True  # continue from out_dir's latest checkpoint when it exists
+    progress: bool = True  # live progress bar (plain lines when not a terminal)
+
+    def __post_init__(self):
+        p = "rl."
+        _check(self.task in RL_TASKS, p + "task", self.task, " | ".join(RL_TASKS))
+        _check(self.algo in RL_ALGOS, p + "algo", self.algo, " | ".join(RL_ALGOS))
+        _check(self.loss in RL_LOSSES, p + "loss", self.loss, " | ".join(RL_LOSSES))
+        for name in ("difficulty", "prompts", "steps", "epochs", "minibatches", "max_new_tokens",
+                     "eval_n"):
+            v = getattr(self, name)
+            _check(v >= 1, p + name, v, "an integer >= 1")
+        _check(self.group >= 2, p + "group", self.group, "an integer >= 2 (advantages compare "
+               "completions of one prompt)")
+        for name in ("warmup_steps", "eval_every", "save_every", "threads"):
+            v = getattr(self, name)
+            _check(v >= 0, p + name, v, "an integer >= 0")
+        _check(self.prompts * self.group >= self.minibatches, p + "minibatches", self.minibatches,
+               "at most prompts x group")
+        _check(self.lr > 0, p + "lr", self.lr, "a number > 0")
+        for name in ("weight_decay", "grad_clip", "kl_coef", "time_budget_s"):
+            v = getattr(self, name)
+            _check(v >= 0, p + name, v, "a number >= 0")
+        _check(0 < self.clip < 1, p + "clip", self.clip, "a number in (0, 1)")
+        _check(self.clip_high == -1 or self.clip_high > 0, p + "clip_high", self.clip_high,
+               "a number > 0, or -1 for the loss variant's own")
+        _check(self.temperature > 0, p + "temperature", self.temperature,
+               "a number > 0 (RL samples; greedy evaluation is separate)")
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+               p + "device", self.device, "auto | cpu | cuda | cuda:N | mps")
+        _check(bool(self.out_dir), p + "out_dir", self.out_dir, "a folder path")
+
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "generate": GenerateConfig}
 
 

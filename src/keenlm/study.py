@@ -234,3 +234,96 @@ def _ptq_table(rows: list[dict]) -> str:
                      f"{r['bytes'] / 1e6:.1f} | {r['perplexity']:.4f} | "
                      f"{100 * (r['perplexity'] / fp - 1):+.2f}% | {r['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- rl
+
+
+def rl(out: str | Path, task: str = "countdown", difficulty: int = 2, size: str = "128x4",
+       sft_steps: int = 1000, budget_s: float = 880.0, algos=("grpo", "rft"), eval_n: int = 200,
+       samples: int = 8, rl_options: dict | None = None, log: Log = print) -> dict:
+    """Supervised warm-up on task demonstrations, then each RL algorithm from that same policy
+    for ``budget_s`` seconds of wall time (sampling, updates and the periodic held-out
+    evaluations all count). Reports held-out greedy pass@1 before and after, pass@k and maj@k
+    of the samples, and the curves (``pass_at_1.svg``, ``reward.svg``, each run's metrics)."""
+    import keenlm
+    from keenlm.config import RLConfig, from_dict, section_from_dict
+    from keenlm.data.tasks import evaluate_task, get_task, write_demonstrations
+    from keenlm.plot import line_chart
+    from keenlm.runs import read_jsonl
+    from keenlm.train import Trainer
+    from keenlm.train.grpo import RLTrainer
+
+    out = Path(out)
+    d, n_layer = parse_size(size)
+    t = get_task(task, difficulty)
+    demos = write_demonstrations(t, out / "demonstrations.jsonl", 6000)
+    sft_cfg = {"model": {"n_layer": n_layer, "d_model": d, "n_head": d // 64, "max_seq_len": 256},
+               "data": {"corpus": str(demos), "tokenizer": "byte", "cache_dir": str(out / "cache"),
+                        "val_fraction": 0.05},
+               "train": {"steps": sft_steps, "batch_size": 16, "seq_len": 256, "lr": 3e-3,
+                         "eval_every": 0, "out_dir": str(out / "sft"), "progress": False}}
+    t0 = time.perf_counter()
+    Trainer(from_dict(sft_cfg)).fit()
+    sft_s = time.perf_counter() - t0
+    ks = (1, samples)
+
+    def held_out(km) -> dict:
+        ev = evaluate_task(km.net, km.tokenizer, t, n=eval_n, samples=samples, ks=ks,
+                           max_new_tokens=32)
+        return {"pass@1": ev["pass@1 greedy"]["success"],
+                **{f"{m}@{k}": ev[f"{m}@{k}"] for m in ("pass", "maj") for k in ks}}
+
+    start = held_out(keenlm.load(out / "sft"))
+    log(f"supervised warm-up: {sft_steps} steps in {sft_s:.0f} s; held-out greedy pass@1 "
+        f"{start['pass@1']:.3f}, pass@{samples} {start[f'pass@{samples}']:.3f}")
+    results = {"task": t.name, "size": size, "sft_steps": sft_steps, "sft_seconds": sft_s,
+               "budget_s": budget_s, "eval_n": eval_n, "sft": start, "runs": []}
+    curves, rewards = {}, {}
+    for algo in algos:
+        cfg = section_from_dict("rl", RLConfig, {**(rl_options or {}), "task": task,
+                                                 "difficulty": difficulty, "algo": algo,
+                                                 "steps": 1_000_000, "time_budget_s": budget_s,
+                                                 "eval_n": eval_n, "out_dir": str(out / algo),
+                                                 "resume": False, "progress": False}, RLConfig())
+        t0 = time.perf_counter()
+        res = RLTrainer(keenlm.load(out / "sft"), cfg).fit()
+        seconds = time.perf_counter() - t0
+        final = held_out(keenlm.load(out / algo))
+        recs = read_jsonl(out / algo / "metrics.jsonl")
+        evals = [r for r in recs if r["kind"] == "eval"]
+        curves[algo.upper()] = [(r["elapsed_s"] / 60, r["pass@1"]) for r in evals]
+        rewards[algo.upper()] = [(r["elapsed_s"] / 60, r["reward_mean"]) for r in recs
+                                 if r["kind"] == "rl"]
+        row = {"algo": algo, "loss": cfg.loss, "steps": res.step, "seconds": seconds,
+               "start": res.start_eval["pass@1"], "final": final,
+               "gain": final["pass@1"] - res.start_eval["pass@1"],
+               "best": max(r["pass@1"] for r in evals),
+               "samples_per_step": cfg.prompts * cfg.group, "lr": cfg.lr}
+        results["runs"].append(row)
+        log(f"{algo}: {res.step} steps in {seconds:.0f} s; held-out greedy pass@1 "
+            f"{row['start']:.3f} -> {final['pass@1']:.3f} ({100 * row['gain']:+.1f} points)")
+        _write(out, results, _rl_table(results))
+    line_chart(curves, out / "pass_at_1.svg", x_label="minutes of RL (wall clock, this machine)",
+               y_label=f"held-out greedy pass@1 ({eval_n} problems)", y_range=(0.0, 1.0))
+    line_chart(rewards, out / "reward.svg", x_label="minutes of RL (wall clock, this machine)",
+               y_label="mean sampled reward", y_range=(0.0, 1.0))
+    return results
+
+
+def _rl_table(res: dict) -> str:
+    s = res["sft"]
+    k = max(int(key.split("@")[1]) for key in s if key.startswith("pass@"))
+    lines = [f"Task {res['task']}, policy {res['size']} (byte-level), {res['eval_n']} held-out problems; "
+             f"supervised warm-up {res['sft_steps']} steps ({res['sft_seconds']:.0f} s).", "",
+             f"| policy | RL steps | RL seconds | greedy pass@1 | gain (points) | best pass@1 seen | "
+             f"pass@{k} | maj@{k} |", "|---|---|---|---|---|---|---|---|",
+             f"| SFT (start) | - | - | {s['pass@1']:.3f} | - | - | {s[f'pass@{k}']:.3f} | "
+             f"{s[f'maj@{k}']:.3f} |"]
+    for r in res["runs"]:
+        f = r["final"]
+        name = "GRPO (" + r["loss"] + ")" if r["algo"] == "grpo" else "RFT"
+        lines.append(f"| {name} | {r['steps']} | {r['seconds']:.0f} | {f['pass@1']:.3f} | "
+                     f"{100 * r['gain']:+.1f} | {r['best']:.3f} | {f[f'pass@{k}']:.3f} | "
+                     f"{f[f'maj@{k}']:.3f} |")
+    return "\n".join(lines)

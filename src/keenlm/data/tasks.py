@@ -25,8 +25,10 @@ difficulty, split, i), and the train split skips every prompt the test split hol
 from __future__ import annotations
 
 import ast
+import math
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -137,7 +139,9 @@ def evaluate_expression(text: str, numbers: list[int]) -> Fraction:
     if len(text) > MAX_EXPR:
         raise InvalidExpression("expression too long")
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        with warnings.catch_warnings():  # "2x" warns before it fails: the error says it all
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
         raise InvalidExpression(f"not an expression: {e.msg}") from None
     pool = list(numbers)
@@ -188,6 +192,19 @@ def _countdown_right(m: re.Match, ans: str) -> bool:
         return False
 
 
+def _number_key(prompt: str, ans: str):
+    return ans.replace(",", "").strip()
+
+
+def _countdown_key(prompt: str, ans: str):
+    """Expressions vote by their value: two correct expressions agree."""
+    m = COUNTDOWN.search(prompt)
+    try:
+        return evaluate_expression(ans, [int(x) for x in m.group(1).split(",")])
+    except InvalidExpression:
+        return None
+
+
 def countdown_reward(prompts, completions) -> list[float]:
     return _rewards(prompts, completions, COUNTDOWN, "countdown", _countdown_right)
 
@@ -200,6 +217,7 @@ class Task:
     name: str
     make: Callable[[random.Random], Problem]
     reward: Callable[[list[str], list[str]], list[float]]
+    answer_key: Callable[[str, str], object]  # (prompt, answer) -> what majority votes compare
 
     def problems(self, split: str, n: int, test_size: int = 200) -> list[Problem]:
         """``n`` problems of a split; train never repeats a test prompt."""
@@ -229,12 +247,13 @@ def get_task(kind: str, difficulty: int = 2, scratchpad: bool = False) -> Task:
     if kind in ("addition", "multiplication"):
         op = "+" if kind == "addition" else "*"
         return Task(f"{kind}{difficulty}{'s' if scratchpad else ''}",
-                    lambda rng: arithmetic_problem(op, difficulty, scratchpad, rng), arithmetic_reward)
+                    lambda rng: arithmetic_problem(op, difficulty, scratchpad, rng), arithmetic_reward,
+                    _number_key)
     if kind == "countdown":
         if difficulty < 2:
             raise ValueError("countdown needs at least 2 numbers")
         return Task(f"countdown{difficulty}", lambda rng: countdown_problem(difficulty, rng),
-                    countdown_reward)
+                    countdown_reward, _countdown_key)
     raise ValueError(f"task {kind!r}: addition | multiplication | countdown")
 
 
@@ -256,21 +275,82 @@ def write_demonstrations(task: Task, path, n: int) -> Path:
     return path
 
 
-def evaluate_policy(model, tokenizer, task: Task, n: int = 100, max_new_tokens: int = 64,
-                    batch: int = 32) -> dict:
-    """Greedy answers to ``n`` test problems: success rate (reward 1), format rate (an answer
-    tag), mean reward."""
+def complete(model, tokenizer, prompts: list[str], *, temperature: float = 0.0,
+             max_new_tokens: int = 64, seed: int = 0, batch: int = 64) -> list[str]:
+    """Task completions, ``batch`` rows per generate call, each ending at its answer tag
+    (the closing tag is kept, so rewards can check the format)."""
     from keenlm.config import GenerateConfig
     from keenlm.infer import generate
 
+    out = []
+    for i in range(0, len(prompts), batch):
+        cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                             stop=("</answer>",), seed=seed + i)
+        out += generate(model, tokenizer, prompts[i:i + batch], cfg)
+    return [c + "</answer>" if "<answer>" in c and "</answer>" not in c else c for c in out]
+
+
+def evaluate_policy(model, tokenizer, task: Task, n: int = 100, max_new_tokens: int = 64,
+                    batch: int = 64) -> dict:
+    """Greedy answers to the first ``n`` test problems: success rate (reward 1 = pass@1),
+    format rate (an answer tag), mean reward."""
     problems = task.problems("test", n)
-    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=0, stop=("</answer>",))
-    completions = []
-    for i in range(0, n, batch):
-        prompts = [p.prompt for p in problems[i:i + batch]]
-        completions += generate(model, tokenizer, prompts, cfg)
-    completions = [c + "</answer>" if "<answer>" in c and "</answer>" not in c else c
-                   for c in completions]  # the stop string is cut off the returned text
-    rewards = task.reward([p.prompt for p in problems], completions)
+    prompts = [p.prompt for p in problems]
+    rewards = task.reward(prompts, complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                            batch=batch))
     return {"success": sum(r == 1.0 for r in rewards) / n, "format": sum(r > 0 for r in rewards) / n,
             "reward": sum(rewards) / n, "n": n}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, Codex):
+    1 - C(n-c, k) / C(n, k), the chance that k samples drawn without replacement hold a
+    correct one."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority(keys: list) -> int | None:
+    """Index of the first answer whose key is the most frequent (None keys do not vote);
+    None when nothing votes. Ties go to the key seen first."""
+    counts: dict = {}
+    for k in keys:
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(i for i, k in enumerate(keys) if k is not None and counts[k] == best)
+
+
+def evaluate_task(model, tokenizer, task: Task, n: int = 100, samples: int = 0,
+                  ks: tuple[int, ...] = (1, 4, 8), temperature: float = 1.0,
+                  max_new_tokens: int = 64, seed: int = 0, batch: int = 64) -> dict:
+    """Held-out evaluation on the first ``n`` test problems: greedy pass@1 always; with
+    ``samples`` > 0, that many sampled answers per problem give pass@k (unbiased estimator)
+    and maj@k (self-consistency: the most frequent answer among the first k samples, by the
+    task's answer key, is the one scored) for each k <= samples in ``ks``."""
+    out = {"pass@1 greedy": evaluate_policy(model, tokenizer, task, n, max_new_tokens, batch)}
+    if samples <= 0:
+        return out
+    ks = tuple(k for k in ks if k <= samples)
+    problems = task.problems("test", n)
+    rows = [p.prompt for p in problems for _ in range(samples)]
+    comps = complete(model, tokenizer, rows, temperature=temperature,
+                     max_new_tokens=max_new_tokens, seed=seed, batch=batch)
+    rewards = task.reward(rows, comps)
+    for k in ks:
+        pk = mk = 0.0
+        for i, p in enumerate(problems):
+            rs = rewards[i * samples:(i + 1) * samples]
+            pk += pass_at_k(samples, sum(r == 1.0 for r in rs), k)
+            answers = [extract_answer(c) for c in comps[i * samples:i * samples + k]]
+            win = majority([None if a is None else task.answer_key(p.prompt, a) for a in answers])
+            mk += win is not None and rs[win] == 1.0
+        out[f"pass@{k}"] = pk / n
+        out[f"maj@{k}"] = mk / n
+    out.update(n=n, samples=samples, temperature=temperature)
+    return out

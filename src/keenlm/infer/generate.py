@@ -54,7 +54,7 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerateConfig,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], device):
+def left_pad(prompts: Sequence[Sequence[int]], device):
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must have at least one token")
     L = max(len(p) for p in prompts)
@@ -70,14 +70,20 @@ def _left_pad(prompts: Sequence[Sequence[int]], device):
 def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig = GenerateConfig(),
                     *, eos_id: Optional[int] = None,
                     should_stop: Optional[Callable[[int, list[int]], bool]] = None,
-                    on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+                    on_token: Optional[Callable[[int, int], None]] = None,
+                    repeat: int = 1) -> list[list[int]]:
     """Generate continuations of token-id prompts; returns the new ids of each row.
 
     should_stop(row, new_ids) -> True ends that row (stop strings); on_token(row, id) streams.
+    repeat: each prompt fills ``repeat`` consecutive rows (several samples of one prompt, as
+    GRPO draws them): its prefill runs once and the rows share a copy of its KV cache.
     """
+    if repeat < 1:
+        raise ValueError(f"repeat {repeat}: an integer >= 1")
     device = next(model.parameters()).device
-    idx, key_mask = _left_pad(prompts, device)
-    B, L = idx.shape
+    idx, key_mask = left_pad(prompts, device)
+    P, L = idx.shape
+    B = P * repeat
     vocab = model.cfg.vocab_size
     if int(idx.max()) >= vocab:
         raise ValueError(f"prompt token id {int(idx.max())} is outside the vocabulary ({vocab})")
@@ -88,13 +94,17 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    positions = (key_mask.long().cumsum(-1) - 1).clamp_min(0)
+    cache = model.new_cache(P, total)
+    logits = model(idx, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1]
+    if repeat > 1:
+        cache.repeat_rows(repeat)
+        idx, key_mask, positions, logits = (t.repeat_interleave(repeat, dim=0)
+                                            for t in (idx, key_mask, positions, logits))
     seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
     seen.scatter_(1, idx, key_mask)
-    positions = (key_mask.long().cumsum(-1) - 1).clamp_min(0)
-    cache = model.new_cache(B, total)
-    logits = model(idx, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1]
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B
     next_pos = positions[:, -1:] + 1
     # the key mask for every step, allocated once: the prompt's padding, then all-visible
     full_mask = torch.ones(B, total, dtype=torch.bool, device=device)
@@ -103,8 +113,9 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
     try:
         for _ in range(cfg.max_new_tokens):
             tok = sample_next(logits.float(), seen, cfg, gen)
-            for r in (~done).nonzero().flatten().tolist():
-                t = int(tok[r])
+            for r, t in enumerate(tok.tolist()):
+                if done[r]:
+                    continue
                 if eos_id is not None and t == eos_id:
                     done[r] = True
                     continue
@@ -113,7 +124,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
                     on_token(r, t)
                 if should_stop is not None and should_stop(r, out[r]):
                     done[r] = True
-            if bool(done.all()):
+            if all(done):
                 break
             if track_seen:
                 seen[torch.arange(B, device=device), tok] = True

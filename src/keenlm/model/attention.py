@@ -165,3 +165,38 @@ class KVCache:
     def advance(self):
         self.length += self._pending
         self._pending = 0
+
+    def repeat_rows(self, n: int) -> None:
+        """Each row becomes ``n`` consecutive rows (one prompt prefilled once, sampled n times)."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+
+
+class SharedPrefix:
+    """A differentiable stand-in for KVCache: prefixes computed once, read by many rows.
+
+    Pass 1 runs P prefixes (e.g. prompts) through the model with this object as the cache: it
+    keeps each layer's keys and values. Pass 2 runs R continuations (e.g. completions); row r
+    attends to prefix ``rows[r]``'s keys and values, then to its own. Nothing is written in
+    place, so gradients flow into the prefix through every row that read it (GRPO's G
+    completions of one prompt share the prompt's forward and backward).
+    """
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows  # (R,) prefix index of each continuation row
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.length = 0
+        self._pending = 0
+
+    def update(self, layer, k, v):
+        if self.length == 0:  # pass 1: remember the prefix
+            self.k[layer], self.v[layer] = k, v
+            self._pending = k.shape[2]
+            return k, v
+        return (torch.cat([self.k[layer][self.rows], k], dim=2),
+                torch.cat([self.v[layer][self.rows], v], dim=2))
+
+    def advance(self):
+        self.length += self._pending
+        self._pending = 0

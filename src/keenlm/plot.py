@@ -1,0 +1,65 @@
+"""Plain SVG line charts: no plotting library, no network, readable in any browser.
+
+``line_chart({name: [(x, y), ...]}, path)`` draws each series as a polyline with points, axes
+with ticks, and a legend. Used for run curves (RL reward and pass@1); the report page embeds
+the same files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#222222")
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    return [lo + (hi - lo) * i / n for i in range(n + 1)]
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: str = "",
+               y_label: str = "", y_range: tuple[float, float] | None = None,
+               width: int = 640, height: int = 400) -> Path:
+    """Write an SVG chart of ``series`` to ``path`` (atomically); empty series are skipped."""
+    from keenlm.runs import atomic_write_text
+
+    pts = [(x, y) for s in series.values() for x, y in s if y is not None]
+    W, H, L, B, R, TOP = width, height, 60, 45, 20, 20
+    xs = [x for x, _ in pts] or [0.0, 1.0]
+    ys = [y for _, y in pts] or [0.0, 1.0]
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:
+        x1 = x0 + 1
+    y0, y1 = y_range if y_range else (min(ys), max(ys))
+    if y1 == y0:
+        y1 = y0 + 1
+    X = lambda v: L + (v - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
+    Y = lambda v: TOP + (y1 - v) / (y1 - y0) * (H - TOP - B)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{W}" height="{H}" fill="white"/>',
+             f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+             f'<line x1="{L}" y1="{TOP}" x2="{L}" y2="{H - B}" stroke="black"/>',
+             f'<text x="{(W + L) / 2}" y="{H - 8}" text-anchor="middle">{x_label}</text>',
+             f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" '
+             f'text-anchor="middle">{y_label}</text>']
+    for v in _ticks(x0, x1):
+        parts.append(f'<line x1="{X(v):.1f}" y1="{H - B}" x2="{X(v):.1f}" y2="{H - B + 5}" '
+                     f'stroke="black"/><text x="{X(v):.1f}" y="{H - B + 18}" '
+                     f'text-anchor="middle">{v:.4g}</text>')
+    for v in _ticks(y0, y1):
+        parts.append(f'<line x1="{L}" y1="{Y(v):.1f}" x2="{W - R}" y2="{Y(v):.1f}" stroke="#eeeeee"/>'
+                     f'<text x="{L - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    shown = [(name, s) for name, s in series.items() if s]
+    for k, (name, s) in enumerate(shown):
+        color = COLORS[k % len(COLORS)]
+        s = sorted((x, y) for x, y in s if y is not None)
+        line = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in s)
+        parts.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        if len(s) <= 60:
+            parts += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{color}">'
+                      f'<title>{name}: {x:g}, {y:.4g}</title></circle>' for x, y in s]
+        parts.append(f'<rect x="{L + 10}" y="{TOP + 6 + 18 * k}" width="12" height="12" fill="{color}"/>'
+                     f'<text x="{L + 28}" y="{TOP + 16 + 18 * k}">{name}</text>')
+    parts.append("</svg>")
+    path = Path(path)
+    atomic_write_text(path, "\n".join(parts) + "\n")
+    return path

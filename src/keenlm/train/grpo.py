@@ -1,0 +1,556 @@
+"""Reinforcement learning from verifiable rewards: GRPO and rejection-sampling fine-tuning.
+
+Each RL step:
+  1. draw ``prompts`` training problems of the task (a pure function of the seed and the step);
+  2. sample ``group`` completions of each, all rows in one batched, KV-cached generate call
+     (``keenlm.infer.generate_tokens``), at ``temperature``, ending at ``</answer>``;
+  3. score them with the task's exact reward (0 / 0.1 / 1.0, keenlm.data.tasks);
+  4. turn rewards into per-row advantages and per-token weights (the algorithm and its loss
+     variant), then take ``epochs`` x ``minibatches`` optimizer steps on that batch.
+
+GRPO, as implemented (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, eq. 3 with outcome
+supervision): every token of completion i of a group gets the advantage
+A_i = (r_i - mean(r)) / (std(r) + 1e-4) (std with Bessel's correction; a group whose rewards
+are all equal has A = 0 and gives no gradient, so its rows are not even run backward), and the
+loss is
+
+    - sum_i,t  w_i,t * [ min(rho A_i, clip(rho, 1 - eps, 1 + eps_high) A_i) - beta * KL_i,t ]
+
+with rho = pi_theta / pi_old per token (pi_old: the policy that sampled the batch, so rho = 1 on
+the first optimizer step of a batch), KL_i,t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (the
+k3 estimator the paper uses) against the frozen starting policy, and token weights w that
+differ by variant (``LOSSES``, looked up once, never an if/elif chain):
+
+- ``grpo``: the paper's 1/G sum_i 1/|o_i| sum_t: each completion's tokens averaged, then
+  completions averaged. Long completions weigh less per token.
+- ``dapo``: token-level, sum over all tokens / all tokens of the batch, with clip-higher
+  eps_high = 0.28 (Yu et al. 2025, DAPO, arXiv:2503.14476, its token-level loss and
+  decoupled clip; its dynamic sampling and overlong shaping are not implemented: groups with
+  equal rewards are skipped, not re-drawn).
+- ``dr_grpo``: sum over all tokens / (completions x max_new_tokens), a constant, and
+  advantages not divided by the group's std (Liu et al. 2025, "Understanding R1-Zero-Like
+  Training", arXiv:2503.20783): removes the length and difficulty biases of the two above.
+
+Weights are computed once over the sampled batch, so the loss of the whole batch is exactly
+the variant's formula; a minibatch's loss is its share, times the number of minibatches.
+
+Rejection-sampling fine-tuning (``algo="rft"``; RFT, Yuan et al. 2023, arXiv:2308.01825; STaR,
+Zelikman et al. 2022, arXiv:2203.14465): the same loop, but only the completions with full
+reward are kept (duplicates within a group dropped) and trained on by cross-entropy, averaged
+over their tokens: the baseline GRPO must beat or match.
+
+Log-probabilities are those of the sampling distribution (logits / temperature). Logged per
+step (``metrics.jsonl``, kind "rl"): reward mean and std, success rate of the samples, the
+fraction of groups with zero reward variance, completion length, KL to the starting policy,
+clip fraction, tokens/s of generation and of training; every ``eval_every`` steps (kind "eval")
+greedy pass@1 on a fixed held-out sample. ``rl_curves.svg`` plots reward and pass@1.
+
+Legend: P prompts, G group size, R = P*G rows, T tokens per row (prompt + completion).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from keenlm import runs
+from keenlm.config import GenerateConfig, RLConfig, save_json
+from keenlm.data.tasks import Task, evaluate_policy, get_task
+
+# ------------------------------------------------------------------------------ the objective
+
+
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """rewards (P, G) -> advantages (P, G): reward minus its group's mean, divided by the
+    group's std when ``scale_by_std``. Equal rewards give exactly 0."""
+    equal = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # exactly, not up to rounding
+    centered = torch.where(equal, 0.0, rewards - rewards.mean(dim=1, keepdim=True))
+    if not scale_by_std:
+        return centered
+    return centered / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def _per_sequence(mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """GRPO: 1/R * 1/|o_i| for every token of completion i."""
+    lengths = mask.sum(dim=1, keepdim=True).clamp_min(1)
+    return mask / (lengths * mask.shape[0])
+
+
+def _per_token(mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """DAPO: 1 / (tokens in the batch)."""
+    return mask / mask.sum().clamp_min(1)
+
+
+def _constant(mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Dr. GRPO: 1 / (R * max_new_tokens), whatever the lengths."""
+    return mask / (mask.shape[0] * max_new_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossVariant:
+    scale_by_std: bool  # divide advantages by the group's reward std
+    token_weights: Callable[[torch.Tensor, int], torch.Tensor]  # (mask (R, T), max_new) -> (R, T)
+    clip_high: Optional[float]  # None: the same as the lower clip
+
+
+LOSSES = {
+    "grpo": LossVariant(True, _per_sequence, None),
+    "dapo": LossVariant(True, _per_token, 0.28),
+    "dr_grpo": LossVariant(False, _constant, None),
+}
+
+
+def clipped_objective(logp, old_logp, adv, weights, clip_low: float, clip_high: float,
+                      ref_logp=None, kl_coef: float = 0.0):
+    """The GRPO loss (a scalar to minimize) and its statistics.
+
+    logp, old_logp, ref_logp, weights: (R, T) per completion token (0 elsewhere in weights);
+    adv: (R,) one advantage per row."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    unclipped = ratio * a
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * a
+    surrogate = torch.minimum(unclipped, clipped)
+    per_token = -surrogate
+    kl = None
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        if kl_coef:
+            per_token = per_token + kl_coef * kl
+    loss = (weights * per_token).sum()
+    active = weights > 0
+    n = active.sum().clamp_min(1)
+    stats = {"clip_frac": float(((clipped < unclipped) & active).sum() / n)}
+    if kl is not None:
+        stats["kl"] = float((kl.detach() * active).sum() / n)
+    return loss, stats
+
+
+def likelihood_objective(logp, old_logp, adv, weights, clip_low, clip_high, ref_logp=None,
+                         kl_coef: float = 0.0):
+    """RFT: cross-entropy on the kept completions (adv 1 marks them; weights average their
+    tokens). No ratio, no clipping: it is supervised fine-tuning on the policy's own samples."""
+    loss = -(weights * adv[:, None] * logp).sum()
+    stats = {"clip_frac": 0.0}
+    if ref_logp is not None:
+        d = ref_logp - logp
+        active = weights > 0
+        stats["kl"] = float(((torch.exp(d) - d - 1).detach() * active).sum() / active.sum().clamp_min(1))
+    return loss, stats
+
+
+def grpo_targets(rewards: torch.Tensor, mask: torch.Tensor, variant: LossVariant,
+                 max_new_tokens: int, completions=None):
+    """GRPO: advantages (R,) and token weights (R, T) for rewards (P, G) and completion mask (R, T)."""
+    adv = group_advantages(rewards, variant.scale_by_std).reshape(-1)
+    return adv, variant.token_weights(mask.float(), max_new_tokens)
+
+
+def rft_targets(rewards: torch.Tensor, mask: torch.Tensor, variant: LossVariant,
+                max_new_tokens: int, completions=None):
+    """RFT: 1 for each distinct completion with full reward, 0 otherwise; weights average the
+    kept completions' tokens."""
+    P, G = rewards.shape
+    keep = torch.zeros(P * G)
+    for p in range(P):
+        seen = set()
+        for g in range(G):
+            i = p * G + g
+            key = tuple(completions[i]) if completions is not None else i
+            if rewards[p, g] == 1.0 and key not in seen:
+                seen.add(key)
+                keep[i] = 1.0
+    kept = mask.float() * keep[:, None]
+    return keep, kept / kept.sum().clamp_min(1)
+
+
+ALGORITHMS = {"grpo": (grpo_targets, clipped_objective), "rft": (rft_targets, likelihood_objective)}
+
+
+# ------------------------------------------------------------------------------ log-probabilities
+#
+# Rows are R completions; row r continues prompt ``rows[r]`` of a list of P distinct prompts.
+# Log-probabilities come back as (R, W): token j of completion r at [r, j], 0 past its end.
+
+
+def completion_mask(completions: list[list[int]], width: int | None = None) -> torch.Tensor:
+    """(R, W) bool: True on each completion's tokens; W = the longest completion by default."""
+    W = width if width is not None else max((len(c) for c in completions), default=0)
+    mask = torch.zeros(len(completions), W, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        mask[i, :len(c)] = True
+    return mask
+
+
+def _completion_ids(completions, W: int, device) -> torch.Tensor:
+    ids = torch.zeros(len(completions), W, dtype=torch.long)
+    for i, c in enumerate(completions):
+        ids[i, :len(c)] = torch.as_tensor(c, dtype=torch.long)
+    return ids.to(device)
+
+
+def _gather_logprobs(model, h, targets, mask, temperature, chunk_elems: int) -> torch.Tensor:
+    """log p(targets) from hidden states h (R, W, C) where ``mask``; the LM head runs only on
+    masked positions, in chunks, so a large vocabulary never makes an (R, W, V) tensor."""
+    sel, tgt = h[mask], targets[mask]
+    W = model.lm_head.weight
+    step = max(1, chunk_elems // W.shape[0])
+    parts = [-F.cross_entropy(F.linear(sel[i:i + step], W).float() / temperature, tgt[i:i + step],
+                              reduction="none") for i in range(0, sel.shape[0], step)]
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)
+    return out.masked_scatter(mask, torch.cat(parts)) if parts else out
+
+
+def reference_logprobs(model, prompts: list[list[int]], rows: torch.Tensor,
+                       completions: list[list[int]], temperature: float = 1.0,
+                       width: int | None = None, chunk_elems: int = 2**25) -> torch.Tensor:
+    """The plain way: each row is prompt + completion, right-padded, in one forward pass."""
+    device = model.norm.weight.device
+    mask = completion_mask(completions, width).to(device)
+    R, W = mask.shape
+    starts = [len(prompts[p]) for p in rows.tolist()]
+    seqs = [prompts[p] + list(c) for p, c in zip(rows.tolist(), completions)]
+    ids = _completion_ids(seqs, max(map(len, seqs)), device)
+    h = model.hidden_states(ids)
+    # completion token j of row r sits at starts[r] + j, predicted from the position before it
+    at = (torch.tensor(starts, device=device)[:, None] - 1 + torch.arange(W, device=device))
+    h = h[torch.arange(R, device=device)[:, None], at.clamp_max(ids.shape[1] - 1)]
+    return _gather_logprobs(model, h, _completion_ids(completions, W, device), mask, temperature,
+                            chunk_elems)
+
+
+def shared_prefix_logprobs(model, prompts: list[list[int]], rows: torch.Tensor,
+                           completions: list[list[int]], temperature: float = 1.0,
+                           width: int | None = None, chunk_elems: int = 2**25) -> torch.Tensor:
+    """The same numbers as ``reference_logprobs``, with each prompt run once however many rows
+    continue it: pass 1 runs the distinct prompts (left-padded) and keeps their keys and
+    values (``SharedPrefix``); pass 2 runs only the completions, each attending to its prompt.
+    Forward and backward over a prompt cost 1/G of the plain way for a group of G."""
+    from keenlm.infer.generate import left_pad
+    from keenlm.model.attention import SharedPrefix
+
+    device = model.norm.weight.device
+    mask = completion_mask(completions, width).to(device)
+    R, W = mask.shape
+    if W == 0:
+        return torch.zeros(R, 0, device=device)
+    used, rows = torch.unique(rows, return_inverse=True)  # only the prompts these rows read
+    rows = rows.to(device)
+    idx, key_mask = left_pad([prompts[p] for p in used.tolist()], device)
+    positions = (key_mask.long().cumsum(-1) - 1).clamp_min(0)
+    cache = SharedPrefix(rows)
+    h_prompt = model.hidden_states(idx, cache=cache, positions=positions, key_mask=key_mask)
+    h = h_prompt[:, -1][rows][:, None]  # the last prompt position predicts token 0
+    comp = _completion_ids(completions, W, device)
+    if W > 1:  # tokens 0..W-2 predict tokens 1..W-1
+        L = idx.shape[1]
+        pos = positions[:, -1][rows][:, None] + 1 + torch.arange(W - 1, device=device)
+        keys = torch.cat([key_mask[rows], torch.ones(R, W - 1, dtype=torch.bool, device=device)], 1)
+        assert keys.shape == (R, L + W - 1)
+        h_rest = model.hidden_states(comp[:, :-1], cache=cache, positions=pos, key_mask=keys)
+        h = torch.cat([h, h_rest], dim=1)
+    return _gather_logprobs(model, h, comp, mask, temperature, chunk_elems)
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def sample_group(model, tokenizer, prompts: list[str], group: int, *, temperature: float,
+                 max_new_tokens: int, seed: int, stop: Optional[str] = "</answer>",
+                 stop_at_eos: bool = True):
+    """``group`` completions of each prompt in one batched, KV-cached generate call (each
+    prompt prefilled once): (prompt ids, completion ids per row, completion texts). Row r
+    continues prompt r // group. The same seed gives the same samples. With ``stop=None`` and
+    ``stop_at_eos=False`` every completion has ``max_new_tokens`` tokens."""
+    from keenlm.infer import generate_tokens
+
+    prompt_ids = [tokenizer.encode_prompt(p) for p in prompts]
+
+    def should_stop(row, new_ids):  # the stop string is short: the tail suffices
+        return stop in tokenizer.decode(new_ids[-16:])
+
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    outs = generate_tokens(model, prompt_ids, cfg, eos_id=tokenizer.eos_id if stop_at_eos else None,
+                           should_stop=should_stop if stop else None, repeat=group)
+    return prompt_ids, outs, [tokenizer.decode(o) for o in outs]
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+@dataclasses.dataclass
+class RLResult:
+    run_dir: Path
+    step: int
+    start_eval: dict
+    final_eval: dict
+    interrupted: bool
+
+
+class RLTrainer:
+    """GRPO or RFT on a task, starting from a loaded policy (``keenlm.load``)."""
+
+    def __init__(self, policy, cfg: RLConfig, task: Task | None = None,
+                 reward: Callable[[list[str], list[str]], list[float]] | None = None,
+                 stop: Optional[str] = "</answer>", stop_at_eos: bool = True):
+        """policy: a KeenModel. task: default from cfg; reward: default the task's. stop and
+        stop_at_eos end completions (None and False: always max_new_tokens, for benchmarks)."""
+        from keenlm.train.optim import build_optimizer, init_base_lr
+        from keenlm.train.trainer import pick_device
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if any(p.dtype != torch.float32 or not p.requires_grad for p in policy.net.parameters()):
+            raise ValueError("RL needs a full-precision model (not a quantized one)")
+        self.cfg, self.km = cfg, policy
+        self.device = pick_device(cfg.device)
+        self.model = policy.net.to(self.device)
+        self.tokenizer = policy.tokenizer
+        self.task = task or get_task(cfg.task, cfg.difficulty, cfg.scratchpad)
+        self.reward = reward or self.task.reward
+        self.stop, self.stop_at_eos = stop, stop_at_eos
+        self.logprobs = shared_prefix_logprobs  # reference_logprobs gives the same numbers
+        self.targets, self.objective = ALGORITHMS[cfg.algo]
+        self.variant = LOSSES[cfg.loss]
+        hi = cfg.clip_high if cfg.clip_high > 0 else (self.variant.clip_high or cfg.clip)
+        self.clip = (cfg.clip, hi)
+        self.reference = None
+        if cfg.kl_coef > 0 or cfg.log_kl:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        opt_cfg = dataclasses.replace(policy.config.train, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      optimizer="adamw", beta1=0.9, beta2=0.99)
+        self.opt = build_optimizer(self.model, opt_cfg, self.device.type)
+        init_base_lr(self.opt)
+        self.run_dir = Path(cfg.out_dir)
+        self.step = 0
+        self.updates = 0
+        self.train_problems = self.task.problems("train", 5000)
+        self.eval_problems = self.task.problems("test", cfg.eval_n)
+        self._stop = threading.Event()
+        self._maybe_resume()
+        self._write_run_files()
+
+    # --------------------------------------------------------------------------- run files
+
+    def _write_run_files(self):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.step == 0:  # a fresh run: no curves of an earlier one in the same folder
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        save_json(self.km.config, self.run_dir / "config.json")
+        runs.atomic_write_text(self.run_dir / "rl.json", json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        runs.atomic_write_text(self.run_dir / "env.json", json.dumps(runs.environment(), indent=2))
+        self.tokenizer.save(self.run_dir / "tokenizer")
+
+    def _maybe_resume(self):
+        ckpt = runs.latest_checkpoint(self.run_dir) if self.cfg.resume else None
+        if ckpt is None:
+            return
+        from keenlm.model import load_model_state
+
+        load_model_state(self.model, runs.load_model_state(ckpt))
+        state = runs.load_trainer_state(ckpt)
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.updates = int(state["step"]), int(state["updates"])
+        print(f"resuming {self.run_dir} from RL step {self.step}")
+
+    def save(self):
+        from keenlm.model import model_state
+
+        state = {"optimizer": self.opt.state_dict(), "step": self.step, "updates": self.updates}
+        runs.save_checkpoint(self.run_dir, self.step, model_state(self.model), state, keep=2)
+
+    # --------------------------------------------------------------------------- one step
+
+    def prompts_for(self, step: int) -> list[str]:
+        rng = random.Random(f"{self.cfg.seed}|{step}")
+        return [p.prompt for p in rng.sample(self.train_problems, self.cfg.prompts)]
+
+    def rl_step(self) -> dict:
+        cfg = self.cfg
+        prompts = self.prompts_for(self.step)
+        t0 = time.perf_counter()
+        prompt_ids, comps, texts = sample_group(self.model, self.tokenizer, prompts, cfg.group,
+                                                temperature=cfg.temperature,
+                                                max_new_tokens=cfg.max_new_tokens,
+                                                seed=cfg.seed * 1_000_003 + self.step,
+                                                stop=self.stop, stop_at_eos=self.stop_at_eos)
+        t_gen = time.perf_counter() - t0
+        row_prompts = [p for p in prompts for _ in range(cfg.group)]
+        rewards = torch.tensor(self.reward(row_prompts, texts), dtype=torch.float32)
+        grouped = rewards.view(cfg.prompts, cfg.group)
+        mask = completion_mask(comps)
+        adv, weights = self.targets(grouped, mask, self.variant, cfg.max_new_tokens, comps)
+        t1 = time.perf_counter()
+        rows = torch.arange(len(prompts)).repeat_interleave(cfg.group)
+        stats = self._update(prompt_ids, rows, comps, adv, weights)
+        t_train = time.perf_counter() - t1
+        self.step += 1
+        gen_tokens = sum(len(c) for c in comps)
+        train_tokens = stats.pop("train_tokens")
+        return {"step": self.step, "reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std()), "success": float((rewards == 1.0).float().mean()),
+                "zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
+                "completion_len": gen_tokens / len(comps), **stats,
+                "gen_tokens_per_s": gen_tokens / t_gen, "gen_s": t_gen, "train_s": t_train,
+                "train_tokens_per_s": train_tokens / t_train if t_train > 0 else 0.0}
+
+    def _update(self, prompt_ids, rows, comps, adv, weights) -> dict:
+        """epochs x minibatches optimizer steps on the rows that carry a gradient.
+
+        prompt_ids: the P prompts; rows (R,): the prompt of each completion; comps: R
+        completions; adv (R,), weights (R, W) from the algorithm."""
+        cfg = self.cfg
+        live = ((weights.sum(dim=1) > 0) & ((adv != 0) | (cfg.kl_coef > 0))).nonzero().flatten()
+        if len(live) == 0:
+            return {"loss": 0.0, "clip_frac": 0.0, "kl": None, "rows_trained": 0, "train_tokens": 0}
+        dev = self.device
+        rows, comps = rows[live], [comps[i] for i in live.tolist()]
+        W = max(len(c) for c in comps)
+        adv, weights = adv[live].to(dev), weights[live, :W].to(dev)
+        temp, logprobs = cfg.temperature, self.logprobs
+
+        def run(model, part):
+            return logprobs(model, prompt_ids, rows[part], [comps[i] for i in part.tolist()],
+                            temp, width=W)
+
+        everything = torch.arange(len(live))
+        with torch.no_grad():
+            many = cfg.epochs * cfg.minibatches > 1
+            old = run(self.model, everything) if many else None
+            ref = run(self.reference, everything) if self.reference is not None else None
+        self.model.train()
+        order = everything
+        losses, clip_fracs, kls, tokens = [], [], [], 0
+        for epoch in range(cfg.epochs):
+            if cfg.minibatches > 1:
+                g = torch.Generator().manual_seed(cfg.seed * 7919 + self.step * 31 + epoch)
+                order = torch.randperm(len(live), generator=g)
+            for part in order.chunk(cfg.minibatches):
+                logp = run(self.model, part)
+                p = part.to(dev)
+                loss, st = self.objective(logp, logp.detach() if old is None else old[p], adv[p],
+                                          weights[p] * cfg.minibatches, *self.clip,
+                                          None if ref is None else ref[p], cfg.kl_coef)
+                self._optimizer_step(loss)
+                losses.append(loss.item())
+                clip_fracs.append(st["clip_frac"])
+                if "kl" in st:
+                    kls.append(st["kl"])
+                tokens += sum(len(comps[i]) for i in part.tolist()) + \
+                    sum(len(prompt_ids[i]) for i in rows[part].unique().tolist())
+        return {"loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
+                "kl": sum(kls) / len(kls) if kls else None, "rows_trained": len(live),
+                "train_tokens": tokens}
+
+    def _optimizer_step(self, loss):
+        from keenlm.train.optim import set_lr
+
+        cfg = self.cfg
+        warm = min(1.0, (self.updates + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        set_lr(self.opt, warm)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.updates += 1
+
+    # --------------------------------------------------------------------------- loop
+
+    def evaluate(self) -> dict:
+        ev = evaluate_policy(self.model, self.tokenizer, self.task, self.cfg.eval_n,
+                             max_new_tokens=self.cfg.max_new_tokens)
+        return {"pass@1": ev["success"], "format": ev["format"], "reward": ev["reward"]}
+
+    def fit(self) -> RLResult:
+        from keenlm.train.progress import Progress
+        from keenlm.train.trainer import _sigint_stops
+
+        cfg = self.cfg
+        metrics = self.run_dir / "metrics.jsonl"
+        started = time.perf_counter()
+        start_eval = self.evaluate()
+        runs.append_jsonl(metrics, {"kind": "eval", "step": self.step, "elapsed_s": 0.0, **start_eval})
+        progress = Progress(cfg.steps, enabled=cfg.progress, start_step=self.step)
+        with _sigint_stops(self._stop), progress:
+            progress.note(f"step {self.step}: held-out pass@1 {start_eval['pass@1']:.3f}")
+            while self.step < cfg.steps and not self._stop.is_set():
+                rec = self.rl_step()
+                rec["elapsed_s"] = time.perf_counter() - started
+                runs.append_jsonl(metrics, {"kind": "rl", **rec})
+                progress.update({"step": self.step, "loss": rec["loss"],
+                                 "tokens_per_s": rec["gen_tokens_per_s"]})
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    ev = self.evaluate()
+                    runs.append_jsonl(metrics, {"kind": "eval", "step": self.step,
+                                                "elapsed_s": time.perf_counter() - started, **ev})
+                    progress.note(f"step {self.step}: reward {rec['reward_mean']:.3f}, held-out "
+                                  f"pass@1 {ev['pass@1']:.3f}")
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+                if cfg.time_budget_s and time.perf_counter() - started > cfg.time_budget_s:
+                    progress.note(f"time budget of {cfg.time_budget_s:.0f} s reached")
+                    break
+        final = self.evaluate()
+        runs.append_jsonl(metrics, {"kind": "eval", "step": self.step,
+                                    "elapsed_s": time.perf_counter() - started, **final})
+        self.save()
+        write_curves(self.run_dir)
+        return RLResult(self.run_dir, self.step, start_eval, final, self._stop.is_set())
+
+    def request_stop(self):
+        self._stop.set()
+
+
+def rl(policy, cfg: RLConfig | dict) -> RLResult:
+    """Run GRPO or RFT from ``policy`` (a path or a loaded KeenModel)."""
+    from keenlm.config import section_from_dict
+
+    if isinstance(cfg, dict):
+        cfg = section_from_dict("rl", RLConfig, cfg, RLConfig())
+    if isinstance(policy, (str, Path)):
+        from keenlm.api import load
+
+        policy = load(policy)
+    return RLTrainer(policy, cfg).fit()
+
+
+# ------------------------------------------------------------------------------ curves
+
+
+def write_curves(run_dir) -> Path:
+    """``rl_curves.svg``: sampled reward (mean per step) and held-out greedy pass@1 against
+    the RL step, from the run's metrics."""
+    from keenlm.plot import line_chart
+
+    recs = runs.read_jsonl(Path(run_dir) / "metrics.jsonl")
+    reward = [(r["step"], r["reward_mean"]) for r in recs if r.get("kind") == "rl"]
+    success = [(r["step"], r["success"]) for r in recs if r.get("kind") == "rl"]
+    passed = [(r["step"], r["pass@1"]) for r in recs if r.get("kind") == "eval" and "pass@1" in r]
+    path = Path(run_dir) / "rl_curves.svg"
+    line_chart({"sampled reward (mean)": reward, "sampled success": success,
+                "held-out pass@1 (greedy)": passed}, path, x_label="RL step", y_label="rate / reward",
+               y_range=(0.0, 1.0))
+    return path
+
+
+def load_curves(run_dir) -> dict:
+    """The curves of an RL run as lists of (step, value): for reports and studies."""
+    recs = runs.read_jsonl(Path(run_dir) / "metrics.jsonl")
+    return {"reward": [(r["step"], r["reward_mean"]) for r in recs if r.get("kind") == "rl"],
+            "pass@1": [(r["step"], r["pass@1"]) for r in recs if r.get("kind") == "eval"]}
+
+
+__all__ = ["ALGORITHMS", "LOSSES", "RLTrainer", "RLResult", "clipped_objective", "group_advantages",
+           "likelihood_objective", "completion_mask", "reference_logprobs", "rl", "sample_group",
+           "shared_prefix_logprobs", "write_curves",
+           "load_curves"]
