@@ -36,12 +36,14 @@ bench: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/lowbit.py
 	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/grpo.py
 
 bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py --quick
 	$(BIN)/python benchmarks/decode.py --quick
 	$(BIN)/python benchmarks/lowbit.py --quick
 	$(BIN)/python benchmarks/attention.py --quick
+	$(BIN)/python benchmarks/grpo.py --quick
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

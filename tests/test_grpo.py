@@ -251,3 +251,17 @@ def test_pass_at_k_and_majority():
     prompt = "Using the numbers [3, 7], make 21."
     assert task.answer_key(prompt, "3 * 7") == task.answer_key(prompt, "7*3")
     assert task.answer_key(prompt, "3 * 3") is None
+
+
+def test_rl_study_runs_end_to_end(tmp_path):
+    from keenlm import study
+
+    res = study.rl(tmp_path / "s", task="addition", difficulty=3, size="64x1", sft_steps=20,
+                   start_at=1.0, budget_s=1.0, eval_n=8, samples=2,
+                   rl_options={"prompts": 2, "group": 2, "eval_every": 1}, log=lambda s: None)
+    assert res["sft_steps"] == 20 and [r["algo"] for r in res["runs"]] == ["grpo", "rft"]
+    assert len(res["warmup_validation"]) == 1  # one checkpoint (every 100 steps, and the last)
+    for r in res["runs"]:
+        assert r["steps"] >= 1 and r["gain"] == pytest.approx(r["final"]["pass@1"] - r["start"])
+    for f in ("results.md", "results.json", "pass_at_1.svg", "reward.svg", "grpo/rl_curves.svg"):
+        assert (tmp_path / "s" / f).exists(), f

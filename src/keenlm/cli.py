@@ -226,7 +226,7 @@ def cmd_study(args) -> int:
                        qat_starts=floats(args.qat_starts))
     elif args.study == "rl":
         res = study.rl(args.out, task=args.task, difficulty=args.difficulty, size=args.size,
-                       sft_steps=args.sft_steps, budget_s=args.budget,
+                       sft_steps=args.sft_steps, start_at=args.start_at, budget_s=args.budget,
                        algos=tuple(args.algos.split(",")), eval_n=args.eval_n,
                        rl_options={"lr": args.lr})
         for r in res["runs"]:
@@ -301,7 +301,10 @@ def _add_io_commands(sub, fmt) -> None:
                     help="rl: the verifiable task")
     st.add_argument("--difficulty", type=int, default=2, help="rl: digits / numbers on offer")
     st.add_argument("--size", default="128x4", help="rl: policy d_model x layers")
-    st.add_argument("--sft-steps", type=int, default=1000, help="rl: supervised warm-up steps")
+    st.add_argument("--sft-steps", type=int, default=1500, help="rl: most supervised warm-up steps")
+    st.add_argument("--start-at", type=float, default=0.2,
+                    help="rl: start RL from the first warm-up checkpoint (every 100 steps) whose "
+                         "validation pass@1 reaches this")
     st.add_argument("--budget", type=float, default=880.0,
                     help="rl: wall-clock seconds of each RL run (sampling, updates, evaluations)")
     st.add_argument("--algos", default="grpo,rft", help="rl: algorithms, each from the same policy")

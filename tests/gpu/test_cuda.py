@@ -95,3 +95,27 @@ def test_flash_triton_matches_naive_on_cuda(dtype, atol, T, D, Hk, padded):
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=atol)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), go.to(dtype)), torch.autograd.grad(ref, ref_in, go)):
         torch.testing.assert_close(a.float(), b, rtol=0, atol=atol * 10)
+
+
+def test_grpo_step_and_shared_prefix_on_cuda(tmp_path):
+    from keenlm.api import KeenModel
+    from keenlm.config import RLConfig
+    from keenlm.data.tokenizer import ByteTokenizer
+    from keenlm.presets import resolve
+    from keenlm.train.grpo import RLTrainer, reference_logprobs, shared_prefix_logprobs
+
+    torch.manual_seed(2)
+    tok = ByteTokenizer()
+    cfg = resolve(from_dict({"model": {"n_layer": 2, "d_model": 64, "n_head": 2, "max_seq_len": 160},
+                             "train": {"seq_len": 128}}), tok.vocab_size)
+    km = KeenModel(build_model(cfg.model), tok, cfg, None)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    rows = torch.tensor([0, 0, 1, 1])
+    comps = [[1, 2], [3], [4, 5, 6], []]
+    net = km.net.cuda()
+    torch.testing.assert_close(shared_prefix_logprobs(net, prompts, rows, comps),
+                               reference_logprobs(net, prompts, rows, comps), rtol=0, atol=2e-3)
+    rl = RLConfig(task="countdown", prompts=2, group=4, max_new_tokens=8, device="cuda",
+                  out_dir=str(tmp_path / "rl"), progress=False, eval_n=2)
+    rec = RLTrainer(km, rl, reward=lambda p, c: [float(len(x) % 2) for x in c]).rl_step()
+    assert rec["step"] == 1 and rec["completion_len"] > 0

@@ -334,7 +334,6 @@ class RLTrainer:
         self.step = 0
         self.updates = 0
         self.train_problems = self.task.problems("train", 5000)
-        self.eval_problems = self.task.problems("test", cfg.eval_n)
         self._stop = threading.Event()
         self._maybe_resume()
         self._write_run_files()
@@ -487,8 +486,8 @@ class RLTrainer:
                 rec = self.rl_step()
                 rec["elapsed_s"] = time.perf_counter() - started
                 runs.append_jsonl(metrics, {"kind": "rl", **rec})
-                progress.update({"step": self.step, "loss": rec["loss"],
-                                 "tokens_per_s": rec["gen_tokens_per_s"]})
+                progress.update(rec, info=f"reward {rec['reward_mean']:.3f}  success "
+                                f"{rec['success']:.3f}  {rec['gen_tokens_per_s']:,.0f} sampled tok/s")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     ev = self.evaluate()
                     runs.append_jsonl(metrics, {"kind": "eval", "step": self.step,

@@ -32,10 +32,11 @@ class Progress:
         if self._bar is not None:
             self._bar.__exit__(*exc)
 
-    def update(self, rec: dict, total: int | None = None):
+    def update(self, rec: dict, total: int | None = None, info: str | None = None):
+        """rec: the step's record; info: what to show (default: its loss and tokens/s)."""
         if total is not None:
             self.total = total
-        info = f"loss {rec['loss']:.4f}  {rec['tokens_per_s']:,.0f} tok/s"
+        info = info or f"loss {rec['loss']:.4f}  {rec['tokens_per_s']:,.0f} tok/s"
         if self._bar is not None:
             self._bar.update(self._task, completed=rec["step"], total=self.total, info=info)
             return
