@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 from torch import nn
 
@@ -61,6 +62,19 @@ def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:
     fwd = linear + attn
     return {"forward": float(fwd), "backward": float(2 * fwd), "train": float(3 * fwd),
             "attn_forward": float(attn), "attn_flops_causal": float(attn) / 2}
+
+
+def generation_flops(model: nn.Module, prompt_len: int, new_tokens: Sequence[int]) -> float:
+    """Forward FLOPs of one prefill of ``prompt_len`` tokens and, for each sample sharing it,
+    ``new_tokens[i]`` decode steps: the matrix multiplies of every token plus attention over
+    the keys each token sees (q k^T and probs v: 4 x keys x heads x head_dim per layer)."""
+    cfg = model.cfg
+    linear = 2 * matmul_params(model)
+    per_key = cfg.n_layer * 4 * cfg.n_head * cfg.head_dim
+    flops = prompt_len * linear + per_key * prompt_len * (prompt_len + 1) / 2
+    for n in new_tokens:  # keys seen by decode steps: prompt_len + 1 ... prompt_len + n
+        flops += n * linear + per_key * (n * prompt_len + n * (n + 1) / 2)
+    return float(flops)
 
 
 @dataclass

@@ -1,0 +1,140 @@
+"""Test-time strategies: right choices on scripted policies, greedy equivalence, exact budgets,
+compute accounting."""
+
+import pytest
+import torch
+
+from keenlm.data.tokenizer import ByteTokenizer
+from keenlm.infer.search import (Budget, Policy, beam_search, best_of_n, budget_forcing, dvts,
+                                 majority_vote, verifier, weighted_majority)
+
+
+class Scripted(Policy):
+    """A policy whose continuations are a function of (prefix, sample index): known answers."""
+
+    def __init__(self, fn):
+        super().__init__(None, ByteTokenizer())
+        self.fn, self.calls = fn, []
+
+    def sample(self, prefixes, n, *, max_new_tokens, temperature, seed, stop=("</answer>",)):
+        self.calls.append((list(prefixes), n, max_new_tokens, tuple(stop)))
+        out = []
+        for p in prefixes:
+            texts = []
+            for i in range(n):
+                t = self.fn(p, i)[:max_new_tokens]  # byte tokens: one character each
+                hits = [t.find(s) + len(s) for s in stop if s in t]
+                texts.append(t[:min(hits)] if hits else t)
+                self.compute.policy_tokens += len(texts[-1])
+            out.append(texts)
+        return out
+
+
+def answers(*values):
+    return lambda prefix, i: f"<answer>{values[i % len(values)]}</answer>"
+
+
+def test_majority_weighted_and_best_of_n_choose_right():
+    pol = Scripted(answers(3, 5, 7, 5, "x"))
+    b = Budget(n=5)
+    assert majority_vote(pol, None, "Q", b).answer == "5"
+    # a scorer that trusts 7 outweighs two votes for 5; equal weights give the majority's choice
+    favour7 = lambda prompt, comps: [10.0 if "7" in c else 1.0 for c in comps]  # noqa: E731
+    assert weighted_majority(pol, favour7, "Q", b).answer == "7"
+    flat = lambda prompt, comps: [0.5] * len(comps)  # noqa: E731
+    for scorer in (flat, None):
+        assert weighted_majority(pol, scorer, "Q", b).completion == majority_vote(pol, None, "Q", b).completion
+    # best-of-n with an exact verifier finds the one right answer among wrong ones
+    from keenlm.data.tasks import get_task
+
+    task = get_task("addition", 1)
+    prompt = "What is 3 + 4? Answer inside <answer></answer>.\n"
+    pol = Scripted(answers(6, 8, 7, 9))
+    r = best_of_n(pol, verifier(task), prompt, Budget(n=4))
+    assert r.answer == "7" and r.score == 1.0 and r.candidates == 4
+    with pytest.raises(ValueError, match="scorer"):
+        best_of_n(pol, None, prompt, Budget(n=4))
+
+
+def _steps_policy(prefix, i):
+    """Two steps, then an answer: the answer is 1 on the path that took 'good' both times."""
+    done = prefix.count("\n")
+    if done < 2:
+        return ("good" if i == 1 else f"bad{i}") + "\n"
+    return "<answer>1</answer>" if prefix.count("good") == 2 else "<answer>0</answer>"
+
+
+def _prm(prompt, partials):  # a process scorer: the share of good steps
+    return [p.count("good") / max(1, p.count("\n")) if p else 0.0 for p in partials]
+
+
+def test_beam_search_and_dvts_follow_the_process_scorer():
+    b = Budget(width=2, expand=3, max_steps=5, n=6)
+    pol = Scripted(_steps_policy)
+    r = beam_search(pol, _prm, "Q:", b)
+    assert r.answer == "1" and r.completion.startswith("good\ngood\n")
+    assert all(n == 3 for _, n, _, _ in pol.calls) and len(pol.calls[1][0]) == 2  # width 2 kept
+    pol = Scripted(_steps_policy)
+    r = dvts(pol, _prm, "Q:", b)
+    assert r.answer == "1" and len(pol.calls[0][0]) == 2  # 6 // 3 = 2 independent subtrees
+
+
+def test_beam_search_of_width_one_and_one_expansion_is_greedy():
+    from keenlm.api import KeenModel
+    from keenlm.config import GenerateConfig, from_dict
+    from keenlm.infer import generate_tokens
+    from keenlm.model import build_model
+    from keenlm.presets import resolve
+
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    cfg = resolve(from_dict({"model": {"n_layer": 2, "d_model": 64, "n_head": 2, "max_seq_len": 256},
+                             "train": {"seq_len": 128}}), tok.vocab_size)
+    km = KeenModel(build_model(cfg.model), tok, cfg, None)
+    pol = Policy(km.net, tok)
+    prompt = "Count: 1\n2\n"
+    b = Budget(width=1, expand=1, max_steps=6, max_new_tokens=12, temperature=0, step=" ")
+    r = beam_search(pol, None, prompt, b)
+    greedy = tok.decode(generate_tokens(km.net, [tok.encode_prompt(prompt)],
+                                        GenerateConfig(max_new_tokens=72, temperature=0))[0])
+    assert r.completion and greedy.startswith(r.completion)
+    # the compute is counted: the prefixes prefilled, the tokens generated, their FLOPs
+    assert r.compute.policy_tokens == len(tok.encode(r.completion))
+    assert r.compute.policy_flops > 2 * r.compute.policy_tokens * 64 * 64
+
+
+def test_budget_forcing_caps_and_extends_exactly():
+    # a policy that wants to answer at once: thinking is extended with the cue until long enough
+    def eager(prefix, i):
+        return "42</answer>" if prefix.endswith("<answer>") else "<answer>42</answer>"
+
+    pol = Scripted(eager)
+    r = budget_forcing(pol, None, "Q", Budget(min_think=10, cue="Wait", temperature=0))
+    assert r.cues == 3 and r.thinking_tokens == 12 and r.completion == "WaitWaitWait<answer>42</answer>"
+    # a policy that would think forever: cut at exactly max_think tokens, then made to answer
+    pol = Scripted(lambda prefix, i: "1</answer>" if prefix.endswith("<answer>") else "hmm " * 100)
+    r = budget_forcing(pol, None, "Q", Budget(max_think=17, temperature=0))
+    assert r.thinking_tokens == 17 and r.completion == ("hmm " * 5)[:17] + "<answer>1</answer>"
+    # both bounds: thinking that stops at 5 tokens, min 8, max 9: one cue (5 + 4), no cut
+    def short(prefix, i):
+        if prefix.endswith("<answer>"):
+            return "1</answer>"
+        return "abcde<answer>1</answer>" if "Wait" not in prefix else "<answer>1</answer>"
+
+    pol = Scripted(short)
+    r = budget_forcing(pol, None, "Q", Budget(min_think=8, max_think=9, temperature=0))
+    assert r.thinking_tokens == 9 and r.cues == 1 and r.answer == "1"
+    with pytest.raises(ValueError, match="min_think"):
+        Budget(min_think=10, max_think=5)
+
+
+def test_generation_flops_count_matmuls_and_attention():
+    from keenlm.ledger import generation_flops, matmul_params
+    from keenlm.config import ModelConfig
+    from keenlm.model import build_model
+
+    m = build_model(ModelConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, d_ff=64, max_seq_len=64))
+    lin, per_key = 2 * matmul_params(m), 2 * 4 * 2 * 16
+    # prefill of 3 tokens sees 1+2+3 keys; two samples of 2 and 1 tokens see 4+5 and 4 keys
+    expected = 3 * lin + per_key * 6 + 2 * lin + per_key * 9 + 1 * lin + per_key * 4
+    assert generation_flops(m, 3, [2, 1]) == expected
