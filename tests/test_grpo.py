@@ -13,8 +13,8 @@ from keenlm.data.tokenizer import ByteTokenizer
 from keenlm.model import build_model
 from keenlm.presets import resolve
 from keenlm.train.grpo import (LOSSES, RLTrainer, clipped_objective, group_advantages,
-                               likelihood_objective, reference_logprobs, rft_targets, sample_group,
-                               shared_prefix_logprobs)
+                               likelihood_objective, rft_targets, sample_group)
+from keenlm.train.logprobs import reference_logprobs, shared_prefix_logprobs
 
 
 def tiny_policy(seed=0, layers=2):

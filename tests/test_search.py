@@ -138,3 +138,73 @@ def test_generation_flops_count_matmuls_and_attention():
     # prefill of 3 tokens sees 1+2+3 keys; two samples of 2 and 1 tokens see 4+5 and 4 keys
     expected = 3 * lin + per_key * 6 + 2 * lin + per_key * 9 + 1 * lin + per_key * 4
     assert generation_flops(m, 3, [2, 1]) == expected
+
+
+def test_sweep_curves_and_compute_optimal_choice():
+    import re
+
+    from keenlm.data.tasks import get_task
+    from keenlm.infer.search import verifier
+    from keenlm.infer.sweep import choose, curves, sweep
+
+    def answer(prefix, i):  # right on samples 1, 4, 7, ...; otherwise always the same wrong sum
+        a, b = map(int, re.search(r"(\d+) \+ (\d+)", prefix).groups())
+        return f"<answer>{a + b if i % 3 == 1 else a + b + 1}</answer>"
+
+    class Costed(Scripted):
+        def sample(self, prefixes, n, **kw):
+            out = super().sample(prefixes, n, **kw)
+            self.compute.policy_flops = float(self.compute.policy_tokens)  # 1 FLOP per token
+            return out
+
+    task = get_task("addition", 2)
+    res = sweep(Costed(answer), verifier(task), task, ["majority", "best_of_n"], [1, 4], n_problems=5)
+    assert set(res["bins"]) == {1}  # 3 of 8 samples right: pass rate 0.375
+    c = curves(res)
+    acc = {(k, p["n"]): p["accuracy"] for k, pts in c.items() for p in pts}
+    assert acc == {("majority", 1): 0.0, ("majority", 4): 0.0, ("best_of_n", 1): 0.0,
+                   ("best_of_n", 4): 1.0}
+    big = choose(res, flops_budget=1e9)
+    assert (big["strategy"], big["n"]) == ("best_of_n", 4)
+    one = c["majority"][0]["flops"]
+    small = choose(res, flops_budget=one)  # only N = 1 fits: accuracy 0, the cheaper first
+    assert small["n"] == 1 and small["accuracy"] == 0.0
+    assert choose(res, flops_budget=0.5) is None and curves(res, bin=0) == {}
+    with pytest.raises(ValueError, match="scorer"):
+        sweep(Costed(answer), None, task, ["best_of_n"], [1], n_problems=1)
+
+
+def test_solve_and_train_reward_commands(tmp_path, capsys):
+    import json
+
+    from keenlm.cli import main
+    from keenlm.config import from_dict, save_json
+    from keenlm.model import build_model, model_state
+    from keenlm.presets import resolve
+    from keenlm.runs import save_checkpoint
+
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    cfg = resolve(from_dict({"model": {"n_layer": 1, "d_model": 64, "n_head": 1, "max_seq_len": 256},
+                             "train": {"seq_len": 64}}), tok.vocab_size)
+    src = tmp_path / "policy"
+    src.mkdir()
+    save_json(cfg, src / "config.json")
+    tok.save(src / "tokenizer")
+    save_checkpoint(src, 1, model_state(build_model(cfg.model)), {"step": 1})
+    common = ["--task", "addition", "--difficulty", "1", "--scratchpad", "--max-new-tokens", "6"]
+    assert main(["solve", str(src), *common, "--strategy", "majority,best_of_n", "--n", "1,2",
+                 "--scorer", "verifier", "--problems", "3", "--out", str(tmp_path / "sweep")]) == 0
+    out = capsys.readouterr().out
+    assert "| best_of_n | 2 |" in out and "| majority | 1 |" in out
+    res = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert len(res["rows"]) == 2 * 2 * 3 and all(r["policy_flops"] > 0 for r in res["rows"])
+    assert (tmp_path / "sweep" / "accuracy_vs_flops.svg").exists()
+    assert main(["train-reward", str(src), "--kind", "prm", *common, "--problems", "2",
+                 "--samples", "2", "--rollouts", "2", "--steps", "3", "--out", str(tmp_path / "prm")]) == 0
+    assert "prm on 4 rollouts" in capsys.readouterr().out
+    assert main(["solve", str(src), *common, "--strategy", "beam", "--n", "2", "--expand", "2",
+                 "--max-steps", "2", "--scorer", str(tmp_path / "prm"), "--problems", "2"]) == 0
+    assert "| beam | 2 |" in capsys.readouterr().out
+    assert main(["solve", str(src), *common, "--strategy", "dvts", "--problems", "1"]) == 2
+    assert "scorer" in capsys.readouterr().err

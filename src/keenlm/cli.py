@@ -175,6 +175,67 @@ def cmd_rl(args) -> int:
     return 0
 
 
+def _task_of(args):
+    from keenlm.data.tasks import get_task
+
+    return get_task(args.task, args.difficulty, args.scratchpad)
+
+
+def cmd_train_reward(args) -> int:
+    from keenlm.infer.reward import train_reward
+
+    info = train_reward(args.policy, args.kind, _task_of(args), args.out, problems=args.problems,
+                        samples=args.samples, rollouts=args.rollouts, steps=args.steps, lr=args.lr,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(f"wrote {args.out}: {info['kind']} on {info['examples']} rollouts ({info['labels']} labels, "
+          f"{100 * info['positive_share']:.1f}% positive); labelling {info['label_seconds']:.0f} s, "
+          f"training {info['train_seconds']:.0f} s")
+    return 0
+
+
+def cmd_solve(args) -> int:
+    import keenlm
+    from keenlm.infer.reward import load_reward_model
+    from keenlm.infer.search import Budget, Policy, verifier
+    from keenlm.infer.sweep import curves, sweep
+
+    task = _task_of(args)
+    km = keenlm.load(args.model, device=args.device)
+    scorer = None
+    if args.scorer == "verifier":
+        scorer = verifier(task)
+    elif args.scorer:
+        scorer = load_reward_model(args.scorer, device=args.device)
+    base = Budget(expand=args.expand, max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, step=args.step.replace("\\n", "\n").replace("\\t", "\t"),
+                  seed=args.seed)
+    strategies = [s for s in args.strategy.split(",") if s]
+    ns = [int(n) for n in args.n.split(",") if n]
+    res = sweep(Policy(km.net, km.tokenizer), scorer, task, strategies, ns, n_problems=args.problems,
+                base=base, log=print if len(strategies) * len(ns) > 1 else None)
+    table = ["| strategy | N | accuracy | policy tokens / problem | FLOPs / problem |",
+             "|---|---|---|---|---|"]
+    for name, points in curves(res).items():
+        for pt in points:
+            table.append(f"| {name} | {pt['n']} | {pt['accuracy']:.3f} | {pt['policy_tokens']:.0f} | "
+                         f"{pt['flops']:.3g} |")
+    print("\n".join(table))
+    if args.out:
+        from keenlm.plot import line_chart
+        from keenlm.runs import atomic_write_text
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "results.json", json.dumps(res) + "\n")
+        atomic_write_text(out / "results.md", f"{task.name}, {args.problems} held-out problems, "
+                          f"scorer {args.scorer or 'none'}\n\n" + "\n".join(table) + "\n")
+        line_chart({k: [(p["flops"], p["accuracy"]) for p in v] for k, v in curves(res).items()},
+                   out / "accuracy_vs_flops.svg", x_label="FLOPs per problem (log scale)",
+                   y_label="held-out accuracy", y_range=(0.0, 1.0), log_x=True)
+        print(f"results in {out}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from keenlm.info import run_info
 
@@ -373,6 +434,48 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     tk.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     e.set_defaults(func=cmd_eval)
+
+    def task_options(parser):
+        parser.add_argument("--task", required=True, choices=("addition", "multiplication", "countdown"),
+                            help="a verifiable task")
+        parser.add_argument("--difficulty", type=int, default=2, help="digits / numbers on offer")
+        parser.add_argument("--scratchpad", action="store_true",
+                            help="arithmetic worked step by step (one line per step)")
+        parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sample (per step in search)")
+        parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+    tr = sub.add_parser("train-reward", help="train an outcome or process reward model on a "
+                        "policy's own rollouts", formatter_class=fmt)
+    tr.add_argument("policy", help="the policy: run folder, .gguf file or HF folder")
+    tr.add_argument("--kind", required=True, choices=("orm", "prm"),
+                    help="orm: one label per answer; prm: Monte-Carlo labels per step")
+    tr.add_argument("--out", required=True, help="output folder (a reward model)")
+    task_options(tr)
+    tr.add_argument("--problems", type=int, default=200, help="training problems")
+    tr.add_argument("--samples", type=int, default=4, help="rollouts per problem")
+    tr.add_argument("--rollouts", type=int, default=4, help="prm: Monte-Carlo continuations per step")
+    tr.add_argument("--steps", type=int, default=300, help="training steps (16 examples each)")
+    tr.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    tr.set_defaults(func=cmd_train_reward)
+
+    so = sub.add_parser("solve", help="answer held-out problems with a test-time strategy; a list "
+                        "of strategies and N sweeps them and writes accuracy-vs-FLOPs curves",
+                        formatter_class=fmt)
+    so.add_argument("model", help="the policy: run folder, .gguf file or HF folder")
+    task_options(so)
+    so.add_argument("--strategy", default="majority",
+                    help="comma list of majority, weighted_majority, best_of_n, beam, dvts, budget_forcing")
+    so.add_argument("--n", default="8", help="comma list of budgets N (samples; beam width x expand)")
+    so.add_argument("--scorer", default="", help="verifier (the exact reward, an oracle) or a "
+                    "reward model folder (keenlm train-reward)")
+    so.add_argument("--problems", type=int, default=50, help="held-out problems")
+    so.add_argument("--expand", type=int, default=4, help="beam search, dvts: next steps per partial solution")
+    so.add_argument("--max-steps", type=int, default=16, help="beam search, dvts: reasoning steps")
+    so.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    so.add_argument("--step", default="\\n", help="step delimiter (escapes such as \\n allowed)")
+    so.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    so.add_argument("--out", default="", help="folder for results.json, results.md, accuracy_vs_flops.svg")
+    so.set_defaults(func=cmd_solve)
 
     r = sub.add_parser("rl", help="reinforcement learning on a verifiable task: GRPO or "
                        "rejection-sampling fine-tuning", formatter_class=fmt,

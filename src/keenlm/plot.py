@@ -17,10 +17,15 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: str = "",
                y_label: str = "", y_range: tuple[float, float] | None = None,
-               width: int = 640, height: int = 400) -> Path:
-    """Write an SVG chart of ``series`` to ``path`` (atomically); empty series are skipped."""
+               log_x: bool = False, width: int = 640, height: int = 400) -> Path:
+    """Write an SVG chart of ``series`` to ``path`` (atomically); empty series are skipped.
+    ``log_x``: x on a log10 scale (positive x only), ticks labelled with the values."""
+    import math
+
     from keenlm.runs import atomic_write_text
 
+    if log_x:
+        series = {k: [(math.log10(x), y) for x, y in s if x > 0] for k, s in series.items()}
     pts = [(x, y) for s in series.values() for x, y in s if y is not None]
     W, H, L, B, R, TOP = width, height, 60, 45, 20, 20
     xs = [x for x, _ in pts] or [0.0, 1.0]
@@ -44,7 +49,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: s
     for v in _ticks(x0, x1):
         parts.append(f'<line x1="{X(v):.1f}" y1="{H - B}" x2="{X(v):.1f}" y2="{H - B + 5}" '
                      f'stroke="black"/><text x="{X(v):.1f}" y="{H - B + 18}" '
-                     f'text-anchor="middle">{v:.4g}</text>')
+                     f'text-anchor="middle">{10 ** v if log_x else v:.4g}</text>')
     for v in _ticks(y0, y1):
         parts.append(f'<line x1="{L}" y1="{Y(v):.1f}" x2="{W - R}" y2="{Y(v):.1f}" stroke="#eeeeee"/>'
                      f'<text x="{L - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')

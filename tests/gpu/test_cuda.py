@@ -102,7 +102,8 @@ def test_grpo_step_and_shared_prefix_on_cuda(tmp_path):
     from keenlm.config import RLConfig
     from keenlm.data.tokenizer import ByteTokenizer
     from keenlm.presets import resolve
-    from keenlm.train.grpo import RLTrainer, reference_logprobs, shared_prefix_logprobs
+    from keenlm.train.grpo import RLTrainer
+    from keenlm.train.logprobs import reference_logprobs, shared_prefix_logprobs
 
     torch.manual_seed(2)
     tok = ByteTokenizer()
