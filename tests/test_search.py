@@ -208,3 +208,14 @@ def test_solve_and_train_reward_commands(tmp_path, capsys):
     assert "| beam | 2 |" in capsys.readouterr().out
     assert main(["solve", str(src), *common, "--strategy", "dvts", "--problems", "1"]) == 2
     assert "scorer" in capsys.readouterr().err
+
+
+def test_tts_study_runs_end_to_end(tmp_path):
+    from keenlm import study
+
+    r = study.tts(tmp_path / "s", task="addition", difficulty=2, small="64x1", large="64x2",
+                  sft_steps=4, ns=(1, 2), eval_n=2, rm_problems=1, rm_steps=2, log=lambda s: None)
+    assert r["param_ratio"] > 1 and set(r["curves"]) == {"majority", "weighted_majority",
+                                                          "best_of_n", "beam", "dvts"}
+    assert r["flops_small_total"] > r["small"]["train_flops"] > 0
+    assert (tmp_path / "s" / "results.md").exists() and (tmp_path / "s" / "accuracy_vs_flops.svg").exists()

@@ -365,3 +365,141 @@ def _rl_table(res: dict) -> str:
                      f"{100 * r['gain']:+.1f} | {r['best']:.3f} | {f[f'pass@{k}']:.3f} | "
                      f"{f[f'maj@{k}']:.3f} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- test-time compute
+
+
+def _greedy(km, task, n: int, max_new_tokens: int) -> dict:
+    """Greedy accuracy on the first ``n`` test problems and its FLOPs (keenlm.ledger)."""
+    from keenlm.infer.search import Policy
+
+    pol = Policy(km.net, km.tokenizer)
+    problems = task.problems("test", n)
+    prompts = [p.prompt for p in problems]
+    comps = [c[0] for c in pol.sample(prompts, 1, max_new_tokens=max_new_tokens, temperature=0.0,
+                                      seed=0)]
+    right = sum(r == 1.0 for r in task.reward(prompts, comps))
+    return {"accuracy": right / n, "flops_per_problem": pol.compute.policy_flops / n}
+
+
+def tts(out: str | Path, task: str = "multiplication", difficulty: int = 2, scratchpad: bool = True,
+        small: str = "64x2", large: str = "192x4", sft_steps: int = 1500,
+        ns=(1, 4, 16, 64), eval_n: int = 100, rm_problems: int = 200, rm_steps: int = 300,
+        log: Log = print) -> dict:
+    """Can a small policy with more test-time compute beat a >= 10x larger one answering greedily?
+
+    Both policies are trained on the same demonstrations with the same recipe (size-preset
+    learning rates, same steps, batch and sequence length). The small one then gets an outcome
+    and a process reward model trained on its own rollouts, and every strategy at every N in
+    ``ns`` on the held-out split (``keenlm.infer.sweep``). Reported: both accuracies, the
+    parameter ratio, and total FLOPs (training, reward models and their labelling, inference
+    over the held-out problems) of each side."""
+    import dataclasses
+
+    import keenlm
+    from keenlm.config import from_dict
+    from keenlm.data.tasks import get_task, write_demonstrations
+    from keenlm.infer.reward import load_reward_model, train_reward
+    from keenlm.infer.search import Budget, Policy
+    from keenlm.infer.sweep import BINS, curves, sweep
+    from keenlm.plot import line_chart
+    from keenlm.train import Trainer
+
+    out = Path(out)
+    t = get_task(task, difficulty, scratchpad)
+    demos = write_demonstrations(t, out / "demonstrations.jsonl", 6000)
+    max_new = 160
+    sides = {}
+    for name, size in (("small", small), ("large", large)):
+        d, n_layer = parse_size(size)
+        cfg = {"model": {"n_layer": n_layer, "d_model": d, "n_head": d // 64, "max_seq_len": 512},
+               "data": {"corpus": str(demos), "tokenizer": "byte", "cache_dir": str(out / "cache"),
+                        "val_fraction": 0.05},
+               "train": {"steps": sft_steps, "batch_size": 16, "seq_len": 256, "eval_every": 0,
+                         "out_dir": str(out / name), "progress": False}}
+        res = Trainer(from_dict(cfg)).fit()
+        km = keenlm.load(out / name)
+        g = _greedy(km, t, eval_n, max_new)
+        sides[name] = {"size": size, "params": sum(p.numel() for p in km.net.parameters()),
+                       "train_flops": res.ledger["flops_total"], "greedy": g}
+        log(f"{name} {size}: {sides[name]['params']:,} params, greedy accuracy {g['accuracy']:.3f}")
+
+    rms = {}
+    for kind in ("orm", "prm"):
+        info = train_reward(out / "small", kind, t, out / kind, problems=rm_problems, samples=4,
+                            rollouts=4, steps=rm_steps, max_new_tokens=max_new, log=None)
+        rms[kind] = info
+        log(f"{kind}: {info['examples']} rollouts, {100 * info['positive_share']:.0f}% positive labels")
+    km = keenlm.load(out / "small")
+    policy = Policy(km.net, km.tokenizer)
+    base = Budget(max_new_tokens=max_new, temperature=0.8, expand=4, max_steps=8)
+    plan = (("majority", None, ("majority",)), ("orm", "orm", ("weighted_majority", "best_of_n")),
+            ("prm", "prm", ("beam", "dvts")))
+    rows, bins = [], None
+    for label, kind, strategies in plan:
+        scorer = load_reward_model(out / kind) if kind else None
+        base_step = dataclasses.replace(base, max_new_tokens=40) if kind == "prm" else base
+        res = sweep(policy, scorer, t, strategies, ns, n_problems=eval_n, base=base_step, log=log)
+        bins = res["bins"]
+        for r in res["rows"]:
+            r["scorer"] = kind or "-"
+        rows += res["rows"]
+    result = {"task": t.name, "problems": eval_n, "bins": bins, "rows": rows,
+              "strategies": ["majority", "weighted_majority", "best_of_n", "beam", "dvts"],
+              "ns": list(ns)}
+    pts = curves(result)
+    best = max(((name, p) for name, ps in pts.items() for p in ps), key=lambda t: t[1]["accuracy"])
+    s, L = sides["small"], sides["large"]
+    label_flops = sum(rms[k]["label_compute"]["policy_flops"] for k in rms)
+    rm_flops = sum(rms[k]["train_flops"] for k in rms)
+    small_total = s["train_flops"] + label_flops + rm_flops + best[1]["flops"] * eval_n
+    large_total = L["train_flops"] + L["greedy"]["flops_per_problem"] * eval_n
+    by_bin = {}
+    for b in sorted(set(bins)):
+        bp = curves(result, b)
+        win = max(((name, p) for name, ps in bp.items() for p in ps), key=lambda t: t[1]["accuracy"])
+        by_bin[f"{BINS[b]:.1f}-{min(1.0, BINS[b + 1]):.1f}"] = {
+            "problems": sum(1 for x in bins if x == b), "best": win[0], "n": win[1]["n"],
+            "accuracy": win[1]["accuracy"],
+            "by_strategy_at_max_n": {name: ps[-1]["accuracy"] for name, ps in bp.items()}}
+    summary = {"task": t.name, "eval_n": eval_n, "small": s, "large": L,
+               "param_ratio": L["params"] / s["params"],
+               "best": {"strategy": best[0], **best[1]},
+               "small_beats_large": best[1]["accuracy"] > L["greedy"]["accuracy"],
+               "flops_small_total": small_total, "flops_large_total": large_total,
+               "flops_ratio_small_over_large": small_total / large_total,
+               "reward_models": rms, "curves": pts, "by_difficulty_bin": by_bin}
+    _write(out, {**summary, "rows": rows}, _tts_table(summary))
+    line_chart({name: [(p["flops"], p["accuracy"]) for p in ps] for name, ps in pts.items()} |
+               {"large, greedy": [(L["greedy"]["flops_per_problem"], L["greedy"]["accuracy"])]},
+               out / "accuracy_vs_flops.svg", x_label="inference FLOPs per problem (log scale)",
+               y_label=f"held-out accuracy ({eval_n} problems)", y_range=(0.0, 1.0), log_x=True)
+    log(f"best: {best[0]} N={best[1]['n']} accuracy {best[1]['accuracy']:.3f} vs large greedy "
+        f"{L['greedy']['accuracy']:.3f}")
+    return summary
+
+
+def _tts_table(r: dict) -> str:
+    s, L, b = r["small"], r["large"], r["best"]
+    lines = [f"Task {r['task']}, {r['eval_n']} held-out problems. Small {s['size']} "
+             f"({s['params']:,} params) vs large {L['size']} ({L['params']:,}): "
+             f"{r['param_ratio']:.1f}x the parameters.", "",
+             f"- large, greedy: accuracy **{L['greedy']['accuracy']:.3f}**",
+             f"- small, greedy: accuracy {s['greedy']['accuracy']:.3f}",
+             f"- small, best strategy: **{b['strategy']} N={b['n']}: {b['accuracy']:.3f}** "
+             f"({'beats' if r['small_beats_large'] else 'does not beat'} the large policy)",
+             f"- total FLOPs (training + reward models + labelling + inference): small "
+             f"{r['flops_small_total']:.3g}, large {r['flops_large_total']:.3g}, ratio "
+             f"{r['flops_ratio_small_over_large']:.2f}", "",
+             "| strategy | N | accuracy | policy tokens / problem | FLOPs / problem |",
+             "|---|---|---|---|---|"]
+    for name, ps in r["curves"].items():
+        for p in ps:
+            lines.append(f"| {name} | {p['n']} | {p['accuracy']:.3f} | {p['policy_tokens']:.0f} | "
+                         f"{p['flops']:.3g} |")
+    lines += ["", "| policy pass-rate bin | problems | best strategy | N | accuracy |",
+              "|---|---|---|---|---|"]
+    for k, v in r["by_difficulty_bin"].items():
+        lines.append(f"| {k} | {v['problems']} | {v['best']} | {v['n']} | {v['accuracy']:.3f} |")
+    return "\n".join(lines)

@@ -118,6 +118,7 @@ class RewardModel(nn.Module):
         self.score = nn.Linear(net.cfg.d_model, 1)
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
+        self.train_flops = 0.0  # forward + backward FLOPs spent fitting it (ledger formula)
 
     @property
     def cfg(self):
@@ -147,6 +148,8 @@ def train_reward_model(policy, examples: Sequence[Example], *, steps: int = 300,
     """Fit a reward model (started from a copy of the policy's weights) to ``examples``."""
     import copy
 
+    from keenlm.ledger import flops_per_token
+
     if not examples:
         raise ValueError("no training examples for the reward model")
     torch.manual_seed(seed)
@@ -162,6 +165,7 @@ def train_reward_model(policy, examples: Sequence[Example], *, steps: int = 300,
         cols = torch.tensor([a for c in chunk for a in c[1]], device=device)
         target = torch.tensor([y for c in chunk for y in c[2]], device=device)
         loss = F.binary_cross_entropy_with_logits(rm(ids)[rows, cols], target)
+        rm.train_flops += ids.numel() * flops_per_token(rm.net, ids.shape[1])["train"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
         opt.step()
@@ -186,7 +190,8 @@ class RewardScorer:
         device = next(self.rm.parameters()).device
         out = []
         for i in range(0, len(texts), self.batch):
-            rows = [self.tokenizer.encode_prompt(prompt + t) for t in texts[i:i + self.batch]]
+            limit = self.rm.cfg.max_seq_len  # longer texts keep their end, where the score is read
+            rows = [self.tokenizer.encode_prompt(prompt + t)[-limit:] for t in texts[i:i + self.batch]]
             logits = self.rm(_batch(rows, device))
             last = torch.tensor([len(r) - 1 for r in rows], device=device)
             out += torch.sigmoid(logits[torch.arange(len(rows), device=device), last]).tolist()
@@ -267,6 +272,7 @@ def train_reward(policy_path, kind: str, task, out, *, problems: int = 200, samp
             "labels": len(labels), "positive_share": sum(labels) / max(1, len(labels)),
             "rollouts": rollouts if kind == "prm" else 0, "steps": steps,
             "label_seconds": t1 - t0, "train_seconds": time.perf_counter() - t1,
+            "train_flops": rm.train_flops,
             "label_compute": dataclasses.asdict(policy.compute)}
     save_reward_model(rm, km.tokenizer, km.config, out, info)
     return info

@@ -144,6 +144,10 @@ class Policy:
 
         tok = self.tokenizer
         ids = [tok.encode_prompt(p) for p in prefixes]
+        room = self.model.cfg.max_seq_len - max(map(len, ids))
+        if room < 1:  # a prefix that fills the context has nothing more to say
+            return [[""] * n for _ in prefixes]
+        max_new_tokens = min(max_new_tokens, room)
 
         def should_stop(row, new_ids):
             tail = tok.decode(new_ids[-16:])

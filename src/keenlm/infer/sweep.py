@@ -12,8 +12,8 @@ accuracy is highest within the budget: compute-optimal test-time scaling as a lo
 measured curves.
 
 For N, the strategies' budgets are: majority / weighted majority / best-of-N: N samples;
-beam search: width N // expand (at least 1) with ``expand`` expansions per step; DVTS: N
-leaves (N // expand subtrees); budget forcing: N x 16 thinking tokens at least.
+beam search: N candidates per step, width N // expand with expand = min(expand, N); DVTS: N
+candidates per step in N // expand subtrees; budget forcing: N x 16 thinking tokens at least.
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.01)  # policy pass-rate bin edges: bin 0 is h
 
 def budget_for(strategy: str, n: int, base: Budget) -> Budget:
     """The Budget of ``strategy`` at size ``n`` (see the module docstring)."""
-    if strategy == "beam":
-        return dataclasses.replace(base, width=max(1, n // base.expand))
+    if strategy in ("beam", "dvts"):  # N candidates per step: width (or subtrees) x expand
+        expand = min(base.expand, n)
+        return dataclasses.replace(base, n=n, expand=expand, width=max(1, n // expand))
     if strategy == "budget_forcing":
         return dataclasses.replace(base, min_think=16 * n, max_think=0)
     return dataclasses.replace(base, n=n)

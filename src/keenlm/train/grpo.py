@@ -63,7 +63,7 @@ import torch
 from keenlm import runs
 from keenlm.config import GenerateConfig, RLConfig, save_json
 from keenlm.data.tasks import Task, evaluate_policy, get_task
-from keenlm.train.logprobs import completion_mask, reference_logprobs, shared_prefix_logprobs
+from keenlm.train.logprobs import completion_mask, shared_prefix_logprobs
 
 # ------------------------------------------------------------------------------ the objective
 
