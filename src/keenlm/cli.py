@@ -285,6 +285,14 @@ def cmd_study(args) -> int:
         study.frontier(args.out, sizes=tuple(args.sizes.split(",")),
                        kinds=tuple(args.kinds.split(",")), steps=args.steps,
                        qat_starts=floats(args.qat_starts))
+    elif args.study == "tts":
+        res = study.tts(args.out, task=args.task, difficulty=args.difficulty,
+                        scratchpad=args.scratchpad, small=args.small, large=args.large,
+                        sft_steps=args.sft_steps, ns=tuple(int(n) for n in args.ns.split(",")),
+                        eval_n=args.eval_n)
+        print(f"small {args.small} best {res['best']['strategy']} N={res['best']['n']}: "
+              f"{res['best']['accuracy']:.3f}; large {args.large} greedy "
+              f"{res['large']['greedy']['accuracy']:.3f}")
     elif args.study == "rl":
         res = study.rl(args.out, task=args.task, difficulty=args.difficulty, size=args.size,
                        sft_steps=args.sft_steps, start_at=args.start_at, budget_s=args.budget,
@@ -343,10 +351,11 @@ def _add_io_commands(sub, fmt) -> None:
 
     st = sub.add_parser("study", help="low-bit studies: the bits-vs-quality frontier, PTQ methods",
                         formatter_class=fmt)
-    st.add_argument("study", choices=("frontier", "ptq", "rl"),
+    st.add_argument("study", choices=("frontier", "ptq", "rl", "tts"),
                     help="frontier: train fp32/int4/int2/ternary models at several sizes on equal "
                          "tokens; ptq: quantize one model by several recipes; rl: supervised "
-                         "warm-up on a task, then GRPO and rejection-sampling fine-tuning")
+                         "warm-up on a task, then GRPO and rejection-sampling fine-tuning; tts: "
+                         "a small policy with test-time search vs a larger one answering greedily")
     st.add_argument("out", help="output folder (results.json, results.md, frontier.svg, runs/)")
     st.add_argument("--sizes", default="64x2,128x2,128x4", help="frontier: d_model x layers list")
     st.add_argument("--kinds", default="dense,int4,int2,ternary", help="frontier: linear kinds")
@@ -371,6 +380,10 @@ def _add_io_commands(sub, fmt) -> None:
     st.add_argument("--algos", default="grpo,rft", help="rl: algorithms, each from the same policy")
     st.add_argument("--eval-n", type=int, default=200, help="rl: held-out problems")
     st.add_argument("--lr", type=float, default=2e-4, help="rl: learning rate of the RL runs")
+    st.add_argument("--scratchpad", action="store_true", help="tts: arithmetic worked step by step")
+    st.add_argument("--small", default="64x2", help="tts: the small policy, d_model x layers")
+    st.add_argument("--large", default="192x4", help="tts: the large policy (>= 10x the parameters)")
+    st.add_argument("--ns", default="1,4,16,64", help="tts: budgets N of every strategy")
     st.set_defaults(func=cmd_study)
 
     ch = sub.add_parser("chat", help="multi-turn chat with a model that has a chat template",
