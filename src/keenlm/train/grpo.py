@@ -39,6 +39,11 @@ Zelikman et al. 2022, arXiv:2203.14465): the same loop, but only the completions
 reward are kept (duplicates within a group dropped) and trained on by cross-entropy, averaged
 over their tokens: the baseline GRPO must beat or match.
 
+The work is shared where rows share a prompt: each prompt is prefilled once for its G samples
+(``generate_tokens(repeat=G)``), and in training its forward and backward run once for its G
+completions (``keenlm.train.logprobs.shared_prefix_logprobs``; the per-row
+``reference_logprobs`` beside it gives the same values and gradients, as the tests check).
+
 Log-probabilities are those of the sampling distribution (logits / temperature). Logged per
 step (``metrics.jsonl``, kind "rl"): reward mean and std, success rate of the samples, the
 fraction of groups with zero reward variance, completion length, KL to the starting policy,
