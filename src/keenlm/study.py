@@ -1,7 +1,7 @@
-"""``keenlm study``: measured answers to "which low-bit recipe pays off at my scale?".
+"""``keenlm study``: measured answers to "which technique pays off at my scale?".
 
-Two studies, each writing ``results.json``, ``results.md`` (a table) and, for the frontier, a
-plot ``frontier.svg`` into its output folder:
+Four studies, each writing ``results.json``, ``results.md`` (a table) and plots (SVG) into its
+output folder:
 
 - ``frontier``: the bits-vs-quality frontier. For each size (d_model x layers; heads of 64,
   SwiGLU width and learning rate by the preset rules) and each linear kind (dense fp32, int4,
@@ -11,6 +11,10 @@ plot ``frontier.svg`` into its output folder:
   fractions of training (``train.qat_start``), to find the fraction that works best.
 - ``ptq``: one model (a run, a GGUF file such as SmolLM2, an HF folder) quantized by several
   methods and bit widths (``keenlm quantize``'s code), each evaluated on the same held-out text.
+- ``rl``: supervised warm-up on a verifiable task, then GRPO and rejection-sampling fine-tuning
+  from the same policy for the same wall time (``rl`` below).
+- ``tts``: a small policy with test-time search against a >= 10x larger one answering greedily,
+  in accuracy and total FLOPs (``tts`` below).
 """
 from __future__ import annotations
 
