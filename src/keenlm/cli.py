@@ -381,8 +381,9 @@ def _add_io_commands(sub, fmt) -> None:
     st.add_argument("--eval-n", type=int, default=200, help="rl: held-out problems")
     st.add_argument("--lr", type=float, default=2e-4, help="rl: learning rate of the RL runs")
     st.add_argument("--scratchpad", action="store_true", help="tts: arithmetic worked step by step")
-    st.add_argument("--small", default="64x2", help="tts: the small policy, d_model x layers")
-    st.add_argument("--large", default="192x4", help="tts: the large policy (>= 10x the parameters)")
+    st.add_argument("--small", default="64x4", help="tts: the small policy, d_model x layers "
+                    "(64x4: 230k parameters, 6%% greedy on 2-number Countdown after 1500 steps)")
+    st.add_argument("--large", default="256x3", help="tts: the large policy (256x3: 2.48M, 10.8x)")
     st.add_argument("--ns", default="1,4,16,64", help="tts: budgets N of every strategy")
     st.set_defaults(func=cmd_study)
 

@@ -387,8 +387,8 @@ def _greedy(km, task, n: int, max_new_tokens: int) -> dict:
     return {"accuracy": right / n, "flops_per_problem": pol.compute.policy_flops / n}
 
 
-def tts(out: str | Path, task: str = "multiplication", difficulty: int = 2, scratchpad: bool = True,
-        small: str = "64x2", large: str = "192x4", sft_steps: int = 1500,
+def tts(out: str | Path, task: str = "countdown", difficulty: int = 2, scratchpad: bool = False,
+        small: str = "64x4", large: str = "256x3", sft_steps: int = 1500,
         ns=(1, 4, 16, 64), eval_n: int = 100, rm_problems: int = 200, rm_steps: int = 300,
         log: Log = print) -> dict:
     """Can a small policy with more test-time compute beat a >= 10x larger one answering greedily?
