@@ -199,6 +199,8 @@ def cmd_solve(args) -> int:
     from keenlm.infer.search import Budget, Policy, verifier
     from keenlm.infer.sweep import curves, sweep
 
+    if args.problems < 1:
+        raise ValueError(f"--problems {args.problems}: an integer >= 1")
     task = _task_of(args)
     km = keenlm.load(args.model, device=args.device)
     scorer = None

@@ -243,6 +243,17 @@ def _ptq_table(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------------- rl
 
 
+def _warmup_config(size: str, demos: Path, steps: int, out_dir: Path, max_seq_len: int,
+                   **train) -> dict:
+    """Supervised warm-up of a byte-level policy on a task's demonstrations (batch 16 x 256)."""
+    d, n_layer = parse_size(size)
+    return {"model": {"n_layer": n_layer, "d_model": d, "n_head": d // 64, "max_seq_len": max_seq_len},
+            "data": {"corpus": str(demos), "tokenizer": "byte",
+                     "cache_dir": str(out_dir.parent / "cache"), "val_fraction": 0.05},
+            "train": {"steps": steps, "batch_size": 16, "seq_len": 256, "eval_every": 0,
+                      "out_dir": str(out_dir), "progress": False, **train}}
+
+
 def rl(out: str | Path, task: str = "countdown", difficulty: int = 2, size: str = "128x4",
        sft_steps: int = 1500, start_at: float = 0.2, budget_s: float = 880.0,
        algos=("grpo", "rft"), eval_n: int = 200, samples: int = 8, rl_options: dict | None = None,
@@ -269,7 +280,7 @@ def rl(out: str | Path, task: str = "countdown", difficulty: int = 2, size: str 
     from keenlm.train.grpo import RLTrainer
 
     out = Path(out)
-    d, n_layer = parse_size(size)
+    parse_size(size)  # a bad size fails before any work
     t = get_task(task, difficulty)
     n_demos = 6000
     demos = write_demonstrations(t, out / "demonstrations.jsonl", n_demos)
@@ -279,12 +290,8 @@ def rl(out: str | Path, task: str = "countdown", difficulty: int = 2, size: str 
     if len(val) < eval_n // 2:
         raise ValueError(f"task {t.name} has too few distinct training problems for a validation "
                          f"set beside {n_demos} demonstrations; raise the difficulty")
-    sft_cfg = {"model": {"n_layer": n_layer, "d_model": d, "n_head": d // 64, "max_seq_len": 256},
-               "data": {"corpus": str(demos), "tokenizer": "byte", "cache_dir": str(out / "cache"),
-                        "val_fraction": 0.05},
-               "train": {"steps": sft_steps, "batch_size": 16, "seq_len": 256, "lr": 3e-3,
-                         "eval_every": 0, "save_every": 100, "keep_checkpoints": sft_steps // 100 + 1,
-                         "out_dir": str(out / "sft"), "progress": False}}
+    sft_cfg = _warmup_config(size, demos, sft_steps, out / "sft", 256, lr=3e-3, save_every=100,
+                             keep_checkpoints=sft_steps // 100 + 1)
     t0 = time.perf_counter()
     Trainer(from_dict(sft_cfg)).fit()
     sft_s = time.perf_counter() - t0
@@ -411,18 +418,13 @@ def tts(out: str | Path, task: str = "countdown", difficulty: int = 2, scratchpa
     from keenlm.train import Trainer
 
     out = Path(out)
+    parse_size(small), parse_size(large)  # a bad size fails before any work
     t = get_task(task, difficulty, scratchpad)
     demos = write_demonstrations(t, out / "demonstrations.jsonl", 6000)
     max_new = 160
     sides = {}
-    for name, size in (("small", small), ("large", large)):
-        d, n_layer = parse_size(size)
-        cfg = {"model": {"n_layer": n_layer, "d_model": d, "n_head": d // 64, "max_seq_len": 512},
-               "data": {"corpus": str(demos), "tokenizer": "byte", "cache_dir": str(out / "cache"),
-                        "val_fraction": 0.05},
-               "train": {"steps": sft_steps, "batch_size": 16, "seq_len": 256, "eval_every": 0,
-                         "out_dir": str(out / name), "progress": False}}
-        res = Trainer(from_dict(cfg)).fit()
+    for name, size in (("small", small), ("large", large)):  # lr by the size preset: one recipe
+        res = Trainer(from_dict(_warmup_config(size, demos, sft_steps, out / name, 512))).fit()
         km = keenlm.load(out / name)
         g = _greedy(km, t, eval_n, max_new)
         sides[name] = {"size": size, "params": sum(p.numel() for p in km.net.parameters()),
@@ -444,7 +446,8 @@ def tts(out: str | Path, task: str = "countdown", difficulty: int = 2, scratchpa
     for label, kind, strategies in plan:
         scorer = load_reward_model(out / kind) if kind else None
         base_step = dataclasses.replace(base, max_new_tokens=40) if kind == "prm" else base
-        res = sweep(policy, scorer, t, strategies, ns, n_problems=eval_n, base=base_step, log=log)
+        res = sweep(policy, scorer, t, strategies, ns, n_problems=eval_n, base=base_step,
+                    bins=bins, log=log)  # the difficulty bins are measured once
         bins = res["bins"]
         for r in res["rows"]:
             r["scorer"] = kind or "-"

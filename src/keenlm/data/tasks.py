@@ -313,13 +313,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def majority(keys: list) -> int | None:
-    """Index of the first answer whose key is the most frequent (None keys do not vote);
-    None when nothing votes. Ties go to the key seen first."""
+def majority(keys: list, weights: list[float] | None = None) -> int | None:
+    """Index of the first answer whose key collects the most votes (each answer's weight, 1
+    by default; None keys do not vote); None when nothing votes. Ties go to the key seen first."""
     counts: dict = {}
-    for k in keys:
+    for k, w in zip(keys, weights or [1.0] * len(keys)):
         if k is not None:
-            counts[k] = counts.get(k, 0) + 1
+            counts[k] = counts.get(k, 0.0) + w
     if not counts:
         return None
     best = max(counts.values())

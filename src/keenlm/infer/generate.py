@@ -157,19 +157,22 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
+def stop_check(tokenizer, stop: Sequence[str]) -> Optional[Callable[[int, list[int]], bool]]:
+    """A ``should_stop`` for generate_tokens: True once a row's text holds a stop string
+    (stop strings are short: decoding the tail of the row suffices); None without stops."""
+    if not stop:
+        return None
+    return lambda row, new_ids: any(s in tokenizer.decode(new_ids[-64:]) for s in stop)
+
+
 def generate(model, tokenizer, prompts: str | Sequence[str], cfg: GenerateConfig = GenerateConfig(),
              *, stream: Optional[Callable[[str], None]] = None) -> str | list[str]:
     """Text in, text out (stop strings cut off). ``stream`` receives row 0's text as it comes."""
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
     ids = [tokenizer.encode_prompt(t) for t in texts]
-
-    def should_stop(row, new_ids):  # stop strings are short: decoding the tail suffices
-        tail = tokenizer.decode(new_ids[-64:])
-        return any(s in tail for s in cfg.stop)
-
     outs = generate_tokens(model, ids, cfg, eos_id=tokenizer.eos_id,
-                           should_stop=should_stop if cfg.stop else None,
+                           should_stop=stop_check(tokenizer, cfg.stop),
                            on_token=_TextStream(tokenizer, stream) if stream else None)
     results = [_cut_at_stop(tokenizer.decode(o), cfg.stop) for o in outs]
     return results[0] if single else results

@@ -90,10 +90,6 @@ class Compute:
         return Compute(*(getattr(self, f.name) - getattr(other, f.name)
                          for f in dataclasses.fields(self)))
 
-    def __add__(self, other: "Compute") -> "Compute":
-        return Compute(*(getattr(self, f.name) + getattr(other, f.name)
-                         for f in dataclasses.fields(self)))
-
 
 @dataclasses.dataclass
 class Result:
@@ -139,7 +135,7 @@ class Policy:
         """``n`` continuations of each prefix, each ending at (and keeping) its first stop
         string or after ``max_new_tokens`` tokens: one generate call, each prefix prefilled
         once. Returns one list of n texts per prefix."""
-        from keenlm.infer import generate_tokens
+        from keenlm.infer.generate import generate_tokens, stop_check
         from keenlm.ledger import generation_flops
 
         tok = self.tokenizer
@@ -148,14 +144,9 @@ class Policy:
         if room < 1:  # a prefix that fills the context has nothing more to say
             return [[""] * n for _ in prefixes]
         max_new_tokens = min(max_new_tokens, room)
-
-        def should_stop(row, new_ids):
-            tail = tok.decode(new_ids[-16:])
-            return any(s in tail for s in stop)
-
         cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         outs = generate_tokens(self.model, ids, cfg, eos_id=tok.eos_id,
-                               should_stop=should_stop if stop else None, repeat=n)
+                               should_stop=stop_check(tok, stop), repeat=n)
         texts = [cut_after(tok.decode(o), stop)[0] for o in outs]
         for i, p in enumerate(ids):
             lengths = [len(o) for o in outs[i * n:(i + 1) * n]]
@@ -187,22 +178,18 @@ def _samples(policy, prompt, budget) -> list[str]:
 # ------------------------------------------------------------------------------ voting and ranking
 
 
+def _keys(prompt: str, completions: list[str], key) -> list:
+    """What each completion votes for: its answer's key, or None without an answer."""
+    return [None if (a := extract_answer(c)) is None else key(prompt, a) for c in completions]
+
+
 def weighted_majority(policy, scorer, prompt: str, budget: Budget, key=text_key) -> Result:
     """``n`` samples; each answer collects the scores of the samples that give it (1 each
     without a scorer); the heaviest answer wins, represented by its first sample."""
     start, s0 = _snapshot(policy, scorer)
     comps = _samples(policy, prompt, budget)
     weights = scorer(prompt, comps) if scorer is not None else [1.0] * len(comps)
-    keys = [None if (a := extract_answer(c)) is None else key(prompt, a) for c in comps]
-    totals: dict = {}
-    for k, w in zip(keys, weights):
-        if k is not None:
-            totals[k] = totals.get(k, 0.0) + w
-    if not totals:
-        i = 0
-    else:
-        best = max(totals.values())
-        i = next(j for j, k in enumerate(keys) if k is not None and totals[k] == best)
+    i = majority(_keys(prompt, comps, key), weights) or 0
     return _finish(policy, scorer, prompt, comps[i], weights[i] if scorer else None, len(comps),
                    start, s0)
 
@@ -212,8 +199,8 @@ def majority_vote(policy, scorer, prompt: str, budget: Budget, key=text_key) -> 
     used."""
     start, s0 = _snapshot(policy, None)
     comps = _samples(policy, prompt, budget)
-    i = majority([None if (a := extract_answer(c)) is None else key(prompt, a) for c in comps])
-    return _finish(policy, None, prompt, comps[i or 0], None, len(comps), start, s0)
+    i = majority(_keys(prompt, comps, key)) or 0
+    return _finish(policy, None, prompt, comps[i], None, len(comps), start, s0)
 
 
 def best_of_n(policy, scorer, prompt: str, budget: Budget, key=text_key) -> Result:

@@ -49,8 +49,10 @@ def difficulty_bins(policy: Policy, task, problems, samples: int, base: Budget) 
 
 def sweep(policy: Policy, scorer: Optional[Callable], task, strategies: Sequence[str],
           ns: Sequence[int], n_problems: int = 50, base: Budget = Budget(),
-          difficulty_samples: int = 8, log=None) -> dict:
-    """Per-problem outcomes of every (strategy, N) on the first ``n_problems`` test problems."""
+          difficulty_samples: int = 8, bins: Optional[list[int]] = None, log=None) -> dict:
+    """Per-problem outcomes of every (strategy, N) on the first ``n_problems`` test problems.
+    ``bins``: the problems' difficulty bins from an earlier sweep of the same policy (else
+    measured here)."""
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ValueError(f"strategies {unknown}: choose from {', '.join(STRATEGIES)}")
@@ -58,7 +60,10 @@ def sweep(policy: Policy, scorer: Optional[Callable], task, strategies: Sequence
     if lacking:
         raise ValueError(f"strategies {lacking} need a scorer (a verifier or a reward model)")
     problems = task.problems("test", n_problems)
-    bins = difficulty_bins(policy, task, problems, difficulty_samples, base)
+    if bins is None:
+        bins = difficulty_bins(policy, task, problems, difficulty_samples, base)
+    elif len(bins) != len(problems):
+        raise ValueError(f"{len(bins)} difficulty bins for {len(problems)} problems")
     rows = []
     for name in strategies:
         for n in ns:

@@ -113,6 +113,17 @@ LOSSES = {
 }
 
 
+def k3_kl(ref_logp, logp):
+    """Per-token KL(pi || pi_ref) estimate pi_ref/pi - log(pi_ref/pi) - 1 (DeepSeekMath's k3)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def _masked_mean(x, weights) -> float:
+    active = weights > 0
+    return float((x.detach() * active).sum() / active.sum().clamp_min(1))
+
+
 def clipped_objective(logp, old_logp, adv, weights, clip_low: float, clip_high: float,
                       ref_logp=None, kl_coef: float = 0.0):
     """The GRPO loss (a scalar to minimize) and its statistics.
@@ -125,18 +136,13 @@ def clipped_objective(logp, old_logp, adv, weights, clip_low: float, clip_high: 
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * a
     surrogate = torch.minimum(unclipped, clipped)
     per_token = -surrogate
-    kl = None
-    if ref_logp is not None:
-        d = ref_logp - logp
-        kl = torch.exp(d) - d - 1
-        if kl_coef:
-            per_token = per_token + kl_coef * kl
+    kl = None if ref_logp is None else k3_kl(ref_logp, logp)
+    if kl is not None and kl_coef:
+        per_token = per_token + kl_coef * kl
     loss = (weights * per_token).sum()
-    active = weights > 0
-    n = active.sum().clamp_min(1)
-    stats = {"clip_frac": float(((clipped < unclipped) & active).sum() / n)}
+    stats = {"clip_frac": _masked_mean((clipped < unclipped).float(), weights)}
     if kl is not None:
-        stats["kl"] = float((kl.detach() * active).sum() / n)
+        stats["kl"] = _masked_mean(kl, weights)
     return loss, stats
 
 
@@ -147,9 +153,7 @@ def likelihood_objective(logp, old_logp, adv, weights, clip_low, clip_high, ref_
     loss = -(weights * adv[:, None] * logp).sum()
     stats = {"clip_frac": 0.0}
     if ref_logp is not None:
-        d = ref_logp - logp
-        active = weights > 0
-        stats["kl"] = float(((torch.exp(d) - d - 1).detach() * active).sum() / active.sum().clamp_min(1))
+        stats["kl"] = _masked_mean(k3_kl(ref_logp, logp), weights)
     return loss, stats
 
 
@@ -191,16 +195,12 @@ def sample_group(model, tokenizer, prompts: list[str], group: int, *, temperatur
     prompt prefilled once): (prompt ids, completion ids per row, completion texts). Row r
     continues prompt r // group. The same seed gives the same samples. With ``stop=None`` and
     ``stop_at_eos=False`` every completion has ``max_new_tokens`` tokens."""
-    from keenlm.infer import generate_tokens
+    from keenlm.infer.generate import generate_tokens, stop_check
 
     prompt_ids = [tokenizer.encode_prompt(p) for p in prompts]
-
-    def should_stop(row, new_ids):  # the stop string is short: the tail suffices
-        return stop in tokenizer.decode(new_ids[-16:])
-
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     outs = generate_tokens(model, prompt_ids, cfg, eos_id=tokenizer.eos_id if stop_at_eos else None,
-                           should_stop=should_stop if stop else None, repeat=group)
+                           should_stop=stop_check(tokenizer, (stop,) if stop else ()), repeat=group)
     return prompt_ids, outs, [tokenizer.decode(o) for o in outs]
 
 
