@@ -1,5 +1,7 @@
 """Verifiable tasks: deterministic splits, exact rewards, a verifier that never evaluates text."""
 
+import re
+
 import pytest
 
 from keenlm.data.tasks import (InvalidExpression, countdown_reward, evaluate_expression, format_reward,
@@ -8,7 +10,8 @@ from keenlm.data.tasks import (InvalidExpression, countdown_reward, evaluate_exp
 
 @pytest.mark.parametrize("kind,difficulty,scratchpad", [("addition", 3, False), ("addition", 5, True),
                                                          ("multiplication", 2, True),
-                                                         ("countdown", 3, False), ("countdown", 4, False)])
+                                                         ("countdown", 3, False), ("countdown", 4, False),
+                                                         ("countdown", 4, True)])
 def test_demonstrations_earn_full_reward_and_splits_are_disjoint(kind, difficulty, scratchpad):
     task = get_task(kind, difficulty, scratchpad)
     train, test = task.problems("train", 50, test_size=30), task.problems("test", 30)
@@ -23,6 +26,20 @@ def test_demonstrations_earn_full_reward_and_splits_are_disjoint(kind, difficult
 def test_scratchpad_demonstration_shows_the_work():
     p = get_task("addition", 3, scratchpad=True).problems("test", 1)[0]
     assert "carry" in p.demonstration and p.demonstration.endswith(f"<answer>{p.answer}</answer>")
+
+
+def test_countdown_scratchpad_steps_are_whole_true_and_end_at_the_target():
+    plain = get_task("countdown", 3).problems("test", 40)
+    worked = get_task("countdown", 3, scratchpad=True).problems("test", 40)
+    assert all("\n" not in p.demonstration for p in plain)
+    for p in worked:
+        *steps, answer = p.demonstration.split("\n")
+        assert len(steps) == 2 and answer == f"<answer>{p.answer}</answer>"
+        for line in steps:
+            m = re.fullmatch(r"(-?\d+)([-+*/])(-?\d+)=(-?\d+)", line)
+            a, op, b, v = int(m[1]), m[2], int(m[3]), int(m[4])  # whole numbers only
+            assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op] == v
+        assert int(steps[-1].split("=")[1]) == p.meta["target"]
 
 
 def test_countdown_verifier_is_exact_and_safe():

@@ -382,7 +382,8 @@ def _add_io_commands(sub, fmt) -> None:
     st.add_argument("--algos", default="grpo,rft", help="rl: algorithms, each from the same policy")
     st.add_argument("--eval-n", type=int, default=200, help="rl: held-out problems")
     st.add_argument("--lr", type=float, default=2e-4, help="rl: learning rate of the RL runs")
-    st.add_argument("--scratchpad", action="store_true", help="tts: arithmetic worked step by step")
+    st.add_argument("--scratchpad", action="store_true",
+                    help="tts: answers worked step by step (arithmetic, countdown)")
     st.add_argument("--small", default="64x4", help="tts: the small policy, d_model x layers "
                     "(64x4: 230k parameters, 6%% greedy on 2-number Countdown after 1500 steps)")
     st.add_argument("--large", default="256x3", help="tts: the large policy (256x3: 2.48M, 10.8x)")
@@ -442,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--task", choices=("addition", "multiplication", "countdown"),
                     help="a verifiable task: score answers on its held-out split")
     tk.add_argument("--difficulty", type=int, default=2, help="digits per operand / numbers on offer")
-    tk.add_argument("--scratchpad", action="store_true", help="arithmetic worked step by step")
+    tk.add_argument("--scratchpad", action="store_true", help="answers worked step by step (arithmetic, countdown)")
     tk.add_argument("--n", type=int, default=100, help="held-out problems")
     tk.add_argument("--samples", type=int, default=0,
                     help="sampled answers per problem for pass@k and maj@k (0: greedy only)")
@@ -456,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="a verifiable task")
         parser.add_argument("--difficulty", type=int, default=2, help="digits / numbers on offer")
         parser.add_argument("--scratchpad", action="store_true",
-                            help="arithmetic worked step by step (one line per step)")
+                            help="answers worked step by step, one line per step")
         parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sample (per step in search)")
         parser.add_argument("--seed", type=int, default=0, help="sampling seed")
 

@@ -281,7 +281,7 @@ class RLConfig:
 
     task: str = "addition"  # addition | multiplication | countdown
     difficulty: int = 2  # digits per operand (arithmetic) or numbers on offer (countdown)
-    scratchpad: bool = False  # arithmetic: answers worked step by step before the answer tag
+    scratchpad: bool = False  # answers worked step by step before the answer tag
     algo: str = "grpo"  # grpo | rft (rejection-sampling fine-tuning: train on the correct samples)
     loss: str = "dr_grpo"  # grpo | dapo | dr_grpo: advantage scaling and token normalization
     group: int = 8  # completions sampled per prompt (G)

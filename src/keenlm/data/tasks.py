@@ -14,10 +14,12 @@ right. ``format_reward`` alone gives 1 for a well-formed answer tag.
   products (multiplication) before the answer.
 - ``countdown``: reach a target from ``n`` given numbers with + - * / and parentheses, each
   number used at most once. The generator builds the target from a random expression over
-  the numbers, so a solution exists. The verifier parses the expression with ``ast`` and
-  walks the tree, accepting only integer literals, the four operators and parentheses; it
-  computes with exact fractions and rejects division by zero, numbers not on offer (or used
-  twice), values beyond 10^9 and expressions over 200 characters. Nothing is ever ``eval``-ed.
+  the numbers, so a solution exists; with ``scratchpad`` the demonstration writes each
+  intermediate result on its own line ("3+7=10") before the answer. The verifier parses the
+  expression with ``ast`` and walks the tree, accepting only integer literals, the four
+  operators and parentheses; it computes with exact fractions and rejects division by zero,
+  numbers not on offer (or used twice), values beyond 10^9 and expressions over 200
+  characters. Nothing is ever ``eval``-ed.
 
 Splits are deterministic: problem i of a split comes from a generator seeded by (task,
 difficulty, split, i), and the train split skips every prompt the test split holds.
@@ -129,6 +131,9 @@ OPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y,
        ast.Mult: lambda x, y: x * y, ast.Div: lambda x, y: x / y}
 
 
+STEP_OPS = {"+": OPS[ast.Add], "-": OPS[ast.Sub], "*": OPS[ast.Mult], "/": OPS[ast.Div]}
+
+
 class InvalidExpression(ValueError):
     pass
 
@@ -165,14 +170,31 @@ def evaluate_expression(text: str, numbers: list[int]) -> Fraction:
     return walk(tree.body)
 
 
-def countdown_problem(n: int, rng: random.Random, max_number: int = 25) -> Problem:
+def countdown_problem(n: int, rng: random.Random, max_number: int = 25,
+                      scratchpad: bool = False) -> Problem:
+    """A Countdown problem whose target is the value of a random expression over its numbers.
+    With ``scratchpad`` the demonstration writes each intermediate result on its own line
+    ("3+7=10", "10*5=50") before the answer, and only problems whose intermediate results are
+    whole numbers are drawn."""
     while True:
         numbers = [rng.randint(1, max_number) for _ in range(n)]
         order = rng.sample(numbers, len(numbers))
-        expr = str(order[0])
+        expr, value, steps, whole = str(order[0]), Fraction(order[0]), [], True
         for x in order[1:]:
             op = rng.choice("+-*/")
-            expr = f"({expr}) {op} {x}" if rng.random() < 0.5 else f"{x} {op} ({expr})"
+            left_first = rng.random() < 0.5
+            expr = f"({expr}) {op} {x}" if left_first else f"{x} {op} ({expr})"
+            if not whole:  # keep drawing: the same random stream with or without scratchpad
+                continue
+            a, b = (value, Fraction(x)) if left_first else (Fraction(x), value)
+            if op == "/" and b == 0:
+                whole = False
+                continue
+            value = STEP_OPS[op](a, b)
+            whole = value.denominator == 1
+            steps.append(f"{a}{op}{b}={value}")
+        if scratchpad and not whole:
+            continue
         try:
             value = evaluate_expression(expr, numbers)
         except InvalidExpression:
@@ -182,7 +204,8 @@ def countdown_problem(n: int, rng: random.Random, max_number: int = 25) -> Probl
             break
     prompt = (f"Using the numbers [{', '.join(map(str, numbers))}], make {target}. Use + - * / "
               f"and parentheses, each number at most once. Answer inside <answer></answer>.\n")
-    return Problem(prompt, expr, f"<answer>{expr}</answer>", {"numbers": numbers, "target": target})
+    demo = ("\n".join(steps) + "\n" if scratchpad else "") + f"<answer>{expr}</answer>"
+    return Problem(prompt, expr, demo, {"numbers": numbers, "target": target})
 
 
 def _countdown_right(m: re.Match, ans: str) -> bool:
@@ -252,7 +275,8 @@ def get_task(kind: str, difficulty: int = 2, scratchpad: bool = False) -> Task:
     if kind == "countdown":
         if difficulty < 2:
             raise ValueError("countdown needs at least 2 numbers")
-        return Task(f"countdown{difficulty}", lambda rng: countdown_problem(difficulty, rng),
+        return Task(f"countdown{difficulty}{'s' if scratchpad else ''}",
+                    lambda rng: countdown_problem(difficulty, rng, scratchpad=scratchpad),
                     countdown_reward, _countdown_key)
     raise ValueError(f"task {kind!r}: addition | multiplication | countdown")
 
