@@ -1,0 +1,1 @@
+"""Scaling laws: sweeps of model size x training tokens, fits, predictions and plans."""
