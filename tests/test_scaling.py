@@ -77,3 +77,124 @@ def test_bad_inputs_are_named():
         Law(E=1.0, A=1.0, alpha=0.3).optimal(1e18)
     with pytest.raises(ValueError, match="isoFLOP"):
         isoflop_fit([1e5, 2e5], [3.0, 2.9], [1e15, 1e15])
+
+
+# ------------------------------------------------------------------------------ sweeps
+
+
+def _base(corpus, cache) -> dict:
+    return {"data": {"corpus": str(corpus), "tokenizer": "byte", "cache_dir": str(cache)},
+            "model": {"max_seq_len": 32},
+            "train": {"batch_size": 2, "seq_len": 32, "eval_every": 0, "eval_batches": 2,
+                      "progress": False}}
+
+
+def test_grid_and_isoflop_plans(tmp_path, small_corpus):
+    from keenlm.scaling.sweep import grid, isoflop, model_params
+
+    base = _base(small_corpus, tmp_path / "cache")
+    trials = grid(base, [1, 2], [640, 1000])
+    assert [t.name for t in trials] == ["d1-t640", "d1-t1024", "d2-t640", "d2-t1024"]
+    assert trials[2].config["model"]["d_model"] == 64 and trials[0].config["train"]["steps"] == 10
+    iso = isoflop(base, [1, 2, 3], [1e9])
+    n = [model_params(t.config)["non_embedding"] for t in iso]
+    assert all(abs(6 * k * t.tokens - 1e9) < 6 * k * 64 for k, t in zip(n, iso))  # whole steps
+    with pytest.raises(ValueError, match="depths"):
+        grid(base, [], [640])
+
+
+def test_sweep_interrupted_halfway_resumes_without_redoing_finished_trials(tmp_path, small_corpus):
+    from keenlm.scaling.sweep import grid, run_sweep
+
+    trials = grid(_base(small_corpus, tmp_path / "cache"), [1, 2], [640, 1280])
+    seen = []
+
+    def stop_after_two(rec):
+        seen.append(rec["name"])
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(trials, tmp_path / "sw", log=None, on_result=stop_after_two)
+    done = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "sw").glob("trials/*/trial.json")}
+    assert sorted(done) == sorted(seen[:2])
+    ran = []
+    res = run_sweep(trials, tmp_path / "sw", log=ran.append)
+    assert len(res["results"]) == 4 and not res["failed"]
+    assert {p.parent.name: p.stat().st_mtime_ns
+            for p in (tmp_path / "sw").glob("trials/*/trial.json") if p.parent.name in done} == done
+    # finished trials are reported from their trial.json, the others were trained now
+    assert all(r["val_loss"] > 0 and r["params_non_embedding"] < r["params"] for r in res["results"])
+
+
+def test_a_failing_trial_is_retried_once_then_reported(tmp_path, small_corpus, monkeypatch):
+    from keenlm.scaling import sweep
+
+    trials = sweep.grid(_base(small_corpus, tmp_path / "cache"), [1], [640, 1280])
+    real, calls = sweep.run_trial, []
+
+    def flaky(trial, out, threads=0):
+        calls.append(trial.name)
+        if trial.name == "d1-t1280" or calls.count(trial.name) == 1:
+            raise RuntimeError(f"boom {trial.name}")
+        return real(trial, out, threads)
+
+    monkeypatch.setattr(sweep, "run_trial", flaky)
+    logs = []
+    res = sweep.run_sweep(trials, tmp_path / "sw", log=logs.append)
+    assert calls.count("d1-t640") == 2 and calls.count("d1-t1280") == 2  # one retry each
+    assert [r["name"] for r in res["results"]] == ["d1-t640"]
+    assert res["failed"] == {"d1-t1280": "RuntimeError: boom d1-t1280"}
+    assert any("retrying" in s for s in logs)
+
+
+def test_ray_backend_runs_two_trials(tmp_path, small_corpus):
+    pytest.importorskip("ray")
+    from keenlm.scaling.sweep import grid, run_sweep
+
+    trials = grid(_base(small_corpus, tmp_path / "cache"), [1], [640, 1280])
+    res = run_sweep(trials, tmp_path / "sw", backend="ray", log=None)
+    assert [r["name"] for r in res["results"]] == ["d1-t640", "d1-t1280"] and not res["failed"]
+    assert all((tmp_path / "sw" / "trials" / t.name / "model.safetensors").exists()
+               or list((tmp_path / "sw" / "trials" / t.name).glob("checkpoints/*")) for t in trials)
+
+
+def test_prediction_check_predicts_before_training_the_target(tmp_path, small_corpus):
+    from keenlm.scaling.check import prediction_check
+
+    r = prediction_check(tmp_path / "chk", fit_depths=(1, 2, 3), target_depth=4, tokens=1280,
+                         base=_base(small_corpus, tmp_path / "cache"), samples=10, log=lambda s: None)
+    pred = tmp_path / "chk" / "prediction.json"
+    target = tmp_path / "chk" / "trials" / r["target"]["name"] / "trial.json"
+    assert pred.stat().st_mtime_ns < target.stat().st_mtime_ns
+    assert r["design"]["fit_span"] > 10 and r["design"]["target_over_largest"] > 2
+    assert 0 <= r["error_non_embedding"] < 1 and (tmp_path / "chk" / "scaling.svg").exists()
+    assert "| non_embedding |" in (tmp_path / "chk" / "results.md").read_text()
+
+
+def test_scale_commands_sweep_fit_predict_plan(tmp_path, small_corpus, capsys):
+    import json
+
+    from keenlm.cli import main
+
+    cfg = tmp_path / "base.json"
+    base = _base(small_corpus, tmp_path / "cache")
+    cfg.write_text(json.dumps({k: v for k, v in base.items() if k != "train"} |
+                              {"train": {"eval_batches": 2}}))
+    out = str(tmp_path / "sw")
+    common = ["--config", str(cfg), "--seq-len", "32", "--batch-size", "2"]
+    assert main(["scale", "sweep", out, "--depths", "1,2,3", "--tokens", "640,1280", *common]) == 0
+    assert "6 trials finished, 0 failed" in capsys.readouterr().out
+    assert main(["scale", "fit", out, "--samples", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "L(N, D) with N non_embedding: E" in text and "L(N, D) with N total" in text
+    fit = json.loads((tmp_path / "sw" / "fit.json").read_text())
+    assert fit["runs"] == 6 and len(fit["total"]["laws"]) == 5
+    assert main(["scale", "predict", out, "--depth", "4", "--tokens", "2560", "--samples", "5"]) == 0
+    assert "depth 4 (" in capsys.readouterr().out
+    assert main(["scale", "plan", "--flops", "1e21", "--law", "chinchilla"]) == 0
+    assert "train N = " in capsys.readouterr().out
+    assert main(["scale", "plan", "--flops", "1e12", "--law", out, "--samples", "5"]) == 0
+    assert "(90%)" in capsys.readouterr().out
+    assert main(["scale", "plan", "--flops", "-1"]) == 2
+    assert "positive" in capsys.readouterr().err

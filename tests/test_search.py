@@ -210,12 +210,22 @@ def test_solve_and_train_reward_commands(tmp_path, capsys):
     assert "scorer" in capsys.readouterr().err
 
 
-def test_tts_study_runs_end_to_end(tmp_path):
+def test_tts_study_runs_end_to_end_and_continues_where_it_stopped(tmp_path):
     from keenlm import study
 
-    r = study.tts(tmp_path / "s", task="addition", difficulty=2, small="64x1", large="64x2",
-                  sft_steps=4, ns=(1, 2), eval_n=2, rm_problems=1, rm_steps=2, log=lambda s: None)
+    kw = dict(task="addition", difficulty=2, small="64x1", large="64x2", sft_steps=4, ns=(1, 2),
+              eval_n=2, rm_problems=1, rm_steps=2, log=lambda s: None)
+    r = study.tts(tmp_path / "s", **kw)
     assert r["param_ratio"] > 1 and set(r["curves"]) == {"majority", "weighted_majority",
-                                                          "best_of_n", "beam", "dvts"}
+                                                          "best_of_n", "beam", "dvts",
+                                                          "best_of_n_verifier"}
+    assert r["best"]["strategy"] != "best_of_n_verifier"  # the oracle is a bound, not a result
     assert r["flops_small_total"] > r["small"]["train_flops"] > 0
     assert (tmp_path / "s" / "results.md").exists() and (tmp_path / "s" / "accuracy_vs_flops.svg").exists()
+    # a second call reuses the warm-ups, reward models and sweeps, and adds the large policy's
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("sweep-small-*.json")}
+    r2 = study.tts(tmp_path / "s", **kw, sweep_large=True)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("sweep-small-*.json")} == stamps
+    assert r2["curves"] == r["curves"] and r2["small"]["train_flops"] == r["small"]["train_flops"]
+    assert set(r2["by_difficulty_bin"]) == {"small", "large"} and "large_curves" in r2
+    assert (tmp_path / "s" / "large-prm" / "reward.json").exists()

@@ -290,14 +290,15 @@ def cmd_study(args) -> int:
     elif args.study == "tts":
         res = study.tts(args.out, task=args.task, difficulty=args.difficulty,
                         scratchpad=args.scratchpad, small=args.small, large=args.large,
-                        sft_steps=args.sft_steps, ns=tuple(int(n) for n in args.ns.split(",")),
-                        eval_n=args.eval_n)
+                        sft_steps=args.sft_steps or 3000,
+                        ns=tuple(int(n) for n in args.ns.split(",")), eval_n=args.eval_n,
+                        sweep_large=args.sweep_large)
         print(f"small {args.small} best {res['best']['strategy']} N={res['best']['n']}: "
               f"{res['best']['accuracy']:.3f}; large {args.large} greedy "
               f"{res['large']['greedy']['accuracy']:.3f}")
     elif args.study == "rl":
         res = study.rl(args.out, task=args.task, difficulty=args.difficulty, size=args.size,
-                       sft_steps=args.sft_steps, start_at=args.start_at, budget_s=args.budget,
+                       sft_steps=args.sft_steps or 1500, start_at=args.start_at, budget_s=args.budget,
                        algos=tuple(args.algos.split(",")), eval_n=args.eval_n,
                        rl_options={"lr": args.lr})
         for r in res["runs"]:
@@ -373,7 +374,8 @@ def _add_io_commands(sub, fmt) -> None:
                     help="rl: the verifiable task")
     st.add_argument("--difficulty", type=int, default=2, help="rl: digits / numbers on offer")
     st.add_argument("--size", default="128x4", help="rl: policy d_model x layers")
-    st.add_argument("--sft-steps", type=int, default=1500, help="rl: most supervised warm-up steps")
+    st.add_argument("--sft-steps", type=int, default=0,
+                    help="rl, tts: supervised warm-up steps (0: 1500 for rl, 3000 for tts)")
     st.add_argument("--start-at", type=float, default=0.2,
                     help="rl: start RL from the first warm-up checkpoint (every 100 steps) whose "
                          "validation pass@1 reaches this")
@@ -385,9 +387,11 @@ def _add_io_commands(sub, fmt) -> None:
     st.add_argument("--scratchpad", action="store_true",
                     help="tts: answers worked step by step (arithmetic, countdown)")
     st.add_argument("--small", default="64x4", help="tts: the small policy, d_model x layers "
-                    "(64x4: 230k parameters, 6%% greedy on 2-number Countdown after 1500 steps)")
+                    "(64x4: 230k parameters, 30%% greedy on 2-number Countdown after 3000 steps)")
     st.add_argument("--large", default="256x3", help="tts: the large policy (256x3: 2.48M, 10.8x)")
     st.add_argument("--ns", default="1,4,16,64", help="tts: budgets N of every strategy")
+    st.add_argument("--sweep-large", action="store_true",
+                    help="tts: reward models and the strategy sweep for the large policy too")
     st.set_defaults(func=cmd_study)
 
     ch = sub.add_parser("chat", help="multi-turn chat with a model that has a chat template",
@@ -510,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     _add_io_commands(sub, fmt)
+    from keenlm.scaling.cli import add_parser as add_scale_parser
+
+    add_scale_parser(sub, fmt)
 
     d = sub.add_parser("demo", help="train a small model on the Python stdlib, evaluate, sample",
                        formatter_class=fmt)

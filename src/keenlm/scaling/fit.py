@@ -184,14 +184,21 @@ def bootstrap(n, losses, d=None, samples: int = 200, seed: int = 0, level: float
     names = ["E", "A", "alpha"] + (["B", "beta"] if d is not None else [])
     out = {"fit": dataclasses.asdict(full.law), "level": level, "samples": samples,
            "constants": {k: [float(np.percentile([getattr(x, k) for x in laws], q)) for q in (lo, hi)]
-                         for k in names}}
+                         for k in names},
+           "laws": [dataclasses.asdict(x) for x in laws]}
     if len(query_n):
-        preds = np.array([x.loss(query_n, query_d) for x in laws])
-        out["prediction"] = {"n": list(map(float, query_n)),
-                             "loss": full.law.loss(query_n, query_d).tolist(),
-                             "low": np.percentile(preds, lo, axis=0).tolist(),
-                             "high": np.percentile(preds, hi, axis=0).tolist()}
+        out["prediction"] = interval(out, query_n, query_d)
     return out
+
+
+def interval(boot: dict, n, d=None) -> dict:
+    """The fitted prediction at N (and D) and its percentile interval over a bootstrap's laws."""
+    level = boot["level"]
+    preds = np.array([Law(**x).loss(n, d) for x in boot["laws"]])
+    return {"n": np.atleast_1d(np.asarray(n, dtype=float)).tolist(),
+            "loss": np.atleast_1d(Law(**boot["fit"]).loss(n, d)).tolist(),
+            "low": np.atleast_1d(np.percentile(preds, (1 - level) / 2 * 100, axis=0)).tolist(),
+            "high": np.atleast_1d(np.percentile(preds, (1 + level) / 2 * 100, axis=0)).tolist()}
 
 
 def isoflop_fit(n, losses, flops) -> dict:

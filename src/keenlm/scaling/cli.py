@@ -1,0 +1,156 @@
+"""``keenlm scale sweep|fit|predict|plan|check``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from keenlm.scaling.check import COUNTS
+
+
+def _numbers(text: str, kind=float) -> list:
+    try:
+        return [kind(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r}: a comma-separated list of numbers") from None
+
+
+def _results(folder) -> list[dict]:
+    found = sorted(Path(folder).glob("trials/*/trial.json"))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no finished trials (trials/*/trial.json); run "
+                                "keenlm scale sweep first")
+    return [json.loads(p.read_text()) for p in found]
+
+
+def fit_sweep(folder, samples: int = 200) -> dict:
+    """Fit every finished trial of a sweep: L(N) when all share one token count, else
+    L(N, D); once per parameter count (without and with embeddings), with bootstrap laws for
+    intervals (``keenlm.scaling.fit.interval``)."""
+    from keenlm.scaling.fit import bootstrap, isoflop_fit
+
+    runs = _results(folder)
+    two = len({r["tokens"] for r in runs}) > 1
+    d = [r["tokens"] for r in runs] if two else None
+    out = {"runs": len(runs), "law": "L(N, D)" if two else "L(N)",
+           "tokens": None if two else runs[0]["tokens"]}
+    for count, key in COUNTS.items():
+        out[count] = bootstrap([r[key] for r in runs], [r["val_loss"] for r in runs], d,
+                               samples=samples)
+    if two:
+        try:
+            c = [6 * r["params_non_embedding"] * r["tokens"] for r in runs]
+            out["isoflop"] = isoflop_fit([r["params_non_embedding"] for r in runs],
+                                         [r["val_loss"] for r in runs], _budget_groups(runs, c))
+        except ValueError as e:
+            out["isoflop"] = {"skipped": str(e)}
+    return out
+
+
+def _budget_groups(runs, c) -> list[float]:
+    """The isoFLOP budget of each run: the ``-c<budget>`` suffix of an isoflop trial, else its
+    own 6 N D (runs of one budget then rarely coincide, and approach 2 says so)."""
+    out = []
+    for r, ci in zip(runs, c):
+        tail = r["name"].rsplit("-c", 1)
+        out.append(float(tail[1]) if len(tail) == 2 and tail[0] != r["name"] else ci)
+    return out
+
+
+def _base(args) -> dict:
+    """The sweeps' base config, with ``--config`` (a YAML/JSON file of overrides) on top."""
+    from keenlm.config import load_file, merge
+    from keenlm.scaling.sweep import base_config
+
+    base = base_config(seq=args.seq_len, batch=args.batch_size)
+    return merge(base, load_file(args.config)) if args.config else base
+
+
+def cmd_scale(args) -> int:
+    from keenlm.scaling import check, sweep
+    from keenlm.scaling.fit import PRESETS, Law, interval
+
+    if args.action == "sweep":
+        base = _base(args)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "base.json").write_text(json.dumps(base, indent=2) + "\n")
+        depths = _numbers(args.depths, int)
+        trials = (sweep.isoflop(base, depths, _numbers(args.isoflop)) if args.isoflop else
+                  sweep.grid(base, depths, _numbers(args.tokens, int)))
+        res = sweep.run_sweep(trials, args.out, backend=args.backend)
+        print(f"{len(res['results'])} trials finished, {len(res['failed'])} failed")
+        for name, err in res["failed"].items():
+            print(f"  failed: {name}: {err}")
+        return 1 if res["failed"] else 0
+    if args.action == "check":
+        quick = dict(fit_depths=(1, 2, 3), target_depth=4, tokens=200_000, samples=50)
+        kw = quick if args.quick else dict(fit_depths=tuple(_numbers(args.depths, int)),
+                                           target_depth=args.target_depth,
+                                           tokens=int(float(args.tokens)))
+        r = check.prediction_check(args.out, backend=args.backend, base=_base(args), **kw)
+        print(check.table(r))
+        return 0
+    if args.action == "plan":
+        if args.flops <= 0:
+            raise ValueError(f"--flops {args.flops}: a positive FLOP budget")
+        fit = None if args.law in PRESETS else fit_sweep(args.law, samples=args.samples)
+        if fit is not None and fit["law"] != "L(N, D)":
+            raise ValueError(f"{args.law}: every trial has the same token count, so the fit is "
+                             "L(N) alone; planning needs a sweep over tokens too")
+        law = PRESETS[args.law] if fit is None else Law(**fit["non_embedding"]["fit"])
+        n, d = law.optimal(args.flops)
+        line = f"with {args.flops:.3g} FLOPs, train N = {n:,.0f} params on D = {d:,.0f} tokens; "
+        if fit is None:
+            line += (f"expected loss {float(law.loss(n, d)):.4f} ({args.law}'s constants: "
+                     "their tokenizer and data)")
+        else:
+            p = interval(fit["non_embedding"], n, d)
+            line += f"expected loss {p['loss'][0]:.4f} [{p['low'][0]:.4f}, {p['high'][0]:.4f}] (90%)"
+        print(line)
+        return 0
+    fit = fit_sweep(args.out, samples=args.samples)
+    if args.action == "fit":
+        (Path(args.out) / "fit.json").write_text(json.dumps(fit, indent=2) + "\n")
+        for count in COUNTS:
+            f, c = fit[count]["fit"], fit[count]["constants"]
+            print(f"{fit['law']} with N {count}: " + ", ".join(
+                f"{k} {f[k]:.4g} [{c[k][0]:.4g}, {c[k][1]:.4g}]" for k in c))
+        return 0
+    # predict: a model of --depth trained on --tokens (the sweep's own count for an L(N) fit)
+    tokens = int(float(args.tokens)) if fit["law"] == "L(N, D)" else fit["tokens"]
+    saved = Path(args.out) / "base.json"
+    base = json.loads(saved.read_text()) if saved.exists() else _base(args)
+    trial = sweep.grid(base, [args.depth], [tokens])[0]
+    counts = sweep.model_params(trial.config)
+    for count in COUNTS:
+        p = interval(fit[count], counts[count], trial.tokens if fit["law"] == "L(N, D)" else None)
+        print(f"depth {args.depth} ({counts[count]:,} params, {count}): predicted loss "
+              f"{p['loss'][0]:.4f} [{p['low'][0]:.4f}, {p['high'][0]:.4f}] (90%)")
+    return 0
+
+
+def add_parser(sub, fmt) -> None:
+    s = sub.add_parser("scale", help="scaling laws: sweep sizes x tokens, fit, predict, plan, "
+                       "and the prediction check", formatter_class=fmt)
+    s.add_argument("action", choices=("sweep", "fit", "predict", "plan", "check"))
+    s.add_argument("out", nargs="?", default="runs/scale", help="the sweep's folder")
+    s.add_argument("--depths", default="1,2,3,4,5", help="sweep/check: depths of the size dial "
+                   "(d_model = 32 x depth, heads of 32)")
+    s.add_argument("--tokens", default="5e6", help="sweep: training tokens (a list: a grid); "
+                   "check: tokens per model; predict: tokens of the predicted run")
+    s.add_argument("--isoflop", default="", help="sweep: FLOP budgets; each depth trained on "
+                   "C / (6 N) tokens (approach 2) instead of --tokens")
+    s.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="sweep/check: trials in sequence, or as Ray tasks (pip install ray)")
+    s.add_argument("--config", default="", help="sweep/check: a YAML/JSON file of config "
+                   "overrides for every run (e.g. another corpus or tokenizer)")
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--depth", type=int, default=8, help="predict: the model to predict")
+    s.add_argument("--target-depth", type=int, default=8, help="check: the model to predict")
+    s.add_argument("--samples", type=int, default=200, help="bootstrap resamples")
+    s.add_argument("--flops", type=float, default=0.0, help="plan: the FLOP budget")
+    s.add_argument("--law", default="chinchilla", help="plan: a sweep folder to fit, or a "
+                   "preset: chinchilla | epoch")
+    s.add_argument("--quick", action="store_true", help="check: depths 1-3 predict depth 4 "
+                   "on 200k tokens (a smoke run)")
+    s.set_defaults(func=cmd_scale)

@@ -1,0 +1,202 @@
+"""Scaling sweeps: a grid of (model size, training tokens) runs from one base config.
+
+Every size comes from the one size dial (``keenlm.presets.size_preset``: depth -> width, heads,
+SwiGLU width, learning rate), so each point of a sweep is a model a user can also train by
+name. A trial is an ordinary run folder (``OUT/trials/<name>``) plus ``trial.json``, written
+atomically once the run is trained and evaluated: its validation loss, parameters (total and
+without embeddings), tokens, FLOPs and seconds.
+
+- ``grid``: every depth x every token count; ``isoflop``: for each FLOP budget C, every depth
+  trained on D = C / (6 N) tokens (N without embeddings, Kaplan's count), the design of
+  Chinchilla's approach 2.
+- ``run_sweep``: trials in sequence (``backend="local"``) or as Ray tasks, one CPU each
+  (``backend="ray"``; a local Ray instance is started when none is running). Resumable:
+  a trial with a ``trial.json`` is not run again, and a trial stopped halfway continues from
+  its last checkpoint. A trial that raises is reported and retried once; if it fails again
+  the sweep goes on and reports it as failed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+Log = Callable[[str], None]
+
+
+def base_config(seq: int = 256, batch: int = 16, vocab: int = 4096) -> dict:
+    """The sweeps' default: the stdlib corpus, a BPE of ``vocab`` tokens, WSD schedule."""
+    return {"data": {"tokenizer": "bpe", "vocab_size": vocab, "max_bytes": 12_000_000},
+            "model": {"max_seq_len": seq},
+            "train": {"batch_size": batch, "seq_len": seq, "schedule": "wsd",
+                      "decay_fraction": 0.25, "eval_every": 0, "eval_batches": 40,
+                      "dtype": "fp32", "progress": False}}
+
+
+@dataclass(frozen=True)
+class Trial:
+    name: str
+    depth: int
+    tokens: int
+    config: dict  # the run's full nested config, ready for keenlm.train
+
+
+def _trial(base: dict, depth: int, tokens: int, aspect: int, head_dim: int) -> Trial:
+    from keenlm.config import merge
+    from keenlm.presets import size_preset
+
+    cfg = merge(copy.deepcopy(base), size_preset(depth, aspect=aspect, head_dim=head_dim))
+    t = cfg["train"]
+    per_step = t["batch_size"] * t["seq_len"]
+    steps = max(1, round(tokens / per_step))
+    t.update({"steps": steps, "warmup_steps": max(1, steps // 30), "resume": True})
+    return Trial(f"d{depth}-t{steps * per_step}", depth, steps * per_step, cfg)
+
+
+def grid(base: dict, depths: Sequence[int], tokens: Sequence[int], aspect: int = 32,
+         head_dim: int = 32) -> list[Trial]:
+    """Every depth x every token count (rounded to whole steps)."""
+    _positive(depths, "depths"), _positive(tokens, "tokens")
+    return [_trial(base, d, int(n), aspect, head_dim) for d in depths for n in tokens]
+
+
+def model_params(config: dict) -> dict[str, int]:
+    """A config's parameter counts (keenlm.ledger.count_params), built on the meta device."""
+    import torch
+
+    from keenlm.config import from_dict
+    from keenlm.ledger import count_params
+    from keenlm.model import build_model
+    from keenlm.presets import resolve
+
+    cfg = from_dict(config)
+    with torch.device("meta"):
+        net = build_model(resolve(cfg, cfg.data.vocab_size or 256).model)
+    return count_params(net)
+
+
+def isoflop(base: dict, depths: Sequence[int], budgets: Sequence[float], aspect: int = 32,
+            head_dim: int = 32) -> list[Trial]:
+    """For each FLOP budget C, every depth on D = C / (6 N) tokens."""
+    _positive(depths, "depths"), _positive(budgets, "budgets")
+    out = []
+    for c in budgets:
+        for d in depths:
+            n = model_params(_trial(base, d, 1, aspect, head_dim).config)["non_embedding"]
+            t = _trial(base, d, int(c / (6 * n)), aspect, head_dim)
+            out.append(Trial(f"{t.name}-c{c:.2g}", d, t.tokens, t.config))
+    return out
+
+
+def _positive(values, name: str) -> None:
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"{name} {list(values)}: a non-empty list of positive numbers")
+
+
+def run_trial(trial: Trial, out: str | Path, threads: int = 0) -> dict:
+    """Train and evaluate one trial in ``out/trials/<name>``; returns its trial.json."""
+    import keenlm
+    from keenlm.config import merge
+    from keenlm.ledger import count_params
+    from keenlm.runs import atomic_write_text
+
+    run_dir = Path(out) / "trials" / trial.name
+    done = run_dir / "trial.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    cfg = merge(trial.config, {"train": {"out_dir": str(run_dir),
+                                         **({"threads": threads} if threads else {})}})
+    t0 = time.perf_counter()
+    res = keenlm.train(cfg)
+    if res.interrupted:
+        raise KeyboardInterrupt(f"trial {trial.name} was stopped")
+    params = count_params(keenlm.load(run_dir).net)
+    rec = {"name": trial.name, "depth": trial.depth, "tokens": trial.tokens,
+           "d_model": cfg["model"]["d_model"], "n_layer": cfg["model"]["n_layer"],
+           "params": params["total"], "params_non_embedding": params["non_embedding"],
+           "val_loss": res.final_eval["loss"], "flops": res.ledger["flops_total"],
+           "seconds": time.perf_counter() - t0}
+    atomic_write_text(done, json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+def run_sweep(trials: Sequence[Trial], out: str | Path, backend: str = "local",
+              retries: int = 1, log: Optional[Log] = print,
+              on_result: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run every trial not yet finished; returns {"results": [...], "failed": [...]}.
+    ``on_result`` is called after each finished trial (progress, or a test's interruption)."""
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend {backend!r}: local | ray")
+    names = [t.name for t in trials]
+    if len(set(names)) != len(names):
+        raise ValueError("two trials share a name: each (depth, tokens) once")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps([t.__dict__ for t in trials], indent=2) + "\n")
+    results, failed = {}, {}
+    pending = list(trials)
+    for attempt in range(retries + 1):
+        run = _run_ray if backend == "ray" else _run_local
+        errors = run(pending, out, results, log, on_result)
+        for t in pending:
+            if t.name in errors:
+                failed[t.name] = errors[t.name]
+                if log:
+                    log(f"trial {t.name} failed: {errors[t.name]}"
+                        + ("; retrying" if attempt < retries else ""))
+        pending = [t for t in pending if t.name in errors]
+        if not pending:
+            break
+    failed = {t.name: failed[t.name] for t in pending}
+    return {"results": [results[n] for n in names if n in results], "failed": failed}
+
+
+def _finished(rec: dict, results: dict, log, on_result) -> None:
+    results[rec["name"]] = rec
+    if log:
+        log(f"{rec['name']}: {rec['params_non_embedding']:,} params (non-embedding), "
+            f"{rec['tokens']:,} tokens, val loss {rec['val_loss']:.4f}")
+    if on_result:
+        on_result(rec)
+
+
+def _run_local(trials, out, results, log, on_result) -> dict:
+    errors = {}
+    for t in trials:
+        try:
+            rec = run_trial(t, out)
+        except Exception as e:  # reported and retried; KeyboardInterrupt stops the sweep
+            errors[t.name] = f"{type(e).__name__}: {e}"
+            continue
+        _finished(rec, results, log, on_result)
+    return errors
+
+
+def _run_ray(trials, out, results, log, on_result) -> dict:
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("backend ray needs Ray: pip install 'keenlm[sweep]'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=1)(run_trial)
+        futures = {remote.remote(t, str(out), 1): t for t in trials}
+        errors = {}
+        while futures:
+            done, _ = ray.wait(list(futures), num_returns=1)
+            t = futures.pop(done[0])
+            try:
+                rec = ray.get(done[0])
+            except Exception as e:
+                errors[t.name] = f"{type(e).__name__}: {e}".splitlines()[0]
+                continue
+            _finished(rec, results, log, on_result)
+        return errors
+    finally:
+        if started:
+            ray.shutdown()
