@@ -313,6 +313,14 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from keenlm.report import build_report
+
+    page = build_report(args.folders, args.out)
+    print(f"wrote {page} (charts as SVG and PNG in {page.stem}_files/)")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from keenlm.chat import chat_loop
 
@@ -517,6 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
     from keenlm.scaling.cli import add_parser as add_scale_parser
 
     add_scale_parser(sub, fmt)
+    rp = sub.add_parser("report", help="one self-contained HTML page of runs, sweeps and studies",
+                        formatter_class=fmt)
+    rp.add_argument("folders", nargs="+", help="run, scaling sweep or study folders")
+    rp.add_argument("--out", default="report.html", help="the page (charts go next to it)")
+    rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="train a small model on the Python stdlib, evaluate, sample",
                        formatter_class=fmt)

@@ -1,14 +1,17 @@
-"""Plain SVG line charts: no plotting library, no network, readable in any browser.
+"""Line charts as plain SVG (no plotting library, no network, readable in any browser) and,
+where matplotlib is installed, the same chart as a PNG file beside it.
 
 ``line_chart({name: [(x, y), ...]}, path)`` draws each series as a polyline with points, axes
-with ticks, and a legend. Used for run curves (RL reward and pass@1); the report page embeds
-the same files.
+with ticks, and a legend. Used for run curves (RL reward and pass@1), study results and
+scaling fits; the report page (``keenlm.report``) inlines the SVGs.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#222222")
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#222222", "#8c564b",
+          "#e377c2", "#17becf", "#bcbd22")
+_said = []
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -17,12 +20,17 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: str = "",
                y_label: str = "", y_range: tuple[float, float] | None = None,
-               log_x: bool = False, width: int = 640, height: int = 400) -> Path:
+               log_x: bool = False, width: int = 640, height: int = 400, png: bool = True) -> Path:
     """Write an SVG chart of ``series`` to ``path`` (atomically); empty series are skipped.
-    ``log_x``: x on a log10 scale (positive x only), ticks labelled with the values."""
+    ``log_x``: x on a log10 scale (positive x only), ticks labelled with the values. ``png``:
+    also ``path`` with the suffix .png (matplotlib; skipped, said once, when not installed)."""
+    import html
     import math
 
     from keenlm.runs import atomic_write_text
+
+    if png:
+        _png(series, Path(path).with_suffix(".png"), x_label, y_label, y_range, log_x)
 
     if log_x:
         series = {k: [(math.log10(x), y) for x, y in s if x > 0] for k, s in series.items()}
@@ -43,9 +51,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: s
              f'<rect width="{W}" height="{H}" fill="white"/>',
              f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
              f'<line x1="{L}" y1="{TOP}" x2="{L}" y2="{H - B}" stroke="black"/>',
-             f'<text x="{(W + L) / 2}" y="{H - 8}" text-anchor="middle">{x_label}</text>',
+             f'<text x="{(W + L) / 2}" y="{H - 8}" text-anchor="middle">{html.escape(x_label)}</text>',
              f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" '
-             f'text-anchor="middle">{y_label}</text>']
+             f'text-anchor="middle">{html.escape(y_label)}</text>']
     for v in _ticks(x0, x1):
         parts.append(f'<line x1="{X(v):.1f}" y1="{H - B}" x2="{X(v):.1f}" y2="{H - B + 5}" '
                      f'stroke="black"/><text x="{X(v):.1f}" y="{H - B + 18}" '
@@ -55,10 +63,11 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: s
                      f'<text x="{L - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
     shown = [(name, s) for name, s in series.items() if s]
     for k, (name, s) in enumerate(shown):
-        color = COLORS[k % len(COLORS)]
+        color, name = COLORS[k % len(COLORS)], html.escape(name)
+        dash = ' stroke-dasharray="6 3"' if k >= len(COLORS) else ""
         s = sorted((x, y) for x, y in s if y is not None)
         line = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in s)
-        parts.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        parts.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>')
         if len(s) <= 60:
             parts += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{color}">'
                       f'<title>{name}: {x:g}, {y:.4g}</title></circle>' for x, y in s]
@@ -68,3 +77,37 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: s
     path = Path(path)
     atomic_write_text(path, "\n".join(parts) + "\n")
     return path
+
+
+def _png(series, path: Path, x_label, y_label, y_range, log_x) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        if not _said:
+            _said.append(True)
+            print("PNG plots need matplotlib (pip install 'keenlm[report]'); writing SVG only")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from keenlm.runs import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for k, (name, s) in enumerate((n, s) for n, s in series.items() if s):
+        s = sorted((x, y) for x, y in s if y is not None and (x > 0 or not log_x))
+        ax.plot([x for x, _ in s], [y for _, y in s], marker="o" if len(s) <= 60 else None,
+                markersize=3, color=COLORS[k % len(COLORS)], label=name,
+                linestyle="--" if k >= len(COLORS) else "-")
+    if log_x:
+        ax.set_xscale("log")
+    if y_range:
+        ax.set_ylim(*y_range)
+    ax.set_xlabel(x_label), ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

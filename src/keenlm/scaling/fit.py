@@ -137,8 +137,8 @@ def fit_law(n: Sequence[float], losses: Sequence[float], d: Optional[Sequence[fl
     best = None
     for k in torch.argsort(scores)[:starts].tolist():
         theta = grid[k].clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-12,
-                                tolerance_change=1e-14, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=150, tolerance_grad=1e-12,
+                                tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
@@ -179,7 +179,7 @@ def bootstrap(n, losses, d=None, samples: int = 200, seed: int = 0, level: float
         if len(set(n[idx].tolist()) if d is None else set(zip(n[idx], d[idx]))) < need:
             continue  # too few distinct runs to determine the constants
         laws.append(fit_law(n[idx], losses[idx], None if d is None else d[idx], delta,
-                            starts=2, init=full.law).law)
+                            starts=1, init=full.law).law)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     names = ["E", "A", "alpha"] + (["B", "beta"] if d is not None else [])
     out = {"fit": dataclasses.asdict(full.law), "level": level, "samples": samples,
