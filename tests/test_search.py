@@ -74,6 +74,7 @@ def test_beam_search_and_dvts_follow_the_process_scorer():
     r = beam_search(pol, _prm, "Q:", b)
     assert r.answer == "1" and r.completion.startswith("good\ngood\n")
     assert all(n == 3 for _, n, _, _ in pol.calls) and len(pol.calls[1][0]) == 2  # width 2 kept
+    assert len(pol.calls[0][0]) == 2  # the first step, too, samples width x expand candidates
     pol = Scripted(_steps_policy)
     r = dvts(pol, _prm, "Q:", b)
     assert r.answer == "1" and len(pol.calls[0][0]) == 2  # 6 // 3 = 2 independent subtrees

@@ -22,7 +22,8 @@ The strategies:
 - ``weighted_majority``: each answer's votes weighted by the scorer's score of its sample.
 - ``best_of_n``: the sample the scorer ranks highest.
 - ``beam_search``: search over reasoning steps (text up to ``budget.step``, a newline by
-  default): ``width`` partial solutions, each extended by ``expand`` sampled next steps; the
+  default): ``width`` partial solutions (at first ``width`` copies of the empty one), each
+  extended by ``expand`` sampled next steps, so every step weighs width x expand = N; the
   scorer (a PRM) ranks the partial solutions and the best ``width`` unfinished ones go on;
   finished ones (answer tag closed, or nothing more generated) are set aside; it stops after
   ``max_steps`` steps or once ``width`` solutions are finished, and returns the best finished
@@ -233,7 +234,7 @@ def _extend(policy, prompt, partials: list[str], budget: Budget, step: int) -> l
 def beam_search(policy, scorer, prompt: str, budget: Budget, key=text_key) -> Result:
     """Beam search over reasoning steps guided by a (process) scorer; see the module docstring."""
     start, s0 = _snapshot(policy, scorer)
-    beams, finished, seen = [""], [], 0
+    beams, finished, seen = [""] * budget.width, [], 0  # width x expand candidates from step 1
     for step in range(budget.max_steps):
         cands = list(dict.fromkeys(_extend(policy, prompt, beams, budget, step)))  # no duplicates
         seen += len(cands)

@@ -20,7 +20,7 @@ COUNTS = {"non_embedding": "params_non_embedding", "total": "params"}
 
 
 def prediction_check(out: str | Path, fit_depths=(1, 2, 3, 4, 5), target_depth: int = 8,
-                     tokens: int = 5_000_000, backend: str = "local", samples: int = 200,
+                     tokens: int = 4_000_000, backend: str = "local", samples: int = 200,
                      base: dict | None = None, log: Log = print) -> dict:
     from keenlm.plot import line_chart
     from keenlm.runs import atomic_write_text

@@ -135,7 +135,7 @@ def add_parser(sub, fmt) -> None:
     s.add_argument("out", nargs="?", default="runs/scale", help="the sweep's folder")
     s.add_argument("--depths", default="1,2,3,4,5", help="sweep/check: depths of the size dial "
                    "(d_model = 32 x depth, heads of 32)")
-    s.add_argument("--tokens", default="5e6", help="sweep: training tokens (a list: a grid); "
+    s.add_argument("--tokens", default="4e6", help="sweep: training tokens (a list: a grid); "
                    "check: tokens per model; predict: tokens of the predicted run")
     s.add_argument("--isoflop", default="", help="sweep: FLOP budgets; each depth trained on "
                    "C / (6 N) tokens (approach 2) instead of --tokens")
