@@ -108,3 +108,28 @@ def test_rollout_examples_from_a_real_policy():
         assert list(e.ends) == sorted(e.ends) and e.ends[-1] == len(e.text)
     with pytest.raises(ValueError, match="kind"):
         rollout_examples(pol, task, "dpo")
+
+
+def test_ranking_auc_of_a_perfect_an_inverted_and_a_blind_scorer():
+    from keenlm.data.tasks import get_task
+    from keenlm.infer.reward import ranking_auc
+    from keenlm.infer.search import verifier
+
+    task = get_task("addition", 1)
+
+    class Alternating:  # half right, half wrong answers to each prompt
+        def sample(self, prefixes, n, **kw):
+            import re
+            out = []
+            for p in prefixes:
+                a, b = map(int, re.search(r"(\d+) \+ (\d+)", p).groups())
+                out.append([f"<answer>{a + b + (k % 2)}</answer>" for k in range(n)])
+            return out
+
+    right = verifier(task)
+    res = ranking_auc(right, Alternating(), task, problems=5, samples=4)
+    assert res == {"auc": 1.0, "right": 10, "wrong": 10}
+    inverted = lambda prompt, comps: [-s for s in right(prompt, comps)]  # noqa: E731
+    assert ranking_auc(inverted, Alternating(), task, problems=5, samples=4)["auc"] == 0.0
+    blind = lambda prompt, comps: [0.3] * len(comps)  # noqa: E731
+    assert ranking_auc(blind, Alternating(), task, problems=5, samples=4)["auc"] == 0.5

@@ -215,7 +215,8 @@ def test_tts_study_runs_end_to_end_and_continues_where_it_stopped(tmp_path):
     from keenlm import study
 
     kw = dict(task="addition", difficulty=2, small="64x1", large="64x2", sft_steps=4, ns=(1, 2),
-              eval_n=2, rm_problems=1, rm_steps=2, log=lambda s: None)
+              eval_n=2, rm_problems=1, rm_steps=2, auc_problems=2, max_new_tokens=24,
+              log=lambda s: None)
     r = study.tts(tmp_path / "s", **kw)
     assert r["param_ratio"] > 1 and set(r["curves"]) == {"majority", "weighted_majority",
                                                           "best_of_n", "beam", "dvts",
@@ -229,4 +230,6 @@ def test_tts_study_runs_end_to_end_and_continues_where_it_stopped(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("sweep-small-*.json")} == stamps
     assert r2["curves"] == r["curves"] and r2["small"]["train_flops"] == r["small"]["train_flops"]
     assert set(r2["by_difficulty_bin"]) == {"small", "large"} and "large_curves" in r2
+    held = r2["large_reward_models"]["orm"]["held_out"]
+    assert held["right"] + held["wrong"] == 2 * 16
     assert (tmp_path / "s" / "large-prm" / "reward.json").exists()

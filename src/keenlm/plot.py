@@ -35,7 +35,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: s
     if log_x:
         series = {k: [(math.log10(x), y) for x, y in s if x > 0] for k, s in series.items()}
     pts = [(x, y) for s in series.values() for x, y in s if y is not None]
-    W, H, L, B, R, TOP = width, height, 60, 45, 20, 20
+    names = [n for n, s in series.items() if s]
+    legend = 14 + 7 * max((len(n) for n in names), default=0)  # legend column, right of the plot
+    W, H, L, B, R, TOP = width + legend, height, 60, 45, 20 + legend, 20
     xs = [x for x, _ in pts] or [0.0, 1.0]
     ys = [y for _, y in pts] or [0.0, 1.0]
     x0, x1 = min(xs), max(xs)
@@ -54,7 +56,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: s
              f'<text x="{(W + L) / 2}" y="{H - 8}" text-anchor="middle">{html.escape(x_label)}</text>',
              f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" '
              f'text-anchor="middle">{html.escape(y_label)}</text>']
-    for v in _ticks(x0, x1):
+    decades = list(range(math.ceil(x0), math.floor(x1) + 1)) if log_x else []
+    for v in decades if len(decades) >= 2 else _ticks(x0, x1):
         parts.append(f'<line x1="{X(v):.1f}" y1="{H - B}" x2="{X(v):.1f}" y2="{H - B + 5}" '
                      f'stroke="black"/><text x="{X(v):.1f}" y="{H - B + 18}" '
                      f'text-anchor="middle">{10 ** v if log_x else v:.4g}</text>')
@@ -71,8 +74,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: s
         if len(s) <= 60:
             parts += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{color}">'
                       f'<title>{name}: {x:g}, {y:.4g}</title></circle>' for x, y in s]
-        parts.append(f'<rect x="{L + 10}" y="{TOP + 6 + 18 * k}" width="12" height="12" fill="{color}"/>'
-                     f'<text x="{L + 28}" y="{TOP + 16 + 18 * k}">{name}</text>')
+        parts.append(f'<rect x="{W - R + 12}" y="{TOP + 6 + 18 * k}" width="12" height="12" '
+                     f'fill="{color}"/><text x="{W - R + 28}" y="{TOP + 16 + 18 * k}">{name}</text>')
     parts.append("</svg>")
     path = Path(path)
     atomic_write_text(path, "\n".join(parts) + "\n")
@@ -92,7 +95,7 @@ def _png(series, path: Path, x_label, y_label, y_range, log_x) -> None:
 
     from keenlm.runs import atomic_write_bytes
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig, ax = plt.subplots(figsize=(8.4, 4.2), dpi=100)
     for k, (name, s) in enumerate((n, s) for n, s in series.items() if s):
         s = sorted((x, y) for x, y in s if y is not None and (x > 0 or not log_x))
         ax.plot([x for x, _ in s], [y for _, y in s], marker="o" if len(s) <= 60 else None,
@@ -103,7 +106,7 @@ def _png(series, path: Path, x_label, y_label, y_range, log_x) -> None:
     if y_range:
         ax.set_ylim(*y_range)
     ax.set_xlabel(x_label), ax.set_ylabel(y_label)
-    ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    ax.grid(alpha=0.3), ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     import io
 

@@ -71,12 +71,13 @@ def _reward_model(out: Path, policy_dir: Path, kind: str, task, problems: int, s
 
 
 def _sweep_policy(out: Path, name: str, task, ns, eval_n: int, rm_problems: int, rm_steps: int,
-                  max_new: int, log: Log) -> dict:
+                  max_new: int, auc_problems: int, log: Log) -> dict:
     """Reward models for policy ``name`` and every strategy x N on the held-out split."""
     import keenlm
-    from keenlm.infer.reward import load_reward_model
+    from keenlm.infer.reward import load_reward_model, ranking_auc
     from keenlm.infer.search import Budget, Policy, verifier
     from keenlm.infer.sweep import sweep
+    from keenlm.runs import atomic_write_text
 
     prefix = "" if name == "small" else f"{name}-"
     rms = {}
@@ -87,6 +88,14 @@ def _sweep_policy(out: Path, name: str, task, ns, eval_n: int, rm_problems: int,
             f"{100 * rms[kind]['positive_share']:.0f}% positive labels")
     km = keenlm.load(out / name)
     policy = Policy(km.net, km.tokenizer)
+    for kind in ("orm", "prm"):  # how well each ranks the policy's answers to held-out problems
+        cache = out / f"auc-{name}-{kind}.json"
+        if not cache.exists():
+            auc = ranking_auc(load_reward_model(out / f"{prefix}{kind}"), policy, task,
+                              problems=auc_problems, max_new_tokens=max_new)
+            atomic_write_text(cache, json.dumps(auc))
+        rms[kind]["held_out"] = json.loads(cache.read_text())
+        log(f"{name} {kind}: ROC AUC {rms[kind]['held_out']['auc']} on held-out samples")
     base = Budget(max_new_tokens=max_new, temperature=0.8, expand=4, max_steps=8)
     plan = (("majority", None, ("majority",)), ("orm", "orm", ("weighted_majority", "best_of_n")),
             ("prm", "prm", ("beam", "dvts")), ("verifier", "verifier", ("best_of_n",)))
@@ -98,14 +107,13 @@ def _sweep_policy(out: Path, name: str, task, ns, eval_n: int, rm_problems: int,
         else:
             scorer = (verifier(task) if kind == "verifier" else
                       load_reward_model(out / f"{prefix}{kind}") if kind else None)
-            step_base = dataclasses.replace(base, max_new_tokens=40) if kind == "prm" else base
+            step_base = (dataclasses.replace(base, max_new_tokens=min(40, max_new))
+                         if kind == "prm" else base)
             res = sweep(policy, scorer, task, strategies, ns, n_problems=eval_n, base=step_base,
                         bins=bins, log=lambda s: log(f"{name} {s}"))  # bins measured once
             if kind == "verifier":
                 for r in res["rows"]:
                     r["strategy"] = ORACLE
-            from keenlm.runs import atomic_write_text
-
             atomic_write_text(cache, json.dumps(res))
         bins = res["bins"]
         for r in res["rows"]:
@@ -139,7 +147,8 @@ def by_difficulty(result: dict) -> dict:
 def tts(out: str | Path, task: str = "countdown", difficulty: int = 2, scratchpad: bool = False,
         small: str = "64x4", large: str = "256x3", sft_steps: int = 3000,
         ns=(1, 4, 16, 64), eval_n: int = 100, rm_problems: int = 200, rm_steps: int = 300,
-        sweep_large: bool = False, log: Log = print) -> dict:
+        sweep_large: bool = False, auc_problems: int = 30, max_new_tokens: int = 160,
+        log: Log = print) -> dict:
     """The study (module docstring); returns the summary written to ``results.json``."""
     from keenlm.data.tasks import get_task, write_demonstrations
     from keenlm.infer.sweep import curves
@@ -150,13 +159,14 @@ def tts(out: str | Path, task: str = "countdown", difficulty: int = 2, scratchpa
     parse_size(small), parse_size(large)  # a bad size fails before any work
     t = get_task(task, difficulty, scratchpad)
     demos = write_demonstrations(t, out / "demonstrations.jsonl", 6000)
-    max_new = 160
+    max_new = max_new_tokens  # per sample (per step in beam search and DVTS: 40)
     sides = {}
     for name, size in (("small", small), ("large", large)):
         sides[name] = _warm_up(out, name, size, demos, sft_steps, t, eval_n, max_new)
         log(f"{name} {size}: {sides[name]['params']:,} params, greedy accuracy "
             f"{sides[name]['greedy']['accuracy']:.3f}")
-    swept = {name: _sweep_policy(out, name, t, ns, eval_n, rm_problems, rm_steps, max_new, log)
+    swept = {name: _sweep_policy(out, name, t, ns, eval_n, rm_problems, rm_steps, max_new,
+                                 auc_problems, log)
              for name in (("small", "large") if sweep_large else ("small",))}
     result = swept["small"]
     pts = curves(result)
@@ -167,7 +177,11 @@ def tts(out: str | Path, task: str = "countdown", difficulty: int = 2, scratchpa
     rm_flops = sum(rms[k]["train_flops"] for k in rms)
     small_total = s["train_flops"] + label_flops + rm_flops + best[1]["flops"] * eval_n
     large_total = L["train_flops"] + L["greedy"]["flops_per_problem"] * eval_n
+    wins = [{"strategy": name, **p} for name, ps in pts.items() if name in LEARNED for p in ps
+            if p["accuracy"] > L["greedy"]["accuracy"]]
+    cheapest = min(wins, key=lambda p: p["flops"]) if wins else None
     summary = {"task": t.name, "eval_n": eval_n, "small": s, "large": L,
+               "cheapest_win": cheapest,
                "param_ratio": L["params"] / s["params"],
                "best": {"strategy": best[0], **best[1]},
                "verifier_upper_bound": max(pts[ORACLE], key=lambda p: p["accuracy"]),
@@ -178,6 +192,7 @@ def tts(out: str | Path, task: str = "countdown", difficulty: int = 2, scratchpa
                "by_difficulty_bin": {name: by_difficulty(r) for name, r in swept.items()}}
     if sweep_large:
         summary["large_curves"] = curves(swept["large"])
+        summary["large_reward_models"] = swept["large"]["reward_models"]
     _write(out, {**summary, "rows": result["rows"]}, _table(summary))
     series = {name: [(p["flops"], p["accuracy"]) for p in ps] for name, ps in pts.items()}
     for name, ps in summary.get("large_curves", {}).items():
@@ -200,11 +215,22 @@ def _table(r: dict) -> str:
              f"- small, greedy: accuracy {s['greedy']['accuracy']:.3f}",
              f"- small, best strategy: **{b['strategy']} N={b['n']}: {b['accuracy']:.3f}** "
              f"({'beats' if r['small_beats_large'] else 'does not beat'} the large policy)",
+             "- small, cheapest strategy that beats the large policy: " + (
+                 f"{c['strategy']} N={c['n']}: {c['accuracy']:.3f} at {c['flops']:.3g} FLOPs per "
+                 f"problem ({c['flops'] / L['greedy']['flops_per_problem']:.2f}x the large "
+                 "policy's greedy answer)" if (c := r["cheapest_win"]) else "none"),
              f"- small, best-of-N by the exact verifier (upper bound): N={o['n']}: "
              f"{o['accuracy']:.3f}",
              f"- total FLOPs (training + reward models + labelling + inference): small "
              f"{r['flops_small_total']:.3g}, large {r['flops_large_total']:.3g}, ratio "
-             f"{r['flops_ratio_small_over_large']:.2f}", ""]
+             f"{r['flops_ratio_small_over_large']:.2f}",
+             "- the small policy's reward models, ROC AUC of right vs wrong samples on held-out "
+             "problems (0.5: chance): " + ", ".join(
+                 f"{k.upper()} {_auc(v)}" for k, v in r["reward_models"].items())]
+    if "large_reward_models" in r:
+        lines.append("- the large policy's reward models, the same: " + ", ".join(
+            f"{k.upper()} {_auc(v)}" for k, v in r["large_reward_models"].items()))
+    lines.append("")
     for side, key in (("small", "curves"), ("large", "large_curves")):
         if key not in r:
             continue
@@ -225,3 +251,8 @@ def _table(r: dict) -> str:
                          f"{v['accuracy']:.3f} | {v['search_minus_best_of_n']:+.3f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _auc(rm: dict) -> str:
+    h = rm.get("held_out", {})
+    return "n/a" if h.get("auc") is None else f"{h['auc']:.3f} ({h['right']} right, {h['wrong']} wrong)"

@@ -24,6 +24,7 @@ task, training data counts), written atomically.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import random
@@ -201,6 +202,26 @@ class RewardScorer:
         return out
 
 
+def ranking_auc(scorer, policy, task, problems: int = 30, samples: int = 16,
+                max_new_tokens: int = 64, temperature: float = 0.8, seed: int = 1) -> dict:
+    """How well a scorer ranks the policy's own answers on held-out (test-split) problems:
+    the ROC AUC of its scores of right (reward 1) against wrong samples, over all pairs
+    (0.5: chance; ties count half). None when either class is empty."""
+    right, wrong = [], []
+    for k, p in enumerate(task.problems("test", problems)):
+        comps = policy.sample([p.prompt], samples, max_new_tokens=max_new_tokens,
+                              temperature=temperature, seed=seed + k)[0]
+        for s, r in zip(scorer(p.prompt, comps), task.reward([p.prompt] * samples, comps)):
+            (right if r == 1.0 else wrong).append(s)
+    auc = None
+    if right and wrong:
+        w = sorted(wrong)
+        below = (bisect.bisect_left(w, s) + 0.5 * (bisect.bisect_right(w, s) - bisect.bisect_left(w, s))
+                 for s in right)  # wrong samples scored lower, ties half
+        auc = sum(below) / (len(right) * len(wrong))
+    return {"auc": auc, "right": len(right), "wrong": len(wrong)}
+
+
 # ------------------------------------------------------------------------------ files
 
 
@@ -279,5 +300,5 @@ def train_reward(policy_path, kind: str, task, out, *, problems: int = 200, samp
 
 
 __all__ = ["Example", "KINDS", "RewardModel", "RewardScorer", "load_reward_model",
-           "mc_step_labels", "rollout_examples", "save_reward_model", "step_ends", "train_reward",
+           "mc_step_labels", "ranking_auc", "rollout_examples", "save_reward_model", "step_ends", "train_reward",
            "train_reward_model"]
