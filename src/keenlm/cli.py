@@ -455,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--task", choices=("addition", "multiplication", "countdown"),
                     help="a verifiable task: score answers on its held-out split")
     tk.add_argument("--difficulty", type=int, default=2, help="digits per operand / numbers on offer")
-    tk.add_argument("--scratchpad", action="store_true", help="answers worked step by step (arithmetic, countdown)")
+    tk.add_argument("--scratchpad", action="store_true",
+                    help="answers worked step by step (arithmetic, countdown)")
     tk.add_argument("--n", type=int, default=100, help="held-out problems")
     tk.add_argument("--samples", type=int, default=0,
                     help="sampled answers per problem for pass@k and maj@k (0: greedy only)")

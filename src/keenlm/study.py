@@ -14,7 +14,7 @@ output folder:
 - ``rl``: supervised warm-up on a verifiable task, then GRPO and rejection-sampling fine-tuning
   from the same policy for the same wall time (``rl`` below).
 - ``tts``: a small policy with test-time search against a >= 10x larger one answering greedily,
-  in accuracy and total FLOPs (``tts`` below).
+  in accuracy and total FLOPs (``keenlm.study_tts``).
 """
 from __future__ import annotations
 
