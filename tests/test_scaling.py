@@ -198,3 +198,16 @@ def test_scale_commands_sweep_fit_predict_plan(tmp_path, small_corpus, capsys):
     assert "(90%)" in capsys.readouterr().out
     assert main(["scale", "plan", "--flops", "-1"]) == 2
     assert "positive" in capsys.readouterr().err
+
+
+def test_a_finished_trial_is_not_reused_for_another_config(tmp_path, small_corpus):
+    from keenlm.scaling.sweep import grid, run_trial
+
+    base = _base(small_corpus, tmp_path / "cache")
+    trial = grid(base, [1], [640])[0]
+    first = run_trial(trial, tmp_path / "sw")
+    assert run_trial(trial, tmp_path / "sw") == first  # reused as is
+    other = grid({**base, "train": {**base["train"], "batch_size": 4, "seq_len": 16}}, [1], [640])[0]
+    assert other.name == trial.name
+    with pytest.raises(ValueError, match="another config"):
+        run_trial(other, tmp_path / "sw")

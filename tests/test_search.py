@@ -233,3 +233,5 @@ def test_tts_study_runs_end_to_end_and_continues_where_it_stopped(tmp_path):
     held = r2["large_reward_models"]["orm"]["held_out"]
     assert held["right"] + held["wrong"] == 2 * 16
     assert (tmp_path / "s" / "large-prm" / "reward.json").exists()
+    with pytest.raises(ValueError, match="another output folder"):
+        study.tts(tmp_path / "s", **{**kw, "ns": (1, 4)})

@@ -104,6 +104,9 @@ def _sweep_policy(out: Path, name: str, task, ns, eval_n: int, rm_problems: int,
         cache = out / f"sweep-{name}-{label}.json"
         if cache.exists():
             res = json.loads(cache.read_text())
+            if res["ns"] != list(ns) or res["problems"] != eval_n:
+                raise ValueError(f"{cache} holds a sweep of N {res['ns']} on {res['problems']} "
+                                 "problems; use another output folder for other budgets")
         else:
             scorer = (verifier(task) if kind == "verifier" else
                       load_reward_model(out / f"{prefix}{kind}") if kind else None)

@@ -107,7 +107,10 @@ def run_trial(trial: Trial, out: str | Path, threads: int = 0) -> dict:
     run_dir = Path(out) / "trials" / trial.name
     done = run_dir / "trial.json"
     if done.exists():
-        return json.loads(done.read_text())
+        rec = json.loads(done.read_text())
+        if rec.get("config") != trial.config:
+            raise ValueError(f"{run_dir} was trained with another config; use another sweep folder")
+        return rec
     cfg = merge(trial.config, {"train": {"out_dir": str(run_dir),
                                          **({"threads": threads} if threads else {})}})
     t0 = time.perf_counter()
@@ -119,7 +122,7 @@ def run_trial(trial: Trial, out: str | Path, threads: int = 0) -> dict:
            "d_model": cfg["model"]["d_model"], "n_layer": cfg["model"]["n_layer"],
            "params": params["total"], "params_non_embedding": params["non_embedding"],
            "val_loss": res.final_eval["loss"], "flops": res.ledger["flops_total"],
-           "seconds": time.perf_counter() - t0}
+           "seconds": time.perf_counter() - t0, "config": trial.config}
     atomic_write_text(done, json.dumps(rec, indent=2) + "\n")
     return rec
 
