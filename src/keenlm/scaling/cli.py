@@ -66,13 +66,13 @@ def _base(args) -> dict:
 
 
 def cmd_scale(args) -> int:
+    from keenlm.runs import atomic_write_text
     from keenlm.scaling import check, sweep
     from keenlm.scaling.fit import PRESETS, Law, interval
 
     if args.action == "sweep":
         base = _base(args)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "base.json").write_text(json.dumps(base, indent=2) + "\n")
+        atomic_write_text(Path(args.out) / "base.json", json.dumps(base, indent=2) + "\n")
         depths = _numbers(args.depths, int)
         trials = (sweep.isoflop(base, depths, _numbers(args.isoflop)) if args.isoflop else
                   sweep.grid(base, depths, _numbers(args.tokens, int)))
@@ -109,7 +109,7 @@ def cmd_scale(args) -> int:
         return 0
     fit = fit_sweep(args.out, samples=args.samples)
     if args.action == "fit":
-        (Path(args.out) / "fit.json").write_text(json.dumps(fit, indent=2) + "\n")
+        atomic_write_text(Path(args.out) / "fit.json", json.dumps(fit, indent=2) + "\n")
         for count in COUNTS:
             f, c = fit[count]["fit"], fit[count]["constants"]
             print(f"{fit['law']} with N {count}: " + ", ".join(

@@ -137,9 +137,10 @@ def run_sweep(trials: Sequence[Trial], out: str | Path, backend: str = "local",
     names = [t.name for t in trials]
     if len(set(names)) != len(names):
         raise ValueError("two trials share a name: each (depth, tokens) once")
+    from keenlm.runs import atomic_write_text
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps([t.__dict__ for t in trials], indent=2) + "\n")
+    atomic_write_text(out / "sweep.json", json.dumps([t.__dict__ for t in trials], indent=2) + "\n")
     results, failed = {}, {}
     pending = list(trials)
     for attempt in range(retries + 1):
