@@ -99,6 +99,7 @@ def test_grid_and_isoflop_plans(tmp_path, small_corpus):
     iso = isoflop(base, [1, 2, 3], [1e9])
     n = [model_params(t.config)["non_embedding"] for t in iso]
     assert all(abs(6 * k * t.tokens - 1e9) < 6 * k * 64 for k, t in zip(n, iso))  # whole steps
+    assert all(t.budget == 1e9 for t in iso) and all(t.budget == 0 for t in trials)
     with pytest.raises(ValueError, match="depths"):
         grid(base, [], [640])
 

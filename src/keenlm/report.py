@@ -122,16 +122,16 @@ def _run_section(folder: Path, files: Path, tag: str) -> str:
 
 
 def _sweep_section(folder: Path, files: Path, tag: str) -> str:
-    from keenlm.scaling.cli import _results, fit_sweep
     from keenlm.scaling.fit import Law, interval
+    from keenlm.scaling.sweep import finished, fit_trials
 
-    runs = sorted(_results(folder), key=lambda r: (r["tokens"], r["params_non_embedding"]))
+    runs = sorted(finished(folder), key=lambda r: (r["tokens"], r["params_non_embedding"]))
     parts = [_table(runs, ["name", "params_non_embedding", "params", "tokens", "val_loss",
                            "flops", "seconds"])]
     if len(runs) < 3:
         return parts[0] + "<p>Fewer than 3 finished trials: no fit yet.</p>"
     try:
-        fit = fit_sweep(folder, samples=100)
+        fit = fit_trials(runs, samples=100)
     except ValueError as e:
         return parts[0] + f"<p>No fit: {html.escape(str(e))}</p>"
     f, c = fit["non_embedding"]["fit"], fit["non_embedding"]["constants"]

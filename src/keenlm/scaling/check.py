@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from keenlm.scaling.sweep import COUNTS
+
 Log = Callable[[str], None]
-COUNTS = {"non_embedding": "params_non_embedding", "total": "params"}
 
 
 def prediction_check(out: str | Path, fit_depths=(1, 2, 3, 4, 5), target_depth: int = 8,
@@ -24,36 +25,31 @@ def prediction_check(out: str | Path, fit_depths=(1, 2, 3, 4, 5), target_depth: 
                      base: dict | None = None, log: Log = print) -> dict:
     from keenlm.plot import line_chart
     from keenlm.runs import atomic_write_text
-    from keenlm.scaling.fit import Law, bootstrap
-    from keenlm.scaling.sweep import base_config, grid, model_params, run_sweep, run_trial
+    from keenlm.scaling.fit import Law
+    from keenlm.scaling.sweep import base_config, fit_trials, grid, model_params, run_sweep, run_trial
 
     out = Path(out)
     if len(fit_depths) < 3 or target_depth <= max(fit_depths):
         raise ValueError("fit on >= 3 depths and predict a deeper model than all of them")
     base = base or base_config()
     t0 = time.perf_counter()
-    fit_trials = grid(base, fit_depths, [tokens])
+    to_fit = grid(base, fit_depths, [tokens])
     target = grid(base, [target_depth], [tokens])[0]
-    sizes = [model_params(t.config)["non_embedding"] for t in fit_trials]
+    sizes = [model_params(t.config)["non_embedding"] for t in to_fit]
     n_target = model_params(target.config)["non_embedding"]
     design = {"fit_span": max(sizes) / min(sizes), "target_over_largest": n_target / max(sizes)}
     log(f"fit sizes {sizes} (span {design['fit_span']:.1f}x), target {n_target:,} "
         f"({design['target_over_largest']:.1f}x the largest), {tokens:,} tokens each")
-    sweep = run_sweep(fit_trials, out, backend=backend, log=log)
+    sweep = run_sweep(to_fit, out, backend=backend, log=log)
     if sweep["failed"]:
         raise RuntimeError(f"trials failed: {sweep['failed']}")
     runs = sweep["results"]
-    losses = [r["val_loss"] for r in runs]
     pred_path = out / "prediction.json"
     if pred_path.exists():  # a resumed check keeps the prediction made before the target ran
         predictions = json.loads(pred_path.read_text())
     else:
-        predictions = {"target": target.name,
-                       "n": {"non_embedding": n_target, "total": model_params(target.config)["total"]}}
-        for count, key in COUNTS.items():
-            ci = bootstrap([r[key] for r in runs], losses, samples=samples,
-                           query_n=[predictions["n"][count]])
-            predictions[count] = ci
+        n = {"non_embedding": n_target, "total": model_params(target.config)["total"]}
+        predictions = {"target": target.name, "n": n, **fit_trials(runs, samples, query_n=n)}
         atomic_write_text(pred_path, json.dumps(predictions, indent=2) + "\n")
     for count in COUNTS:
         p = predictions[count]["prediction"]

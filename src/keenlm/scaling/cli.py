@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from keenlm.scaling.check import COUNTS
+from keenlm.scaling.sweep import COUNTS
 
 
 def _numbers(text: str, kind=float) -> list:
@@ -14,46 +14,11 @@ def _numbers(text: str, kind=float) -> list:
         raise ValueError(f"{text!r}: a comma-separated list of numbers") from None
 
 
-def _results(folder) -> list[dict]:
-    found = sorted(Path(folder).glob("trials/*/trial.json"))
-    if not found:
-        raise FileNotFoundError(f"{folder}: no finished trials (trials/*/trial.json); run "
-                                "keenlm scale sweep first")
-    return [json.loads(p.read_text()) for p in found]
-
-
 def fit_sweep(folder, samples: int = 200) -> dict:
-    """Fit every finished trial of a sweep: L(N) when all share one token count, else
-    L(N, D); once per parameter count (without and with embeddings), with bootstrap laws for
-    intervals (``keenlm.scaling.fit.interval``)."""
-    from keenlm.scaling.fit import bootstrap, isoflop_fit
+    """Fit every finished trial of a sweep folder (``sweep.fit_trials``)."""
+    from keenlm.scaling.sweep import finished, fit_trials
 
-    runs = _results(folder)
-    two = len({r["tokens"] for r in runs}) > 1
-    d = [r["tokens"] for r in runs] if two else None
-    out = {"runs": len(runs), "law": "L(N, D)" if two else "L(N)",
-           "tokens": None if two else runs[0]["tokens"]}
-    for count, key in COUNTS.items():
-        out[count] = bootstrap([r[key] for r in runs], [r["val_loss"] for r in runs], d,
-                               samples=samples)
-    if two:
-        try:
-            c = [6 * r["params_non_embedding"] * r["tokens"] for r in runs]
-            out["isoflop"] = isoflop_fit([r["params_non_embedding"] for r in runs],
-                                         [r["val_loss"] for r in runs], _budget_groups(runs, c))
-        except ValueError as e:
-            out["isoflop"] = {"skipped": str(e)}
-    return out
-
-
-def _budget_groups(runs, c) -> list[float]:
-    """The isoFLOP budget of each run: the ``-c<budget>`` suffix of an isoflop trial, else its
-    own 6 N D (runs of one budget then rarely coincide, and approach 2 says so)."""
-    out = []
-    for r, ci in zip(runs, c):
-        tail = r["name"].rsplit("-c", 1)
-        out.append(float(tail[1]) if len(tail) == 2 and tail[0] != r["name"] else ci)
-    return out
+    return fit_trials(finished(folder), samples)
 
 
 def _base(args) -> dict:

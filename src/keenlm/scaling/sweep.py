@@ -43,6 +43,7 @@ class Trial:
     depth: int
     tokens: int
     config: dict  # the run's full nested config, ready for keenlm.train
+    budget: float = 0.0  # its isoFLOP profile's budget C (isoflop plans), else 0
 
 
 def _trial(base: dict, depth: int, tokens: int, aspect: int, head_dim: int) -> Trial:
@@ -88,7 +89,7 @@ def isoflop(base: dict, depths: Sequence[int], budgets: Sequence[float], aspect:
         for d in depths:
             n = model_params(_trial(base, d, 1, aspect, head_dim).config)["non_embedding"]
             t = _trial(base, d, int(c / (6 * n)), aspect, head_dim)
-            out.append(Trial(f"{t.name}-c{c:.2g}", d, t.tokens, t.config))
+            out.append(Trial(f"{t.name}-c{c:.2g}", d, t.tokens, t.config, float(c)))
     return out
 
 
@@ -122,7 +123,7 @@ def run_trial(trial: Trial, out: str | Path, threads: int = 0) -> dict:
            "d_model": cfg["model"]["d_model"], "n_layer": cfg["model"]["n_layer"],
            "params": params["total"], "params_non_embedding": params["non_embedding"],
            "val_loss": res.final_eval["loss"], "flops": res.ledger["flops_total"],
-           "seconds": time.perf_counter() - t0, "config": trial.config}
+           "seconds": time.perf_counter() - t0, "budget": trial.budget, "config": trial.config}
     atomic_write_text(done, json.dumps(rec, indent=2) + "\n")
     return rec
 
@@ -205,3 +206,41 @@ def _run_ray(trials, out, results, log, on_result) -> dict:
     finally:
         if started:
             ray.shutdown()
+
+
+# ------------------------------------------------------------------------------ fits
+
+COUNTS = {"non_embedding": "params_non_embedding", "total": "params"}  # N, counted two ways
+
+
+def finished(folder) -> list[dict]:
+    """The trial.json of every finished trial of a sweep folder."""
+    found = sorted(Path(folder).glob("trials/*/trial.json"))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no finished trials (trials/*/trial.json); run "
+                                "keenlm scale sweep first")
+    return [json.loads(p.read_text()) for p in found]
+
+
+def fit_trials(runs: Sequence[dict], samples: int = 200, query_n: Optional[dict] = None) -> dict:
+    """Fit finished trials: L(N) when all share one token count, else L(N, D); once per
+    parameter count (``COUNTS``), with bootstrap laws for intervals (``fit.interval``);
+    ``query_n`` ({count: N}) adds each count's prediction at that N (L(N) only). Trials of
+    isoFLOP plans also get approach 2."""
+    from keenlm.scaling.fit import bootstrap, isoflop_fit
+
+    two = len({r["tokens"] for r in runs}) > 1
+    d = [r["tokens"] for r in runs] if two else None
+    losses = [r["val_loss"] for r in runs]
+    out = {"runs": len(runs), "law": "L(N, D)" if two else "L(N)",
+           "tokens": None if two else runs[0]["tokens"]}
+    for count, key in COUNTS.items():
+        out[count] = bootstrap([r[key] for r in runs], losses, d, samples=samples,
+                               query_n=[query_n[count]] if query_n else ())
+    budgets = [r.get("budget", 0.0) for r in runs]
+    if two and any(budgets):
+        try:
+            out["isoflop"] = isoflop_fit([r["params_non_embedding"] for r in runs], losses, budgets)
+        except ValueError as e:
+            out["isoflop"] = {"skipped": str(e)}
+    return out
