@@ -296,6 +296,22 @@ def cmd_study(args) -> int:
         print(f"small {args.small} best {res['best']['strategy']} N={res['best']['n']}: "
               f"{res['best']['accuracy']:.3f}; large {args.large} greedy "
               f"{res['large']['greedy']['accuracy']:.3f}")
+    elif args.study == "epochs":
+        from keenlm.study_law2 import epochs
+
+        res = epochs(args.out, depth=args.depth, unique_tokens=int(float(args.unique_tokens)),
+                     max_epochs=args.epochs)
+        print(f"lowest validation loss on repeated data after {res['best_epochs']:.1f} epochs")
+    elif args.study == "group":
+        from keenlm.study_law2 import group
+
+        res = group(args.out, groups=tuple(int(g) for g in args.groups.split(",")),
+                    steps=args.rl_steps, task=args.task, difficulty=args.difficulty, size=args.size,
+                    sft_steps=args.sft_steps or 1500, start_at=args.start_at, eval_n=args.eval_n,
+                    lr=args.lr)
+        for r in res["rows"]:
+            print(f"G={r['group']}: held-out greedy pass@1 {r['final']['pass@1']:.3f} "
+                  f"({r['samples']:,} samples, {r['seconds']:.0f} s)")
     elif args.study == "rl":
         res = study.rl(args.out, task=args.task, difficulty=args.difficulty, size=args.size,
                        sft_steps=args.sft_steps or 1500, start_at=args.start_at, budget_s=args.budget,
@@ -360,13 +376,16 @@ def _add_io_commands(sub, fmt) -> None:
     _add_dataclass_options(q, QuantConfig)
     q.set_defaults(func=cmd_quantize)
 
-    st = sub.add_parser("study", help="low-bit studies: the bits-vs-quality frontier, PTQ methods",
+    st = sub.add_parser("study", help="studies: low-bit frontier, PTQ, RL, test-time compute, "
+                                      "epochs, group size",
                         formatter_class=fmt)
-    st.add_argument("study", choices=("frontier", "ptq", "rl", "tts"),
+    st.add_argument("study", choices=("frontier", "ptq", "rl", "tts", "epochs", "group"),
                     help="frontier: train fp32/int4/int2/ternary models at several sizes on equal "
                          "tokens; ptq: quantize one model by several recipes; rl: supervised "
                          "warm-up on a task, then GRPO and rejection-sampling fine-tuning; tts: "
-                         "a small policy with test-time search vs a larger one answering greedily")
+                         "a small policy with test-time search vs a larger one answering greedily; "
+                         "epochs: loss vs passes over fixed unique data, against fresh data; "
+                         "group: GRPO accuracy vs samples per prompt (group size)")
     st.add_argument("out", help="output folder (results.json, results.md, frontier.svg, runs/)")
     st.add_argument("--sizes", default="64x2,128x2,128x4", help="frontier: d_model x layers list")
     st.add_argument("--kinds", default="dense,int4,int2,ternary", help="frontier: linear kinds")
@@ -379,25 +398,30 @@ def _add_io_commands(sub, fmt) -> None:
     st.add_argument("--eval-batches", type=int, default=10, help="ptq: held-out batches (4 x 512)")
     st.add_argument("--qat-steps", type=int, default=0, help="ptq: add 2-bit QAT of this many steps")
     st.add_argument("--task", default="countdown", choices=("addition", "multiplication", "countdown"),
-                    help="rl: the verifiable task")
-    st.add_argument("--difficulty", type=int, default=2, help="rl: digits / numbers on offer")
-    st.add_argument("--size", default="128x4", help="rl: policy d_model x layers")
+                    help="rl, group, tts: the verifiable task")
+    st.add_argument("--difficulty", type=int, default=2, help="rl, group, tts: digits / numbers on offer")
+    st.add_argument("--size", default="128x4", help="rl, group: policy d_model x layers")
     st.add_argument("--sft-steps", type=int, default=0,
-                    help="rl, tts: supervised warm-up steps (0: 1500 for rl, 3000 for tts)")
+                    help="rl, group, tts: supervised warm-up steps (0: 1500 for rl and group, 3000 for tts)")
     st.add_argument("--start-at", type=float, default=0.2,
-                    help="rl: start RL from the first warm-up checkpoint (every 100 steps) whose "
+                    help="rl, group: start RL from the first warm-up checkpoint (every 100 steps) whose "
                          "validation pass@1 reaches this")
     st.add_argument("--budget", type=float, default=880.0,
                     help="rl: wall-clock seconds of each RL run (sampling, updates, evaluations)")
     st.add_argument("--algos", default="grpo,rft", help="rl: algorithms, each from the same policy")
-    st.add_argument("--eval-n", type=int, default=200, help="rl: held-out problems")
-    st.add_argument("--lr", type=float, default=2e-4, help="rl: learning rate of the RL runs")
+    st.add_argument("--eval-n", type=int, default=200, help="rl, group: held-out problems")
+    st.add_argument("--lr", type=float, default=2e-4, help="rl, group: learning rate of the RL runs")
     st.add_argument("--scratchpad", action="store_true",
                     help="tts: answers worked step by step (arithmetic, countdown)")
     st.add_argument("--small", default="64x4", help="tts: the small policy, d_model x layers "
                     "(64x4: 230k parameters, 30%% greedy on 2-number Countdown after 3000 steps)")
     st.add_argument("--large", default="256x3", help="tts: the large policy (256x3: 2.48M, 10.8x)")
     st.add_argument("--ns", default="1,4,16,64", help="tts: budgets N of every strategy")
+    st.add_argument("--depth", type=int, default=3, help="epochs: depth of the size dial")
+    st.add_argument("--unique-tokens", default="250e3", help="epochs: the fixed unique data")
+    st.add_argument("--epochs", type=int, default=16, help="epochs: passes over it")
+    st.add_argument("--groups", default="2,4,8,16", help="group: GRPO group sizes")
+    st.add_argument("--rl-steps", type=int, default=150, help="group: GRPO steps of each run")
     st.add_argument("--sweep-large", action="store_true",
                     help="tts: reward models and the strategy sweep for the large policy too")
     st.set_defaults(func=cmd_study)

@@ -108,6 +108,7 @@ class DataConfig:
     tokenizer_train_bytes: int = 8_000_000  # how much training text the BPE trainer reads
     val_fraction: float = 0.02  # share of documents (files) held out, chosen by path hash
     max_bytes: int = 0  # 0: whole corpus; else stop reading after this many bytes
+    train_tokens: int = 0  # 0: whole training split; else only its first N tokens (a fixed set of unique data that a longer run repeats, epoch after epoch)
     jsonl_field: str = "text"  # field holding the text in .jsonl / HF datasets
     hf_split: str = "train"  # split of a hf: dataset to read
     cache_dir: str = ""  # "": $KEENLM_CACHE or ~/.cache/keenlm
@@ -122,6 +123,8 @@ class DataConfig:
         _check(0.0 < self.val_fraction < 0.5, p + "val_fraction", self.val_fraction,
                "a number in (0, 0.5)")
         _check(self.max_bytes >= 0, p + "max_bytes", self.max_bytes, "an integer >= 0")
+        _check(self.train_tokens >= 0, p + "train_tokens", self.train_tokens,
+               "an integer >= 0 (0 = the whole training split)")
 
 
 @dataclass(frozen=True)

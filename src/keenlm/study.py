@@ -254,32 +254,24 @@ def _warmup_config(size: str, demos: Path, steps: int, out_dir: Path, max_seq_le
                       "out_dir": str(out_dir), "progress": False, **train}}
 
 
-def rl(out: str | Path, task: str = "countdown", difficulty: int = 2, size: str = "128x4",
-       sft_steps: int = 1500, start_at: float = 0.2, budget_s: float = 880.0,
-       algos=("grpo", "rft"), eval_n: int = 200, samples: int = 8, rl_options: dict | None = None,
-       log: Log = print) -> dict:
-    """Supervised warm-up on task demonstrations, then each RL algorithm from that same policy
-    for ``budget_s`` seconds of wall time (sampling, updates and the periodic held-out
-    evaluations all count). Reports held-out greedy pass@1 before and after, pass@k and maj@k
-    of the samples, and the curves (``pass_at_1.svg``, ``reward.svg``, each run's metrics).
+def rl_start(out: Path, task: str, difficulty: int, size: str, sft_steps: int, start_at: float,
+             eval_n: int, samples: int, log: Log = print) -> dict:
+    """The starting policy of the RL studies: supervised warm-up of a byte-level ``size``
+    policy on 6000 demonstrations of the task (resumable, checkpoints every 100 steps); the
+    first checkpoint whose greedy pass@1 on a validation set reaches ``start_at`` (the last
+    otherwise). The validation problems come from the train split and are not among the
+    demonstrations, so the held-out test split plays no part in the choice.
 
-    The warm-up saves a checkpoint every 100 steps; the starting policy is the first whose
-    greedy pass@1 on a validation set reaches ``start_at`` (the last one otherwise). The
-    validation problems come from the train split and are not among the demonstrations, so
-    the held-out test split plays no part in the choice (being the training problems the
-    demonstrations did not draw, they are the rarer ones: this rate runs below the test
-    split's)."""
+    Returns {"task", "policy": a function giving a fresh copy of the starting policy,
+    "held_out": a function scoring a policy on the test split, "start": its scores,
+    "start_step", "sft_seconds", "warmup_validation"}."""
     import keenlm
-    from keenlm.config import RLConfig, from_dict, section_from_dict
+    from keenlm.config import from_dict
     from keenlm.data.tasks import complete, evaluate_task, get_task, write_demonstrations
     from keenlm.model import load_model_state
-    from keenlm.plot import line_chart
     from keenlm.runs import load_model_state as read_weights
-    from keenlm.runs import read_jsonl
     from keenlm.train import Trainer
-    from keenlm.train.grpo import RLTrainer
 
-    out = Path(out)
     parse_size(size)  # a bad size fails before any work
     t = get_task(task, difficulty)
     n_demos = 6000
@@ -324,6 +316,29 @@ def rl(out: str | Path, task: str = "countdown", difficulty: int = 2, size: str 
     log(f"supervised warm-up: {sft_s:.0f} s; validation pass@1 by step {warmup_curve}; starting "
         f"from step {start_step}: held-out greedy pass@1 {start['pass@1']:.3f}, pass@{samples} "
         f"{start[f'pass@{samples}']:.3f}")
+    return {"task": t, "policy": starting_policy, "held_out": held_out, "start": start,
+            "start_step": start_step, "sft_seconds": sft_s, "warmup_validation": warmup_curve}
+
+
+def rl(out: str | Path, task: str = "countdown", difficulty: int = 2, size: str = "128x4",
+       sft_steps: int = 1500, start_at: float = 0.2, budget_s: float = 880.0,
+       algos=("grpo", "rft"), eval_n: int = 200, samples: int = 8, rl_options: dict | None = None,
+       log: Log = print) -> dict:
+    """Supervised warm-up on task demonstrations (``rl_start``), then each RL algorithm from
+    that same policy for ``budget_s`` seconds of wall time (sampling, updates and the periodic
+    held-out evaluations all count). Reports held-out greedy pass@1 before and after, pass@k
+    and maj@k of the samples, and the curves (``pass_at_1.svg``, ``reward.svg``, each run's
+    metrics)."""
+    import keenlm
+    from keenlm.config import RLConfig, section_from_dict
+    from keenlm.plot import line_chart
+    from keenlm.runs import read_jsonl
+    from keenlm.train.grpo import RLTrainer
+
+    out = Path(out)
+    s0 = rl_start(out, task, difficulty, size, sft_steps, start_at, eval_n, samples, log)
+    t, starting_policy, held_out, start = s0["task"], s0["policy"], s0["held_out"], s0["start"]
+    sft_s, start_step, warmup_curve = s0["sft_seconds"], s0["start_step"], s0["warmup_validation"]
     results = {"task": t.name, "size": size, "sft_steps": start_step, "sft_seconds": sft_s,
                "warmup_validation": warmup_curve, "start_at": start_at, "budget_s": budget_s,
                "eval_n": eval_n, "sft": start, "runs": []}

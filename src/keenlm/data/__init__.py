@@ -20,7 +20,7 @@ from keenlm.data.tokenizer import (BPETokenizer, ByteTokenizer, Tokenizer, build
 __all__ = [
     "Tokenizer", "ByteTokenizer", "BPETokenizer", "train_bpe", "load_tokenizer", "build_tokenizer",
     "Corpus", "load_corpus", "TokenData", "tokenize_corpus", "default_cache_dir", "get_batch",
-    "eval_batches", "prepare_data",
+    "eval_batches", "prepare_data", "limit_train",
 ]
 
 
@@ -30,3 +30,16 @@ def prepare_data(cfg: DataConfig, log=None) -> tuple[Tokenizer, TokenData]:
     tokenizer = build_tokenizer(cfg, corpus)
     data = tokenize_corpus(corpus, tokenizer, default_cache_dir(cfg.cache_dir), log=log)
     return tokenizer, data
+
+
+def limit_train(data: TokenData, n_tokens: int) -> TokenData:
+    """Keep only the first ``n_tokens`` of the training split (0: keep all): a fixed set of
+    unique data, which a run longer than ``n_tokens`` repeats (``data.train_tokens``)."""
+    import dataclasses
+
+    if not n_tokens:
+        return data
+    if n_tokens > len(data.train):
+        raise ValueError(f"data.train_tokens={n_tokens:,} is more than the training split's "
+                         f"{len(data.train):,} tokens; use 0 (all) or a smaller number")
+    return dataclasses.replace(data, train=data.train[:n_tokens])

@@ -98,7 +98,7 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: RunConfig, hooks: Sequence[TrainHook] = (), init=None):
         """init: a loaded model (keenlm.load) to start from instead of ``train.init_from``."""
-        from keenlm.data import prepare_data
+        from keenlm.data import limit_train, prepare_data
 
         t = cfg.train
         if t.threads:
@@ -122,6 +122,7 @@ class Trainer:
             cfg = resolve(cfg, self.tokenizer.vocab_size)
         else:
             cfg = self._adopt(cfg, init, log)
+        self.data = limit_train(self.data, cfg.data.train_tokens)
         self.cfg = self._resolve_against_run(cfg)
         torch.manual_seed(t.seed)
         self.model = (init.net if init is not None else build_model(self.cfg.model)).to(self.device)
