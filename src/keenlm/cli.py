@@ -45,16 +45,24 @@ def add_config_options(parser: argparse.ArgumentParser, sections=tuple(SECTIONS)
     for section in sections:
         cls = SECTIONS[section]
         group = parser.add_argument_group(f"{section} options ({cls.__name__})")
-        comments = _field_comments(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = ",".join(default) if isinstance(default, tuple) else default
-            hint = comments.get(f.name, "")
-            group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}",
-                               metavar=_metavar(f.type),
-                               default=argparse.SUPPRESS,
-                               help=f"{hint + '; ' if hint else ''}default: {shown!r}"
-                               .replace("%", "%%"))
+        _add_fields(group, section, cls)
+
+
+def _add_fields(group, prefix: str, cls) -> None:
+    """``--prefix.field`` for every field; a nested part (model.moe) adds ``--prefix.part.field``."""
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            _add_fields(group, f"{prefix}.{f.name}", type(default))
+            continue
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        hint = comments.get(f.name, "")
+        group.add_argument(f"--{prefix}.{f.name}", dest=f"cfg:{prefix}.{f.name}",
+                           metavar=_metavar(f.type),
+                           default=argparse.SUPPRESS,
+                           help=f"{hint + '; ' if hint else ''}default: {shown!r}"
+                           .replace("%", "%%"))
 
 
 def _add_dataclass_options(parser, cls) -> None:

@@ -35,7 +35,39 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 # code that implements them; tests assert the two lists agree.
 ATTENTION_BACKENDS = ("naive", "sdpa", "flash", "flash_triton", "auto")
 LINEAR_KINDS = ("dense", "ternary", "int2", "int4")
-FFN_KINDS = ("dense",)
+FFN_KINDS = ("dense", "moe")
+MOE_BALANCE = ("aux", "bias", "none")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture of experts (``model.ffn: moe``, keenlm.model.moe): each token goes to the
+    ``top_k`` of ``experts`` SwiGLU experts its router scores highest."""
+
+    experts: int = 8  # routed experts E
+    top_k: int = 2  # experts per token k
+    shared: int = 0  # shared experts every token also passes through (DeepSeekMoE)
+    d_ff: int = 0  # SwiGLU width of each expert; 0: model.d_ff / top_k (active width = the dense model's)
+    capacity_factor: float = 0.0  # 0: dropless; else an expert takes at most ceil(cf * k * tokens / E) assignments, the rest are dropped (the residual carries those tokens)
+    balance: str = "aux"  # aux (Switch load-balancing loss) | bias (auxiliary-loss-free, DeepSeek-V3) | none
+    aux_coef: float = 0.01  # alpha of the Switch loss E * sum_e f_e P_e
+    z_coef: float = 0.001  # router z-loss mean(logsumexp(logits)^2) (ST-MoE); 0: off
+    bias_rate: float = 0.001  # bias balancing: step of each expert's selection bias per optimizer step
+
+    def __post_init__(self):
+        p = "model.moe."
+        _check(self.experts >= 2, p + "experts", self.experts, "an integer >= 2")
+        _check(1 <= self.top_k <= self.experts, p + "top_k", self.top_k,
+               f"an integer in [1, experts={self.experts}]")
+        for name in ("shared", "d_ff"):
+            v = getattr(self, name)
+            _check(v >= 0, p + name, v, "an integer >= 0")
+        _check(self.capacity_factor == 0 or self.capacity_factor > 0, p + "capacity_factor",
+               self.capacity_factor, "0 (dropless) or a number > 0")
+        _check(self.balance in MOE_BALANCE, p + "balance", self.balance, " | ".join(MOE_BALANCE))
+        for name in ("aux_coef", "z_coef", "bias_rate"):
+            v = getattr(self, name)
+            _check(v >= 0, p + name, v, "a number >= 0")
 
 
 @dataclass(frozen=True)
@@ -55,7 +87,8 @@ class ModelConfig:
     init_std: float = 0.02  # normal init std; residual outputs get std/sqrt(2 n_layer)
     attention: str = "sdpa"  # naive | sdpa | flash (FlashAttention-2 in PyTorch) | flash_triton (CUDA) | auto
     linear: str = "dense"  # dense | ternary | int2 | int4 (quantization-aware, model/lowbit.py)
-    ffn: str = "dense"  # dense
+    ffn: str = "dense"  # dense | moe (mixture of experts: see model.moe.*)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # used when ffn is moe
     lowbit_group: int = 32  # int4: weights per scale group along the input dimension
     lowbit_per_channel: bool = False  # ternary: one absmean scale per output row, not per tensor
     act_bits: int = 0  # 0: full-precision activations; 8: per-token absmax int8 (W1.58A8)
@@ -411,11 +444,14 @@ def section_from_dict(name: str, cls, data: dict, base=None):
     if not isinstance(data, dict):
         raise ConfigError(name, data, "a mapping of keys to values")
     types = _field_types(cls)
-    values = dataclasses.asdict(base) if base is not None else {}
+    values = {f.name: getattr(base, f.name) for f in fields(cls)} if base is not None else {}
     for k, v in data.items():
         if k not in types:
             raise ConfigError(f"{name}.{k}", v, "one of " + ", ".join(types))
-        values[k] = coerce(f"{name}.{k}", v, types[k])
+        if dataclasses.is_dataclass(types[k]):  # a nested part (model.moe)
+            values[k] = section_from_dict(f"{name}.{k}", types[k], v, values.get(k) or types[k]())
+        else:
+            values[k] = coerce(f"{name}.{k}", v, types[k])
     return cls(**values)
 
 
@@ -473,16 +509,24 @@ def save_json(cfg: RunConfig, path: str | os.PathLike) -> None:
 
 
 def parse_overrides(pairs: list[tuple[str, str]]) -> dict:
-    """``[("model.n_layer", "4")] -> {"model": {"n_layer": "4"}}`` with key checks."""
+    """``[("model.n_layer", "4")] -> {"model": {"n_layer": "4"}}`` with key checks; a nested
+    part is one more level (``model.moe.experts``)."""
     out: dict = {}
     for key, value in pairs:
         parts = key.split(".")
-        if len(parts) != 2 or parts[0] not in SECTIONS:
+        if len(parts) < 2 or parts[0] not in SECTIONS:
             raise ConfigError(key, value, "SECTION.FIELD with SECTION in " + ", ".join(SECTIONS))
-        section, name = parts
-        if name not in _field_types(SECTIONS[section]):
-            raise ConfigError(key, value, "one of " + ", ".join(_field_types(SECTIONS[section])))
-        out.setdefault(section, {})[name] = value
+        cls, node = SECTIONS[parts[0]], out.setdefault(parts[0], {})
+        for i, name in enumerate(parts[1:], 1):
+            types = _field_types(cls) if cls is not None else {}
+            last = i == len(parts) - 1
+            if name not in types or dataclasses.is_dataclass(types[name]) == last:
+                allowed = ", ".join(".".join(parts[:i] + [n]) for n in types) or "no nested keys"
+                raise ConfigError(key, value, "one of " + allowed)
+            if last:
+                node[name] = value
+            else:
+                cls, node = types[name], node.setdefault(name, {})
     return out
 
 

@@ -36,23 +36,27 @@ def count_params(model: nn.Module) -> dict[str, int]:
     embed = model.embed_tokens.weight.numel()
     head = model.lm_head.weight
     untied_head = head.numel() if head is not model.embed_tokens.weight else 0
-    active_fn = getattr(model, "active_params", None)  # parts that route (MoE) report their own
     non_embedding = total - embed - untied_head
     return {
         "total": total,
         "embedding": embed + untied_head,
         "non_embedding": non_embedding,
-        # weights a token's forward pass multiplies by: every block weight plus the LM head
-        "active": active_fn() if active_fn else non_embedding + head.numel(),
+        # weights a token's forward pass multiplies by: every block weight it uses (not the
+        # experts its router passes over) plus the LM head
+        "active": non_embedding + head.numel() - idle_params(model),
     }
 
 
+def idle_params(model: nn.Module) -> int:
+    """Weights a token's forward pass skips: parts that route (MoE) report their own."""
+    return sum(m.idle_params() for m in model.modules() if hasattr(m, "idle_params"))
+
+
 def matmul_params(model: nn.Module) -> int:
-    """Weights used in matrix multiplies per token (all nn.Linear weights incl. the LM head)."""
-    fn = getattr(model, "active_matmul_params", None)
-    if fn is not None:
-        return fn()
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    """Weights used in matrix multiplies per token: all nn.Linear weights incl. the LM head and
+    an MoE router, less the experts a token is not routed to."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) - \
+        idle_params(model)
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:

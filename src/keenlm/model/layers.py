@@ -211,6 +211,13 @@ class SwiGLU(nn.Module):
         return self.down_proj(_SwiGLU.apply(gate_up))
 
 
+def _moe(cfg, linear):
+    from keenlm.model.moe import MoE  # moe.py builds its experts from SwiGLU above
+
+    return MoE(cfg, linear)
+
+
 FFN: dict[str, Callable] = {
     "dense": SwiGLU,
+    "moe": _moe,  # mixture of experts (model/moe.py)
 }

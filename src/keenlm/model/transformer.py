@@ -157,6 +157,17 @@ class Transformer(nn.Module):
                     out[f"{name}.{k}" if name else k] = v
         return out
 
+    def end_step(self) -> dict:
+        """Once per optimizer step: parts that keep per-step state (MoE routing statistics,
+        bias balancing) report it and update; {} when there are none."""
+        stats = [s for m in self.modules() if hasattr(m, "end_step") and m is not self
+                 for s in [m.end_step()] if s is not None]
+        if not stats:
+            return {}
+        from keenlm.model.moe import routing_summary
+
+        return routing_summary(stats)
+
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.norm.weight  # a full-precision parameter in every variant (quantized ones too)
         dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype

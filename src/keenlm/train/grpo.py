@@ -376,11 +376,13 @@ class RLTrainer:
         cfg = self.cfg
         warm = min(1.0, (self.updates + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
         set_lr(self.opt, warm)
-        loss.backward()
+        aux = self.model.aux_losses()  # MoE balance losses of this forward, if any
+        (loss + sum(aux.values()) if aux else loss).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self.model.end_step()  # MoE bias balancing and statistics
         self.updates += 1
 
     # --------------------------------------------------------------------------- loop

@@ -135,6 +135,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.ledger = Ledger.for_model(self.model, t.seq_len)
         self.step = 0
+        self._extra: dict[str, float] = {}  # auxiliary losses of the step, for its metrics line
         self.planned_steps = self.cfg.train.steps
         self._stop = threading.Event()
         self._maybe_resume()
@@ -144,7 +145,8 @@ class Trainer:
 
     def _adopt(self, cfg: RunConfig, init, log) -> RunConfig:
         """Start from a loaded model: its shape and tokenizer; this config's linear kind
-        (quantization-aware fine-tuning: every block projection becomes a QATLinear)."""
+        (quantization-aware fine-tuning: every block projection becomes a QATLinear) and, for
+        ``model.ffn: moe`` from a dense model, sparse upcycling (keenlm.model.moe.upcycle)."""
         from keenlm.data import default_cache_dir, load_corpus, tokenize_corpus
         from keenlm.model.lowbit import prepare_qat
 
@@ -157,6 +159,14 @@ class Trainer:
         if any(p.dtype != torch.float32 or not p.requires_grad for p in init.net.parameters()) or \
                 any(b.dtype == torch.uint8 for b in init.net.buffers()):
             raise ValueError("train.init_from needs a full-precision model (not a quantized one)")
+        if m.ffn == "moe" and init.config.model.ffn == "dense":  # sparse upcycling
+            from keenlm.model.moe import upcycle
+
+            upcycle(init.net, m.moe)
+            model = dataclasses.replace(model, ffn="moe", moe=init.net.cfg.moe)
+            if log:
+                log(f"upcycled to {m.moe.experts} experts (top-{m.moe.top_k}) of width "
+                    f"{model.d_ff}, copies of each layer's feed-forward")
         if m.linear != "dense":
             prepare_qat(init.net, m.linear, group=m.lowbit_group, per_channel=m.lowbit_per_channel,
                         act_bits=m.act_bits)
@@ -216,13 +226,18 @@ class Trainer:
         B, T = y.shape
         loss, per_token = self.loss_fn(h.reshape(B * T, -1), self.model.lm_head.weight,
                                        y.reshape(-1), None if weights is None else weights.reshape(-1))
+        extra = {}
         for hook in self.hooks:
             if hasattr(hook, "extra_losses"):
-                extra = hook.extra_losses(self.model, x, y, per_token.view(B, T))
-                loss = loss + sum(extra.values())
-        for aux in self.model.aux_losses().values():
-            loss = loss + aux
-        (loss / t.grad_accum).backward()
+                extra.update(hook.extra_losses(self.model, x, y, per_token.view(B, T)))
+        for name, aux in self.model.aux_losses().items():  # per layer: summed by kind
+            kind = name.rsplit(".", 1)[-1]
+            extra[kind] = extra.get(kind, 0.0) + aux
+        total = loss + sum(extra.values()) if extra else loss
+        (total / t.grad_accum).backward()
+        for k, v in extra.items():
+            v = float(v.detach()) if torch.is_tensor(v) else float(v)
+            self._extra[k] = self._extra.get(k, 0.0) + v / t.grad_accum
         return loss.item(), x.numel(), y.numel() if weights is None else int((weights > 0).sum())
 
     def _qat_schedule(self):
@@ -243,6 +258,7 @@ class Trainer:
         set_lr(self.opt, lr_mult)
         start = time.perf_counter()
         losses, n_tok, n_bwd = [], 0, 0
+        self._extra = {}
         for m in range(t.grad_accum):
             loss, tok, bwd = self._micro_step(self.step * t.grad_accum + m)
             losses.append(loss)
@@ -252,6 +268,7 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        parts = self.model.end_step()  # e.g. MoE routing statistics, bias balancing
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -261,9 +278,11 @@ class Trainer:
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {self.step}; lower train.lr "
                                      f"(now {t.lr}) or enable train.grad_clip")
+        # "loss": the language-model cross-entropy; auxiliary losses are logged beside it
         return {"step": self.step, "loss": loss, "lr": t.lr * lr_mult, "grad_norm": grad_norm,
                 "tokens_per_s": n_tok / seconds, "tokens": self.ledger.tokens_seen,
-                "flops": self.ledger.flops_forward + self.ledger.flops_backward}
+                "flops": self.ledger.flops_forward + self.ledger.flops_backward,
+                **self._extra, **parts}
 
     # --------------------------------------------------------------------------- loop
 
