@@ -213,3 +213,27 @@ def test_train_init_from_a_dense_run_upcycles_it(tmp_path, small_corpus):
     assert tr.cfg.model.ffn == "moe" and len(tr.model.layers[0].mlp.experts) == 4
     assert tr.cfg.model.moe.d_ff == tr.cfg.model.d_ff
     tr.fit()
+
+
+def test_moe_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
+    from keenlm.study_moe import moe
+
+    over = {"data": {"corpus": str(small_corpus), "tokenizer": "byte", "max_bytes": 0,
+                     "cache_dir": str(tmp_path / "cache")},
+            "model": {"max_seq_len": 32},
+            "train": {"batch_size": 2, "seq_len": 32, "eval_batches": 1, "dtype": "fp32"}}
+    kw = dict(depth=1, tokens=64 * 40, experts=4, top_k=2, overrides=over, log=lambda s: None)
+    res = moe(tmp_path / "s", **kw)
+    by = {r["name"]: r for r in res["rows"]}
+    assert list(by) == ["dense", "moe-aux", "moe-bias", "moe-none", "dense-total"]
+    assert by["moe-none"]["steps"] == 10 and by["dense"]["steps"] == 40
+    # equal active parameters (up to the router), equal total parameters with dense-total
+    router = 64 * 4  # depth 1 of the dial: d_model 64; a router of 4 experts
+    assert by["moe-aux"]["params"]["active"] == by["dense"]["params"]["active"] + router
+    assert by["moe-aux"]["params"]["total"] == by["dense-total"]["params"]["total"] + router
+    assert by["dense"]["routing"] is None and by["moe-aux"]["routing"]["steps"] >= 3
+    assert 0 <= by["moe-aux"]["routing"]["load_min"] <= 1 <= by["moe-aux"]["routing"]["load_max"]
+    for f in ("results.md", "results.json", "moe_loss.svg"):
+        assert (tmp_path / "s" / f).exists(), f
+    again = moe(tmp_path / "s", **kw)
+    assert again["rows"] == res["rows"]

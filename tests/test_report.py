@@ -1,5 +1,4 @@
 """The report page: Markdown tables, every kind of folder, and a render in headless Chromium."""
-import json
 import os
 import shutil
 

@@ -307,9 +307,16 @@ def cmd_study(args) -> int:
     elif args.study == "epochs":
         from keenlm.study_law2 import epochs
 
-        res = epochs(args.out, depth=args.depth, unique_tokens=int(float(args.unique_tokens)),
-                     max_epochs=args.epochs)
+        res = epochs(args.out, depth=args.depth or 3,
+                     unique_tokens=int(float(args.unique_tokens)), max_epochs=args.epochs)
         print(f"lowest validation loss on repeated data after {res['best_epochs']:.1f} epochs")
+    elif args.study == "moe":
+        from keenlm.study_moe import moe
+
+        res = moe(args.out, depth=args.depth or 4, tokens=int(float(args.tokens)),
+                  experts=args.experts, top_k=args.top_k)
+        print(f"MoE minus dense validation loss {-res['loss_gain']:+.4f}; seconds per step "
+              f"{res['step_ratio']:.2f}x the dense model's")
     elif args.study == "group":
         from keenlm.study_law2 import group
 
@@ -385,15 +392,16 @@ def _add_io_commands(sub, fmt) -> None:
     q.set_defaults(func=cmd_quantize)
 
     st = sub.add_parser("study", help="studies: low-bit frontier, PTQ, RL, test-time compute, "
-                                      "epochs, group size",
+                                      "epochs, group size, mixture of experts",
                         formatter_class=fmt)
-    st.add_argument("study", choices=("frontier", "ptq", "rl", "tts", "epochs", "group"),
+    st.add_argument("study", choices=("frontier", "ptq", "rl", "tts", "epochs", "group", "moe"),
                     help="frontier: train fp32/int4/int2/ternary models at several sizes on equal "
                          "tokens; ptq: quantize one model by several recipes; rl: supervised "
                          "warm-up on a task, then GRPO and rejection-sampling fine-tuning; tts: "
                          "a small policy with test-time search vs a larger one answering greedily; "
                          "epochs: loss vs passes over fixed unique data, against fresh data; "
-                         "group: GRPO accuracy vs samples per prompt (group size)")
+                         "group: GRPO accuracy vs samples per prompt (group size); moe: mixture "
+                         "of experts vs dense models of equal active and of equal total parameters")
     st.add_argument("out", help="output folder (results.json, results.md, frontier.svg, runs/)")
     st.add_argument("--sizes", default="64x2,128x2,128x4", help="frontier: d_model x layers list")
     st.add_argument("--kinds", default="dense,int4,int2,ternary", help="frontier: linear kinds")
@@ -425,7 +433,11 @@ def _add_io_commands(sub, fmt) -> None:
                     "(64x4: 230k parameters, 30%% greedy on 2-number Countdown after 3000 steps)")
     st.add_argument("--large", default="256x3", help="tts: the large policy (256x3: 2.48M, 10.8x)")
     st.add_argument("--ns", default="1,4,16,64", help="tts: budgets N of every strategy")
-    st.add_argument("--depth", type=int, default=3, help="epochs: depth of the size dial")
+    st.add_argument("--depth", type=int, default=0,
+                    help="epochs, moe: depth of the size dial (0: 3 for epochs, 4 for moe)")
+    st.add_argument("--tokens", default="4e6", help="moe: training tokens of each model")
+    st.add_argument("--experts", type=int, default=8, help="moe: routed experts")
+    st.add_argument("--top-k", type=int, default=2, help="moe: experts per token")
     st.add_argument("--unique-tokens", default="250e3", help="epochs: the fixed unique data")
     st.add_argument("--epochs", type=int, default=16, help="epochs: passes over it")
     st.add_argument("--groups", default="2,4,8,16", help="group: GRPO group sizes")

@@ -29,6 +29,25 @@ Log = Callable[[str], None]
 KIND_LABEL = {"dense": "fp32", "int4": "int4 QAT", "int2": "2-bit QAT", "ternary": "ternary QAT"}
 
 
+def finished(folder: Path, config: dict) -> dict | None:
+    """A study's finished run (its ``study.json``), or None; one made with another config is
+    an error, so a study folder is never silently mixed."""
+    path = folder / "study.json"
+    if not path.exists():
+        return None
+    rec = json.loads(path.read_text())
+    if rec.get("config") != config:
+        raise ValueError(f"{folder} was run with other settings; use another output folder")
+    return rec
+
+
+def record(folder: Path, rec: dict) -> None:
+    """Mark a study's run finished: ``study.json`` (with its ``config``), written atomically."""
+    from keenlm.runs import atomic_write_text
+
+    atomic_write_text(folder / "study.json", json.dumps(rec, indent=2) + "\n")
+
+
 def _write(out: Path, results: dict, table: str) -> None:
     from keenlm.runs import atomic_write_text
 

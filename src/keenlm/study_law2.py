@@ -23,30 +23,14 @@ charts (SVG and PNG) into its folder; the test-time half of the law is ``keenlm 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Callable
 
+from keenlm.study import finished, record
+
 Log = Callable[[str], None]
-
-
-def _done(folder: Path, config: dict) -> dict | None:
-    """A finished run's record (``study.json``), or None; another config is an error."""
-    path = folder / "study.json"
-    if not path.exists():
-        return None
-    rec = json.loads(path.read_text())
-    if rec.get("config") != config:
-        raise ValueError(f"{folder} was run with other settings; use another output folder")
-    return rec
-
-
-def _record(folder: Path, rec: dict) -> None:
-    from keenlm.runs import atomic_write_text
-
-    atomic_write_text(folder / "study.json", json.dumps(rec, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------- epochs
@@ -104,7 +88,7 @@ def epochs(out: str | Path, depth: int = 3, unique_tokens: int = 250_000, max_ep
         folder = out / name
         cfg = epochs_config(depth, unique_tokens, max_epochs, folder, repeated, batch, seq,
                             overrides)
-        rec = _done(folder, cfg)
+        rec = finished(folder, cfg)
         if rec is None:
             t0 = time.perf_counter()
             res = keenlm.train(cfg)
@@ -125,7 +109,7 @@ def epochs(out: str | Path, depth: int = 3, unique_tokens: int = 250_000, max_ep
                                "train_loss": sum(window) / len(window) if window else None})
             rec = {"config": cfg, "points": points, "seconds": time.perf_counter() - t0,
                    "params": res.ledger["params"]}
-            _record(folder, rec)
+            record(folder, rec)
         curves[name] = rec
         log(f"{name}: val loss {rec['points'][-1]['val_loss']:.4f} after "
             f"{rec['points'][-1]['epochs']:.1f} epochs of {unique_tokens:,} tokens "
@@ -205,7 +189,7 @@ def group(out: str | Path, groups=(2, 4, 8, 16), steps: int = 150, prompts: int 
         opts = {"task": task, "difficulty": difficulty, "algo": "grpo", "group": g,
                 "prompts": prompts, "steps": steps, "lr": lr, "eval_n": eval_n,
                 "out_dir": str(folder), "resume": False, "progress": False}
-        rec = _done(folder, opts)
+        rec = finished(folder, opts)
         if rec is None:
             cfg = section_from_dict("rl", RLConfig, opts, RLConfig())
             t0 = time.perf_counter()
@@ -217,7 +201,7 @@ def group(out: str | Path, groups=(2, 4, 8, 16), steps: int = 150, prompts: int 
                      if r["kind"] == "eval"]
             rec = {"config": opts, "seconds": seconds, "evals": evals,
                    "final": s0["held_out"](keenlm.load(folder))}
-            _record(folder, rec)
+            record(folder, rec)
         drawn = steps * prompts * g
         row = {"group": g, "steps": steps, "samples": drawn, "seconds": rec["seconds"],
                "final": rec["final"], "curve": [(s * prompts * g, p) for s, p in rec["evals"]]}

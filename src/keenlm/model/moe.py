@@ -117,7 +117,7 @@ class MoE(nn.Module):
         token, order, kept, counts = self.assignments(idx)
         token, order = token[kept], order[kept]
         kept_counts = torch.bincount(idx.reshape(-1)[order], minlength=self.E).tolist()
-        xs = h[token]
+        xs = h.index_select(0, token)  # backward: one index_add (faster than h[token]'s)
         parts, start = [], 0
         for e, n in enumerate(kept_counts):  # each expert on its own tokens only
             if n:

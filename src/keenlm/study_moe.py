@@ -1,0 +1,143 @@
+"""``keenlm study moe``: mixture of experts against dense models at equal compute.
+
+One command trains, on the stdlib corpus with the same tokens, schedule and learning rate:
+
+- ``dense``: the dense model of the size dial (feed-forward width F);
+- ``moe-aux``, ``moe-bias``: E experts of width F / k, top-k routing -- the same active
+  parameters and training FLOPs per token as ``dense`` (plus the router's C x E), E / k times
+  the feed-forward parameters -- balanced by the Switch loss and by auxiliary-loss-free bias;
+- ``moe-none``: the same with no balancing, for a quarter of the tokens: how routing collapses
+  without it;
+- ``dense-total``: a dense model as wide as all the experts together (width E x F / k): the
+  same total parameters as the MoE, E / k times its FLOPs per token.
+
+It reports each model's validation loss, parameters (total, active), FLOPs per token, seconds
+per training step (median over the logged steps after the first 10%) and the routing health
+after warm-up (the first 10% of steps): the lowest and highest load of any expert in any layer
+at any logged step, relative to the mean load (1.0), the dropped share and the router entropy.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+from keenlm.study import _write, finished, record
+
+Log = Callable[[str], None]
+
+
+def moe_configs(depth: int, tokens: int, experts: int, top_k: int, out: Path,
+                overrides: dict | None = None) -> dict[str, dict]:
+    """The study's runs by name, each a full nested config."""
+    from keenlm.config import merge
+    from keenlm.presets import size_preset
+    from keenlm.scaling.sweep import base_config
+
+    base = merge(base_config(), size_preset(depth, aspect=32), overrides or {})
+    t = base["train"]
+    per_step = t["batch_size"] * t["seq_len"]
+    steps = max(1, round(tokens / per_step))
+    width = base["model"]["d_ff"]
+    if width % top_k:
+        raise ValueError(f"the dense width {width} must be a multiple of top_k={top_k}")
+    moe = {"experts": experts, "top_k": top_k, "d_ff": width // top_k}
+    runs = {"dense": {},
+            "moe-aux": {"model": {"ffn": "moe", "moe": {**moe, "balance": "aux"}}},
+            "moe-bias": {"model": {"ffn": "moe", "moe": {**moe, "balance": "bias"}}},
+            "moe-none": {"model": {"ffn": "moe", "moe": {**moe, "balance": "none"}}},
+            "dense-total": {"model": {"d_ff": width * experts // top_k}}}
+    out_cfgs = {}
+    for name, extra in runs.items():
+        n = max(1, steps // 4) if name == "moe-none" else steps
+        out_cfgs[name] = merge(base, extra, {"train": {"steps": n, "warmup_steps": max(1, n // 30),
+                                                       "log_every": 10, "resume": True,
+                                                       "out_dir": str(out / name)}})
+    return out_cfgs
+
+
+def routing_health(recs: list[dict], after_step: int) -> dict | None:
+    """Worst loads (relative to the mean) over every layer and logged step after ``after_step``."""
+    rows = [r for r in recs if r.get("kind") == "train" and "moe_load" in r and r["step"] > after_step]
+    if not rows:
+        return None
+    loads = [v for r in rows for layer in r["moe_load"] for v in layer]
+    return {"load_min": min(loads), "load_max": max(loads), "steps": len(rows),
+            "dropped": statistics.mean(r["moe_dropped"] for r in rows),
+            "entropy": statistics.mean(r["moe_entropy"] for r in rows)}
+
+
+def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int = 8,
+        top_k: int = 2, overrides: dict | None = None, log: Log = print) -> dict:
+    """Train the five models (resumable: a finished one is kept) and compare them."""
+    import keenlm
+    from keenlm.plot import line_chart
+    from keenlm.runs import read_jsonl
+
+    out = Path(out)
+    rows, curves = [], {}
+    for name, cfg in moe_configs(depth, tokens, experts, top_k, out, overrides).items():
+        folder = out / name
+        rec = finished(folder, cfg)
+        if rec is None:
+            t0 = time.perf_counter()
+            res = keenlm.train(cfg)
+            if res.interrupted:
+                raise KeyboardInterrupt(f"the {name} run was stopped; run again to continue")
+            recs = read_jsonl(folder / "metrics.jsonl")
+            steps = cfg["train"]["steps"]
+            per_step = cfg["train"]["batch_size"] * cfg["train"]["seq_len"]
+            timed = [per_step / r["tokens_per_s"] for r in recs
+                     if r["kind"] == "train" and r["step"] > steps // 10]
+            rec = {"config": cfg, "val_loss": res.final_eval["loss"], "steps": res.step,
+                   "tokens": res.ledger["tokens_seen"], "params": res.ledger["params"],
+                   "flops_per_token": res.ledger["flops_per_token"]["train"],
+                   "step_seconds": statistics.median(timed) if timed else None,
+                   "seconds": time.perf_counter() - t0,
+                   "routing": routing_health(recs, steps // 10),
+                   "curve": [(r["step"] * per_step, r["loss"]) for r in recs if r["kind"] == "train"]}
+            record(folder, rec)
+        rows.append({"name": name, **{k: v for k, v in rec.items() if k not in ("config", "curve")}})
+        curves[name] = rec["curve"]
+        log(f"{name}: val loss {rec['val_loss']:.4f}, {rec['params']['total']:,} parameters "
+            f"({rec['params']['active']:,} active), {rec['step_seconds']:.3f} s/step")
+    by = {r["name"]: r for r in rows}
+    results = {"depth": depth, "tokens": tokens, "experts": experts, "top_k": top_k, "rows": rows,
+               "loss_gain": by["dense"]["val_loss"] - by["moe-aux"]["val_loss"],
+               "step_ratio": by["moe-aux"]["step_seconds"] / by["dense"]["step_seconds"],
+               "step_ratio_bias": by["moe-bias"]["step_seconds"] / by["dense"]["step_seconds"]}
+    line_chart({k: _smooth(v) for k, v in curves.items()}, out / "moe_loss.svg",
+               x_label="training tokens", y_label="training loss (nats/token, smoothed)")
+    _write(out, results, _table(results))
+    return results
+
+
+def _smooth(points: list[tuple[float, float]], window: int = 5) -> list[tuple[float, float]]:
+    return [(points[i][0], statistics.mean(v for _, v in points[max(0, i - window + 1):i + 1]))
+            for i in range(len(points))]
+
+
+def _table(res: dict) -> str:
+    E, k = res["experts"], res["top_k"]
+    lines = [f"Stdlib corpus, BPE 4096, batch 16 x 256, {res['tokens']:,} tokens (moe-none: a "
+             f"quarter), depth {res['depth']} of the size dial; MoE: {E} experts, top-{k}, each "
+             f"of width F / {k}.", "",
+             "| model | val loss | total params | active params | train FLOPs/token | s/step | "
+             "vs dense | load min | load max | dropped | router entropy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = next(r for r in res["rows"] if r["name"] == "dense")["step_seconds"]
+    for r in res["rows"]:
+        h = r["routing"]
+        route = (f"{h['load_min']:.2f} | {h['load_max']:.2f} | {h['dropped']:.3f} | "
+                 f"{h['entropy']:.2f} |") if h else "- | - | - | - |"
+        lines.append(f"| {r['name']} | {r['val_loss']:.4f} | {r['params']['total']:,} | "
+                     f"{r['params']['active']:,} | {r['flops_per_token']:.3g} | "
+                     f"{r['step_seconds']:.3f} | {r['step_seconds'] / dense:.2f}x | {route}")
+    lines += ["", "Loads are relative to the mean (1.00 = an even share), the worst over every "
+              "layer and logged step after the first 10% of steps; router entropy is "
+              f"normalized by log {E} (1.00 = uniform).",
+              f"MoE (aux) minus dense validation loss: {-res['loss_gain']:+.4f}; "
+              f"seconds per step, MoE / dense: {res['step_ratio']:.2f}x (aux), "
+              f"{res['step_ratio_bias']:.2f}x (bias)."]
+    return "\n".join(lines)
