@@ -37,6 +37,7 @@ bench: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/lowbit.py
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/grpo.py
+	$(BIN)/python benchmarks/moe.py
 
 bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py --quick
@@ -44,6 +45,7 @@ bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/lowbit.py --quick
 	$(BIN)/python benchmarks/attention.py --quick
 	$(BIN)/python benchmarks/grpo.py --quick
+	$(BIN)/python benchmarks/moe.py --quick
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

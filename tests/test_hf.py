@@ -91,6 +91,34 @@ def test_transformers_loads_export_with_same_logits(tmp_path, transformers, tie)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
+def test_transformers_loads_moe_export_as_mixtral_with_same_logits(tmp_path, transformers):
+    from keenlm.config import MoEConfig
+
+    net = random_net(ffn="moe", moe=MoEConfig(experts=4, top_k=2, d_ff=24))
+    folder = export_hf(net, ByteTokenizer(), tmp_path / "hf")
+    m, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert type(m).__name__ == "MixtralForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert m.config.num_local_experts == 4 and m.config.intermediate_size == 24
+    x = token_batch()
+    with torch.no_grad():
+        ours, theirs = net(x), m(x).logits
+    assert ours.abs().max() > 1
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("moe,words", [({"shared": 1}, "shared"), ({"top_k": 1}, "top_k is 1"),
+                                       ({"balance": "bias"}, "selection biases")])
+def test_moe_export_refuses_what_mixtral_cannot_hold(tmp_path, moe, words):
+    from keenlm.config import MoEConfig
+
+    net = random_net(ffn="moe", moe=MoEConfig(experts=4, **moe))
+    if moe.get("balance") == "bias":
+        net.layers[0].mlp.expert_bias[1] = 0.5
+    with pytest.raises(ValueError, match=words):
+        export_hf(net, ByteTokenizer(), tmp_path / "hf")
+
+
 def test_keenlm_reads_what_transformers_saves(tmp_path, transformers):
     # transformers 5 writes only rope_parameters/dtype (no rope_theta, no torch_dtype) and a
     # tokenizer.json without keenlm's metadata: the foreign-folder path of load_hf.

@@ -48,7 +48,7 @@ class MoEConfig:
     top_k: int = 2  # experts per token k
     shared: int = 0  # shared experts every token also passes through (DeepSeekMoE)
     d_ff: int = 0  # SwiGLU width of each expert; 0: model.d_ff / top_k (active width = the dense model's)
-    capacity_factor: float = 0.0  # 0: dropless; else an expert takes at most ceil(cf * k * tokens / E) assignments, the rest are dropped (the residual carries those tokens)
+    capacity_factor: float = 0.0  # 0: dropless; else, in training, an expert takes at most ceil(cf * k * tokens / E) assignments, the rest are dropped (the residual carries those tokens)
     balance: str = "aux"  # aux (Switch load-balancing loss) | bias (auxiliary-loss-free, DeepSeek-V3) | none
     aux_coef: float = 0.01  # alpha of the Switch loss E * sum_e f_e P_e
     z_coef: float = 0.001  # router z-loss mean(logsumexp(logits)^2) (ST-MoE); 0: off

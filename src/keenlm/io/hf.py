@@ -1,4 +1,5 @@
-"""Hugging Face folders in and out: keenlm models as ``LlamaForCausalLM``, and back.
+"""Hugging Face folders in and out: keenlm models as ``LlamaForCausalLM``, and back; a
+mixture-of-experts model out as ``MixtralForCausalLM`` (export only).
 
 A Hugging Face model folder is a handful of plain files::
 
@@ -73,23 +74,55 @@ def hf_config(cfg: ModelConfig, tokenizer) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": None, "use_cache": True,
         "dtype": "float32", "torch_dtype": "float32",  # v5 name, v4 name
-    }
+    } | (_mixtral(cfg) if cfg.ffn == "moe" else {})
+
+
+def _mixtral(cfg: ModelConfig) -> dict:
+    """What a ``MixtralConfig`` adds to Llama's: the experts (each of width moe.d_ff)."""
+    from keenlm.model.moe import expert_width
+
+    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "intermediate_size": expert_width(cfg), "num_local_experts": cfg.moe.experts,
+            "num_experts_per_tok": cfg.moe.top_k, "router_aux_loss_coef": cfg.moe.aux_coef,
+            "output_router_logits": False, "router_jitter_noise": 0.0, "sliding_window": None}
 
 
 def hf_state(net) -> dict[str, torch.Tensor]:
-    """keenlm weights under Hugging Face names, fp32, tied LM head omitted."""
+    """keenlm weights under Hugging Face names, fp32, tied LM head omitted; an MoE layer's
+    parts under Mixtral's names (block_sparse_moe.gate, experts.j.w1 = gate, w3 = up,
+    w2 = down)."""
     from keenlm.model import model_state
 
-    return {(k if k == "lm_head.weight" else "model." + k): v.float().contiguous()
-            for k, v in model_state(net).items()}
+    out = {}
+    for k, v in model_state(net).items():
+        if k.endswith("mlp.expert_bias"):  # zero for every exportable model (checked above)
+            continue
+        if ".mlp.gate." in k or ".mlp.experts." in k:
+            k = k.replace(".mlp.", ".block_sparse_moe.")
+            for ours, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+                k = k.replace(f".{ours}.", f".{theirs}.")
+        out[k if k == "lm_head.weight" else "model." + k] = v.float().contiguous()
+    return out
 
 
 def _check_exportable(net, tokenizer) -> None:
     cfg = net.cfg
-    for part in ("linear", "ffn"):
-        if getattr(cfg, part) != "dense":
-            raise ValueError(f"cannot export to Hugging Face Llama: model.{part} is "
-                             f"{getattr(cfg, part)!r}, and LlamaForCausalLM only has 'dense'")
+    if cfg.linear != "dense":
+        raise ValueError(f"cannot export to Hugging Face: model.linear is {cfg.linear!r}, and "
+                         f"LlamaForCausalLM / MixtralForCausalLM only have 'dense'")
+    if cfg.ffn == "moe":
+        m = cfg.moe
+        problems = []
+        if m.shared:
+            problems.append(f"model.moe.shared is {m.shared} (Mixtral has no shared experts)")
+        if m.top_k < 2:
+            problems.append("model.moe.top_k is 1 (Mixtral renormalizes the chosen weights to "
+                            "sum to 1; keenlm's top-1 weight is the router probability)")
+        if any(float(layer.mlp.expert_bias.abs().max()) > 0 for layer in net.layers):
+            problems.append("the experts' selection biases (model.moe.balance bias) are not zero "
+                            "(Mixtral's router has none)")
+        if problems:
+            raise ValueError("cannot export this mixture of experts as Mixtral: " + "; ".join(problems))
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"cannot export: the tokenizer has {tokenizer.vocab_size} tokens but the "
                          f"model's embedding only {cfg.vocab_size}")

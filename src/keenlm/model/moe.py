@@ -22,8 +22,8 @@ Balancing (``model.moe.balance``):
 - ``none``: neither (routing tends to collapse onto a few experts: the reason for the others).
 The z-loss z_coef * mean(logsumexp(z)^2) keeps logits small in every mode (0 turns it off).
 
-Capacity (``capacity_factor`` c > 0): expert e takes at most ceil(c * k * N / E) of the N
-tokens' assignments, first choices before second choices, earlier tokens first within a
+Capacity (``capacity_factor`` c > 0, in training): expert e takes at most ceil(c * k * N / E)
+of the N tokens' assignments, first choices before second choices, earlier tokens first within a
 choice rank; the other assignments are dropped. A token all of whose assignments are dropped
 gets 0 from the routed experts, so the block's residual carries it unchanged. c = 0: dropless.
 
@@ -91,9 +91,13 @@ class MoE(nn.Module):
         return logits, probs, idx, w
 
     def capacity(self, n_tokens: int) -> int:
-        """Assignments an expert may take (n_tokens * k when dropless)."""
+        """Assignments an expert may take (n_tokens * k when dropless). Capacity applies in
+        training only: evaluation and generation are dropless, so a token's output never
+        depends on the other tokens of its batch there (and a Mixtral export computes the same)."""
         c = self.cfg.capacity_factor
-        return n_tokens * self.k if c == 0 else math.ceil(c * self.k * n_tokens / self.E)
+        if c == 0 or not self.training:
+            return n_tokens * self.k
+        return math.ceil(c * self.k * n_tokens / self.E)
 
     def assignments(self, idx: torch.Tensor):
         """Sort the N x k assignments by expert. Returns (token of each sorted assignment,
