@@ -30,7 +30,9 @@ gets 0 from the routed experts, so the block's residual carries it unchanged. c 
 Compute: ``forward`` sorts the N x k assignments by expert and runs each expert on its own
 tokens only (gather, expert, scale, scatter-add), so forward and backward FLOPs grow with k,
 not E. ``moe_reference`` beside it runs every expert on every token and masks: obviously right,
-E/k times the work; the tests compare the two, outputs and gradients.
+E/k times the work; the tests compare the two, outputs and gradients. On a Hopper GPU in
+bf16, ``_grouped`` runs all experts in two ``torch._grouped_mm`` calls instead (the optional
+fast path; elsewhere, and for quantized experts, the per-expert loop runs).
 
 Routing statistics (expert loads, dropped share, router entropy) are summed over the forward
 passes of an optimizer step and handed to the trainer by ``end_step``, which also applies the
@@ -45,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keenlm.model.layers import SwiGLU
+from keenlm.model.layers import SwiGLU, swiglu_reference as swiglu
 
 
 class _ExpertShape:
@@ -74,6 +76,7 @@ class MoE(nn.Module):
         # selection-only bias of auxiliary-loss-free balancing: saved (it shapes routing)
         self.register_buffer("expert_bias", torch.zeros(m.experts))
         self._aux: dict[str, torch.Tensor] = {}
+        self.use_grouped = True  # the GPU fast path where it applies (grouped_ok); False: per expert
         self._reset_stats()
 
     # ------------------------------------------------------------------------------ routing
@@ -120,16 +123,13 @@ class MoE(nn.Module):
         logits, probs, idx, w = self.route(h)
         token, order, kept, counts = self.assignments(idx)
         token, order = token[kept], order[kept]
-        kept_counts = torch.bincount(idx.reshape(-1)[order], minlength=self.E).tolist()
+        kept_counts = torch.bincount(idx.reshape(-1)[order], minlength=self.E)
         xs = h.index_select(0, token)  # backward: one index_add (faster than h[token]'s)
-        parts, start = [], 0
-        for e, n in enumerate(kept_counts):  # each expert on its own tokens only
-            if n:
-                parts.append(self.experts[e](xs[start:start + n]))
-            start += n
+        ys = (self._grouped(xs, kept_counts) if self.grouped_ok(xs)
+              else self._per_expert(xs, kept_counts.tolist()))
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # sums in fp32
-        if parts:
-            out.index_add_(0, token, torch.cat(parts).float() * w.reshape(-1)[order, None])
+        if ys is not None:
+            out.index_add_(0, token, ys.float() * w.reshape(-1)[order, None])
         for s in self.shared_experts:
             out = out + s(h)
         if self.training:
@@ -137,6 +137,42 @@ class MoE(nn.Module):
                 self._losses(logits, probs, counts)
             self._record(probs, counts, idx.numel() - int(kept.sum()))
         return out.reshape(shape).to(x.dtype)
+
+    def _per_expert(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+        """Expert e on its slice of the sorted assignments: one SwiGLU call per expert."""
+        parts, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                parts.append(self.experts[e](xs[start:start + n]))
+            start += n
+        return torch.cat(parts) if parts else None
+
+    def grouped_ok(self, xs: torch.Tensor) -> bool:
+        """The GPU fast path applies: CUDA with sm90+ (Hopper), bf16 (autocast or weights),
+        plain dense experts, widths that are multiples of 16, and torch._grouped_mm."""
+        if not (self.use_grouped and xs.is_cuda and hasattr(torch, "_grouped_mm")):
+            return False
+        bf16 = xs.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda") and
+                                              torch.get_autocast_dtype("cuda") == torch.bfloat16)
+        e = self.experts[0]
+        dense = all(type(m) is nn.Linear for x in self.experts
+                    for m in (x.gate_proj, x.up_proj, x.down_proj)) and e.gate_up_proj is None
+        return (bf16 and dense and torch.cuda.get_device_capability(xs.device)[0] >= 9
+                and e.gate_proj.weight.shape[0] % 16 == 0 and xs.shape[-1] % 16 == 0)
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All experts in two grouped GEMMs (torch._grouped_mm, bf16): the same arithmetic as
+        ``_per_expert`` without a kernel launch per expert. Weights are stacked per call."""
+        from keenlm.model.layers import _SwiGLU
+
+        gate_up = torch.stack([torch.cat([x.gate_proj.weight, x.up_proj.weight])
+                               for x in self.experts]).to(torch.bfloat16)  # (E, 2F, C)
+        down = torch.stack([x.down_proj.weight for x in self.experts]).to(torch.bfloat16)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        with torch.autocast("cuda", enabled=False):
+            a = torch._grouped_mm(xs.to(torch.bfloat16), gate_up.transpose(1, 2), offs=offs)
+            act = _SwiGLU.apply(a) if torch.is_grad_enabled() else swiglu(a)
+            return torch._grouped_mm(act, down.transpose(1, 2), offs=offs)
 
     # -------------------------------------------------------------------- balance, statistics
 
