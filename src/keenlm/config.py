@@ -160,6 +160,30 @@ class DataConfig:
                "an integer >= 0 (0 = the whole training split)")
 
 
+SELECT_METHODS = ("none", "loss", "prob", "excess")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Selective backprop (``train.select``, keenlm.train.surprise): train only on the most
+    surprising part of each batch."""
+
+    method: str = "none"  # none | loss (highest loss) | prob (Selective-Backprop: kept with probability percentile^beta) | excess (Rho-1: loss minus a reference model's)
+    unit: str = "sequence"  # sequence (unchosen rows leave the backward pass: it gets cheaper) | token (a loss mask; every row still runs backward)
+    keep: float = 0.5  # share of the batch's sequences (tokens) trained on
+    ramp: float = 0.0  # share of the steps over which keep falls from 1.0 to keep (0: keep from the start)
+    reference: str = ""  # excess: the reference model's run folder (same tokenizer)
+
+    def __post_init__(self):
+        p = "train.select."
+        _check(self.method in SELECT_METHODS, p + "method", self.method, " | ".join(SELECT_METHODS))
+        _check(self.unit in ("sequence", "token"), p + "unit", self.unit, "sequence | token")
+        _check(0 < self.keep <= 1, p + "keep", self.keep, "a number in (0, 1]")
+        _check(0 <= self.ramp <= 1, p + "ramp", self.ramp, "a number in [0, 1]")
+        _check(self.method != "excess" or bool(self.reference), p + "reference", self.reference,
+               "a run folder (method excess scores against a reference model)")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimization loop."""
@@ -195,6 +219,7 @@ class TrainConfig:
     resume: bool = True  # continue from out_dir's latest checkpoint when it exists
     init_from: str = ""  # start from this model (run folder, .gguf, HF folder): its shape and tokenizer; model.linear etc. still apply
     qat_start: float = 0.0  # low-bit linears: train in full precision until this fraction of the steps, then quantization-aware
+    select: SelectConfig = field(default_factory=SelectConfig)  # selective backprop (train.select.*)
 
     def __post_init__(self):
         p = "train."

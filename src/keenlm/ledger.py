@@ -87,8 +87,9 @@ class Ledger:
     seq_len: int
     flops_per_token: dict
     weight_bytes: int  # bytes of weights read per token at decode (dense: all matmul weights)
-    tokens_seen: int = 0
-    tokens_backward: int = 0  # tokens whose loss was backpropagated (selective backprop < seen)
+    tokens_seen: int = 0  # tokens drawn from the data
+    tokens_forward: int = 0  # tokens through forward passes (selective backprop's scoring pass too)
+    tokens_backward: int = 0  # tokens through backward passes (selective backprop: fewer than seen)
     flops_forward: float = 0.0
     flops_backward: float = 0.0
     wall_time_s: float = 0.0
@@ -101,11 +102,14 @@ class Ledger:
                    flops_per_token=flops_per_token(model, seq_len),
                    weight_bytes=matmul_params(model) * p.element_size())
 
-    def add_step(self, tokens: int, tokens_backward: int | None = None, seconds: float = 0.0):
+    def add_step(self, tokens: int, tokens_backward: int | None = None, seconds: float = 0.0,
+                 tokens_forward: int | None = None):
         tb = tokens if tokens_backward is None else tokens_backward
+        tf = tokens if tokens_forward is None else tokens_forward
         self.tokens_seen += tokens
+        self.tokens_forward += tf
         self.tokens_backward += tb
-        self.flops_forward += tokens * self.flops_per_token["forward"]
+        self.flops_forward += tf * self.flops_per_token["forward"]
         self.flops_backward += tb * self.flops_per_token["backward"]
         self.wall_time_s += seconds
 

@@ -42,7 +42,12 @@ from keenlm.train.progress import Progress
 class TrainHook(Protocol):
     """Optional methods a technique implements to shape the loss without forking the loop."""
 
+    def begin_step(self, step: int, steps: int) -> None:  # before each optimizer step
+        ...
+
     def select_batch(self, x, y, model):  # -> (x, y, token_weights or None)
+        """May drop rows (they then leave the backward pass) or weight tokens; a scoring
+        forward pass of its own is reported in ``self.forward_tokens`` for the ledger."""
         ...
 
     def extra_losses(self, model, x, y, per_token_loss) -> dict:  # -> {name: scalar tensor}
@@ -133,6 +138,11 @@ class Trainer:
         self.hidden = torch.compile(hidden) if t.compile else hidden
         self.loss_fn = LOSSES[t.loss_kernel]
         self.hooks = list(hooks)
+        from keenlm.train.surprise import build_hook
+
+        select = build_hook(self.cfg, self.tokenizer, self.amp, self.device)  # train.select
+        if select is not None:
+            self.hooks.insert(0, select)
         self.ledger = Ledger.for_model(self.model, t.seq_len)
         self.step = 0
         self._extra: dict[str, float] = {}  # auxiliary losses of the step, for its metrics line
@@ -211,16 +221,19 @@ class Trainer:
 
     # --------------------------------------------------------------------------- one step
 
-    def _micro_step(self, index: int) -> tuple[float, int, int]:
+    def _micro_step(self, index: int) -> tuple[float, int, int, int]:
+        """One micro-batch: (loss, tokens drawn, tokens forwarded, tokens backpropagated)."""
         from keenlm.data import get_batch
 
         t = self.cfg.train
         x, y = get_batch(self.data.train, t.batch_size, t.seq_len, t.seed, index)
         x, y = x.to(self.device), y.to(self.device)
+        drawn, scored = x.numel(), 0
         weights = None
         for hook in self.hooks:
             if hasattr(hook, "select_batch"):
                 x, y, weights = hook.select_batch(x, y, self.model)
+                scored += getattr(hook, "forward_tokens", 0)  # a scoring pass of its own
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             h = self.hidden(x)
         B, T = y.shape
@@ -238,7 +251,8 @@ class Trainer:
         for k, v in extra.items():
             v = float(v.detach()) if torch.is_tensor(v) else float(v)
             self._extra[k] = self._extra.get(k, 0.0) + v / t.grad_accum
-        return loss.item(), x.numel(), y.numel() if weights is None else int((weights > 0).sum())
+        # every row left in the batch runs backward, whatever its token weights
+        return loss.item(), drawn, scored + x.numel(), y.numel()
 
     def _qat_schedule(self):
         """train.qat_start: full precision first, quantization-aware from that fraction on."""
@@ -257,12 +271,15 @@ class Trainer:
         lr_mult = lr_multiplier(self.step, dataclasses.replace(t, steps=self.planned_steps))
         set_lr(self.opt, lr_mult)
         start = time.perf_counter()
-        losses, n_tok, n_bwd = [], 0, 0
+        losses, n_tok, n_fwd, n_bwd = [], 0, 0, 0
         self._extra = {}
+        for hook in self.hooks:
+            if hasattr(hook, "begin_step"):
+                hook.begin_step(self.step, self.planned_steps)
         for m in range(t.grad_accum):
-            loss, tok, bwd = self._micro_step(self.step * t.grad_accum + m)
+            loss, tok, fwd, bwd = self._micro_step(self.step * t.grad_accum + m)
             losses.append(loss)
-            n_tok, n_bwd = n_tok + tok, n_bwd + bwd
+            n_tok, n_fwd, n_bwd = n_tok + tok, n_fwd + fwd, n_bwd + bwd
         grad_norm = None
         if t.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
@@ -272,7 +289,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        self.ledger.add_step(n_tok, n_bwd, seconds)
+        self.ledger.add_step(n_tok, n_bwd, seconds, tokens_forward=n_fwd)
         self.step += 1
         loss = sum(losses) / len(losses)
         if not math.isfinite(loss):
@@ -282,6 +299,7 @@ class Trainer:
         return {"step": self.step, "loss": loss, "lr": t.lr * lr_mult, "grad_norm": grad_norm,
                 "tokens_per_s": n_tok / seconds, "tokens": self.ledger.tokens_seen,
                 "flops": self.ledger.flops_forward + self.ledger.flops_backward,
+                **({"backward_share": n_bwd / n_tok} if n_bwd != n_tok else {}),
                 **self._extra, **parts}
 
     # --------------------------------------------------------------------------- loop
@@ -296,8 +314,8 @@ class Trainer:
         state = {"optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state(),
                  "step": self.step, "planned_steps": self.planned_steps,
                  "ledger": {k: v for k, v in self.ledger.to_dict().items()
-                            if k in ("tokens_seen", "tokens_backward", "flops_forward",
-                                     "flops_backward", "wall_time_s")}}
+                            if k in ("tokens_seen", "tokens_forward", "tokens_backward",
+                                     "flops_forward", "flops_backward", "wall_time_s")}}
         runs.save_checkpoint(self.run_dir, self.step, model_state(self.model), state,
                              keep=self.cfg.train.keep_checkpoints)
         self.ledger.save(self.run_dir / "ledger.json")
