@@ -96,3 +96,33 @@ def test_excess_loss_prefers_what_the_reference_finds_easy(tmp_path, small_corpu
         SelectConfig(method="excess")
     with pytest.raises(ConfigError, match="train.select.keep"):
         SelectConfig(method="loss", keep=0.0)
+
+
+def test_reach_interpolates_between_evaluations():
+    from keenlm.study_select import reach
+
+    ev = [{"loss": 5.0, "train_s": 0.0}, {"loss": 4.0, "train_s": 10.0}, {"loss": 3.0, "train_s": 30.0}]
+    assert reach(ev, 3.5, "train_s") == pytest.approx(20.0)
+    assert reach(ev, 5.5, "train_s") == 0.0 and reach(ev, 2.9, "train_s") is None
+
+
+def test_select_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
+    from keenlm.study_select import select
+
+    over = {"data": {"corpus": str(small_corpus), "tokenizer": "byte", "max_bytes": 0,
+                     "cache_dir": str(tmp_path / "cache")},
+            "model": {"max_seq_len": 32},
+            "train": {"batch_size": 4, "seq_len": 32, "dtype": "fp32"}}
+    kw = dict(depth=1, tokens=128 * 20, ref_tokens=128 * 5, overrides=over, log=lambda s: None)
+    res = select(tmp_path / "s", **kw)
+    by = {r["name"]: r for r in res["rows"]}
+    assert list(by) == ["full", "loss-pool", "prob-pool", "excess-pool", "loss-half", "excess-token"]
+    assert by["full"]["speedup_time"] == pytest.approx(1.0) and by["full"]["steps"] == 20
+    lg = by["loss-pool"]["ledger"]  # a pool of 8 sequences, 4 of them backpropagated
+    assert lg["tokens_seen"] == 2 * lg["tokens_backward"]
+    assert lg["tokens_forward"] == lg["tokens_seen"] + lg["tokens_backward"]
+    tok = by["excess-token"]["ledger"]  # a loss mask: every row still backward
+    assert tok["tokens_backward"] == tok["tokens_seen"]
+    for f in ("results.md", "results.json", "select.svg", "reference/study.json"):
+        assert (tmp_path / "s" / f).exists(), f
+    assert select(tmp_path / "s", **kw)["rows"] == res["rows"]

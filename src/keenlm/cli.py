@@ -317,6 +317,14 @@ def cmd_study(args) -> int:
                   experts=args.experts, top_k=args.top_k)
         print(f"MoE minus dense validation loss {-res['loss_gain']:+.4f}; seconds per step "
               f"{res['step_ratio']:.2f}x the dense model's")
+    elif args.study == "select":
+        from keenlm.study_select import select
+
+        res = select(args.out, depth=args.depth or 3, tokens=int(float(args.tokens)))
+        for r in res["rows"]:
+            print(f"{r['name']}: val loss {r['val_loss']:.4f}, time to target "
+                  + (f"{r['time_to_target']:.0f} s ({r['speedup_time']:.2f}x)"
+                     if r["time_to_target"] else "not reached"))
     elif args.study == "group":
         from keenlm.study_law2 import group
 
@@ -392,16 +400,19 @@ def _add_io_commands(sub, fmt) -> None:
     q.set_defaults(func=cmd_quantize)
 
     st = sub.add_parser("study", help="studies: low-bit frontier, PTQ, RL, test-time compute, "
-                                      "epochs, group size, mixture of experts",
+                                      "epochs, group size, mixture of experts, selective backprop",
                         formatter_class=fmt)
-    st.add_argument("study", choices=("frontier", "ptq", "rl", "tts", "epochs", "group", "moe"),
+    st.add_argument("study", choices=("frontier", "ptq", "rl", "tts", "epochs", "group", "moe",
+                                           "select"),
                     help="frontier: train fp32/int4/int2/ternary models at several sizes on equal "
                          "tokens; ptq: quantize one model by several recipes; rl: supervised "
                          "warm-up on a task, then GRPO and rejection-sampling fine-tuning; tts: "
                          "a small policy with test-time search vs a larger one answering greedily; "
                          "epochs: loss vs passes over fixed unique data, against fresh data; "
                          "group: GRPO accuracy vs samples per prompt (group size); moe: mixture "
-                         "of experts vs dense models of equal active and of equal total parameters")
+                         "of experts vs dense models of equal active and of equal total parameters; "
+                         "select: selective backprop (loss, probability, Rho-1 excess) vs full "
+                         "backprop, time to a target loss")
     st.add_argument("out", help="output folder (results.json, results.md, frontier.svg, runs/)")
     st.add_argument("--sizes", default="64x2,128x2,128x4", help="frontier: d_model x layers list")
     st.add_argument("--kinds", default="dense,int4,int2,ternary", help="frontier: linear kinds")
@@ -434,8 +445,9 @@ def _add_io_commands(sub, fmt) -> None:
     st.add_argument("--large", default="256x3", help="tts: the large policy (256x3: 2.48M, 10.8x)")
     st.add_argument("--ns", default="1,4,16,64", help="tts: budgets N of every strategy")
     st.add_argument("--depth", type=int, default=0,
-                    help="epochs, moe: depth of the size dial (0: 3 for epochs, 4 for moe)")
-    st.add_argument("--tokens", default="4e6", help="moe: training tokens of each model")
+                    help="epochs, moe, select: depth of the size dial (0: 4 for moe, else 3)")
+    st.add_argument("--tokens", default="4e6",
+                    help="moe: training tokens of each model; select: of the full-backprop run")
     st.add_argument("--experts", type=int, default=8, help="moe: routed experts")
     st.add_argument("--top-k", type=int, default=2, help="moe: experts per token")
     st.add_argument("--unique-tokens", default="250e3", help="epochs: the fixed unique data")

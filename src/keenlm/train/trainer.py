@@ -350,7 +350,8 @@ class Trainer:
                     runs.append_jsonl(metrics_path, {"kind": "train", **rec})
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < self.planned_steps:
                     ev = self.evaluate()
-                    runs.append_jsonl(metrics_path, {"kind": "eval", "step": self.step, **ev})
+                    runs.append_jsonl(metrics_path, {"kind": "eval", "step": self.step,
+                                                     **self._progress(), **ev})
                     progress.note(f"step {self.step}: val loss {ev['loss']:.4f}, "
                                   f"{ev['bits_per_byte']:.3f} bits/byte")
                 if t.save_every and self.step % t.save_every == 0:
@@ -360,9 +361,17 @@ class Trainer:
                     break
         interrupted = self._stop.is_set()
         final = self.evaluate()
-        runs.append_jsonl(metrics_path, {"kind": "eval", "step": self.step, **final})
+        runs.append_jsonl(metrics_path, {"kind": "eval", "step": self.step, **self._progress(),
+                                         **final})
         self.save()
         return TrainResult(self.run_dir, self.step, final, self.ledger.to_dict(), interrupted)
+
+    def _progress(self) -> dict:
+        """Where the run stands, for an evaluation's metrics line: training seconds (the
+        ledger's, evaluations excluded) and FLOPs so far."""
+        lg = self.ledger
+        return {"train_s": lg.wall_time_s, "flops_forward": lg.flops_forward,
+                "flops_backward": lg.flops_backward}
 
     def request_stop(self):
         """Ask the loop to stop after the current step (what Ctrl-C does)."""
