@@ -1,6 +1,5 @@
 """Selective backprop (train.select): the same as full training at keep 1.0, really smaller
 backward passes below it, and the three scores."""
-import dataclasses
 
 import pytest
 import torch
