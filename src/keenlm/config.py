@@ -70,6 +70,37 @@ class MoEConfig:
             _check(v >= 0, p + name, v, "a number >= 0")
 
 
+MEMORY_KINDS = ("none", "mal", "mag")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Neural long-term memory (``model.memory``, keenlm.model.memory): an MLP per head whose
+    weights are written by gradient steps on an associative loss as the model reads."""
+
+    kind: str = "none"  # none | mal (memory as a layer before attention) | mag (memory as a gated branch beside attention)
+    heads: int = 0  # memory heads; 0: model.n_head
+    head_dim: int = 0  # key/value width per head; 0: the model's head dim
+    depth: int = 2  # 1: linear memory W k; 2: W2 silu(W1 k)
+    expansion: int = 2  # hidden width of a depth-2 memory, in head dims
+    chunk: int = 16  # tokens whose gradients are taken at one memory state (the parallel update)
+    lr_max: float = 1.0  # the inner learning rate theta_t = lr_max * sigmoid(a linear function of x_t)
+    gate: float = 0.0  # surprise gate: a token whose associative loss is below this does not write (0: off)
+
+    def __post_init__(self):
+        p = "model.memory."
+        _check(self.kind in MEMORY_KINDS, p + "kind", self.kind, " | ".join(MEMORY_KINDS))
+        for name in ("heads", "head_dim"):
+            v = getattr(self, name)
+            _check(v >= 0, p + name, v, "an integer >= 0 (0 = from the model)")
+        _check(self.depth in (1, 2), p + "depth", self.depth, "1 | 2")
+        for name in ("expansion", "chunk"):
+            v = getattr(self, name)
+            _check(v >= 1, p + name, v, "an integer >= 1")
+        _check(self.lr_max > 0, p + "lr_max", self.lr_max, "a number > 0")
+        _check(self.gate >= 0, p + "gate", self.gate, "a number >= 0 (0 = off)")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and parts of the Llama-family decoder. Zeros mean "derive" (see presets.resolve)."""
@@ -89,6 +120,8 @@ class ModelConfig:
     linear: str = "dense"  # dense | ternary | int2 | int4 (quantization-aware, model/lowbit.py)
     ffn: str = "dense"  # dense | moe (mixture of experts: see model.moe.*)
     moe: MoEConfig = field(default_factory=MoEConfig)  # used when ffn is moe
+    attn_window: int = 0  # sliding-window attention: a query sees the latest this many positions, itself included (0: all)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # neural long-term memory (model.memory.*)
     lowbit_group: int = 32  # int4: weights per scale group along the input dimension
     lowbit_per_channel: bool = False  # ternary: one absmean scale per output row, not per tensor
     act_bits: int = 0  # 0: full-precision activations; 8: per-token absmax int8 (W1.58A8)
@@ -116,6 +149,7 @@ class ModelConfig:
         _check(self.linear in LINEAR_KINDS, p + "linear", self.linear, " | ".join(LINEAR_KINDS))
         _check(self.ffn in FFN_KINDS, p + "ffn", self.ffn, " | ".join(FFN_KINDS))
         _check(self.act_bits in (0, 8), p + "act_bits", self.act_bits, "0 | 8")
+        _check(self.attn_window >= 0, p + "attn_window", self.attn_window, "an integer >= 0 (0 = all)")
         _check(self.lowbit_group >= 1, p + "lowbit_group", self.lowbit_group, "an integer >= 1")
         if self.linear == "int4":
             widths = [self.d_model] + ([self.d_ff] if self.d_ff else [])

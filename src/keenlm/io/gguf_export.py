@@ -172,6 +172,8 @@ def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
     if qtype not in QTYPES:
         raise ValueError(f"GGUF export type {qtype!r} is not supported ({' | '.join(QTYPES)})")
     cfg = net.cfg
+    if cfg.memory.kind != "none" or cfg.attn_window:
+        raise ValueError("model.memory and model.attn_window have no counterpart in GGUF's Llama")
     if cfg.ffn != "dense":
         raise ValueError(f"only Llama models with a dense SwiGLU export to GGUF here (ffn={cfg.ffn})")
     if qtype in TERNARY_QTYPES and not is_ternary(net):

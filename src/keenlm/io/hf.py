@@ -110,6 +110,9 @@ def _check_exportable(net, tokenizer) -> None:
     if cfg.linear != "dense":
         raise ValueError(f"cannot export to Hugging Face: model.linear is {cfg.linear!r}, and "
                          f"LlamaForCausalLM / MixtralForCausalLM only have 'dense'")
+    if cfg.memory.kind != "none" or cfg.attn_window:
+        raise ValueError("cannot export to Hugging Face: model.memory and model.attn_window have "
+                         "no counterpart in LlamaForCausalLM / MixtralForCausalLM")
     if cfg.ffn == "moe":
         m = cfg.moe
         problems = []

@@ -218,6 +218,15 @@ class MoE(nn.Module):
         self._reset_stats()
         return stats
 
+    @staticmethod
+    def summarize(stats: list[dict]) -> dict:
+        """One metrics record's view of every MoE layer's ``end_step`` statistics."""
+        loads = [s["load"] for s in stats]
+        return {"moe_load_min": min(min(v) for v in loads),
+                "moe_load_max": max(max(v) for v in loads),
+                "moe_dropped": sum(s["dropped"] for s in stats) / len(stats),
+                "moe_entropy": sum(s["entropy"] for s in stats) / len(stats), "moe_load": loads}
+
     # -------------------------------------------------------------------------- accounting
 
     def idle_params(self) -> int:
@@ -244,12 +253,6 @@ def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
-def routing_summary(stats: list[dict]) -> dict:
-    """One metrics record's view of every MoE layer's ``end_step`` statistics."""
-    loads = [s["load"] for s in stats]
-    return {"moe_load_min": min(min(v) for v in loads), "moe_load_max": max(max(v) for v in loads),
-            "moe_dropped": sum(s["dropped"] for s in stats) / len(stats),
-            "moe_entropy": sum(s["entropy"] for s in stats) / len(stats), "moe_load": loads}
 
 
 @torch.no_grad()

@@ -33,9 +33,30 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, linear, backend, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = ffn(cfg, linear)
+        self.memory_kind = cfg.memory.kind
+        if self.memory_kind != "none":  # Titans-style neural memory (model/memory.py)
+            from keenlm.model.memory import NeuralMemory
+
+            self.memory = NeuralMemory(cfg)
+            if self.memory_kind == "mal":
+                self.memory_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            else:  # mag: a per-channel sigmoid gate between the attention and memory branches
+                self.memory_gate = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if self.memory_kind == "none":
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        if cache is not None:
+            raise ValueError("generation with a KV cache does not carry model.memory's state "
+                             "yet; score such models with full forward passes")
+        if self.memory_kind == "mal":  # memory as a layer: it reads and writes first
+            x = x + self.memory(self.memory_layernorm(x))
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        else:  # mag: memory as a gated branch beside attention, on the same input
+            h = self.input_layernorm(x)
+            g = torch.sigmoid(self.memory_gate(h))
+            x = x + g * self.self_attn(h, cos, sin, mask, cache) + (1 - g) * self.memory(h)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -120,7 +141,7 @@ class Transformer(nn.Module):
         else:
             assert positions.shape == (B, T), f"positions {tuple(positions.shape)} != {(B, T)}"
             cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]
-        mask = self.build_mask(B, T, start, key_mask, idx.device)
+        mask = self.build_mask(B, T, start, key_mask, idx.device, self.cfg.attn_window)
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
@@ -129,12 +150,15 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     @staticmethod
-    def build_mask(B, T, start, key_mask, device):
-        """None for the plain causal square; else (B, 1, T, S) bool, True = may attend."""
-        if start == 0 and key_mask is None:
+    def build_mask(B, T, start, key_mask, device, window: int = 0):
+        """None for the plain causal square; else (B, 1, T, S) bool, True = may attend.
+        ``window`` > 0: a query at position i sees keys i - window + 1 .. i only."""
+        if start == 0 and key_mask is None and not window:
             return None
         S = start + T
         causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
+        if window:
+            causal &= ~torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start - window)
         if key_mask is None:
             return causal.expand(B, 1, T, S)
         assert key_mask.shape == (B, S), f"key_mask {tuple(key_mask.shape)} != {(B, S)}"
@@ -160,13 +184,16 @@ class Transformer(nn.Module):
     def end_step(self) -> dict:
         """Once per optimizer step: parts that keep per-step state (MoE routing statistics,
         bias balancing) report it and update; {} when there are none."""
-        stats = [s for m in self.modules() if hasattr(m, "end_step") and m is not self
-                 for s in [m.end_step()] if s is not None]
-        if not stats:
-            return {}
-        from keenlm.model.moe import routing_summary
-
-        return routing_summary(stats)
+        by_kind: dict[type, list[dict]] = {}
+        for m in self.modules():
+            if m is not self and hasattr(m, "end_step"):
+                s = m.end_step()
+                if s is not None:
+                    by_kind.setdefault(type(m), []).append(s)
+        out: dict = {}
+        for kind, stats in by_kind.items():  # each kind of part summarizes its own layers
+            out.update(kind.summarize(stats))
+        return out
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.norm.weight  # a full-precision parameter in every variant (quantized ones too)
