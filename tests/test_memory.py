@@ -46,7 +46,7 @@ def _chunked(W, S, q, k, v, eta, theta, alpha, chunk, gate=0.0):
 
 
 @pytest.mark.parametrize("depth,chunk,gate", [(1, 1, 0.0), (1, 4, 0.0), (2, 1, 0.0), (2, 5, 0.0),
-                                              (2, 13, 0.0), (2, 4, 0.5), (1, 7, 0.3)])
+                                              (2, 13, 0.0), (2, 4, 0.8), (1, 7, 0.8)])
 def test_chunked_update_equals_the_token_by_token_loop(depth, chunk, gate):
     # float64: the two orders of summation then agree to far below 1e-5, so any difference
     # is the algorithm's; in float32 they agree to ~2e-5 relative (weights grow to ~20 here)
@@ -69,9 +69,10 @@ def test_chunked_update_equals_the_token_by_token_loop(depth, chunk, gate):
 def test_gate_skips_exactly_the_writes_below_the_threshold():
     W, S, q, k, v, eta, theta, alpha = _random_case(2, T=10, B=1, H=1, seed=3)
     loss0 = (memory_apply(W, k) - v).pow(2).sum(-1)  # one chunk: every loss at the start memory
-    gate = float(loss0.median())
+    gate = float(loss0.median() / loss0.mean())  # the threshold: gate x the chunk's mean loss
     Wg, Sg, _, m = chunk_update(W, S, k, v, eta, theta, alpha, gate)
-    assert torch.equal(m.bool(), loss0 >= gate)
+    assert torch.equal(m.bool(), loss0 >= gate * loss0.mean())
+    assert m.sum() == 6  # torch.median of 10 is the 5th smallest: 6 tokens are at or above it
     keep = (loss0 >= gate)[0, 0]
     sub = [t[..., keep] for t in (eta, theta, alpha)]
     Wk, Sk, _, _ = chunk_update(W, S, k[..., keep, :], v[..., keep, :], *sub)
@@ -139,3 +140,35 @@ def test_memory_statistics_are_logged_per_step():
     stats = net.end_step()
     assert 0 <= stats["memory_skipped"] <= 1 and stats["memory_surprise"] > 0
     assert net.end_step() == {}
+
+
+def test_recall_task_puts_every_pair_beyond_the_gap():
+    from keenlm.data.recall import KEY, QUERY, Recall
+
+    task = Recall(length=40, pairs=3, gap=10)
+    x, y = task.batch(16, seed=0, index=0)
+    assert x.shape == (16, 40) and torch.equal(task.batch(16, 0, 0)[0], x)  # pure function
+    vals = task.value_ids()
+    for row, target in zip(x, y):
+        assert row[-2] == QUERY and target in vals
+        starts = (row == KEY).nonzero()[:, 0]
+        assert len(starts) == 3 and (starts + 2 <= 40 - 2 - 10).all()  # pair ends >= gap back
+        asked = [s for s in starts.tolist() if row[s + 1] == row[-1]]
+        assert len(asked) == 1 and row[asked[0] + 2] == target
+    with pytest.raises(ValueError, match="gap"):
+        Recall(length=20, pairs=4, gap=15)
+
+
+def test_memory_study_runs_end_to_end(tmp_path):
+    from keenlm.study_memory import memory
+
+    kw = dict(lengths=(24, 32), window=8, pairs=1, d_model=32, layers=2, steps=6, batch=4,
+              gate=0.5, eval_n=8, log=lambda s: None)
+    res = memory(tmp_path / "s", **kw)
+    names = [r["name"] for r in res["rows"]]
+    assert names[0] == "attention only" and len(names) == 4
+    assert all(0 <= a <= 1 for r in res["rows"] for a in r["accuracy"].values())
+    gated = res["rows"][3]["skipped"]
+    assert all(v is not None and 0 <= v <= 1 for v in gated.values())
+    assert (tmp_path / "s" / "results.md").exists()
+    assert memory(tmp_path / "s", **kw)["rows"] == res["rows"]

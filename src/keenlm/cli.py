@@ -325,6 +325,13 @@ def cmd_study(args) -> int:
             print(f"{r['name']}: val loss {r['val_loss']:.4f}, time to target "
                   + (f"{r['time_to_target']:.0f} s ({r['speedup_time']:.2f}x)"
                      if r["time_to_target"] else "not reached"))
+    elif args.study == "memory":
+        from keenlm.study_memory import memory
+
+        res = memory(args.out, lengths=tuple(int(v) for v in args.lengths.split(",")),
+                     window=args.window, steps=args.mem_steps, gate=args.gate)
+        for r in res["rows"]:
+            print(f"{r['name']}: " + ", ".join(f"{L}: {a:.3f}" for L, a in r["accuracy"].items()))
     elif args.study == "group":
         from keenlm.study_law2 import group
 
@@ -400,10 +407,11 @@ def _add_io_commands(sub, fmt) -> None:
     q.set_defaults(func=cmd_quantize)
 
     st = sub.add_parser("study", help="studies: low-bit frontier, PTQ, RL, test-time compute, "
-                                      "epochs, group size, mixture of experts, selective backprop",
+                                      "epochs, group size, mixture of experts, selective backprop, "
+                                      "neural memory",
                         formatter_class=fmt)
     st.add_argument("study", choices=("frontier", "ptq", "rl", "tts", "epochs", "group", "moe",
-                                           "select"),
+                                           "select", "memory"),
                     help="frontier: train fp32/int4/int2/ternary models at several sizes on equal "
                          "tokens; ptq: quantize one model by several recipes; rl: supervised "
                          "warm-up on a task, then GRPO and rejection-sampling fine-tuning; tts: "
@@ -412,7 +420,8 @@ def _add_io_commands(sub, fmt) -> None:
                          "group: GRPO accuracy vs samples per prompt (group size); moe: mixture "
                          "of experts vs dense models of equal active and of equal total parameters; "
                          "select: selective backprop (loss, probability, Rho-1 excess) vs full "
-                         "backprop, time to a target loss")
+                         "backprop, time to a target loss; memory: long-context recall with and "
+                         "without the neural memory")
     st.add_argument("out", help="output folder (results.json, results.md, frontier.svg, runs/)")
     st.add_argument("--sizes", default="64x2,128x2,128x4", help="frontier: d_model x layers list")
     st.add_argument("--kinds", default="dense,int4,int2,ternary", help="frontier: linear kinds")
@@ -452,6 +461,12 @@ def _add_io_commands(sub, fmt) -> None:
     st.add_argument("--top-k", type=int, default=2, help="moe: experts per token")
     st.add_argument("--unique-tokens", default="250e3", help="epochs: the fixed unique data")
     st.add_argument("--epochs", type=int, default=16, help="epochs: passes over it")
+    st.add_argument("--lengths", default="64,128,256", help="memory: context lengths")
+    st.add_argument("--window", type=int, default=16, help="memory: attention window")
+    st.add_argument("--mem-steps", type=int, default=1500, help="memory: training steps")
+    st.add_argument("--gate", type=float, default=0.5,
+                    help="memory: a gated MAL run skips writes below this x the chunk's mean "
+                         "surprise (0: no gated run)")
     st.add_argument("--groups", default="2,4,8,16", help="group: GRPO group sizes")
     st.add_argument("--rl-steps", type=int, default=150, help="group: GRPO steps of each run")
     st.add_argument("--sweep-large", action="store_true",

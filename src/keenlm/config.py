@@ -85,10 +85,12 @@ class MemoryConfig:
     expansion: int = 2  # hidden width of a depth-2 memory, in head dims
     chunk: int = 16  # tokens whose gradients are taken at one memory state (the parallel update)
     lr_max: float = 1.0  # the inner learning rate theta_t = lr_max * sigmoid(a linear function of x_t)
-    gate: float = 0.0  # surprise gate: a token whose associative loss is below this does not write (0: off)
+    gate: float = 0.0  # surprise gate: a token whose associative loss is below gate x its chunk's mean does not write (0: off)
+    from_layer: int = 0  # layers from this index on get a memory (1: after one attention layer has mixed neighbours)
 
     def __post_init__(self):
         p = "model.memory."
+        _check(self.from_layer >= 0, p + "from_layer", self.from_layer, "an integer >= 0")
         _check(self.kind in MEMORY_KINDS, p + "kind", self.kind, " | ".join(MEMORY_KINDS))
         for name in ("heads", "head_dim"):
             v = getattr(self, name)

@@ -31,8 +31,9 @@ here follows it):
 - Reading: the tokens of a chunk read the memory as it stood at the chunk's start (written by
   all earlier chunks), so the output is causal at chunk granularity.
 - Surprise gate (``gate`` > 0, an option beyond the paper): a token whose loss_t at the
-  chunk-start memory is below the threshold makes no update at all (S and M unchanged); the
-  skipped share is counted and logged.
+  chunk-start memory is below ``gate`` x the mean loss of its chunk (per head; a threshold
+  that needs no knowledge of the loss's scale) makes no update at all (S and M unchanged);
+  the skipped share is counted and logged.
 - Outer learning: the whole update is differentiable, so W_K, W_V, W_Q, the coefficient
   projections and M's initial weights are trained by the language-model loss through it.
 - Integration: memory as a layer (MAL: x + memory(norm x) before attention) and memory as a
@@ -82,7 +83,7 @@ def chunk_update(weights, momentum, k, v, eta, theta, alpha, gate: float = 0.0):
     k, v: (B, H, n, D); eta, theta, alpha: (B, H, n). Returns (new weights, new momentum,
     per-token loss (B, H, n), update mask (B, H, n))."""
     loss, factors = token_gradients(weights, k, v)
-    m = (loss >= gate).to(k.dtype) if gate > 0 else torch.ones_like(loss)
+    m = (loss >= gate * loss.mean(-1, keepdim=True)).to(k.dtype) if gate > 0 else torch.ones_like(loss)
     # a skipped token: eta 1, theta 0, alpha 0, and its S is not added to M
     eta = m * eta + (1 - m)
     theta = m * theta
@@ -120,10 +121,14 @@ def memory_reference(weights, momentum, q, k, v, eta, theta, alpha, chunk: int,
     for c0 in range(0, T, chunk):
         start = [w.detach().clone().requires_grad_(True) for w in W]
         reads.append(memory_apply(W, q[..., c0:c0 + chunk, :]))
+        with torch.no_grad():  # the gate's threshold: gate x the chunk's mean surprise
+            chunk_loss = (memory_apply(W, k[..., c0:c0 + chunk, :]) -
+                          v[..., c0:c0 + chunk, :]).pow(2).sum(-1)
+            threshold = gate * chunk_loss.mean(-1)
         for t in range(c0, min(c0 + chunk, T)):
             lt = (memory_apply(start, k[..., t:t + 1, :]) - v[..., t:t + 1, :]).pow(2).sum(-1)
             grads = torch.autograd.grad(lt.sum(), start)  # sums over (B, H): separate weights
-            on = (lt[..., 0] >= gate) if gate > 0 else torch.ones_like(lt[..., 0], dtype=torch.bool)
+            on = (lt[..., 0] >= threshold) if gate > 0 else torch.ones_like(lt[..., 0], dtype=torch.bool)
             mask.append(on)
             f = on.to(k.dtype)[..., None, None]
             e, th, a = (eta[..., t][..., None, None], theta[..., t][..., None, None],

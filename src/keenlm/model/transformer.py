@@ -33,7 +33,7 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, linear, backend, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = ffn(cfg, linear)
-        self.memory_kind = cfg.memory.kind
+        self.memory_kind = cfg.memory.kind if layer_idx >= cfg.memory.from_layer else "none"
         if self.memory_kind != "none":  # Titans-style neural memory (model/memory.py)
             from keenlm.model.memory import NeuralMemory
 
