@@ -73,7 +73,7 @@ def test_gate_skips_exactly_the_writes_below_the_threshold():
     Wg, Sg, _, m = chunk_update(W, S, k, v, eta, theta, alpha, gate)
     assert torch.equal(m.bool(), loss0 >= gate * loss0.mean())
     assert m.sum() == 6  # torch.median of 10 is the 5th smallest: 6 tokens are at or above it
-    keep = (loss0 >= gate)[0, 0]
+    keep = m.bool()[0, 0]
     sub = [t[..., keep] for t in (eta, theta, alpha)]
     Wk, Sk, _, _ = chunk_update(W, S, k[..., keep, :], v[..., keep, :], *sub)
     for x, y in zip(Wg + Sg, Wk + Sk):  # as if the skipped tokens were never there
