@@ -147,16 +147,18 @@ def test_recall_task_puts_every_pair_beyond_the_gap():
 
     task = Recall(length=40, pairs=3, gap=10)
     x, y = task.batch(16, seed=0, index=0)
-    assert x.shape == (16, 40) and torch.equal(task.batch(16, 0, 0)[0], x)  # pure function
+    assert x.shape == y.shape == (16, 40) and torch.equal(task.batch(16, 0, 0)[0], x)
     vals = task.value_ids()
-    for row, target in zip(x, y):
-        assert row[-2] == QUERY and target in vals
-        starts = (row == KEY).nonzero()[:, 0]
-        assert len(starts) == 3 and (starts + 2 <= 40 - 2 - 10).all()  # pair ends >= gap back
-        asked = [s for s in starts.tolist() if row[s + 1] == row[-1]]
-        assert len(asked) == 1 and row[asked[0] + 2] == target
+    for row, tgt in zip(x, y):
+        starts = (row[:task.body] == KEY).nonzero()[:, 0]
+        assert len(starts) == 3 and (starts + 2 < task.body - 10).all()  # >= gap back
+        asked = (tgt != -100).nonzero()[:, 0]
+        assert len(asked) == 3 and all(row[a - 1] == QUERY for a in asked.tolist())
+        for a in asked.tolist():  # the target is the value stored with that key
+            s = [p for p in starts.tolist() if row[p + 1] == row[a]]
+            assert len(s) == 1 and row[s[0] + 2] == tgt[a] == row[a + 1] and tgt[a] in vals
     with pytest.raises(ValueError, match="gap"):
-        Recall(length=20, pairs=4, gap=15)
+        Recall(length=30, pairs=4, gap=15)
 
 
 def test_memory_study_runs_end_to_end(tmp_path):

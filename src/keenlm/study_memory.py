@@ -88,8 +88,8 @@ def evaluate_recall(net, task, n: int, seed: int, batch: int = 64) -> dict:
     return {"accuracy": hits / total, "skipped": skipped}
 
 
-def memory(out: str | Path, lengths=(64, 128, 256), window: int = 16, pairs: int = 2,
-           d_model: int = 64, layers: int = 2, steps: int = 1500, batch: int = 32,
+def memory(out: str | Path, lengths=(64, 128, 256), window: int = 16, pairs: int = 4,
+           d_model: int = 64, layers: int = 2, steps: int = 1500, batch: int = 16,
            lr: float = 3e-3, gate: float = 0.0, eval_n: int = 512, seed: int = 0,
            log: Log = print) -> dict:
     """Train the four models (resumable per model) and evaluate each at every length."""

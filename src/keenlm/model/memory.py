@@ -5,14 +5,15 @@ https://arxiv.org/abs/2501.00663) keeps, beside attention, a memory M: a small M
 *weights* are the state. Every token writes into it by one step of gradient descent on an
 associative loss, during the forward pass -- in training and at test time alike:
 
-    k_t, v_t, q_t = x_t W_K, x_t W_V, x_t W_Q        (keys, queries L2-normalized, per head)
+    k_t, v_t, q_t = x_t W_K, x_t W_V, x_t W_Q        (each L2-normalized, per head)
     loss_t(M)  = || M(k_t) - v_t ||^2                  (how surprised M is by the pair)
     S_t = eta_t S_{t-1} - theta_t grad loss_t(M)       (surprise with momentum)
     M_t = (1 - alpha_t) M_{t-1} + S_t                  (forgetting by weight decay)
     y_t = M(q_t)                                       (reading: a forward pass, no update)
 
 eta_t (momentum), theta_t (learning rate) and alpha_t (forgetting) are data-dependent:
-sigmoids of linear functions of x_t, one per head (theta scaled by ``lr_max``).
+sigmoids of linear functions of x_t, one per head (theta scaled by ``lr_max`` / ``chunk``:
+see ``NeuralMemory.coefficients``).
 
 What is implemented, and how (the paper has no official code; the widely used community
 version differs from the paper in several places, as its issue tracker discusses, and nothing
@@ -155,21 +156,29 @@ class NeuralMemory(nn.Module):
         self.init_weights = nn.ParameterList(
             nn.Parameter(torch.randn(self.H, o, i) / math.sqrt(i)) for o, i in shapes)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=False)
-        with torch.no_grad():  # start: high momentum, small steps, little forgetting
-            self.to_coef.bias.copy_(torch.tensor([2.0, -2.0, -4.0]).repeat_interleave(self.H))
-            self.to_coef.weight.mul_(0.1)
+        self.reset_coefficients()
         self._skipped = self._tokens = 0
         self._surprise = 0.0
 
+    @torch.no_grad()
+    def reset_coefficients(self):
+        """Start: momentum 0.88, half the largest step, forgetting 0.25% per token."""
+        self.to_coef.bias.copy_(torch.tensor([2.0, 0.0, -6.0]).repeat_interleave(self.H))
+        self.to_coef.weight.mul_(0.1)
+
     def coefficients(self, x):
-        """eta, theta, alpha: (B, H, T) each."""
+        """eta, theta, alpha: (B, H, T) each. theta is divided by the chunk length: a chunk's
+        gradients are all taken at one memory state, so their sum is one mini-batch step,
+        and a step of the *mean* gradient is what stays stable as chunks grow (with unit keys
+        a linear memory diverges once theta x chunk > 1)."""
         c = self.to_coef(x).float().view(*x.shape[:2], 3, self.H).permute(2, 0, 3, 1)
-        return torch.sigmoid(c[0]), self.lr_max * torch.sigmoid(c[1]), torch.sigmoid(c[2])
+        theta = self.lr_max * torch.sigmoid(c[1]) / self.chunk
+        return torch.sigmoid(c[0]), theta, torch.sigmoid(c[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.to_qkv(x).float().view(B, T, 3, self.H, self.D).permute(2, 0, 3, 1, 4)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k, v = F.normalize(q, dim=-1), F.normalize(k, dim=-1), F.normalize(v, dim=-1)
         eta, theta, alpha = self.coefficients(x)
         with torch.autocast(x.device.type, enabled=False):  # the state in fp32
             W = [w.float().expand(B, *w.shape) for w in self.init_weights]

@@ -103,6 +103,8 @@ class Transformer(nn.Module):
                 continue
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 nn.init.ones_(p)
+            elif ".memory.init_weights." in name:  # a memory's starting state: unit gain
+                nn.init.normal_(p, 0.0, p.shape[-1] ** -0.5)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / (2 * self.cfg.n_layer) ** 0.5)
             elif p.dim() >= 2:
