@@ -174,3 +174,24 @@ def test_memory_study_runs_end_to_end(tmp_path):
     assert all(v is not None and 0 <= v <= 1 for v in gated.values())
     assert (tmp_path / "s" / "results.md").exists()
     assert memory(tmp_path / "s", **kw)["rows"] == res["rows"]
+
+
+def test_a_memory_run_trains_saves_and_reloads(tmp_path, small_corpus):
+    import keenlm
+    from keenlm.config import from_dict
+    from keenlm.train import Trainer
+
+    cfg = from_dict({"data": {"corpus": str(small_corpus), "tokenizer": "byte",
+                              "cache_dir": str(tmp_path / "cache")},
+                     "model": {"n_layer": 2, "d_model": 32, "n_head": 2, "max_seq_len": 32,
+                               "attn_window": 8, "memory": {"kind": "mag", "chunk": 8}},
+                     "train": {"steps": 3, "batch_size": 2, "seq_len": 32, "progress": False,
+                               "log_every": 1, "eval_batches": 1, "out_dir": str(tmp_path / "r")}})
+    tr = Trainer(cfg)
+    tr.fit()
+    km = keenlm.load(tmp_path / "r")
+    assert km.net.cfg.memory.kind == "mag" and km.net.cfg.attn_window == 8
+    x = torch.randint(0, 200, (1, 32))
+    net = tr.model.to("cpu").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(km.net(x), net(x))
