@@ -33,31 +33,43 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, linear, backend, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = ffn(cfg, linear)
-        self.memory_kind = cfg.memory.kind if layer_idx >= cfg.memory.from_layer else "none"
-        if self.memory_kind != "none":  # Titans-style neural memory (model/memory.py)
+        kind = cfg.memory.kind if layer_idx >= cfg.memory.from_layer else "none"
+        self.mix = {"none": self._attention, "mal": self._memory_layer,
+                    "mag": self._memory_gated}[kind]  # resolved once, here
+        if kind != "none":  # Titans-style neural memory (model/memory.py)
             from keenlm.model.memory import NeuralMemory
 
             self.memory = NeuralMemory(cfg)
-            if self.memory_kind == "mal":
+            if kind == "mal":
                 self.memory_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
             else:  # mag: a per-channel sigmoid gate between the attention and memory branches
                 self.memory_gate = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
-        if self.memory_kind == "none":
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-            return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.mix(x, cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _attention(self, x, cos, sin, mask, cache):
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+
+    @staticmethod
+    def _no_cache(cache):
         if cache is not None:
             raise ValueError("generation with a KV cache does not carry model.memory's state "
                              "yet; score such models with full forward passes")
-        if self.memory_kind == "mal":  # memory as a layer: it reads and writes first
-            x = x + self.memory(self.memory_layernorm(x))
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        else:  # mag: memory as a gated branch beside attention, on the same input
-            h = self.input_layernorm(x)
-            g = torch.sigmoid(self.memory_gate(h))
-            x = x + g * self.self_attn(h, cos, sin, mask, cache) + (1 - g) * self.memory(h)
-        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _memory_layer(self, x, cos, sin, mask, cache):
+        """MAL: the memory reads and writes first, then attention."""
+        self._no_cache(cache)
+        x = x + self.memory(self.memory_layernorm(x))
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+
+    def _memory_gated(self, x, cos, sin, mask, cache):
+        """MAG: memory as a branch beside attention on the same input, mixed by a gate."""
+        self._no_cache(cache)
+        h = self.input_layernorm(x)
+        g = torch.sigmoid(self.memory_gate(h))
+        return x + g * self.self_attn(h, cos, sin, mask, cache) + (1 - g) * self.memory(h)
 
 
 class Transformer(nn.Module):
