@@ -15,7 +15,7 @@ def cfg(corpus, out, steps=5, **select):
                       "model": {"n_layer": 1, "d_model": 32, "n_head": 2, "max_seq_len": 32},
                       "train": {"steps": steps, "batch_size": 8, "seq_len": 32, "progress": False,
                                 "log_every": 1, "eval_batches": 1, "out_dir": str(out),
-                                "select": select}})
+                                "device": "cpu", "select": select}})  # CPU tensors below
 
 
 def test_keep_one_is_full_training_step_for_step(tmp_path, small_corpus):
