@@ -122,14 +122,19 @@ class MoE(nn.Module):
         h = x.reshape(-1, shape[-1])
         logits, probs, idx, w = self.route(h)
         token, order, kept, counts = self.assignments(idx)
-        token, order = token[kept], order[kept]
-        kept_counts = torch.bincount(idx.reshape(-1)[order], minlength=self.E)
+        if self.capacity(h.shape[0]) < idx.numel():  # something may be dropped
+            token, order = token[kept], order[kept]
+            kept_counts = torch.bincount(idx.reshape(-1)[order], minlength=self.E)
+        else:
+            kept_counts = counts
+        if torch.is_autocast_enabled(h.device.type):  # gather and scatter in the compute dtype
+            h = h.to(torch.get_autocast_dtype(h.device.type))
         xs = h.index_select(0, token)  # backward: one index_add (faster than h[token]'s)
         ys = (self._grouped(xs, kept_counts) if self.grouped_ok(xs)
               else self._per_expert(xs, kept_counts.tolist()))
-        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # sums in fp32
-        if ys is not None:
-            out.index_add_(0, token, ys.float() * w.reshape(-1)[order, None])
+        out = torch.zeros(h.shape, dtype=ys.dtype if ys is not None else h.dtype, device=h.device)
+        if ys is not None:  # each token's k weighted outputs, summed in the experts' dtype
+            out.index_add_(0, token, ys * w.reshape(-1)[order, None].to(ys.dtype))
         for s in self.shared_experts:
             out = out + s(h)
         if self.training:
@@ -139,12 +144,11 @@ class MoE(nn.Module):
         return out.reshape(shape).to(x.dtype)
 
     def _per_expert(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
-        """Expert e on its slice of the sorted assignments: one SwiGLU call per expert."""
-        parts, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                parts.append(self.experts[e](xs[start:start + n]))
-            start += n
+        """Expert e on its slice of the sorted assignments: one SwiGLU call per expert. The
+        slices come from ``split`` (its backward is one concatenation; slicing in a loop
+        would make each slice's backward fill a zero tensor as large as all of them)."""
+        parts = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(counts))
+                 if counts[e]]
         return torch.cat(parts) if parts else None
 
     def grouped_ok(self, xs: torch.Tensor) -> bool:
