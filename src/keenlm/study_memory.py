@@ -26,7 +26,7 @@ Log = Callable[[str], None]
 
 
 def recall_model(kind: str, vocab: int, d_model: int, layers: int, window: int, max_len: int,
-                 gate: float = 0.0, chunk: int = 16):
+                 gate: float = 0.0, chunk: int = 16, depth: int = 1):
     from keenlm.config import MemoryConfig, ModelConfig
     from keenlm.model import build_model
     from keenlm.presets import default_d_ff
@@ -34,7 +34,7 @@ def recall_model(kind: str, vocab: int, d_model: int, layers: int, window: int, 
     cfg = ModelConfig(vocab_size=vocab, n_layer=layers, d_model=d_model, n_head=max(1, d_model // 32),
                       d_ff=default_d_ff(d_model), max_seq_len=max_len,
                       attention="sdpa", attn_window=window,
-                      memory=MemoryConfig(kind=kind, chunk=chunk, gate=gate,
+                      memory=MemoryConfig(kind=kind, chunk=chunk, gate=gate, depth=depth,
                                           from_layer=1 if layers > 1 else 0))
     return build_model(cfg)
 
@@ -91,7 +91,7 @@ def evaluate_recall(net, task, n: int, seed: int, batch: int = 64) -> dict:
 def memory(out: str | Path, lengths=(64, 128, 256), window: int = 16, pairs: int = 4,
            d_model: int = 64, layers: int = 2, steps: int = 1500, batch: int = 16,
            lr: float = 3e-3, gate: float = 0.0, eval_n: int = 512, seed: int = 0,
-           log: Log = print) -> dict:
+           depth: int = 1, log: Log = print) -> dict:
     """Train the four models (resumable per model) and evaluate each at every length."""
     from keenlm.data.recall import Recall
 
@@ -107,11 +107,11 @@ def memory(out: str | Path, lengths=(64, 128, 256), window: int = 16, pairs: int
         folder = out / name.split(" (")[0].replace(" ", "-").replace(",", "")
         settings = {"kind": kind, "gate": g, "lengths": list(lengths), "window": window,
                     "pairs": pairs, "d_model": d_model, "layers": layers, "steps": steps,
-                    "batch": batch, "lr": lr, "eval_n": eval_n, "seed": seed}
+                    "batch": batch, "lr": lr, "eval_n": eval_n, "seed": seed, "depth": depth}
         rec = finished(folder, settings)
         if rec is None:
             torch.manual_seed(seed)
-            net = recall_model(kind, vocab, d_model, layers, window, max(lengths), g)
+            net = recall_model(kind, vocab, d_model, layers, window, max(lengths), g, depth=depth)
             t0 = time.perf_counter()
             curve = train_recall(net, tasks, steps, batch, lr, seed, log_every=steps // 5, log=log)
             seconds = time.perf_counter() - t0
@@ -126,7 +126,7 @@ def memory(out: str | Path, lengths=(64, 128, 256), window: int = 16, pairs: int
                "skipped": {L: rec["evals"][L]["skipped"] for L in rec["evals"]}}
         rows.append(row)
         log(f"{name}: " + ", ".join(f"length {L}: {a:.3f}" for L, a in row["accuracy"].items()))
-    results = {"lengths": list(lengths), "window": window, "pairs": pairs, "chance":
+    results = {"lengths": list(lengths), "window": window, "pairs": pairs, "depth": depth, "chance":
                1 / tasks[0].values, "steps": steps, "rows": rows}
     _write(out, results, _table(results))
     return results
@@ -134,7 +134,8 @@ def memory(out: str | Path, lengths=(64, 128, 256), window: int = 16, pairs: int
 
 def _table(res: dict) -> str:
     Ls = [str(L) for L in res["lengths"]]
-    lines = [f"Recall task: {res['pairs']} key-value pairs, each at least {res['window']} tokens "
+    lines = [f"Memory of depth {res.get('depth', 1)}. "
+             f"Recall task: {res['pairs']} key-value pairs, each at least {res['window']} tokens "
              f"before the query; attention window {res['window']} positions; chance "
              f"{res['chance']:.3f}; {res['steps']} training steps on the mixed lengths.", "",
              "| model | parameters | train s | " + " | ".join(f"accuracy at {L}" for L in Ls)
