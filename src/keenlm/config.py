@@ -81,7 +81,7 @@ class MemoryConfig:
     kind: str = "none"  # none | mal (memory as a layer before attention) | mag (memory as a gated branch beside attention)
     heads: int = 0  # memory heads; 0: model.n_head
     head_dim: int = 0  # key/value width per head; 0: the model's head dim
-    depth: int = 2  # 1: linear memory W k; 2: W2 silu(W1 k)
+    depth: int = 1  # 1: linear memory W k (stable: unit keys bound its step); 2: W2 silu(W1 k) (diverged on 256-token sequences here; see model/memory.py)
     expansion: int = 2  # hidden width of a depth-2 memory, in head dims
     chunk: int = 16  # tokens whose gradients are taken at one memory state (the parallel update)
     lr_max: float = 1.0  # the inner learning rate theta_t = lr_max * sigmoid(a linear function of x_t)

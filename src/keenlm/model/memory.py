@@ -18,8 +18,14 @@ see ``NeuralMemory.coefficients``).
 What is implemented, and how (the paper has no official code; the widely used community
 version differs from the paper in several places, as its issue tracker discusses, and nothing
 here follows it):
-- The memory is an MLP of depth 1 (M(k) = W k) or 2 (M(k) = W2 silu(W1 k)) per head; its
-  initial weights are parameters learned by the outer model.
+- The memory is an MLP of depth 1 (M(k) = W k, the default) or 2 (M(k) = W2 silu(W1 k))
+  per head; its initial weights are parameters learned by the outer model. Stability: with
+  unit-norm keys the linear memory's mean-gradient step cannot overshoot (the curvature of
+  the chunk's mean loss is at most 2, the step at most lr_max = 1). The depth-2 memory has
+  no such bound (its curvature grows with its own weights): trained on the recall task it
+  learned at 64 tokens but its writes diverged to inf within 10 steps at 256 tokens. A
+  stabilizer for it (a step scaled by the gradient's norm, or weight normalization) is not
+  built yet.
 - Chunked, parallel update (the paper's Section 3.2): within a chunk of ``chunk`` tokens every
   gradient is taken at the memory as it was at the chunk's start (mini-batch gradient
   descent), then the momentum and decay recurrences are unrolled in closed form with
