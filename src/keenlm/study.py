@@ -1,7 +1,10 @@
 """``keenlm study``: measured answers to "which technique pays off at my scale?".
 
-Four studies, each writing ``results.json``, ``results.md`` (a table) and plots (SVG) into its
-output folder:
+Every study writes ``results.json``, ``results.md`` (a table) and charts (SVG, and PNG where
+matplotlib is installed) into its output folder; a finished run inside it is kept
+(``finished``/``record``), so an interrupted study resumes. This module holds four of them;
+``study_tts`` (test-time compute), ``study_law2`` (epochs, GRPO group size), ``study_moe``,
+``study_select`` (selective backprop) and ``study_memory`` (neural memory) hold the others:
 
 - ``frontier``: the bits-vs-quality frontier. For each size (d_model x layers; heads of 64,
   SwiGLU width and learning rate by the preset rules) and each linear kind (dense fp32, int4,
