@@ -13,7 +13,6 @@ Ends with: BENCH attention_gpu_triton_vs_sdpa_min <ratio> target >=0.8 PASS|MISS
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,21 +21,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import bench_line  # noqa: E402
+from common import bench_line, cuda_median_ms  # noqa: E402
 
 
 def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    """Median seconds of ``reps`` calls (CUDA events)."""
+    return cuda_median_ms(fn, reps) / 1e3
 
 
 def main() -> int:

@@ -20,3 +20,23 @@ def bench_line(name: str, value: float, op: str, target: float) -> str:
     """``BENCH <name> <value> target <op><target> PASS|MISS`` (op: >= or <=)."""
     ok = value >= target if op == ">=" else value <= target
     return f"BENCH {name} {value:.3f} target {op}{target} {'PASS' if ok else 'MISS'}"
+
+
+def cuda_median_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``reps`` calls on the current CUDA device (CUDA events), after
+    ``warmup`` untimed ones."""
+    import statistics
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

@@ -11,7 +11,6 @@ Usage: python benchmarks/moe_gpu.py      (needs a CUDA GPU)
 from __future__ import annotations
 
 import functools
-import statistics
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import cuda_median_ms  # noqa: E402
 from keenlm.config import ModelConfig, MoEConfig  # noqa: E402
 from keenlm.model import LINEAR  # noqa: E402
 from keenlm.model.layers import SwiGLU  # noqa: E402
@@ -26,17 +26,7 @@ from keenlm.model.moe import MoE  # noqa: E402
 
 
 def timed(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return cuda_median_ms(fn, reps)
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ import torch
 
 from keenlm.config import MemoryConfig, ModelConfig
 from keenlm.model import build_model
-from keenlm.model.memory import NeuralMemory, chunk_update, memory_apply, memory_reference
+from keenlm.model.memory import chunk_update, memory_apply, memory_reference
 
 
 def test_one_write_is_a_hand_computed_gradient_step_with_momentum_and_decay():

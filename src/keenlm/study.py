@@ -51,6 +51,18 @@ def record(folder: Path, rec: dict) -> None:
     atomic_write_text(folder / "study.json", json.dumps(rec, indent=2) + "\n")
 
 
+def train_run(cfg: dict, name: str):
+    """Train one run of a study: (TrainResult, seconds). A run stopped halfway is an error
+    (running the study again continues it from its checkpoint)."""
+    import keenlm
+
+    t0 = time.perf_counter()
+    res = keenlm.train(cfg)
+    if res.interrupted:
+        raise KeyboardInterrupt(f"the {name} run was stopped; run again to continue")
+    return res, time.perf_counter() - t0
+
+
 def _write(out: Path, results: dict, table: str) -> None:
     from keenlm.runs import atomic_write_text
 

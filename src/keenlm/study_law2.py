@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from keenlm.study import finished, record
+from keenlm.study import finished, record, train_run
 
 Log = Callable[[str], None]
 
@@ -74,7 +74,6 @@ def epochs(out: str | Path, depth: int = 3, unique_tokens: int = 250_000, max_ep
            log: Log = print) -> dict:
     """Validation loss after each pass over ``unique_tokens`` tokens, against the same model on
     fresh data; resumable (a finished run is kept, a stopped one continues)."""
-    import keenlm
     from keenlm.plot import line_chart
     from keenlm.runs import read_jsonl
     from keenlm.study import _write
@@ -90,10 +89,7 @@ def epochs(out: str | Path, depth: int = 3, unique_tokens: int = 250_000, max_ep
                             overrides)
         rec = finished(folder, cfg)
         if rec is None:
-            t0 = time.perf_counter()
-            res = keenlm.train(cfg)
-            if res.interrupted:
-                raise KeyboardInterrupt(f"the {name} run was stopped; run again to continue")
+            res, seconds = train_run(cfg, name)
             recs = read_jsonl(folder / "metrics.jsonl")
             per_step = cfg["train"]["batch_size"] * cfg["train"]["seq_len"]
             per_epoch = cfg["train"]["eval_every"]
@@ -107,7 +103,7 @@ def epochs(out: str | Path, depth: int = 3, unique_tokens: int = 250_000, max_ep
                 points.append({"step": step, "tokens": step * per_step,
                                "epochs": step * per_step / unique_tokens, "val_loss": evals[step],
                                "train_loss": sum(window) / len(window) if window else None})
-            rec = {"config": cfg, "points": points, "seconds": time.perf_counter() - t0,
+            rec = {"config": cfg, "points": points, "seconds": seconds,
                    "params": res.ledger["params"]}
             record(folder, rec)
         curves[name] = rec

@@ -81,7 +81,9 @@ def evaluate_recall(net, task, n: int, seed: int, batch: int = 64) -> dict:
         hits += acc * len(y)
         total += len(y)
     skipped = None
-    mems = [m for m in net.modules() if hasattr(m, "gate") and hasattr(m, "chunk")]
+    from keenlm.model.memory import NeuralMemory
+
+    mems = [m for m in net.modules() if isinstance(m, NeuralMemory)]
     if mems and mems[0].gate > 0:  # the gate's skip rate on held-out data
         net.train()
         net(task.batch(min(batch, n), seed, 10**6)[0])

@@ -19,11 +19,10 @@ at any logged step, relative to the mean load (1.0), the dropped share and the r
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
-from keenlm.study import _write, finished, record
+from keenlm.study import _write, finished, record, train_run
 
 Log = Callable[[str], None]
 
@@ -77,7 +76,6 @@ def routing_health(recs: list[dict], after_step: int) -> dict | None:
 def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int = 8,
         top_k: int = 2, overrides: dict | None = None, log: Log = print) -> dict:
     """Train the five models (resumable: a finished one is kept) and compare them."""
-    import keenlm
     from keenlm.plot import line_chart
     from keenlm.runs import read_jsonl
 
@@ -87,10 +85,7 @@ def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int =
         folder = out / name
         rec = finished(folder, cfg)
         if rec is None:
-            t0 = time.perf_counter()
-            res = keenlm.train(cfg)
-            if res.interrupted:
-                raise KeyboardInterrupt(f"the {name} run was stopped; run again to continue")
+            res, seconds = train_run(cfg, name)
             recs = read_jsonl(folder / "metrics.jsonl")
             steps = cfg["train"]["steps"]
             per_step = cfg["train"]["batch_size"] * cfg["train"]["seq_len"]
@@ -100,7 +95,7 @@ def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int =
                    "tokens": res.ledger["tokens_seen"], "params": res.ledger["params"],
                    "flops_per_token": res.ledger["flops_per_token"]["train"],
                    "step_seconds": statistics.median(timed) if timed else None,
-                   "seconds": time.perf_counter() - t0,
+                   "seconds": seconds,
                    "routing": routing_health(recs, steps // 10),
                    "curve": [(r["step"] * per_step, r["loss"]) for r in recs if r["kind"] == "train"]}
             record(folder, rec)

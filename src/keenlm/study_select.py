@@ -22,11 +22,10 @@ between evaluations; "not reached" when it did not within the budget), the speed
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
-from keenlm.study import _write, finished, record
+from keenlm.study import _write, finished, record, train_run
 
 Log = Callable[[str], None]
 
@@ -98,13 +97,10 @@ def select(out: str | Path, depth: int = 3, tokens: int = 4_000_000, ref_depth: 
                                         "time_budget_s": budget}})
         rec = finished(out / name, cfg)
         if rec is None:
-            t0 = time.perf_counter()
-            res = keenlm.train(cfg)
-            if res.interrupted:
-                raise KeyboardInterrupt(f"the {name} run was stopped; run again to continue")
+            res, seconds = train_run(cfg, name)
             evals = [r for r in read_jsonl(out / name / "metrics.jsonl") if r["kind"] == "eval"]
             rec = {"config": cfg, "val_loss": res.final_eval["loss"], "steps": res.step,
-                   "train_s": res.ledger["wall_time_s"], "seconds": time.perf_counter() - t0,
+                   "train_s": res.ledger["wall_time_s"], "seconds": seconds,
                    "ledger": {k: res.ledger[k] for k in ("tokens_seen", "tokens_forward",
                                                          "tokens_backward", "flops_forward",
                                                          "flops_backward")},

@@ -128,10 +128,7 @@ def build_hook(cfg, tokenizer, amp, device):
     if sel.method == "excess":
         from keenlm.api import load
 
-        if not sel.reference:
-            raise ValueError("train.select.method=excess needs train.select.reference (a run "
-                             "folder of the reference model)")
-        km = load(sel.reference)
+        km = load(sel.reference)  # SelectConfig has checked that one is named
         if km.tokenizer.fingerprint() != tokenizer.fingerprint():
             raise ValueError(f"train.select.reference {sel.reference}: its tokenizer differs from "
                              f"this run's; the reference must score the same tokens")
