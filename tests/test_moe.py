@@ -52,6 +52,49 @@ def test_sparse_forward_and_gradients_equal_the_every_expert_reference(kw):
                                    b.expand_as(a) if b.dim() == 0 else b, rtol=1e-4, atol=1e-5)
 
 
+def test_padded_expert_rows_give_the_unpadded_outputs_and_gradients():
+    """The CPU low-precision path pads each expert's rows with zeros (pad_rows): in fp32 the
+    padded loop equals the plain one, outputs and gradients, whatever the counts (zero included)."""
+    layer = make_moe(top_k=2, experts=6, d_ff=24)
+    g = torch.Generator().manual_seed(7)
+    counts = torch.tensor([5, 0, 1, 13, 8, 3])
+    xs = torch.randn(int(counts.sum()), 32, generator=g, requires_grad=True)
+    go = torch.randn(int(counts.sum()), 32, generator=g)
+    results = []
+    for pad in (1, 4, 16):
+        layer.pad_rows = pad
+        out = (layer._per_expert_padded(xs, counts) if pad > 1
+               else layer._per_expert(xs, counts.tolist()))
+        grads = torch.autograd.grad(out, [xs] + list(layer.experts.parameters()), go,
+                                    allow_unused=True)
+        results.append((out, grads))
+    assert sum(g is None for g in results[0][1]) == 3, "the empty expert gets no gradient"
+    for out, grads in results[1:]:
+        torch.testing.assert_close(out, results[0][0], rtol=1e-6, atol=1e-6)
+        for a, b in zip(grads, results[0][1]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_forward_takes_the_padded_path_on_the_cpu_and_matches_unpadded():
+    layer = make_moe(top_k=2, experts=4)
+    x = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    calls = []
+    padded = layer._per_expert_padded
+    layer._per_expert_padded = lambda *a: calls.append(1) or padded(*a)
+    outs = []
+    for pad in (64, 1):
+        layer.pad_rows = pad
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        outs.append((out, torch.autograd.grad(out.float().sum(), [x, layer.experts[0].up_proj.weight])))
+    assert calls == [1], "the padded path ran once: with pad_rows 64 and not with 1"
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=2e-2, atol=2e-2)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
 def test_a_token_changes_only_the_gradients_of_its_experts():
     layer = make_moe(top_k=2, experts=6)
     x = torch.randn(1, 1, 32)
