@@ -265,10 +265,16 @@ def test_moe_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
                      "cache_dir": str(tmp_path / "cache")},
             "model": {"max_seq_len": 32},
             "train": {"batch_size": 2, "seq_len": 32, "eval_batches": 1, "dtype": "fp32"}}
-    kw = dict(depth=1, tokens=64 * 40, experts=4, top_k=2, overrides=over, log=lambda s: None)
+    kw = dict(depth=1, tokens=64 * 40, experts=4, top_k=2, overrides=over, log=lambda s: None,
+              bias_rates=(0.001, 0.01))
     res = moe(tmp_path / "s", **kw)
     by = {r["name"]: r for r in res["rows"]}
-    assert list(by) == ["dense", "moe-aux", "moe-bias", "moe-none", "dense-total"]
+    assert list(by) == ["dense", "moe-aux", "moe-bias-0.001", "moe-bias-0.01", "moe-none",
+                        "dense-total"]
+    from keenlm.study_moe import moe_configs
+
+    cfgs = moe_configs(1, 64 * 40, 4, 2, tmp_path / "s", over, (0.001, 0.01))
+    assert [cfgs[f"moe-bias-{r}"]["model"]["moe"]["bias_rate"] for r in (0.001, 0.01)] == [0.001, 0.01]
     assert by["moe-none"]["steps"] == 10 and by["dense"]["steps"] == 40
     # equal active parameters (up to the router), equal total parameters with dense-total
     router = 64 * 4  # depth 1 of the dial: d_model 64; a router of 4 experts

@@ -314,7 +314,8 @@ def cmd_study(args) -> int:
         from keenlm.study_moe import moe
 
         res = moe(args.out, depth=args.depth or 4, tokens=int(float(args.tokens)),
-                  experts=args.experts, top_k=args.top_k)
+                  experts=args.experts, top_k=args.top_k,
+                  bias_rates=tuple(float(r) for r in args.bias_rates.split(",")))
         print(f"MoE minus dense validation loss {-res['loss_gain']:+.4f}; seconds per step "
               f"{res['step_ratio']:.2f}x the dense model's")
     elif args.study == "select":
@@ -459,6 +460,8 @@ def _add_io_commands(sub, fmt) -> None:
                     help="moe: training tokens of each model; select: of the full-backprop run")
     st.add_argument("--experts", type=int, default=8, help="moe: routed experts")
     st.add_argument("--top-k", type=int, default=2, help="moe: experts per token")
+    st.add_argument("--bias-rates", default="0.001,0.003,0.01",
+                    help="moe: comma-separated rates of the bias-balanced runs (one run each)")
     st.add_argument("--unique-tokens", default="250e3", help="epochs: the fixed unique data")
     st.add_argument("--epochs", type=int, default=16, help="epochs: passes over it")
     st.add_argument("--lengths", default="64,128,256", help="memory: context lengths")

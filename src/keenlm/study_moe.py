@@ -3,9 +3,11 @@
 One command trains, on the stdlib corpus with the same tokens, schedule and learning rate:
 
 - ``dense``: the dense model of the size dial (feed-forward width F);
-- ``moe-aux``, ``moe-bias``: E experts of width F / k, top-k routing -- the same active
+- ``moe-aux``, ``moe-bias-<rate>``: E experts of width F / k, top-k routing -- the same active
   parameters and training FLOPs per token as ``dense`` (plus the router's C x E), E / k times
-  the feed-forward parameters -- balanced by the Switch loss and by auxiliary-loss-free bias;
+  the feed-forward parameters -- balanced by the Switch loss, and by auxiliary-loss-free bias at
+  each of the ``bias_rates`` (DeepSeek-V3 used 0.001 over millions of steps; a run of a few
+  hundred steps moves each bias by at most steps x rate, so the rate is swept);
 - ``moe-none``: the same with no balancing, for a quarter of the tokens: how routing collapses
   without it;
 - ``dense-total``: a dense model as wide as all the experts together (width E x F / k): the
@@ -27,8 +29,12 @@ from keenlm.study import _write, finished, record, train_run
 Log = Callable[[str], None]
 
 
+BIAS_RATES = (0.001, 0.003, 0.01)
+
+
 def moe_configs(depth: int, tokens: int, experts: int, top_k: int, out: Path,
-                overrides: dict | None = None) -> dict[str, dict]:
+                overrides: dict | None = None,
+                bias_rates: tuple[float, ...] = BIAS_RATES) -> dict[str, dict]:
     """The study's runs by name, each a full nested config."""
     from keenlm.config import merge
     from keenlm.presets import size_preset
@@ -42,9 +48,13 @@ def moe_configs(depth: int, tokens: int, experts: int, top_k: int, out: Path,
     if width % top_k:
         raise ValueError(f"the dense width {width} must be a multiple of top_k={top_k}")
     moe = {"experts": experts, "top_k": top_k, "d_ff": width // top_k}
+    if not bias_rates:
+        raise ValueError("bias_rates: give at least one rate for the bias-balanced MoE")
     runs = {"dense": {},
             "moe-aux": {"model": {"ffn": "moe", "moe": {**moe, "balance": "aux"}}},
-            "moe-bias": {"model": {"ffn": "moe", "moe": {**moe, "balance": "bias"}}},
+            **{f"moe-bias-{r:g}": {"model": {"ffn": "moe", "moe": {**moe, "balance": "bias",
+                                                                   "bias_rate": r}}}
+               for r in bias_rates},
             "moe-none": {"model": {"ffn": "moe", "moe": {**moe, "balance": "none"}}},
             "dense-total": {"model": {"d_ff": width * experts // top_k}}}
     out_cfgs = {}
@@ -74,14 +84,16 @@ def routing_health(recs: list[dict], after_step: int) -> dict | None:
 
 
 def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int = 8,
-        top_k: int = 2, overrides: dict | None = None, log: Log = print) -> dict:
-    """Train the five models (resumable: a finished one is kept) and compare them."""
+        top_k: int = 2, overrides: dict | None = None, log: Log = print,
+        bias_rates: tuple[float, ...] = BIAS_RATES) -> dict:
+    """Train the models (resumable: a finished one is kept) and compare them."""
     from keenlm.plot import line_chart
     from keenlm.runs import read_jsonl
 
     out = Path(out)
     rows, curves = [], {}
-    for name, cfg in moe_configs(depth, tokens, experts, top_k, out, overrides).items():
+    for name, cfg in moe_configs(depth, tokens, experts, top_k, out, overrides,
+                                 bias_rates).items():
         folder = out / name
         rec = finished(folder, cfg)
         if rec is None:
@@ -107,10 +119,14 @@ def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int =
         log(f"{name}: val loss {rec['val_loss']:.4f}, {rec['params']['total']:,} parameters "
             f"({rec['params']['active']:,} active), {rec['step_seconds']:.3f} s/step")
     by = {r["name"]: r for r in rows}
+    bias = [r for r in rows if r["name"].startswith("moe-bias-")]
     results = {"depth": depth, "tokens": tokens, "experts": experts, "top_k": top_k, "rows": rows,
+               "bias_rates": list(bias_rates),
                "loss_gain": by["dense"]["val_loss"] - by["moe-aux"]["val_loss"],
+               "loss_gain_bias": by["dense"]["val_loss"] - min(r["val_loss"] for r in bias),
                "step_ratio": by["moe-aux"]["step_seconds"] / by["dense"]["step_seconds"],
-               "step_ratio_bias": by["moe-bias"]["step_seconds"] / by["dense"]["step_seconds"]}
+               "step_ratio_bias": (statistics.mean(r["step_seconds"] for r in bias)
+                                   / by["dense"]["step_seconds"])}
     line_chart({k: _smooth(v) for k, v in curves.items()}, out / "moe_loss.svg",
                x_label="training tokens", y_label="training loss (nats/token, smoothed)")
     _write(out, results, _table(results))
@@ -144,7 +160,10 @@ def _table(res: dict) -> str:
               "steps: the worst of any expert in any layer at any logged step, and the worst of "
               "each expert's load averaged over those steps; router entropy is "
               f"normalized by log {E} (1.00 = uniform).",
-              f"MoE (aux) minus dense validation loss: {-res['loss_gain']:+.4f}; "
-              f"seconds per step, MoE / dense: {res['step_ratio']:.2f}x (aux), "
-              f"{res['step_ratio_bias']:.2f}x (bias)."]
+              f"MoE minus dense validation loss: {-res['loss_gain']:+.4f} (aux), "
+              f"{-res['loss_gain_bias']:+.4f} (bias, best rate); seconds per step, MoE / dense: "
+              f"{res['step_ratio']:.2f}x (aux), {res['step_ratio_bias']:.2f}x (bias, mean over "
+              "rates).",
+              "Timings are one run's median logged step; `benchmarks/moe.py` measures the "
+              "step-time ratio in interleaved rounds."]
     return "\n".join(lines)
