@@ -70,6 +70,34 @@ class MoEConfig:
             _check(v >= 0, p + name, v, "a number >= 0")
 
 
+SPIKE_RESETS = ("subtract", "zero")
+
+
+@dataclass(frozen=True)
+class SpikeConfig:
+    """Spiking execution of the feed-forward layers (``model.spike``, keenlm.model.spiking):
+    each SwiGLU's input and hidden activation travel as spikes of integrate-and-fire neurons
+    over ``steps`` time steps; the projections only accumulate the weights of spiking inputs."""
+
+    steps: int = 0  # time steps T per token; 0: off (an ordinary model)
+    beta: float = 1.0  # membrane leak per step: 1.0 = integrate-and-fire (best for rate coding), < 1 leaky
+    reset: str = "subtract"  # subtract (keeps the overshoot: rate error <= 1/T) | zero (the NIR / snnTorch neuron)
+    round: bool = True  # each step adds 1/(2T) of the threshold: T steps give round(T x), not floor(T x)
+    percentile: float = 99.9  # threshold balancing: each channel's scale is this percentile of |activation| on calibration data
+    slope: float = 25.0  # surrogate gradient 1 / (1 + slope |v - threshold|)^2 for spiking fine-tuning
+    calibrate: int = 8  # converting a dense model (train.init_from): training batches for threshold balancing
+
+    def __post_init__(self):
+        p = "model.spike."
+        _check(self.steps >= 0, p + "steps", self.steps, "an integer >= 0 (0 = off)")
+        _check(0.0 < self.beta <= 1.0, p + "beta", self.beta, "a number in (0, 1]")
+        _check(self.reset in SPIKE_RESETS, p + "reset", self.reset, " | ".join(SPIKE_RESETS))
+        _check(0.0 < self.percentile <= 100.0, p + "percentile", self.percentile,
+               "a number in (0, 100]")
+        _check(self.slope > 0, p + "slope", self.slope, "a number > 0")
+        _check(self.calibrate >= 1, p + "calibrate", self.calibrate, "an integer >= 1")
+
+
 MEMORY_KINDS = ("none", "mal", "mag")
 
 
@@ -124,6 +152,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)  # used when ffn is moe
     attn_window: int = 0  # sliding-window attention: a query sees the latest this many positions, itself included (0: all)
     memory: MemoryConfig = field(default_factory=MemoryConfig)  # neural long-term memory (model.memory.*)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)  # spiking feed-forward layers (model.spike.*)
     lowbit_group: int = 32  # int4: weights per scale group along the input dimension
     lowbit_per_channel: bool = False  # ternary: one absmean scale per output row, not per tensor
     act_bits: int = 0  # 0: full-precision activations; 8: per-token absmax int8 (W1.58A8)
@@ -153,6 +182,11 @@ class ModelConfig:
         _check(self.act_bits in (0, 8), p + "act_bits", self.act_bits, "0 | 8")
         _check(self.attn_window >= 0, p + "attn_window", self.attn_window, "an integer >= 0 (0 = all)")
         _check(self.lowbit_group >= 1, p + "lowbit_group", self.lowbit_group, "an integer >= 1")
+        if self.spike.steps:
+            _check(self.ffn == "dense", p + "ffn", self.ffn, "dense with model.spike.steps > 0 "
+                   "(spiking execution covers the SwiGLU feed-forward layer)")
+            _check(self.linear == "dense", p + "linear", self.linear, "dense with "
+                   "model.spike.steps > 0 (the spiking layers accumulate full-precision weights)")
         if self.linear == "int4":
             widths = [self.d_model] + ([self.d_ff] if self.d_ff else [])
             _check(all(w % self.lowbit_group == 0 for w in widths), p + "lowbit_group",

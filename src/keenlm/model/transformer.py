@@ -81,6 +81,10 @@ class Transformer(nn.Module):
         self.cfg = cfg
         linear = functools.partial(LINEAR[cfg.linear], cfg=cfg)
         backend, ffn = ATTENTION[cfg.attention], FFN[cfg.ffn]
+        if cfg.spike.steps:  # spiking execution of the dense feed-forward (model/spiking.py)
+            from keenlm.model.spiking import SpikingFFN
+
+            ffn = SpikingFFN
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, linear, backend, ffn, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)

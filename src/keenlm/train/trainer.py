@@ -155,8 +155,10 @@ class Trainer:
 
     def _adopt(self, cfg: RunConfig, init, log) -> RunConfig:
         """Start from a loaded model: its shape and tokenizer; this config's linear kind
-        (quantization-aware fine-tuning: every block projection becomes a QATLinear) and, for
-        ``model.ffn: moe`` from a dense model, sparse upcycling (keenlm.model.moe.upcycle)."""
+        (quantization-aware fine-tuning: every block projection becomes a QATLinear); for
+        ``model.ffn: moe`` from a dense model, sparse upcycling (keenlm.model.moe.upcycle); for
+        ``model.spike.steps`` > 0, spiking execution (keenlm.model.spiking: a dense model is
+        converted, thresholds balanced on ``model.spike.calibrate`` training batches)."""
         from keenlm.data import default_cache_dir, load_corpus, tokenize_corpus
         from keenlm.model.lowbit import prepare_qat
 
@@ -177,11 +179,35 @@ class Trainer:
             if log:
                 log(f"upcycled to {m.moe.experts} experts (top-{m.moe.top_k}) of width "
                     f"{model.d_ff}, copies of each layer's feed-forward")
+        if m.spike.steps or init.config.model.spike.steps:
+            model = self._adopt_spiking(cfg, init, model, log)
         if m.linear != "dense":
             prepare_qat(init.net, m.linear, group=m.lowbit_group, per_channel=m.lowbit_per_channel,
                         act_bits=m.act_bits)
         init.net.train()
         return resolve(dataclasses.replace(cfg, model=model), self.tokenizer.vocab_size)
+
+    def _adopt_spiking(self, cfg: RunConfig, init, model, log):
+        """Spiking fine-tuning: convert a dense model (threshold balancing on training batches),
+        or take a spiking one with this config's time steps and neuron (its scales kept)."""
+        from keenlm.data import get_batch
+        from keenlm.model.spiking import convert, set_spike, spiking_layers
+
+        spike = cfg.model.spike
+        if not spike.steps:
+            raise ValueError("train.init_from is a spiking model: set model.spike.steps (its own "
+                             f"is {init.config.model.spike.steps})")
+        if spiking_layers(init.net):
+            set_spike(init.net, spike)
+        else:
+            t = cfg.train
+            batches = [get_batch(self.data.train, t.batch_size, t.seq_len, t.seed + 7919, i)[0]
+                       for i in range(spike.calibrate)]
+            convert(init.net, spike, batches)
+            if log:
+                log(f"converted to spiking feed-forward layers: T={spike.steps}, thresholds "
+                    f"balanced on {spike.calibrate} batches")
+        return dataclasses.replace(model, spike=spike)
 
     def _resolve_against_run(self, cfg: RunConfig) -> RunConfig:
         """Resuming: the run's saved model and data config must match (training knobs may change)."""
