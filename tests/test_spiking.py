@@ -83,6 +83,28 @@ def test_rate_code_counts_and_gradients_equal_the_step_by_step_neuron(reset, bet
     assert g_fast.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reset,beta", [("subtract", 1.0), ("zero", 0.9), ("subtract", 0.8)])
+def test_compiled_rate_code_equals_the_tensor_reference(reset, beta, dtype):
+    from keenlm.model import spiking_kernels
+    from keenlm.model.spiking import _rate_code_torch
+
+    assert spiking_kernels.available(), "numba is part of the test environment"
+    g = torch.Generator().manual_seed(5)
+    cur = (torch.rand(3, 257, 33, generator=g) * 2.4 - 0.6).to(dtype)
+    cur[0, 0, :3] = torch.tensor([float("inf"), -float("inf"), 1.0])
+    for need in (False, True):
+        fast, fast_sens = spiking_kernels.rate_code_kernel(cur, 13, beta, reset, 25.0, need)
+        ref, ref_sens = _rate_code_torch(cur, 13, beta, reset, 25.0, need)
+        finite = torch.isfinite(cur)
+        assert torch.equal(fast[finite], ref[finite])
+        if need:
+            torch.testing.assert_close(fast_sens[finite], ref_sens[finite], rtol=1e-5, atol=1e-6)
+            assert torch.isfinite(fast_sens).all()
+        else:
+            assert fast_sens is None
+
+
 def test_conversion_error_falls_as_the_time_steps_grow():
     """Rate coding of random values: the error halves with each doubling of T and stays within
     lambda / (2T) with rounding (lambda / T without); values beyond lambda saturate."""

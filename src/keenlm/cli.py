@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from keenlm.config import SECTIONS, ConfigError, from_dict, load_file, merge, parse_overrides
+from keenlm.config import SECTIONS, ConfigError, SpikeConfig, from_dict, load_file, merge, parse_overrides
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -284,6 +284,31 @@ def cmd_quantize(args) -> int:
     b = model_bytes(km)
     print(f"wrote {out}: {b['total'] / 1e6:.2f} MB of weights ({b['fp32_total'] / 1e6:.2f} MB in "
           f"fp32, {b['ratio']:.1f}x smaller)")
+    return 0
+
+
+def cmd_spike(args) -> int:
+    import keenlm
+    from keenlm.spike import save_spiking, spike_eval
+
+    steps = [int(t) for t in str(args.steps).split(",") if t.strip()]
+    if (args.out or args.nir) and len(steps) != 1:
+        raise ValueError("--out and --nir save one spiking model: give a single --steps value")
+    spike = SpikeConfig(steps=steps[0], beta=args.beta, reset=args.reset, round=not args.no_round,
+                        percentile=args.percentile, calibrate=args.calibrate)
+    km = keenlm.load(_model_path(args))
+    res = spike_eval(km, steps, spike, calibrate=args.calibrate, batches=args.batches,
+                     batch_size=args.batch_size, seq_len=args.seq_len,
+                     log=(lambda s: None) if args.json else print)
+    net = res["models"][steps[0]]
+    if args.out:
+        print(f"wrote {save_spiking(km, net, args.out, overwrite=args.overwrite)}")
+    if args.nir:
+        from keenlm.model.spiking_nir import export_nir
+
+        print(f"wrote {export_nir(net, args.nir)}")
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "models"}, indent=2))
     return 0
 
 
@@ -595,6 +620,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("run", help="run folder")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("spike", help="run a model as a spiking network: loss, firing rates, "
+                        "synaptic operations and energy per token against the dense model",
+                        formatter_class=fmt)
+    sp.add_argument("run", nargs="?", help="run folder, .gguf file or Hugging Face folder")
+    sp.add_argument("--model", help="the same as RUN, for scripts that name it")
+    sp.add_argument("--steps", default="4,8,16", help="time steps T per token, comma-separated")
+    sp.add_argument("--calibrate", type=int, default=8,
+                    help="training batches for threshold balancing")
+    sp.add_argument("--beta", type=float, default=1.0,
+                    help="membrane leak per step (1: integrate-and-fire)")
+    sp.add_argument("--reset", default="subtract", choices=("subtract", "zero"),
+                    help="after a spike: subtract the threshold, or reset to zero (NIR's neuron)")
+    sp.add_argument("--no-round", action="store_true",
+                    help="no 1/(2T) bias: T steps give floor(T x) spikes instead of round(T x)")
+    sp.add_argument("--percentile", type=float, default=99.9,
+                    help="threshold balancing: percentile of |activation| per channel")
+    sp.add_argument("--batches", type=int, default=20, help="validation batches")
+    sp.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    sp.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's)")
+    sp.add_argument("--out", help="save the spiking model as a run folder (one --steps value)")
+    sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    sp.add_argument("--nir", help="export the spiking layers to this NIR file (needs --reset zero)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_spike)
 
     _add_io_commands(sub, fmt)
     from keenlm.scaling.cli import add_parser as add_scale_parser

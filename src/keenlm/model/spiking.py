@@ -126,22 +126,13 @@ class RateCode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, current: torch.Tensor, steps: int, beta: float, reset: str, slope: float):
-        v = torch.zeros_like(current)
-        count = torch.zeros_like(current)
+        from keenlm.model import spiking_kernels
+
         need = ctx.needs_input_grad[0]
-        sens = torch.zeros_like(current) if need else None
-        D = torch.zeros_like(current) if need else None
-        s = None
-        for _ in range(steps):
-            if need:
-                keep = beta if (reset == "subtract" or s is None) else beta * (1.0 - s)
-                D = D * keep + 1.0
-            v = beta * v + current
-            s = (v > 1.0).to(current.dtype)
-            if need:
-                sens += surrogate(v - 1.0, slope) * D
-            v = v - s if reset == "subtract" else v * (1.0 - s)
-            count += s
+        if spiking_kernels.usable(current):  # the compiled fast path: same counts
+            count, sens = spiking_kernels.rate_code_kernel(current, steps, beta, reset, slope, need)
+        else:
+            count, sens = _rate_code_torch(current, steps, beta, reset, slope, need)
         if need:
             ctx.save_for_backward(sens)
         return count
@@ -152,11 +143,45 @@ class RateCode(torch.autograd.Function):
         return grad * sens, None, None, None, None
 
 
+def _rate_code_torch(current: torch.Tensor, steps: int, beta: float, reset: str, slope: float,
+                     need: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RateCode's forward in tensor operations (the reference for the compiled kernel, and the
+    path on GPUs): (counts, sensitivities d count / d current, or None)."""
+    # in place throughout: these loops run over every activation T times
+    v = torch.zeros_like(current)
+    count = torch.zeros_like(current)
+    sens = torch.zeros_like(current) if need else None
+    D = torch.zeros_like(current) if need else None
+    fired = None
+    for _ in range(steps):
+        if need:
+            if reset == "zero" and fired is not None:
+                D.masked_fill_(fired, 0.0)
+            D.mul_(beta).add_(1.0)
+        if beta != 1.0:
+            v.mul_(beta)
+        v.add_(current)
+        fired = v > 1.0
+        s = fired.to(current.dtype)
+        if need:  # surrogate(v - 1) = 1 / (1 + slope |v - 1|)^2, times D
+            g = (v - 1.0).abs_().mul_(slope).add_(1.0).square_().reciprocal_().nan_to_num_(0.0)
+            sens.addcmul_(g, D)
+        if reset == "subtract":
+            v.sub_(s)
+        else:
+            v.masked_fill_(fired, 0.0)
+        count.add_(s)
+    return count, sens
+
+
 def rate_code(x: torch.Tensor, scale: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Signed rate coding of x (..., n) with per-channel scales lambda (n,): pairs of neurons
     with currents +-x / lambda (+ 1/(2T) with ``cfg.round``) for ``cfg.steps`` steps. Returns
-    (decoded values lambda (n+ - n-) / T, spike counts (..., 2n): the + neurons, then the -)."""
+    (decoded values lambda (n+ - n-) / T, spike counts (..., 2n): the + neurons, then the -).
+    The neurons run in at least fp32 (a bf16 membrane would count its spikes wrongly)."""
     T = cfg.steps
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
     inv = (1.0 / scale).to(x.dtype)
     cur = x * inv
     cur = torch.cat([cur, -cur], dim=-1)
