@@ -285,3 +285,30 @@ def test_fine_tuning_converts_a_dense_run_trains_through_the_spikes_and_reloads(
     with pytest.raises(ValueError, match="model.spike.steps"):
         Trainer(bad)
     assert type(build_model(dataclasses.replace(km.config.model, spike=SpikeConfig())).layers[0].mlp) is SwiGLU
+
+
+def test_spike_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
+    from keenlm.study_spike import spike
+
+    over = {"data": {"corpus": str(small_corpus), "tokenizer": "byte", "max_bytes": 0,
+                     "cache_dir": str(tmp_path / "cache")},
+            "model": {"max_seq_len": 32},
+            "train": {"batch_size": 2, "seq_len": 32, "eval_batches": 2, "dtype": "fp32"}}
+    kw = dict(depth=1, tokens=64 * 20, steps=(2, 4), finetune_steps=3, calibrate=2,
+              overrides=over, log=lambda s: None)
+    res = spike(tmp_path / "s", **kw)
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["dense", "dense+ft", "ft-if-subtract-T2", "ft-if-subtract-T4",
+                     "ft-lif-zero-T2", "ft-lif-zero-T4"]
+    assert len(res["spiking"]) == 4
+    for r in res["spiking"]:
+        e = r["energy"]
+        assert 0 < e["in_rate"] < 1 and e["synops_per_token"] > 0
+        assert e["ffn_energy_j"]["memory"]["spiking"] > e["ffn_energy_j"]["naive"]["spiking"]
+        assert r["gap"] == pytest.approx(r["finetuned"] / res["rows"][0]["val_loss"] - 1)
+    # more steps, more synaptic operations (same model, same data)
+    by = {(r["neuron"], r["steps"]): r for r in res["spiking"]}
+    assert by["if-subtract", 4]["energy"]["synops_per_token"] > by["if-subtract", 2]["energy"]["synops_per_token"]
+    assert (tmp_path / "s" / "results.md").read_text().count("| if-subtract |") == 2
+    again = spike(tmp_path / "s", **kw)
+    assert again["rows"] == res["rows"]

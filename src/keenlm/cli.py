@@ -343,6 +343,15 @@ def cmd_study(args) -> int:
                   bias_rates=tuple(float(r) for r in args.bias_rates.split(",")))
         print(f"MoE minus dense validation loss {-res['loss_gain']:+.4f}; seconds per step "
               f"{res['step_ratio']:.2f}x the dense model's")
+    elif args.study == "spike":
+        from keenlm.study_spike import spike
+
+        res = spike(args.out, depth=args.depth or 4, tokens=int(float(args.tokens)),
+                    steps=tuple(int(t) for t in args.spike_steps.split(",")),
+                    finetune_steps=args.finetune_steps)
+        b = res["best"]
+        print(f"best spiking model: {b['neuron']} at T={b['steps']}, {b['gap']:+.1%} validation "
+              f"loss against dense")
     elif args.study == "select":
         from keenlm.study_select import select
 
@@ -434,10 +443,10 @@ def _add_io_commands(sub, fmt) -> None:
 
     st = sub.add_parser("study", help="studies: low-bit frontier, PTQ, RL, test-time compute, "
                                       "epochs, group size, mixture of experts, selective backprop, "
-                                      "neural memory",
+                                      "neural memory, spiking execution",
                         formatter_class=fmt)
     st.add_argument("study", choices=("frontier", "ptq", "rl", "tts", "epochs", "group", "moe",
-                                           "select", "memory"),
+                                           "select", "memory", "spike"),
                     help="frontier: train fp32/int4/int2/ternary models at several sizes on equal "
                          "tokens; ptq: quantize one model by several recipes; rl: supervised "
                          "warm-up on a task, then GRPO and rejection-sampling fine-tuning; tts: "
@@ -447,7 +456,9 @@ def _add_io_commands(sub, fmt) -> None:
                          "of experts vs dense models of equal active and of equal total parameters; "
                          "select: selective backprop (loss, probability, Rho-1 excess) vs full "
                          "backprop, time to a target loss; memory: long-context recall with and "
-                         "without the neural memory")
+                         "without the neural memory; spike: a model converted to spiking "
+                         "feed-forward layers and fine-tuned, at several time steps, with firing "
+                         "rates and energy per token")
     st.add_argument("out", help="output folder (results.json, results.md, frontier.svg, runs/)")
     st.add_argument("--sizes", default="64x2,128x2,128x4", help="frontier: d_model x layers list")
     st.add_argument("--kinds", default="dense,int4,int2,ternary", help="frontier: linear kinds")
@@ -480,13 +491,18 @@ def _add_io_commands(sub, fmt) -> None:
     st.add_argument("--large", default="256x3", help="tts: the large policy (256x3: 2.48M, 10.8x)")
     st.add_argument("--ns", default="1,4,16,64", help="tts: budgets N of every strategy")
     st.add_argument("--depth", type=int, default=0,
-                    help="epochs, moe, select: depth of the size dial (0: 4 for moe, else 3)")
+                    help="epochs, moe, select, spike: depth of the size dial (0: 4 for moe and "
+                         "spike, else 3)")
     st.add_argument("--tokens", default="4e6",
-                    help="moe: training tokens of each model; select: of the full-backprop run")
+                    help="moe: training tokens of each model; select: of the full-backprop run; "
+                         "spike: of the dense model")
     st.add_argument("--experts", type=int, default=8, help="moe: routed experts")
     st.add_argument("--top-k", type=int, default=2, help="moe: experts per token")
     st.add_argument("--bias-rates", default="0.001,0.003,0.01",
                     help="moe: comma-separated rates of the bias-balanced runs (one run each)")
+    st.add_argument("--spike-steps", default="4,8,16", help="spike: time steps T per token")
+    st.add_argument("--finetune-steps", type=int, default=150,
+                    help="spike: surrogate-gradient fine-tuning steps of each spiking model")
     st.add_argument("--unique-tokens", default="250e3", help="epochs: the fixed unique data")
     st.add_argument("--epochs", type=int, default=16, help="epochs: passes over it")
     st.add_argument("--lengths", default="64,128,256", help="memory: context lengths")
