@@ -285,6 +285,13 @@ def test_fine_tuning_converts_a_dense_run_trains_through_the_spikes_and_reloads(
     with pytest.raises(ValueError, match="model.spike.steps"):
         Trainer(bad)
     assert type(build_model(dataclasses.replace(km.config.model, spike=SpikeConfig())).layers[0].mlp) is SwiGLU
+    from keenlm.io.gguf_export import export_gguf
+    from keenlm.io.hf import export_hf
+
+    with pytest.raises(ValueError, match="spiking"):
+        export_hf(km.net, km.tokenizer, tmp_path / "hf")
+    with pytest.raises(ValueError, match="spiking"):
+        export_gguf(km.net, km.tokenizer, tmp_path / "m.gguf")
 
 
 def test_spike_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
@@ -312,3 +319,40 @@ def test_spike_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
     assert (tmp_path / "s" / "results.md").read_text().count("| if-subtract |") == 2
     again = spike(tmp_path / "s", **kw)
     assert again["rows"] == res["rows"]
+
+
+def test_spike_command_reports_saves_and_exports(tmp_path, small_corpus, capsys):
+    import json
+
+    import keenlm
+    from keenlm.cli import main
+    from keenlm.train import Trainer
+
+    Trainer(_train_cfg(small_corpus, tmp_path, "dense")).fit()
+    run = str(tmp_path / "dense")
+    assert main(["spike", run, "--steps", "2,4", "--calibrate", "2", "--batches", "2",
+                 "--batch-size", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["steps"] for r in res["rows"]] == [2, 4]
+    for r in res["rows"]:
+        assert r["gap"] == pytest.approx(r["loss"] / res["dense"]["loss"] - 1)
+        assert 0 < r["in_rate"] < 1 and 0 < r["synops_over_macs"]
+        assert set(r["ffn_ratio"]) == {"naive", "memory"}
+    out, nir_file = tmp_path / "spiking", tmp_path / "model.nir"
+    assert main(["spike", run, "--steps", "3", "--calibrate", "2", "--batches", "1",
+                 "--batch-size", "2", "--reset", "zero", "--beta", "0.9", "--out", str(out),
+                 "--nir", str(nir_file)]) == 0
+    text = capsys.readouterr().out
+    assert "T=  3: val loss" in text and "memory-inclusive" in text
+    km = keenlm.load(out)
+    assert km.config.model.spike.steps == 3 and km.config.model.spike.reset == "zero"
+    assert nir_file.exists()
+    # a spiking model is evaluated with its own scales at other T
+    assert main(["spike", str(out), "--steps", "5", "--batches", "1", "--batch-size", "2",
+                 "--nir", str(tmp_path / "t5.nir")]) == 0  # its own neuron: reset zero, exports
+    assert "T=  5" in capsys.readouterr().out
+    # NIR needs the zero reset; several T cannot be saved as one model
+    assert main(["spike", run, "--steps", "2", "--calibrate", "1", "--batches", "1",
+                 "--batch-size", "2", "--nir", str(tmp_path / "x.nir")]) == 2
+    assert "subtraction" in capsys.readouterr().err
+    assert main(["spike", run, "--steps", "2,4", "--out", str(tmp_path / "y")]) == 2

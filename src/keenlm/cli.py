@@ -294,9 +294,11 @@ def cmd_spike(args) -> int:
     steps = [int(t) for t in str(args.steps).split(",") if t.strip()]
     if (args.out or args.nir) and len(steps) != 1:
         raise ValueError("--out and --nir save one spiking model: give a single --steps value")
-    spike = SpikeConfig(steps=steps[0], beta=args.beta, reset=args.reset, round=not args.no_round,
-                        percentile=args.percentile, calibrate=args.calibrate)
     km = keenlm.load(_model_path(args))
+    own = km.config.model.spike  # a spiking model keeps its neuron unless told otherwise
+    spike = SpikeConfig(steps=steps[0], beta=own.beta if args.beta is None else args.beta,
+                        reset=args.reset or own.reset, round=own.round and not args.no_round,
+                        percentile=args.percentile, calibrate=args.calibrate)
     res = spike_eval(km, steps, spike, calibrate=args.calibrate, batches=args.batches,
                      batch_size=args.batch_size, seq_len=args.seq_len,
                      log=(lambda s: None) if args.json else print)
@@ -645,10 +647,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", default="4,8,16", help="time steps T per token, comma-separated")
     sp.add_argument("--calibrate", type=int, default=8,
                     help="training batches for threshold balancing")
-    sp.add_argument("--beta", type=float, default=1.0,
-                    help="membrane leak per step (1: integrate-and-fire)")
-    sp.add_argument("--reset", default="subtract", choices=("subtract", "zero"),
-                    help="after a spike: subtract the threshold, or reset to zero (NIR's neuron)")
+    sp.add_argument("--beta", type=float, default=None,
+                    help="membrane leak per step (1: integrate-and-fire; default: 1, or a "
+                         "spiking model's own)")
+    sp.add_argument("--reset", default=None, choices=("subtract", "zero"),
+                    help="after a spike: subtract the threshold, or reset to zero (NIR's neuron); "
+                         "default: subtract, or a spiking model's own")
     sp.add_argument("--no-round", action="store_true",
                     help="no 1/(2T) bias: T steps give floor(T x) spikes instead of round(T x)")
     sp.add_argument("--percentile", type=float, default=99.9,

@@ -174,6 +174,9 @@ def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
     cfg = net.cfg
     if cfg.memory.kind != "none" or cfg.attn_window:
         raise ValueError("model.memory and model.attn_window have no counterpart in GGUF's Llama")
+    if cfg.spike.steps:
+        raise ValueError("a spiking model (model.spike) has no counterpart in GGUF's Llama; "
+                         "export its spiking layers to NIR (keenlm spike --nir)")
     if cfg.ffn != "dense":
         raise ValueError(f"only Llama models with a dense SwiGLU export to GGUF here (ffn={cfg.ffn})")
     if qtype in TERNARY_QTYPES and not is_ternary(net):

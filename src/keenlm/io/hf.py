@@ -113,6 +113,10 @@ def _check_exportable(net, tokenizer) -> None:
     if cfg.memory.kind != "none" or cfg.attn_window:
         raise ValueError("cannot export to Hugging Face: model.memory and model.attn_window have "
                          "no counterpart in LlamaForCausalLM / MixtralForCausalLM")
+    if cfg.spike.steps:
+        raise ValueError("cannot export to Hugging Face: a spiking model (model.spike) has no "
+                         "counterpart in transformers; export its spiking layers to NIR "
+                         "(keenlm spike --nir), or its dense weights from the run it came from")
     if cfg.ffn == "moe":
         m = cfg.moe
         problems = []
