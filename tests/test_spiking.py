@@ -254,6 +254,8 @@ def _train_cfg(corpus, tmp_path, name, **over):
 
 
 def test_fine_tuning_converts_a_dense_run_trains_through_the_spikes_and_reloads(tmp_path, small_corpus):
+    import json
+
     import keenlm
     from keenlm.runs import read_jsonl
     from keenlm.train import Trainer
@@ -273,6 +275,8 @@ def test_fine_tuning_converts_a_dense_run_trains_through_the_spikes_and_reloads(
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), "the surrogate trains the FFN"
     recs = [r for r in read_jsonl(tmp_path / "spiking" / "metrics.jsonl") if r["kind"] == "train"]
     assert all(0 < r["spike_in_rate"] < 1 and 0 < r["spike_hidden_rate"] < 1 for r in recs)
+    ledger = json.loads((tmp_path / "spiking" / "ledger.json").read_text())
+    assert ledger["extra"]["spiking"]["steps"] == 4 and ledger["extra"]["spiking"]["synops_per_token"] > 0
     km = keenlm.load(tmp_path / "spiking")
     assert isinstance(km.net.layers[0].mlp, SpikingFFN)
     torch.testing.assert_close(km.net.layers[1].mlp.hidden_scale, layers[1].hidden_scale)

@@ -426,9 +426,9 @@ def spike_energy(net, stats: list[dict], seq_len: int, e_mac: float = E_MAC_PJ,
             tot[k] += v
     # the rest of the model: analog multiply-accumulates (and weight reads) in both
     other_macs = flops_per_token(net, seq_len)["forward"] / 2 - tot["macs_dense"]
-    other_weights = sum(p.numel() for n, p in net.named_parameters()
-                        if ".mlp." not in n and not n.startswith("embed_tokens")) + \
-        net.lm_head.weight.numel()
+    other_weights = sum(p.numel() for n, p in net.named_parameters()  # read once per token
+                        if ".mlp." not in n and not n.startswith(("embed_tokens", "lm_head"))) + \
+        net.lm_head.weight.numel()  # tied or not, the head's matrix is read once
     other_naive = other_macs * e_mac
     other_mem = other_naive + e_mem * other_weights
     pj = 1e-12

@@ -331,10 +331,24 @@ class Trainer:
     # --------------------------------------------------------------------------- loop
 
     def evaluate(self) -> dict:
+        """Validation loss; a spiking model also gets its firing rates, synaptic operations and
+        energy per token on those batches (``spiking``, also kept in the ledger)."""
+        from keenlm.model.spiking import spike_energy, spiking_layers
+
         t = self.cfg.train
-        return evaluate(self.model, self.data.val, self.data.token_bytes, batch_size=t.batch_size,
-                        seq_len=t.seq_len, max_batches=t.eval_batches, device=self.device,
-                        autocast_dtype=self.amp)
+        layers = spiking_layers(self.model)
+        for m in layers:
+            m.take_stats()
+        ev = evaluate(self.model, self.data.val, self.data.token_bytes, batch_size=t.batch_size,
+                      seq_len=t.seq_len, max_batches=t.eval_batches, device=self.device,
+                      autocast_dtype=self.amp)
+        if layers:
+            e = spike_energy(self.model, [m.take_stats() for m in layers], t.seq_len)
+            ev["spiking"] = {k: e[k] for k in ("steps", "in_rate", "hidden_rate", "synops_per_token",
+                                               "macs_per_token_dense_ffn", "ffn_energy_j",
+                                               "ffn_ratio", "model_ratio")}
+            self.ledger.extra["spiking"] = ev["spiking"]
+        return ev
 
     def save(self):
         state = {"optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state(),
