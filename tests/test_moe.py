@@ -266,11 +266,15 @@ def test_moe_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
             "model": {"max_seq_len": 32},
             "train": {"batch_size": 2, "seq_len": 32, "eval_batches": 1, "dtype": "fp32"}}
     kw = dict(depth=1, tokens=64 * 40, experts=4, top_k=2, overrides=over, log=lambda s: None,
-              bias_rates=(0.001, 0.01))
+              bias_rates=(0.001, 0.01), seeds=2)
     res = moe(tmp_path / "s", **kw)
     by = {r["name"]: r for r in res["rows"]}
     assert list(by) == ["dense", "moe-aux", "moe-bias-0.001", "moe-bias-0.01", "moe-none",
-                        "dense-total"]
+                        "dense-total", "dense-s1", "moe-aux-s1"]
+    assert len(res["loss_gain_seeds"]) == 2
+    assert res["loss_gain_seeds"][1] == pytest.approx(by["dense-s1"]["val_loss"]
+                                                      - by["moe-aux-s1"]["val_loss"])
+    assert by["dense-s1"]["val_loss"] != by["dense"]["val_loss"]
     from keenlm.study_moe import moe_configs
 
     cfgs = moe_configs(1, 64 * 40, 4, 2, tmp_path / "s", over, (0.001, 0.01))

@@ -34,7 +34,7 @@ BIAS_RATES = (0.001, 0.003, 0.01)
 
 def moe_configs(depth: int, tokens: int, experts: int, top_k: int, out: Path,
                 overrides: dict | None = None,
-                bias_rates: tuple[float, ...] = BIAS_RATES) -> dict[str, dict]:
+                bias_rates: tuple[float, ...] = BIAS_RATES, seeds: int = 1) -> dict[str, dict]:
     """The study's runs by name, each a full nested config."""
     from keenlm.config import merge
     from keenlm.presets import size_preset
@@ -57,6 +57,9 @@ def moe_configs(depth: int, tokens: int, experts: int, top_k: int, out: Path,
                for r in bias_rates},
             "moe-none": {"model": {"ffn": "moe", "moe": {**moe, "balance": "none"}}},
             "dense-total": {"model": {"d_ff": width * experts // top_k}}}
+    for seed in range(1, seeds):  # repeats of the main comparison: the run-to-run spread
+        runs[f"dense-s{seed}"] = {"train": {"seed": seed}}
+        runs[f"moe-aux-s{seed}"] = {**runs["moe-aux"], "train": {"seed": seed}}
     out_cfgs = {}
     for name, extra in runs.items():
         n = max(1, steps // 4) if name == "moe-none" else steps
@@ -85,7 +88,7 @@ def routing_health(recs: list[dict], after_step: int) -> dict | None:
 
 def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int = 8,
         top_k: int = 2, overrides: dict | None = None, log: Log = print,
-        bias_rates: tuple[float, ...] = BIAS_RATES) -> dict:
+        bias_rates: tuple[float, ...] = BIAS_RATES, seeds: int = 1) -> dict:
     """Train the models (resumable: a finished one is kept) and compare them."""
     from keenlm.plot import line_chart
     from keenlm.runs import read_jsonl
@@ -93,7 +96,7 @@ def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int =
     out = Path(out)
     rows, curves = [], {}
     for name, cfg in moe_configs(depth, tokens, experts, top_k, out, overrides,
-                                 bias_rates).items():
+                                 bias_rates, seeds).items():
         folder = out / name
         rec = finished(folder, cfg)
         if rec is None:
@@ -127,6 +130,10 @@ def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int =
                "step_ratio": by["moe-aux"]["step_seconds"] / by["dense"]["step_seconds"],
                "step_ratio_bias": (statistics.mean(r["step_seconds"] for r in bias)
                                    / by["dense"]["step_seconds"])}
+    if seeds > 1:  # the gain per seed (seed 0 is the main runs)
+        gains = [by["dense"]["val_loss"] - by["moe-aux"]["val_loss"]] + [
+            by[f"dense-s{s}"]["val_loss"] - by[f"moe-aux-s{s}"]["val_loss"] for s in range(1, seeds)]
+        results["loss_gain_seeds"] = gains
     line_chart({k: _smooth(v) for k, v in curves.items()}, out / "moe_loss.svg",
                x_label="training tokens", y_label="training loss (nats/token, smoothed)")
     _write(out, results, _table(results))
@@ -166,4 +173,9 @@ def _table(res: dict) -> str:
               "rates).",
               "Timings are one run's median logged step; `benchmarks/moe.py` measures the "
               "step-time ratio in interleaved rounds."]
+    if "loss_gain_seeds" in res:
+        g = res["loss_gain_seeds"]
+        lines.append(f"Dense minus MoE (aux) validation loss per seed: "
+                     f"{', '.join(f'{v:+.4f}' for v in g)} (mean {statistics.mean(g):+.4f}; "
+                     f"positive: the MoE is lower).")
     return "\n".join(lines)
