@@ -38,6 +38,7 @@ bench: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/grpo.py
 	$(BIN)/python benchmarks/moe.py
+	$(BIN)/python benchmarks/spiking.py
 
 bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py --quick
@@ -46,6 +47,7 @@ bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/attention.py --quick
 	$(BIN)/python benchmarks/grpo.py --quick
 	$(BIN)/python benchmarks/moe.py --quick
+	$(BIN)/python benchmarks/spiking.py --quick
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

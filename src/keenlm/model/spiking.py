@@ -63,6 +63,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from keenlm.model import spiking_kernels
 from keenlm.model.layers import SwiGLU, _SwiGLU, fused_projection
 
 E_MAC_PJ = 4.6  # 32-bit floating-point multiply-accumulate, 45 nm (Horowitz 2014)
@@ -126,8 +127,6 @@ class RateCode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, current: torch.Tensor, steps: int, beta: float, reset: str, slope: float):
-        from keenlm.model import spiking_kernels
-
         need = ctx.needs_input_grad[0]
         if spiking_kernels.usable(current):  # the compiled fast path: same counts
             count, sens = spiking_kernels.rate_code_kernel(current, steps, beta, reset, slope, need)
