@@ -69,19 +69,23 @@ def moe_configs(depth: int, tokens: int, experts: int, top_k: int, out: Path,
     return out_cfgs
 
 
-def routing_health(recs: list[dict], after_step: int) -> dict | None:
+def routing_health(recs: list[dict], after_step: int, settled_step: int | None = None) -> dict | None:
     """Loads relative to the mean (1.0) after ``after_step``: the worst of any expert in any
     layer at any logged step (``load_min``/``load_max``), and the worst of each expert's load
-    averaged over those steps (``avg_min``/``avg_max``)."""
+    averaged over those steps (``avg_min``/``avg_max``); with ``settled_step``, also the worst
+    at any logged step after it (``settled_min``/``settled_max``: once routing has settled)."""
     rows = [r for r in recs if r.get("kind") == "train" and "moe_load" in r and r["step"] > after_step]
     if not rows:
         return None
     loads = [v for r in rows for layer in r["moe_load"] for v in layer]
+    late = [v for r in rows if settled_step is not None and r["step"] > settled_step
+            for layer in r["moe_load"] for v in layer] or loads
     n_layers, n_experts = len(rows[0]["moe_load"]), len(rows[0]["moe_load"][0])
     avg = [statistics.mean(r["moe_load"][i][e] for r in rows)
            for i in range(n_layers) for e in range(n_experts)]
     return {"load_min": min(loads), "load_max": max(loads), "avg_min": min(avg),
             "avg_max": max(avg), "steps": len(rows),
+            "settled_min": min(late), "settled_max": max(late),
             "dropped": statistics.mean(r["moe_dropped"] for r in rows),
             "entropy": statistics.mean(r["moe_entropy"] for r in rows)}
 
@@ -111,12 +115,12 @@ def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int =
                    "flops_per_token": res.ledger["flops_per_token"]["train"],
                    "step_seconds": statistics.median(timed) if timed else None,
                    "seconds": seconds,
-                   "routing": routing_health(recs, steps // 10),
+                   "routing": routing_health(recs, steps // 10, steps // 4),
                    "curve": [(r["step"] * per_step, r["loss"]) for r in recs if r["kind"] == "train"]}
             record(folder, rec)
         # read again from the metrics every time, so a finished run gets today's measures
         rec["routing"] = routing_health(read_jsonl(folder / "metrics.jsonl"),
-                                        cfg["train"]["steps"] // 10)
+                                        cfg["train"]["steps"] // 10, cfg["train"]["steps"] // 4)
         rows.append({"name": name, **{k: v for k, v in rec.items() if k not in ("config", "curve")}})
         curves[name] = rec["curve"]
         log(f"{name}: val loss {rec['val_loss']:.4f}, {rec['params']['total']:,} parameters "
@@ -151,20 +155,22 @@ def _table(res: dict) -> str:
              f"quarter), depth {res['depth']} of the size dial; MoE: {E} experts, top-{k}, each "
              f"of width F / {k}.", "",
              "| model | val loss | total params | active params | train FLOPs/token | s/step | "
-             "vs dense | load min (any step) | load max (any step) | load min / max (mean over "
-             "steps) | dropped | router entropy |",
+             "vs dense | load min / max (any step) | load min / max (any step after 1/4) | "
+             "load min / max (mean over steps) | dropped | router entropy |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = next(r for r in res["rows"] if r["name"] == "dense")["step_seconds"]
     for r in res["rows"]:
         h = r["routing"]
-        route = (f"{h['load_min']:.2f} | {h['load_max']:.2f} | {h['avg_min']:.2f} / "
+        route = (f"{h['load_min']:.2f} / {h['load_max']:.2f} | {h['settled_min']:.2f} / "
+                 f"{h['settled_max']:.2f} | {h['avg_min']:.2f} / "
                  f"{h['avg_max']:.2f} | {h['dropped']:.3f} | {h['entropy']:.2f} |"
                  if h else "- | - | - | - | - |")
         lines.append(f"| {r['name']} | {r['val_loss']:.4f} | {r['params']['total']:,} | "
                      f"{r['params']['active']:,} | {r['flops_per_token']:.3g} | "
                      f"{r['step_seconds']:.3f} | {r['step_seconds'] / dense:.2f}x | {route}")
     lines += ["", "Loads are relative to the mean (1.00 = an even share), after the first 10% of "
-              "steps: the worst of any expert in any layer at any logged step, and the worst of "
+              "steps: the worst of any expert in any layer at any logged step (also counted only "
+              "after the first quarter of the run, once routing has settled), and the worst of "
               "each expert's load averaged over those steps; router entropy is "
               f"normalized by log {E} (1.00 = uniform).",
               f"MoE minus dense validation loss: {-res['loss_gain']:+.4f} (aux), "
