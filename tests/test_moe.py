@@ -290,3 +290,6 @@ def test_moe_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
         assert (tmp_path / "s" / f).exists(), f
     again = moe(tmp_path / "s", **kw)
     assert again["rows"] == res["rows"]
+    pair = moe(tmp_path / "p", **{**kw, "seeds": 1, "pair_only": True})
+    assert [r["name"] for r in pair["rows"]] == ["dense", "moe-aux"] and "loss_gain_bias" not in pair
+    assert "(aux)" in (tmp_path / "p" / "results.md").read_text()

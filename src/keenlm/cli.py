@@ -343,7 +343,7 @@ def cmd_study(args) -> int:
         res = moe(args.out, depth=args.depth or 4, tokens=int(float(args.tokens)),
                   experts=args.experts, top_k=args.top_k,
                   bias_rates=tuple(float(r) for r in args.bias_rates.split(",")),
-                  seeds=args.seeds)
+                  seeds=args.seeds, pair_only=args.pair_only)
         print(f"MoE minus dense validation loss {-res['loss_gain']:+.4f}; seconds per step "
               f"{res['step_ratio']:.2f}x the dense model's")
     elif args.study == "spike":
@@ -503,6 +503,8 @@ def _add_io_commands(sub, fmt) -> None:
     st.add_argument("--top-k", type=int, default=2, help="moe: experts per token")
     st.add_argument("--bias-rates", default="0.001,0.003,0.01",
                     help="moe: comma-separated rates of the bias-balanced runs (one run each)")
+    st.add_argument("--pair-only", action="store_true",
+                    help="moe: only the dense / MoE (aux) pair and its seeds (e.g. at more tokens)")
     st.add_argument("--seeds", type=int, default=1,
                     help="moe: seeds of the dense and MoE (aux) pair (more: the run-to-run spread)")
     st.add_argument("--spike-steps", default="4,8,16", help="spike: time steps T per token")

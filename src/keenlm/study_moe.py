@@ -34,7 +34,8 @@ BIAS_RATES = (0.001, 0.003, 0.01)
 
 def moe_configs(depth: int, tokens: int, experts: int, top_k: int, out: Path,
                 overrides: dict | None = None,
-                bias_rates: tuple[float, ...] = BIAS_RATES, seeds: int = 1) -> dict[str, dict]:
+                bias_rates: tuple[float, ...] = BIAS_RATES, seeds: int = 1,
+                pair_only: bool = False) -> dict[str, dict]:
     """The study's runs by name, each a full nested config."""
     from keenlm.config import merge
     from keenlm.presets import size_preset
@@ -57,6 +58,8 @@ def moe_configs(depth: int, tokens: int, experts: int, top_k: int, out: Path,
                for r in bias_rates},
             "moe-none": {"model": {"ffn": "moe", "moe": {**moe, "balance": "none"}}},
             "dense-total": {"model": {"d_ff": width * experts // top_k}}}
+    if pair_only:  # only the dense / MoE (aux) comparison, e.g. at more tokens
+        runs = {k: runs[k] for k in ("dense", "moe-aux")}
     for seed in range(1, seeds):  # repeats of the main comparison: the run-to-run spread
         runs[f"dense-s{seed}"] = {"train": {"seed": seed}}
         runs[f"moe-aux-s{seed}"] = {**runs["moe-aux"], "train": {"seed": seed}}
@@ -92,7 +95,8 @@ def routing_health(recs: list[dict], after_step: int, settled_step: int | None =
 
 def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int = 8,
         top_k: int = 2, overrides: dict | None = None, log: Log = print,
-        bias_rates: tuple[float, ...] = BIAS_RATES, seeds: int = 1) -> dict:
+        bias_rates: tuple[float, ...] = BIAS_RATES, seeds: int = 1,
+        pair_only: bool = False) -> dict:
     """Train the models (resumable: a finished one is kept) and compare them."""
     from keenlm.plot import line_chart
     from keenlm.runs import read_jsonl
@@ -100,7 +104,7 @@ def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int =
     out = Path(out)
     rows, curves = [], {}
     for name, cfg in moe_configs(depth, tokens, experts, top_k, out, overrides,
-                                 bias_rates, seeds).items():
+                                 bias_rates, seeds, pair_only).items():
         folder = out / name
         rec = finished(folder, cfg)
         if rec is None:
@@ -128,12 +132,13 @@ def moe(out: str | Path, depth: int = 4, tokens: int = 4_000_000, experts: int =
     by = {r["name"]: r for r in rows}
     bias = [r for r in rows if r["name"].startswith("moe-bias-")]
     results = {"depth": depth, "tokens": tokens, "experts": experts, "top_k": top_k, "rows": rows,
-               "bias_rates": list(bias_rates),
+               "bias_rates": [] if pair_only else list(bias_rates),
                "loss_gain": by["dense"]["val_loss"] - by["moe-aux"]["val_loss"],
-               "loss_gain_bias": by["dense"]["val_loss"] - min(r["val_loss"] for r in bias),
-               "step_ratio": by["moe-aux"]["step_seconds"] / by["dense"]["step_seconds"],
-               "step_ratio_bias": (statistics.mean(r["step_seconds"] for r in bias)
-                                   / by["dense"]["step_seconds"])}
+               "step_ratio": by["moe-aux"]["step_seconds"] / by["dense"]["step_seconds"]}
+    if bias:
+        results["loss_gain_bias"] = by["dense"]["val_loss"] - min(r["val_loss"] for r in bias)
+        results["step_ratio_bias"] = (statistics.mean(r["step_seconds"] for r in bias)
+                                      / by["dense"]["step_seconds"])
     if seeds > 1:  # the gain per seed (seed 0 is the main runs)
         gains = [by["dense"]["val_loss"] - by["moe-aux"]["val_loss"]] + [
             by[f"dense-s{s}"]["val_loss"] - by[f"moe-aux-s{s}"]["val_loss"] for s in range(1, seeds)]
@@ -173,10 +178,11 @@ def _table(res: dict) -> str:
               "after the first quarter of the run, once routing has settled), and the worst of "
               "each expert's load averaged over those steps; router entropy is "
               f"normalized by log {E} (1.00 = uniform).",
-              f"MoE minus dense validation loss: {-res['loss_gain']:+.4f} (aux), "
-              f"{-res['loss_gain_bias']:+.4f} (bias, best rate); seconds per step, MoE / dense: "
-              f"{res['step_ratio']:.2f}x (aux), {res['step_ratio_bias']:.2f}x (bias, mean over "
-              "rates).",
+              f"MoE minus dense validation loss: {-res['loss_gain']:+.4f} (aux)"
+              + (f", {-res['loss_gain_bias']:+.4f} (bias, best rate)" if "loss_gain_bias" in res
+                 else "") + f"; seconds per step, MoE / dense: {res['step_ratio']:.2f}x (aux)"
+              + (f", {res['step_ratio_bias']:.2f}x (bias, mean over rates)"
+                 if "step_ratio_bias" in res else "") + ".",
               "Timings are one run's median logged step; `benchmarks/moe.py` measures the "
               "step-time ratio in interleaved rounds."]
     if "loss_gain_seeds" in res:
