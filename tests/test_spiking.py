@@ -348,6 +348,8 @@ def test_spike_command_reports_saves_and_exports(tmp_path, small_corpus, capsys)
                  "--nir", str(nir_file)]) == 0
     text = capsys.readouterr().out
     assert "T=  3: val loss" in text and "memory-inclusive" in text
+    assert main(["info", str(out)]) == 0
+    assert "T=3 steps, beta 0.9, reset zero" in capsys.readouterr().out
     km = keenlm.load(out)
     assert km.config.model.spike.steps == 3 and km.config.model.spike.reset == "zero"
     assert nir_file.exists()

@@ -76,6 +76,10 @@ def run_info(run: Path, as_json: bool = False) -> str:
         f"{m['n_kv_head'] or m['n_head']} kv, d_ff {m['d_ff']}, vocab {m['vocab_size']}, "
         f"ctx {m['max_seq_len']}, attention {m['attention']}, linear {m['linear']}, ffn {m['ffn']}",
     ]
+    sp = m.get("spike") or {}
+    if sp.get("steps"):
+        lines.append(f"spiking      feed-forward layers over T={sp['steps']} steps, beta "
+                     f"{sp.get('beta', 1.0):g}, reset {sp.get('reset', 'subtract')}")
     if p:
         lines.append(f"parameters   {p['total']:,} total, {p['non_embedding']:,} non-embedding, "
                      f"{p['embedding']:,} embedding, {p['active']:,} active per token")
