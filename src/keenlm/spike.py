@@ -36,12 +36,12 @@ def dense_copy(net):
     return net
 
 
-def calibration_batches(km, n: int, batch_size: int, seq_len: int, seed: int = 7919) -> list:
-    from keenlm.data import default_cache_dir, get_batch, load_corpus, tokenize_corpus
+def calibration_batches(tokens, n: int, batch_size: int, seq_len: int, seed: int = 7919) -> list:
+    """``n`` batches of training windows for threshold balancing (the windows ``train.init_from``
+    converts with at seed 0)."""
+    from keenlm.data import get_batch
 
-    data = tokenize_corpus(load_corpus(km.config.data), km.tokenizer,
-                           default_cache_dir(km.config.data.cache_dir))
-    return [get_batch(data.train, batch_size, seq_len, seed, i)[0] for i in range(n)]
+    return [get_batch(tokens, batch_size, seq_len, seed, i)[0] for i in range(n)]
 
 
 def spike_eval(km, steps: list[int], spike: SpikeConfig, *, calibrate: int = 8,
@@ -67,7 +67,8 @@ def spike_eval(km, steps: list[int], spike: SpikeConfig, *, calibrate: int = 8,
 
     base = val(dense)
     log(f"dense: val loss {base['loss']:.4f} ({base['tokens']} tokens)")
-    calib = None if spiking_already else calibration_batches(km, calibrate, batch_size, seq_len)
+    calib = None if spiking_already else calibration_batches(data.train, calibrate, batch_size,
+                                                              seq_len)
     rows, models = [], {}
     for T in steps:
         cfg = dataclasses.replace(spike, steps=T)

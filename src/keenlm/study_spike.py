@@ -90,8 +90,8 @@ def spike(out: str | Path, depth: int = 4, tokens: int = 2_000_000, steps=(4, 8,
     """Train, convert, fine-tune and compare (resumable: a finished run is kept)."""
     import keenlm
     from keenlm.config import SpikeConfig
-    from keenlm.data import default_cache_dir, get_batch, load_corpus, tokenize_corpus
-    from keenlm.spike import dense_copy
+    from keenlm.data import default_cache_dir, load_corpus, tokenize_corpus
+    from keenlm.spike import calibration_batches, dense_copy
 
     out = Path(out)
     cfgs = spike_configs(depth, tokens, tuple(steps), finetune_steps, lr_mult, out,
@@ -116,9 +116,8 @@ def spike(out: str | Path, depth: int = 4, tokens: int = 2_000_000, steps=(4, 8,
             rec.update(measure(run.net, data, cfg))
             if name == "dense":  # the conversions of the dense model, without training
                 t = cfg["train"]
-                calib = [get_batch(data.train, t["batch_size"], t["seq_len"],
-                                   t.get("seed", 0) + 7919, i)[0]  # as train.init_from converts
-                         for i in range(calibrate)]
+                calib = calibration_batches(data.train, calibrate, t["batch_size"], t["seq_len"],
+                                            t.get("seed", 0) + 7919)  # as train.init_from does
                 rec["converted"] = {}
                 for neuron in neurons:
                     for T in steps:

@@ -190,8 +190,8 @@ class Trainer:
     def _adopt_spiking(self, cfg: RunConfig, init, model, log):
         """Spiking fine-tuning: convert a dense model (threshold balancing on training batches),
         or take a spiking one with this config's time steps and neuron (its scales kept)."""
-        from keenlm.data import get_batch
         from keenlm.model.spiking import convert, set_spike, spiking_layers
+        from keenlm.spike import calibration_batches
 
         spike = cfg.model.spike
         if not spike.steps:
@@ -201,8 +201,8 @@ class Trainer:
             set_spike(init.net, spike)
         else:
             t = cfg.train
-            batches = [get_batch(self.data.train, t.batch_size, t.seq_len, t.seed + 7919, i)[0]
-                       for i in range(spike.calibrate)]
+            batches = calibration_batches(self.data.train, spike.calibrate, t.batch_size,
+                                          t.seq_len, t.seed + 7919)
             convert(init.net, spike, batches)
             if log:
                 log(f"converted to spiking feed-forward layers: T={spike.steps}, thresholds "
