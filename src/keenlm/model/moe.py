@@ -32,7 +32,9 @@ tokens only (gather, expert, scale, scatter-add), so forward and backward FLOPs 
 not E. ``moe_reference`` beside it runs every expert on every token and masks: obviously right,
 E/k times the work; the tests compare the two, outputs and gradients. On a Hopper GPU in
 bf16, ``_grouped`` runs all experts in two ``torch._grouped_mm`` calls instead (the optional
-fast path; elsewhere, and for quantized experts, the per-expert loop runs).
+fast path; elsewhere, and for quantized experts, the per-expert loop runs). On the CPU in
+bf16/fp16 the loop runs on rows padded to a multiple of ``pad_rows`` per expert (``pad_ok``:
+oneDNN compiles a kernel per new matmul shape, and the row counts change every batch).
 
 Routing statistics (expert loads, dropped share, router entropy) are summed over the forward
 passes of an optimizer step and handed to the trainer by ``end_step``, which also applies the
