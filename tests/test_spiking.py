@@ -362,3 +362,5 @@ def test_spike_command_reports_saves_and_exports(tmp_path, small_corpus, capsys)
                  "--batch-size", "2", "--nir", str(tmp_path / "x.nir")]) == 2
     assert "subtraction" in capsys.readouterr().err
     assert main(["spike", run, "--steps", "2,4", "--out", str(tmp_path / "y")]) == 2
+    assert main(["spike", run, "--steps", "four"]) == 2
+    assert "--steps 'four': give comma-separated integers" in capsys.readouterr().err

@@ -287,11 +287,19 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    """"4,8,16" -> [4, 8, 16], or an error that names the option."""
+    try:
+        return [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: give comma-separated integers, e.g. 4,8,16") from None
+
+
 def cmd_spike(args) -> int:
     import keenlm
     from keenlm.spike import save_spiking, spike_eval
 
-    steps = [int(t) for t in str(args.steps).split(",") if t.strip()]
+    steps = _int_list(args.steps, "--steps")
     if (args.out or args.nir) and len(steps) != 1:
         raise ValueError("--out and --nir save one spiking model: give a single --steps value")
     km = keenlm.load(_model_path(args))
@@ -350,7 +358,7 @@ def cmd_study(args) -> int:
         from keenlm.study_spike import spike
 
         res = spike(args.out, depth=args.depth or 4, tokens=int(float(args.tokens)),
-                    steps=tuple(int(t) for t in args.spike_steps.split(",")),
+                    steps=tuple(_int_list(args.spike_steps, "--spike-steps")),
                     finetune_steps=args.finetune_steps)
         b = res["best"]
         print(f"best spiking model: {b['neuron']} at T={b['steps']}, {b['gap']:+.1%} validation "

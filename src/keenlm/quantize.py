@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -147,6 +146,8 @@ def save_quantized(km, out: str | Path, overwrite: bool = False) -> Path:
     """Write a quantized KeenModel as a folder (see the module docstring), atomically."""
     from safetensors.torch import save_file
 
+    from keenlm.data.cache import atomic_folder
+
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (overwrite=True / --overwrite replaces it)")
@@ -158,19 +159,11 @@ def save_quantized(km, out: str | Path, overwrite: bool = False) -> Path:
     if km.quant["head"] == "fp16" and "lm_head.weight" in state:
         state["lm_head.weight"] = state["lm_head.weight"].half()
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, replace=True) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "keenlm-packed"})
         save_json(km.config, tmp / "config.json")
         (tmp / "quant.json").write_text(json.dumps(km.quant, indent=2) + "\n")
         km.tokenizer.save(tmp / "tokenizer")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -109,27 +109,16 @@ def _pj(joules: float) -> str:
 def save_spiking(km, net, out: str | Path, overwrite: bool = False) -> Path:
     """A spiking model as a run folder (config.json with model.spike, tokenizer, checkpoint),
     loadable by keenlm.load and by ``train.init_from``."""
-    import shutil
-    import tempfile
-
     from keenlm import runs
     from keenlm.config import save_json
+    from keenlm.data.cache import atomic_folder
     from keenlm.model import model_state
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (--overwrite replaces it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        cfg = dataclasses.replace(km.config, model=net.cfg)
-        save_json(cfg, tmp / "config.json")
+    with atomic_folder(out, replace=True) as tmp:
+        save_json(dataclasses.replace(km.config, model=net.cfg), tmp / "config.json")
         km.tokenizer.save(tmp / "tokenizer")
         runs.save_checkpoint(tmp, 0, model_state(net), {"step": 0})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -21,7 +21,6 @@ memory-inclusive (weight, membrane and spike traffic at 5 pJ per 32-bit access).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -91,7 +90,7 @@ def spike(out: str | Path, depth: int = 4, tokens: int = 2_000_000, steps=(4, 8,
     import keenlm
     from keenlm.config import SpikeConfig
     from keenlm.data import default_cache_dir, load_corpus, tokenize_corpus
-    from keenlm.spike import calibration_batches, dense_copy
+    from keenlm.spike import calibration_batches
 
     out = Path(out)
     cfgs = spike_configs(depth, tokens, tuple(steps), finetune_steps, lr_mult, out,
@@ -122,8 +121,8 @@ def spike(out: str | Path, depth: int = 4, tokens: int = 2_000_000, steps=(4, 8,
                 for neuron in neurons:
                     for T in steps:
                         sc = SpikeConfig(steps=T, calibrate=calibrate, **NEURONS[neuron])
-                        rec["converted"][f"{neuron}-T{T}"] = measure(dense_copy(run.net), data,
-                                                                     cfg, calib, sc)
+                        rec["converted"][f"{neuron}-T{T}"] = measure(run.net, data, cfg,
+                                                                     calib, sc)
             record(folder, rec)
         log(f"{name}: val loss {rec['val_loss']:.4f}" + (
             f", firing rates {rec['energy']['in_rate']:.3f} / {rec['energy']['hidden_rate']:.3f}"

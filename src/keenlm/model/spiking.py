@@ -198,10 +198,7 @@ class SpikingFFN(SwiGLU):
 
     def __init__(self, cfg, linear):
         super().__init__(cfg, linear)
-        self.spike = cfg.spike
-        self.register_buffer("in_scale", torch.ones(cfg.d_model))
-        self.register_buffer("hidden_scale", torch.ones(cfg.d_ff))
-        self._reset_stats()
+        self._add_spiking_state(cfg)
 
     @classmethod
     def from_swiglu(cls, ffn: SwiGLU, cfg) -> "SpikingFFN":
@@ -210,12 +207,14 @@ class SpikingFFN(SwiGLU):
         torch.nn.Module.__init__(new)
         new.gate_proj, new.up_proj, new.down_proj = ffn.gate_proj, ffn.up_proj, ffn.down_proj
         new.gate_up_proj = ffn.gate_up_proj
-        new.spike = cfg.spike
-        p = ffn.gate_proj.weight
-        new.register_buffer("in_scale", torch.ones(cfg.d_model, device=p.device))
-        new.register_buffer("hidden_scale", torch.ones(cfg.d_ff, device=p.device))
-        new._reset_stats()
+        new._add_spiking_state(cfg, ffn.gate_proj.weight.device)
         return new
+
+    def _add_spiking_state(self, cfg, device=None):
+        self.spike = cfg.spike
+        self.register_buffer("in_scale", torch.ones(cfg.d_model, device=device))
+        self.register_buffer("hidden_scale", torch.ones(cfg.d_ff, device=device))
+        self._reset_stats()
 
     def _reset_stats(self, training: bool | None = None):
         """Counts are kept apart for training and evaluation passes (None: clear both)."""
@@ -319,15 +318,14 @@ def calibrate(net, batches, percentile: float, max_tokens: int = 65536) -> None:
     for m in layers:
         original[m] = m.forward
         m.forward = analog(m)
+    was, n = net.training, 0
+    net.eval()
     try:
-        was = net.training
-        net.eval()
-        n = 0
         for ids in batches:
             net(ids.to(next(net.parameters()).device))
             n += 1
-        net.train(was)
     finally:
+        net.train(was)
         for m, f in original.items():
             m.forward = f
     if n == 0:
