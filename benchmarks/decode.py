@@ -5,7 +5,7 @@ What is compared, each contender in its own process (so peak RSS is its own), 2 
   - prefill tokens/s: one forward pass over a 256-token prompt (best of 3),
   - batch-1 greedy decode tokens/s: 128 new tokens after that prompt (prefill time excluded),
   - peak resident memory,
-for keenlm fp32, keenlm int8 and int4 weight-only (keenlm.infer.int8 / int4), and
+for keenlm fp32, keenlm int8 and int4 weight-only (keenlm.quant.int8 / int4), and
 transformers fp32 ``generate``. A quantized path counts only if its perplexity on the first
 8,192 tokens of the stdlib's argparse.py (512-token windows) stays within 1% of fp32's; the
 fastest one that does is reported against the targets.

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import bench_line  # noqa: E402
-from keenlm.config import RLConfig  # noqa: E402
+from keenlm.config import rl_config  # noqa: E402
 from keenlm.data.tasks import get_task  # noqa: E402
 
 TARGET = 2.0
@@ -88,9 +88,9 @@ def keenlm_steps(km, prompts_per_step, group, length, steps, out, per_row=False)
     from keenlm.train.grpo import RLTrainer
     from keenlm.train.logprobs import reference_logprobs
 
-    cfg = RLConfig(task="countdown", difficulty=2, prompts=prompts_per_step, group=group,
-                   max_new_tokens=length, loss="dr_grpo", lr=1e-6, log_kl=False, progress=False,
-                   resume=False, out_dir=str(out), eval_n=1)
+    cfg = rl_config(dict(task="countdown", difficulty=2, prompts=prompts_per_step, group=group,
+                         max_new_tokens=length, loss="dr_grpo", lr=1e-6, log_kl=False,
+                         progress=False, resume=False, out_dir=str(out), eval_n=1))
     tr = RLTrainer(km, cfg, reward=digit_share, stop=None, stop_at_eos=False)
     if per_row:
         tr.logprobs = reference_logprobs

@@ -2,7 +2,7 @@
 
 What is compared: y = x W^T for one input row (batch-1 decode) with W stored as 2-bit packed
 codes (ternary and 2-bit, four weights per byte, one scale per row) through
-``keenlm.model.packed_kernels.lut_matmul``, against ``torch.nn.functional.linear`` with the same
+``keenlm.quant.kernels.lut_matmul``, against ``torch.nn.functional.linear`` with the same
 W in fp32, at shapes in x out = 576x1536, 1536x576 and 2048x8192, with 1 and 2 threads; both
 in the same run, best of several repetitions.
 
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import bench_line, best_of  # noqa: E402
-from keenlm.model import packed_kernels  # noqa: E402
-from keenlm.model.packing import pack  # noqa: E402
+from keenlm.quant import kernels as packed_kernels  # noqa: E402
+from keenlm.quant.packing import pack  # noqa: E402
 
 OFFSET = {"ternary": -1.0, "int2": -1.5}  # w = (code + OFFSET) * scale: levels -1..1 / -1.5..1.5
 
@@ -92,7 +92,7 @@ def decode_and_bytes(quick: bool) -> list[str]:
     from keenlm.data import ByteTokenizer
     from keenlm.infer import generate_tokens
     from keenlm.model import build_model, model_state
-    from keenlm.quantize import quantize, save_quantized
+    from keenlm.quant.recipe import quantize, save_quantized
 
     m = ModelConfig(vocab_size=4096, n_layer=6 if quick else 12, d_model=768, n_head=12, d_ff=2048,
                     max_seq_len=512)

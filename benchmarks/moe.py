@@ -42,7 +42,7 @@ def trainer(depth: int, model: dict, out: Path) -> Trainer:
     from keenlm.scaling.sweep import base_config
 
     cfg = merge(base_config(), size_preset(depth, aspect=32), {"model": model},
-                {"train": {"steps": 10_000, "out_dir": str(out), "resume": False}})
+                {"train": {"steps": 10_000, "out_dir": str(out), "checkpoint": {"resume": False}}})
     return Trainer(from_dict(cfg))
 
 

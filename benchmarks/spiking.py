@@ -38,8 +38,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    from keenlm.model import spiking_kernels
-    from keenlm.model.spiking import _rate_code_torch
+    from keenlm.spiking import kernels as spiking_kernels
+    from keenlm.spiking.neurons import _rate_code_torch
 
     reps = 3 if args.quick else 6
     print(f"spiking: machine {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -67,7 +67,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         def trainer(model: dict, name: str) -> Trainer:
             cfg = merge(base_config(), size_preset(4, aspect=32), {"model": model},
-                        {"train": {"steps": 10_000, "out_dir": str(Path(tmp) / name), "resume": False}})
+                        {"train": {"steps": 10_000, "out_dir": str(Path(tmp) / name),
+                                   "checkpoint": {"resume": False}}})
             return Trainer(from_dict(cfg))
 
         models = {"dense": trainer({}, "dense")}

@@ -113,9 +113,10 @@ def build_runners(shape: str, tmp: Path):
         "model": {"n_layer": n_layer, "d_model": d, "n_head": n_head, "d_ff": d_ff,
                   "max_seq_len": seq, "attention": "sdpa"},
         "data": {"corpus": "stdlib", "tokenizer": "bpe", "vocab_size": 4096},
-        "train": {"steps": 10_000, "batch_size": batch, "seq_len": seq, "lr": 1e-3,
-                  "warmup_steps": 1, "progress": False, "out_dir": str(tmp / shape),
-                  "resume": False, "eval_every": 0},
+        "train": {"steps": 10_000, "batch_size": batch, "seq_len": seq, "progress": False,
+                  "out_dir": str(tmp / shape), "optim": {"lr": 1e-3},
+                  "schedule": {"warmup_steps": 1}, "checkpoint": {"resume": False},
+                  "eval": {"every": 0}},
     })
     trainer = Trainer(cfg)
     vocab = trainer.cfg.model.vocab_size

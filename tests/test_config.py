@@ -17,10 +17,11 @@ def test_defaults_round_trip():
     ({"model": {"attention": "flashy"}}, "model.attention"),
     ({"model": {"d_model": 30, "n_head": 4}}, "model.d_model"),
     ({"model": {"n_head": 4, "n_kv_head": 3}}, "model.n_kv_head"),
-    ({"train": {"lr": -1}}, "train.lr"),
-    ({"train": {"optimizer": "sgd"}}, "train.optimizer"),
+    ({"train": {"optim": {"lr": -1}}}, "train.optim.lr"),
+    ({"train": {"lr": -1}}, "train.optim.lr"),  # an earlier spelling, upgraded
+    ({"train": {"optim": {"name": "sgd"}}}, "train.optim.name"),
     ({"train": {"steps": "many"}}, "train.steps"),
-    ({"train": {"compile": "maybe"}}, "train.compile"),
+    ({"train": {"runtime": {"compile": "maybe"}}}, "train.runtime.compile"),
     ({"data": {"val_fraction": 0.9}}, "data.val_fraction"),
     ({"generate": {"top_p": 0}}, "generate.top_p"),
     ({"model": {"n_layers": 4}}, "model.n_layers"),
@@ -43,13 +44,13 @@ def test_cli_overrides_and_file_precedence(tmp_path):
     f.write_text("model:\n  n_layer: 3\n  d_model: 96\ntrain:\n  steps: 7\n")
     args = build_parser().parse_args(["train", "--preset", "tiny", "--config", str(f),
                                       "--model.n_layer", "5", "--generate.stop", "a,b",
-                                      "--train.compile", "true", "--train.steps", "1e3"])
+                                      "--train.runtime.compile", "true", "--train.steps", "1e3"])
     cfg = config_from_args(args)
     assert cfg.model.n_layer == 5            # command line beats file
     assert cfg.model.d_model == 96           # file beats preset
     assert cfg.model.n_head == 3             # preset beats default
     assert cfg.train.steps == 1000
-    assert cfg.train.compile is True
+    assert cfg.train.runtime.compile is True
     assert cfg.generate.stop == ("a", "b")
     assert cfg.preset == "tiny"
 

@@ -22,7 +22,7 @@ from keenlm.config import ConfigError, DataConfig
 from keenlm.data import (BPETokenizer, ByteTokenizer, TokenData, build_tokenizer, default_cache_dir,
                          eval_batches, get_batch, load_corpus, load_tokenizer, prepare_data,
                          tokenize_corpus, train_bpe)
-from keenlm.data.cache import atomic_folder
+from keenlm.runs import atomic_folder
 
 # Code point ranges the random strings draw from: ASCII (controls and NUL included), Latin-1,
 # other BMP text, combining marks, CJK, emoji and the astral planes; surrogates excluded.

@@ -144,7 +144,7 @@ def test_unsupported_quantization_type(tmp_path):
 def ternary_net(d_model=256, d_ff=512, vocab_size=257, seed=5):
     """A packed ternary model, as a trained one would be exported. With the defaults every
     matrix row (d_model, d_ff) is a multiple of 256, the TQ1_0 / TQ2_0 block."""
-    from keenlm.model.packing import convert_qat
+    from keenlm.quant.packing import convert_qat
 
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab_size, n_layer=2, d_model=d_model, n_head=4, d_ff=d_ff,
@@ -233,7 +233,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_cli_convert_and_chat(tmp_path, capsys):
-    from keenlm.chat import chat_loop
+    from keenlm.cli.chat import chat_loop
     from keenlm.cli import main
 
     text = "hello there, how are you? fine thanks\n" * 40

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from keenlm.api import KeenModel
-from keenlm.config import ConfigError, RLConfig, from_dict
+from keenlm.config import ConfigError, RLConfig, from_dict, rl_config
 from keenlm.data.tasks import get_task, majority, pass_at_k
 from keenlm.data.tokenizer import ByteTokenizer
 from keenlm.model import build_model
@@ -178,8 +178,9 @@ def test_one_step_raises_the_probability_of_the_rewarded_completion(tmp_path, al
     def reward(prompts, completions):  # toy verifier: the answer must start with an even byte
         return [1.0 if c and c[0].encode()[0] % 2 == 0 else 0.0 for c in completions]
 
-    cfg = RLConfig(prompts=2, group=16, max_new_tokens=3, lr=3e-3, algo=algo, loss=loss,
-                   epochs=2, minibatches=2, out_dir=str(tmp_path / "rl"), progress=False, eval_n=2)
+    cfg = rl_config(dict(prompts=2, group=16, max_new_tokens=3, lr=3e-3, algo=algo, loss=loss,
+                         epochs=2, minibatches=2, out_dir=str(tmp_path / "rl"), progress=False,
+                         eval_n=2))
     tr = RLTrainer(km, cfg, reward=reward)
     prompts = tr.prompts_for(0)
     before = [_first_token_mass(km, p, even) for p in prompts]
@@ -254,7 +255,7 @@ def test_pass_at_k_and_majority():
 
 
 def test_rl_study_runs_end_to_end(tmp_path):
-    from keenlm import study
+    from keenlm.studies import rl as study
 
     res = study.rl(tmp_path / "s", task="addition", difficulty=3, size="64x1", sft_steps=20,
                    start_at=1.0, budget_s=1.0, eval_n=8, samples=2,

@@ -114,7 +114,7 @@ def test_inference_paths_match_autograd_paths():
 
 
 def test_int8_kernel_matches_its_reference():
-    from keenlm.infer.int8 import Int8Linear
+    from keenlm.quant.int8 import Int8Linear
 
     g = torch.Generator().manual_seed(6)
     lin = Int8Linear(torch.randn(48, 64, generator=g))
@@ -127,7 +127,7 @@ def test_int8_kernel_matches_its_reference():
 
 def test_int8_model_stays_close_to_fp32():
     from keenlm.config import ModelConfig
-    from keenlm.infer.int8 import Int8Linear, quantize_int8
+    from keenlm.quant.int8 import Int8Linear, quantize_int8
     from keenlm.model import build_model
 
     torch.manual_seed(7)
@@ -149,7 +149,7 @@ def test_int8_model_stays_close_to_fp32():
 
 
 def test_int4_kernel_matches_its_reference_and_recovers_a_q4_grid():
-    from keenlm.infer.int4 import Int4Linear
+    from keenlm.quant.int4 import Int4Linear
 
     g = torch.Generator().manual_seed(8)
     # weights already on a 16-level grid per block of 32 (what a Q4_1 file holds)

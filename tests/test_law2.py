@@ -29,7 +29,7 @@ def test_train_tokens_keeps_the_first_tokens_of_the_split(tmp_path, small_corpus
 
 
 def test_effective_tokens_interpolates_the_fresh_curve_in_log_tokens():
-    from keenlm.study_law2 import effective_tokens
+    from keenlm.studies.law2 import effective_tokens
 
     fresh = [(10_000, 4.0), (1_000, 5.0), (100_000, 3.5)]
     assert effective_tokens(4.5, fresh) == pytest.approx(10 ** 3.5)
@@ -39,11 +39,11 @@ def test_effective_tokens_interpolates_the_fresh_curve_in_log_tokens():
 
 
 def test_epochs_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
-    from keenlm.study_law2 import epochs
+    from keenlm.studies.law2 import epochs
 
     over = {"data": {"corpus": str(small_corpus), "tokenizer": "byte", "max_bytes": 0,
                      "cache_dir": str(tmp_path / "cache")},
-            "train": {"eval_batches": 2, "dtype": "fp32"}}
+            "train": {"eval": {"batches": 2}, "runtime": {"dtype": "fp32"}}}
     kw = dict(depth=1, unique_tokens=256, max_epochs=3, batch=2, seq=32, overrides=over,
               log=lambda s: None)
     res = epochs(tmp_path / "s", **kw)
@@ -52,7 +52,7 @@ def test_epochs_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
     rep = json.loads((tmp_path / "s" / "repeated" / "study.json").read_text())
     fresh = json.loads((tmp_path / "s" / "fresh" / "study.json").read_text())
     assert rep["config"]["data"]["train_tokens"] == 256 and fresh["config"]["data"]["train_tokens"] == 0
-    assert rep["config"]["train"]["schedule"] == "constant"
+    assert rep["config"]["train"]["schedule"]["kind"] == "constant"
     assert all(r["repeated_val"] > 0 and r["fresh_val"] > 0 for r in res["rows"])
     for f in ("results.md", "results.json", "epochs.svg"):
         assert (tmp_path / "s" / f).exists(), f
@@ -67,7 +67,7 @@ def test_epochs_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
 
 
 def test_group_study_runs_each_group_size_from_one_policy(tmp_path):
-    from keenlm.study_law2 import group
+    from keenlm.studies.law2 import group
 
     kw = dict(groups=(4, 2), steps=2, prompts=2, task="addition", difficulty=3, size="64x1",
               sft_steps=20, start_at=1.0, eval_n=8, samples=2, log=lambda s: None)
@@ -88,3 +88,15 @@ def test_group_study_runs_each_group_size_from_one_policy(tmp_path):
     again = group(tmp_path / "s", **kw)
     assert [r["final"] for r in again["rows"]] == [r["final"] for r in rows]
     assert (tmp_path / "s" / "g4" / "metrics.jsonl").read_text() == before
+
+
+def test_a_study_run_recorded_in_an_earlier_spelling_is_kept(tmp_path):
+    from keenlm.studies.common import finished, record
+
+    old = {"train": {"schedule": "constant", "warmup_steps": 3, "eval_every": 5, "lr": 0.01}}
+    new = {"train": {"schedule": {"kind": "constant", "warmup_steps": 3}, "eval": {"every": 5},
+                     "optim": {"lr": 0.01}}}
+    record(tmp_path, {"config": old, "val_loss": 1.0})
+    assert finished(tmp_path, new)["val_loss"] == 1.0
+    with pytest.raises(ValueError, match="other settings"):
+        finished(tmp_path, {**new, "train": {**new["train"], "eval": {"every": 6}}})

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from keenlm.config import ModelConfig, from_dict
+from keenlm.config import LowBitConfig, ModelConfig, from_dict
 from keenlm.model import build_model
-from keenlm.model.lowbit import QATLinear, prepare_qat
+from keenlm.quant.qat import QATLinear, prepare_qat
 
 
 @pytest.mark.parametrize("kind", ["ternary", "int2", "int4"])
@@ -78,14 +78,14 @@ def test_prepare_qat_keeps_the_trained_weights():
 def test_bad_group_is_a_config_error():
     from keenlm.config import ConfigError
 
-    with pytest.raises(ConfigError, match="model.lowbit_group"):
-        ModelConfig(linear="int4", d_model=96, n_head=2, d_ff=256, lowbit_group=64)
+    with pytest.raises(ConfigError, match="model.lowbit.group"):
+        ModelConfig(linear="int4", d_model=96, n_head=2, d_ff=256, lowbit=LowBitConfig(group=64))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("n", [1, 3, 4, 7, 64, 255, 257])
 def test_pack_unpack_round_trip_is_exact(bits, n):
-    from keenlm.model.packing import pack, unpack
+    from keenlm.quant.packing import pack, unpack
 
     g = torch.Generator().manual_seed(n * bits)
     codes = torch.randint(0, 1 << bits, (5, n), generator=g, dtype=torch.uint8)
@@ -97,11 +97,12 @@ def test_pack_unpack_round_trip_is_exact(bits, n):
 @pytest.mark.parametrize("kind,per_channel", [("ternary", False), ("ternary", True),
                                               ("int2", False), ("int4", False)])
 def test_converted_model_gives_the_qat_model_logits(kind, per_channel):
-    from keenlm.model.packing import PackedLinear, convert_qat
+    from keenlm.quant.packing import PackedLinear, convert_qat
 
     torch.manual_seed(4)
     model = build_model(ModelConfig(vocab_size=97, n_layer=2, d_model=64, n_head=4, d_ff=128,
-                                    linear=kind, lowbit_per_channel=per_channel)).eval()
+                                    linear=kind,
+                                    lowbit=LowBitConfig(per_channel=per_channel))).eval()
     x = torch.randint(0, 97, (2, 10))
     with torch.no_grad():
         qat = model(x)
@@ -116,8 +117,8 @@ def test_converted_model_gives_the_qat_model_logits(kind, per_channel):
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("rows,n_in,batch", [(7, 5, 1), (33, 64, 3), (16, 257, 2), (130, 100, 8)])
 def test_lut_kernel_matches_unpack_reference(bits, rows, n_in, batch):
-    from keenlm.model import packed_kernels
-    from keenlm.model.packing import from_codes
+    from keenlm.quant import kernels as packed_kernels
+    from keenlm.quant.packing import from_codes
 
     if not packed_kernels.available():
         pytest.skip("numba is not installed (pip install 'keenlm[lowbit]')")
@@ -135,7 +136,7 @@ def test_lut_kernel_matches_unpack_reference(bits, rows, n_in, batch):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("rows,n_in,group,batch", [(16, 64, 32, 1), (48, 256, 64, 3), (32, 512, 128, 15)])
 def test_int4_kernel_matches_unpack_reference(bits, rows, n_in, group, batch):
-    from keenlm.model.packing import _int4_kernel_available, from_codes
+    from keenlm.quant.packing import _int4_kernel_available, from_codes
 
     if not _int4_kernel_available():
         pytest.skip("this torch build has no int4 CPU kernel")
@@ -154,7 +155,7 @@ def test_int4_kernel_matches_unpack_reference(bits, rows, n_in, group, batch):
 
 @pytest.mark.parametrize("bits", [1, 3, 5, 8])
 def test_pack_unpack_other_widths(bits):
-    from keenlm.model.packing import pack, packed_width, unpack
+    from keenlm.quant.packing import pack, packed_width, unpack
 
     for n in (1, 7, 8, 9, 100):
         codes = torch.randint(0, 1 << bits, (3, n), dtype=torch.uint8)
@@ -165,7 +166,7 @@ def test_pack_unpack_other_widths(bits):
 
 
 def test_packed_layer_rejects_inconsistent_tensors():
-    from keenlm.model.packing import PackedLinear, pack
+    from keenlm.quant.packing import PackedLinear, pack
 
     packed = pack(torch.zeros(4, 10, dtype=torch.uint8), 2)
     with pytest.raises(ValueError, match="do not hold"):
@@ -179,7 +180,7 @@ def test_packed_layer_rejects_inconsistent_tensors():
 
 @pytest.mark.parametrize("kind,levels", [("ternary", 3), ("int2", 4), ("int3", 8), ("int4", 16)])
 def test_rtn_codes_fit_the_grid_and_error_falls_with_bits(kind, levels):
-    from keenlm.model import ptq
+    from keenlm.quant import ptq
 
     torch.manual_seed(5)
     w = torch.randn(32, 128)
@@ -196,7 +197,7 @@ def test_rtn_codes_fit_the_grid_and_error_falls_with_bits(kind, levels):
 
 @pytest.mark.parametrize("kind,group", [("int4", 32), ("int2", 0), ("ternary", 0)])
 def test_gptq_beats_rtn_on_the_layer_output(kind, group):
-    from keenlm.model import ptq
+    from keenlm.quant import ptq
 
     torch.manual_seed(6)
     # correlated inputs (as real activations are): GPTQ's error compensation has work to do
@@ -232,9 +233,9 @@ def _tiny_km(tie=True, seed=0):
 def test_quantized_model_saved_and_loaded_gives_identical_logits(bits, method, embed, tie, tmp_path,
                                                                  monkeypatch):
     import keenlm
-    from keenlm import quantize as Q
+    from keenlm.quant import recipe as Q
     from keenlm.config import QuantConfig
-    from keenlm.model.packing import PackedLinear
+    from keenlm.quant.packing import PackedLinear
 
     km = _tiny_km(tie)
     x = torch.randint(0, km.config.model.vocab_size, (2, 20))
@@ -260,7 +261,7 @@ def test_quantized_model_saved_and_loaded_gives_identical_logits(bits, method, e
 
 def test_quantized_folder_errors_name_the_problem(tmp_path):
     import keenlm
-    from keenlm import quantize as Q
+    from keenlm.quant import recipe as Q
     from keenlm.config import QuantConfig
 
     km = Q.quantize(_tiny_km(), QuantConfig(bits="2", method="rtn"), log=None)
@@ -314,9 +315,9 @@ def test_init_from_starts_at_the_source_model(tmp_path, small_corpus):
                        "eval_every": 0})
     src = Trainer(from_dict(p))
     trained = src.fit().final_eval["loss"]
-    p["model"].update({"linear": "int4", "lowbit_group": 32, "n_layer": 1, "d_model": 32})
+    p["model"].update({"linear": "int4", "lowbit": {"group": 32}, "n_layer": 1, "d_model": 32})
     p["train"].update({"steps": 5, "out_dir": str(tmp_path / "qat"), "init_from": str(tmp_path / "src")})
-    tr = Trainer(from_dict(p))
+    tr = Trainer(from_dict(p), init=keenlm.load(tmp_path / "src"))
     assert tr.cfg.model.d_model == 64 and tr.cfg.model.linear == "int4"  # shape from the source
     assert isinstance(tr.model.layers[0].mlp.up_proj, QATLinear)
     assert abs(tr.evaluate()["loss"] - trained) < 0.1  # 4-bit QAT starts near the source
@@ -327,7 +328,7 @@ def test_init_from_starts_at_the_source_model(tmp_path, small_corpus):
 def test_ptq_ternary_folder_exports_to_tq2_0(tmp_path):
     pytest.importorskip("gguf")
     import keenlm
-    from keenlm import quantize as Q
+    from keenlm.quant import recipe as Q
     from keenlm.api import KeenModel
     from keenlm.config import QuantConfig, RunConfig
     from keenlm.data import ByteTokenizer
@@ -352,7 +353,7 @@ def test_ptq_ternary_folder_exports_to_tq2_0(tmp_path):
 def test_quantize_command_qat_then_info_and_generate(tmp_path, small_corpus, capsys):
     from keenlm.cli import main
     from keenlm.presets import preset_dict
-    from keenlm.train import train
+    from keenlm import train
 
     p = preset_dict("tiny")
     p["model"].update({"d_model": 64, "n_head": 4, "d_ff": 128})
@@ -376,17 +377,17 @@ def test_quantize_command_qat_then_info_and_generate(tmp_path, small_corpus, cap
 def test_frontier_plot_and_table_from_rows(tmp_path):
     import xml.etree.ElementTree as ET
 
-    from keenlm.study import _frontier_table, _svg_frontier
+    from keenlm.studies.frontier import frontier_table, svg_frontier
 
     rows = [{"name": f"d{d}-{k}", "size": f"{32 * d}x{d}", "d_model": 32 * d, "kind": k, "qat_start": 0.0,
              "tokens": 1000, "params": int(10 ** (4 + d / 2)), "bytes": 10 ** (4 + d / 2) * b,
              "loss": 5.0 - d / 4 + (0 if k == "dense" else 0.1), "loss_trained": 5.0}
             for d in (2, 4) for k, b in (("dense", 4), ("ternary", 0.3))]
-    _svg_frontier(rows, tmp_path / "f.svg")
+    svg_frontier(rows, tmp_path / "f.svg")
     root = ET.parse(tmp_path / "f.svg").getroot()  # well-formed SVG
     lines = root.findall("{http://www.w3.org/2000/svg}polyline")
     assert len(lines) == 2 and all(len(p.get("points").split()) == 2 for p in lines)
-    table = _frontier_table(rows)
+    table = frontier_table(rows)
     assert "| ternary QAT | 128x4 |" in table and "+2.5%" in table  # 4.1 / 4.0 - 1 at depth 4
 
 
@@ -394,7 +395,7 @@ def test_quant_json_naming_a_layer_the_model_lacks_is_an_error(tmp_path):
     import json
 
     import keenlm
-    from keenlm import quantize as Q
+    from keenlm.quant import recipe as Q
     from keenlm.config import QuantConfig
 
     out = Q.save_quantized(Q.quantize(_tiny_km(), QuantConfig(bits="4", method="rtn"), log=None),
@@ -410,7 +411,7 @@ def test_quant_json_naming_a_layer_the_model_lacks_is_an_error(tmp_path):
 
 
 def test_default_group_halves_until_it_divides_every_width():
-    from keenlm import quantize as Q
+    from keenlm.quant import recipe as Q
     from keenlm.api import KeenModel
     from keenlm.config import QuantConfig, RunConfig
     from keenlm.data import ByteTokenizer

@@ -162,7 +162,7 @@ def test_recall_task_puts_every_pair_beyond_the_gap():
 
 
 def test_memory_study_runs_end_to_end(tmp_path):
-    from keenlm.study_memory import memory
+    from keenlm.studies.memory import memory
 
     kw = dict(lengths=(24, 32), window=8, pairs=1, d_model=32, layers=2, steps=6, batch=4,
               gate=0.5, eval_n=8, log=lambda s: None)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from keenlm.config import ATTENTION_BACKENDS, FFN_KINDS, LINEAR_KINDS, ModelConfig
+from keenlm.config import ATTENTION_BACKENDS, FFN_KINDS, LINEAR_KINDS, ModelConfig, SpikeConfig
 from keenlm.model import ATTENTION, FFN, LINEAR, Transformer, build_model
 from keenlm.model.attention import naive_attention, sdpa_attention
 from keenlm.presets import PRESETS, preset_dict, resolve
@@ -21,7 +21,9 @@ def test_registries_match_config_names():
     # invariant: the names config validation accepts are exactly the registered parts
     assert set(ATTENTION) == set(ATTENTION_BACKENDS)
     assert set(LINEAR) == set(LINEAR_KINDS)
-    assert set(FFN) == set(FFN_KINDS)
+    # spiking is not a model.ffn value: model.spike.steps > 0 picks it (ModelConfig.ffn_kind)
+    assert set(FFN) == set(FFN_KINDS) | {"spiking"}
+    assert ModelConfig(spike=SpikeConfig(steps=4)).ffn_kind == "spiking"
 
 
 @pytest.mark.parametrize("backend", ["naive", "sdpa"])

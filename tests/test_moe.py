@@ -6,6 +6,7 @@ import functools
 import pytest
 import torch
 
+import keenlm
 from keenlm.config import ModelConfig, MoEConfig, from_dict
 from keenlm.ledger import count_params, flops_per_token
 from keenlm.model import LINEAR, build_model
@@ -252,19 +253,20 @@ def test_train_init_from_a_dense_run_upcycles_it(tmp_path, small_corpus):
     cfg = _train_cfg(small_corpus, tmp_path, "moe")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
                                                              init_from=str(tmp_path / "dense")))
-    tr = Trainer(cfg)
+    tr = Trainer(cfg, init=keenlm.load(tmp_path / "dense"))
     assert tr.cfg.model.ffn == "moe" and len(tr.model.layers[0].mlp.experts) == 4
     assert tr.cfg.model.moe.d_ff == tr.cfg.model.d_ff
     tr.fit()
 
 
 def test_moe_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
-    from keenlm.study_moe import moe
+    from keenlm.studies.moe import moe
 
     over = {"data": {"corpus": str(small_corpus), "tokenizer": "byte", "max_bytes": 0,
                      "cache_dir": str(tmp_path / "cache")},
             "model": {"max_seq_len": 32},
-            "train": {"batch_size": 2, "seq_len": 32, "eval_batches": 1, "dtype": "fp32"}}
+            "train": {"batch_size": 2, "seq_len": 32, "eval": {"batches": 1},
+                      "runtime": {"dtype": "fp32"}}}
     kw = dict(depth=1, tokens=64 * 40, experts=4, top_k=2, overrides=over, log=lambda s: None,
               bias_rates=(0.001, 0.01), seeds=2)
     res = moe(tmp_path / "s", **kw)
@@ -275,7 +277,7 @@ def test_moe_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
     assert res["loss_gain_seeds"][1] == pytest.approx(by["dense-s1"]["val_loss"]
                                                       - by["moe-aux-s1"]["val_loss"])
     assert by["dense-s1"]["val_loss"] != by["dense"]["val_loss"]
-    from keenlm.study_moe import moe_configs
+    from keenlm.studies.moe import moe_configs
 
     cfgs = moe_configs(1, 64 * 40, 4, 2, tmp_path / "s", over, (0.001, 0.01))
     assert [cfgs[f"moe-bias-{r}"]["model"]["moe"]["bias_rate"] for r in (0.001, 0.01)] == [0.001, 0.01]

@@ -18,7 +18,7 @@ def test_markdown_tables_lists_and_escaping():
 def folders(tmp_path_factory, small_corpus):
     from keenlm.plot import line_chart
     from keenlm.scaling.sweep import grid, run_sweep
-    from keenlm.train import train
+    from keenlm import train
 
     root = tmp_path_factory.mktemp("report")
     base = {"data": {"corpus": str(small_corpus), "tokenizer": "byte", "cache_dir": str(root / "c")},

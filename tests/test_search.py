@@ -212,7 +212,7 @@ def test_solve_and_train_reward_commands(tmp_path, capsys):
 
 
 def test_tts_study_runs_end_to_end_and_continues_where_it_stopped(tmp_path):
-    from keenlm import study
+    from keenlm.studies import tts as study
 
     kw = dict(task="addition", difficulty=2, small="64x1", large="64x2", sft_steps=4, ns=(1, 2),
               eval_n=2, rm_problems=1, rm_steps=2, auc_problems=2, max_new_tokens=24,

@@ -10,8 +10,9 @@ import torch
 from keenlm.config import ModelConfig, SpikeConfig, from_dict
 from keenlm.model import build_model
 from keenlm.model.layers import SwiGLU
-from keenlm.model.spiking import (RateCode, SpikeFn, SpikingFFN, convert, lif, rate_code,
-                                  spike_counts, spike_energy, spiking_layers, spiking_reference)
+from keenlm.spiking.energy import spike_counts, spike_energy
+from keenlm.spiking.ffn import SpikingFFN, convert, spiking_layers, spiking_reference
+from keenlm.spiking.neurons import RateCode, SpikeFn, lif, rate_code
 
 
 def test_lif_follows_its_closed_form_below_threshold_and_fires_when_it_crosses():
@@ -86,8 +87,8 @@ def test_rate_code_counts_and_gradients_equal_the_step_by_step_neuron(reset, bet
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reset,beta", [("subtract", 1.0), ("zero", 0.9), ("subtract", 0.8)])
 def test_compiled_rate_code_equals_the_tensor_reference(reset, beta, dtype):
-    from keenlm.model import spiking_kernels
-    from keenlm.model.spiking import _rate_code_torch
+    from keenlm.spiking import kernels as spiking_kernels
+    from keenlm.spiking.neurons import _rate_code_torch
 
     assert spiking_kernels.available(), "numba is part of the test environment"
     g = torch.Generator().manual_seed(5)
@@ -264,7 +265,7 @@ def test_fine_tuning_converts_a_dense_run_trains_through_the_spikes_and_reloads(
     cfg = _train_cfg(small_corpus, tmp_path, "spiking",
                      model={"spike": {"steps": 4, "calibrate": 2}},
                      train={"init_from": str(tmp_path / "dense"), "steps": 4})
-    tr = Trainer(cfg)
+    tr = Trainer(cfg, init=keenlm.load(tmp_path / "dense"))
     layers = spiking_layers(tr.model)
     assert len(layers) == 2 and tr.cfg.model.spike.steps == 4
     assert all(float(m.in_scale.min()) > 0 and not torch.equal(m.in_scale, torch.ones(32))
@@ -287,7 +288,7 @@ def test_fine_tuning_converts_a_dense_run_trains_through_the_spikes_and_reloads(
     # a spiking model needs spiking steps to go on from
     bad = _train_cfg(small_corpus, tmp_path, "again", train={"init_from": str(tmp_path / "spiking")})
     with pytest.raises(ValueError, match="model.spike.steps"):
-        Trainer(bad)
+        keenlm.train(bad)
     assert type(build_model(dataclasses.replace(km.config.model, spike=SpikeConfig())).layers[0].mlp) is SwiGLU
     from keenlm.io.gguf_export import export_gguf
     from keenlm.io.hf import export_hf
@@ -299,12 +300,13 @@ def test_fine_tuning_converts_a_dense_run_trains_through_the_spikes_and_reloads(
 
 
 def test_spike_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
-    from keenlm.study_spike import spike
+    from keenlm.studies.spike import spike
 
     over = {"data": {"corpus": str(small_corpus), "tokenizer": "byte", "max_bytes": 0,
                      "cache_dir": str(tmp_path / "cache")},
             "model": {"max_seq_len": 32},
-            "train": {"batch_size": 2, "seq_len": 32, "eval_batches": 2, "dtype": "fp32"}}
+            "train": {"batch_size": 2, "seq_len": 32, "eval": {"batches": 2},
+                      "runtime": {"dtype": "fp32"}}}
     kw = dict(depth=1, tokens=64 * 20, steps=(2, 4), finetune_steps=3, calibrate=2,
               overrides=over, log=lambda s: None)
     res = spike(tmp_path / "s", **kw)

@@ -9,8 +9,9 @@ import torch
 
 from keenlm.config import ModelConfig, SpikeConfig
 from keenlm.model import build_model
-from keenlm.model.spiking import convert, lif, rate_code
-from keenlm.model.spiking_nir import export_nir
+from keenlm.spiking.ffn import convert
+from keenlm.spiking.neurons import lif, rate_code
+from keenlm.spiking.nir import export_nir
 
 
 def converted(**spike):

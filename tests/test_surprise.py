@@ -98,7 +98,7 @@ def test_excess_loss_prefers_what_the_reference_finds_easy(tmp_path, small_corpu
 
 
 def test_reach_interpolates_between_evaluations():
-    from keenlm.study_select import reach
+    from keenlm.studies.select import reach
 
     ev = [{"loss": 5.0, "train_s": 0.0}, {"loss": 4.0, "train_s": 10.0}, {"loss": 3.0, "train_s": 30.0}]
     assert reach(ev, 3.5, "train_s") == pytest.approx(20.0)
@@ -106,7 +106,7 @@ def test_reach_interpolates_between_evaluations():
 
 
 def test_select_study_runs_end_to_end_and_resumes(tmp_path, small_corpus):
-    from keenlm.study_select import select
+    from keenlm.studies.select import select
 
     over = {"data": {"corpus": str(small_corpus), "tokenizer": "byte", "max_bytes": 0,
                      "cache_dir": str(tmp_path / "cache")},

@@ -71,7 +71,8 @@ def test_format_reward_and_bad_arguments():
 def test_supervised_warm_up_gives_nonzero_success(tmp_path):
     import keenlm
     from keenlm.config import from_dict
-    from keenlm.data.tasks import evaluate_policy, write_demonstrations
+    from keenlm.data.tasks import write_demonstrations
+    from keenlm.infer.task_eval import evaluate_policy
     from keenlm.train import Trainer
 
     task = get_task("addition", 1)

@@ -11,7 +11,7 @@ import torch
 
 import keenlm
 from keenlm import runs
-from keenlm.config import TrainConfig, from_dict
+from keenlm.config import ScheduleConfig, from_dict
 from keenlm.presets import preset_dict
 from keenlm.train import Trainer
 from keenlm.train.optim import lr_multiplier, zeropower_newton_schulz
@@ -110,7 +110,7 @@ def test_sigint_stops_after_the_step_and_saves(corpus_dir, tmp_path):
     class CtrlCAtStep3:
         calls = 0
 
-        def select_batch(self, x, y, model):
+        def choose_batch(self, x, y, model):
             self.calls += 1
             if self.calls == 3:
                 signal.raise_signal(signal.SIGINT)  # what the terminal sends on Ctrl-C
@@ -129,7 +129,7 @@ def test_hook_token_weights_and_extra_losses(corpus_dir, tmp_path):
     tr = Trainer(cfg)
 
     class HalfTokens:
-        def select_batch(self, x, y, model):
+        def choose_batch(self, x, y, model):
             w = torch.zeros_like(y, dtype=torch.float32)
             w[:, : y.shape[1] // 2] = 1
             return x, y, w
@@ -147,14 +147,14 @@ def test_hook_token_weights_and_extra_losses(corpus_dir, tmp_path):
 
 
 def test_schedules():
-    t = TrainConfig(steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
-    assert lr_multiplier(0, t) == pytest.approx(0.1)
-    assert lr_multiplier(9, t) == pytest.approx(1.0)
-    assert lr_multiplier(99, t) == pytest.approx(0.1, abs=1e-3)
-    w = dataclasses.replace(t, schedule="wsd", decay_fraction=0.2)
-    assert lr_multiplier(50, w) == 1.0 and lr_multiplier(79, w) == 1.0
-    assert lr_multiplier(99, w) == pytest.approx(0.1)
-    assert 0.1 < lr_multiplier(90, w) < 1.0
+    t = ScheduleConfig(warmup_steps=10, kind="cosine", min_lr_ratio=0.1)
+    assert lr_multiplier(0, t, 100) == pytest.approx(0.1)
+    assert lr_multiplier(9, t, 100) == pytest.approx(1.0)
+    assert lr_multiplier(99, t, 100) == pytest.approx(0.1, abs=1e-3)
+    w = dataclasses.replace(t, kind="wsd", decay_fraction=0.2)
+    assert lr_multiplier(50, w, 100) == 1.0 and lr_multiplier(79, w, 100) == 1.0
+    assert lr_multiplier(99, w, 100) == pytest.approx(0.1)
+    assert 0.1 < lr_multiplier(90, w, 100) < 1.0
 
 
 def test_newton_schulz_orthogonalizes():

@@ -1,5 +1,5 @@
 """keenlm: small language models made smarter and faster on the compute one person has."""
-__version__ = "0.1.0"
+from keenlm._version import __version__
 
 from keenlm import train  # noqa: E402  (a callable package: keenlm.train(config))
 from keenlm.api import KeenModel, load  # noqa: E402

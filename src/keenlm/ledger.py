@@ -25,6 +25,8 @@ from typing import Sequence
 
 from torch import nn
 
+from keenlm.runs import atomic_write_text
+
 
 def count_params(model: nn.Module) -> dict[str, int]:
     """total (unique tensors), embedding, non_embedding, and active per token."""
@@ -128,6 +130,4 @@ class Ledger:
         return cls(**{k: v for k, v in d.items() if k in keys})
 
     def save(self, path) -> None:
-        from keenlm.runs import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")

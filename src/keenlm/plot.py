@@ -7,7 +7,12 @@ scaling fits; the report page (``keenlm.report``) inlines the SVGs.
 """
 from __future__ import annotations
 
+import html
+import io
+import math
 from pathlib import Path
+
+from keenlm.runs import atomic_write_bytes, atomic_write_text
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#222222", "#8c564b",
           "#e377c2", "#17becf", "#bcbd22")
@@ -24,11 +29,6 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: s
     """Write an SVG chart of ``series`` to ``path`` (atomically); empty series are skipped.
     ``log_x``: x on a log10 scale (positive x only), ticks labelled with the values. ``png``:
     also ``path`` with the suffix .png (matplotlib; skipped, said once, when not installed)."""
-    import html
-    import math
-
-    from keenlm.runs import atomic_write_text
-
     if png:
         _png(series, Path(path).with_suffix(".png"), x_label, y_label, y_range, log_x)
 
@@ -84,16 +84,14 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path, *, x_label: s
 
 def _png(series, path: Path, x_label, y_label, y_range, log_x) -> None:
     try:
-        import matplotlib
+        import matplotlib  # optional extra (pip install keenlm[report]), and slow to import
     except ImportError:
         if not _said:
             _said.append(True)
             print("PNG plots need matplotlib (pip install 'keenlm[report]'); writing SVG only")
         return
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from keenlm.runs import atomic_write_bytes
+    import matplotlib.pyplot as plt  # optional extra, as above
 
     fig, ax = plt.subplots(figsize=(8.4, 4.2), dpi=100)
     for k, (name, s) in enumerate((n, s) for n, s in series.items() if s):
@@ -108,8 +106,6 @@ def _png(series, path: Path, x_label, y_label, y_range, log_x) -> None:
     ax.set_xlabel(x_label), ax.set_ylabel(y_label)
     ax.grid(alpha=0.3), ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

@@ -39,14 +39,15 @@ def size_preset(depth: int, aspect: int = 64, head_dim: int = 64, kv_groups: int
     return {
         "model": {"n_layer": depth, "d_model": d_model, "n_head": n_head,
                   "n_kv_head": n_head // kv_groups, "d_ff": default_d_ff(d_model)},
-        "train": {"lr": default_lr(d_model)},
+        "train": {"optim": {"lr": default_lr(d_model)}},
     }
 
 
 def _tiny() -> dict:  # ~50K parameters with the byte tokenizer: tests and smoke runs
     return {"model": {"n_layer": 2, "d_model": 48, "n_head": 3, "d_ff": 128, "max_seq_len": 128},
             "data": {"tokenizer": "byte"},
-            "train": {"steps": 50, "batch_size": 8, "seq_len": 64, "lr": 3e-3, "eval_every": 0}}
+            "train": {"steps": 50, "batch_size": 8, "seq_len": 64, "optim": {"lr": 3e-3},
+                      "eval": {"every": 0}}}
 
 
 def _demo() -> dict:
@@ -61,9 +62,10 @@ def _demo() -> dict:
     p = size_preset(4, aspect=32)  # d_model 128, 2 heads of 64, d_ff 352
     p["model"].update({"max_seq_len": 256})
     p["data"] = {"tokenizer": "bpe", "vocab_size": 4096, "max_bytes": 12_000_000}
-    p["train"].update({"steps": 100_000, "batch_size": 32, "seq_len": 256, "lr": 3e-3,
-                       "schedule": "wsd", "decay_fraction": 0.25, "time_budget_s": 210,
-                       "eval_every": 0, "eval_batches": 40, "warmup_steps": 30, "dtype": "auto"})
+    p["train"].update({"steps": 100_000, "batch_size": 32, "seq_len": 256, "time_budget_s": 210,
+                       "optim": {"lr": 3e-3},
+                       "schedule": {"kind": "wsd", "decay_fraction": 0.25, "warmup_steps": 30},
+                       "eval": {"every": 0, "batches": 40}, "runtime": {"dtype": "auto"}})
     return p
 
 
@@ -100,6 +102,8 @@ def resolve(cfg: RunConfig, vocab_size: int) -> RunConfig:
                                 d_ff=m.d_ff or default_d_ff(m.d_model))
     if t.seq_len > model.max_seq_len:
         raise ConfigError("train.seq_len", t.seq_len, f"<= model.max_seq_len={model.max_seq_len}")
-    train = dataclasses.replace(t, lr=t.lr or default_lr(m.d_model),
-                                warmup_steps=t.warmup_steps or max(1, t.steps // 50))
+    optim = dataclasses.replace(t.optim, lr=t.optim.lr or default_lr(m.d_model))
+    schedule = dataclasses.replace(t.schedule,
+                                   warmup_steps=t.schedule.warmup_steps or max(1, t.steps // 50))
+    train = dataclasses.replace(t, optim=optim, schedule=schedule)
     return dataclasses.replace(cfg, model=model, train=train)

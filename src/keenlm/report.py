@@ -19,9 +19,15 @@ from __future__ import annotations
 import html
 import json
 import re
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 from keenlm.plot import line_chart
+from keenlm.runs import atomic_write_text, read_jsonl
+from keenlm.scaling.fit import Law, interval
+from keenlm.scaling.sweep import finished, fit_trials
 
 STYLE = """body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
@@ -98,8 +104,6 @@ def _table(rows: list[dict], keys: list[str]) -> str:
 
 
 def _run_section(folder: Path, files: Path, tag: str) -> str:
-    from keenlm.runs import read_jsonl
-
     recs = read_jsonl(folder / "metrics.jsonl")
     train = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "train" and "loss" in r]
     evals = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "eval" and "loss" in r]
@@ -122,9 +126,6 @@ def _run_section(folder: Path, files: Path, tag: str) -> str:
 
 
 def _sweep_section(folder: Path, files: Path, tag: str) -> str:
-    from keenlm.scaling.fit import Law, interval
-    from keenlm.scaling.sweep import finished, fit_trials
-
     runs = sorted(finished(folder), key=lambda r: (r["tokens"], r["params_non_embedding"]))
     parts = [_table(runs, ["name", "params_non_embedding", "params", "tokens", "val_loss",
                            "flops", "seconds"])]
@@ -165,8 +166,6 @@ def _study_section(folder: Path) -> str:
 
 def build_report(folders, out) -> Path:
     """Write the page to ``out`` (atomically) and its charts to ``<out stem>_files/``."""
-    from keenlm.runs import atomic_write_text
-
     out = Path(out)
     files = out.with_name(out.stem + "_files")
     files.mkdir(parents=True, exist_ok=True)
@@ -204,10 +203,6 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 def screenshot(page, png, width: int = 1000, height: int = 2400, timeout: float = 60) -> list[str]:
     """Render ``page`` in headless Chromium to ``png``; returns the page's console messages
     (a page of ours has no script, so any message is a fault). Network off."""
-    import shutil
-    import subprocess
-    import tempfile
-
     exe = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
     if exe is None:
         raise FileNotFoundError("no Chromium found: apt-get install chromium (Debian/Ubuntu)")

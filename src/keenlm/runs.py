@@ -26,9 +26,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
+import numpy
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from keenlm._version import __version__
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -85,11 +93,7 @@ def git_revision() -> str:
 
 
 def environment() -> dict:
-    import numpy
-
-    import keenlm
-
-    versions = {"keenlm": keenlm.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+    versions = {"keenlm": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
                 "python": sys.version.split()[0]}
     for name in ("tokenizers", "safetensors", "transformers"):
         mod = sys.modules.get(name)
@@ -112,8 +116,6 @@ def _step_dir(step: int) -> str:
 
 def save_checkpoint(run_dir, step: int, model_state: dict, trainer_state: dict, keep: int = 2) -> Path:
     """Write model + trainer state for ``step`` atomically; keep the newest ``keep``."""
-    from safetensors.torch import save_file
-
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / _step_dir(step)
@@ -155,9 +157,6 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 
 def load_model_state(ckpt: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     f = Path(ckpt) / "model.safetensors"
     try:
         return load_file(str(f))
@@ -171,3 +170,50 @@ def load_trainer_state(ckpt: Path) -> dict:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a corrupt file
         raise ValueError(f"cannot read {f}: {e}") from None
+
+
+def default_cache_dir(cfg_value: str = "") -> Path:
+    """The cache folder: ``cfg_value`` if set, else ``$KEENLM_CACHE``, else ``~/.cache/keenlm``."""
+    value = cfg_value or os.environ.get("KEENLM_CACHE", "") or "~/.cache/keenlm"
+    return Path(value).expanduser()
+
+
+@contextmanager
+def atomic_folder(final: Path, is_valid: Callable[[Path], bool] = lambda p: False,
+                  replace: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success move it to ``final`` in one rename.
+
+    If ``final`` already exists when we are done, it is kept when ``is_valid(final)`` (another
+    writer won a race) unless ``replace``; otherwise it is swapped out for ours.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _publish(tmp, final, is_valid, replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once the rename has happened
+
+
+def _publish(tmp: Path, final: Path, is_valid: Callable[[Path], bool], replace: bool) -> None:
+    try:
+        os.rename(tmp, final)
+        return
+    except OSError:
+        if not final.exists():
+            raise
+    if not replace and is_valid(final):
+        return
+    trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(final, trash)
+    except FileNotFoundError:
+        pass  # someone else moved it away already
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not is_valid(final):  # a third writer put a good copy there meanwhile: fine
+            raise
+    shutil.rmtree(trash, ignore_errors=True)

@@ -10,8 +10,11 @@ opens the memmaps.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from keenlm.config import DataConfig
-from keenlm.data.cache import TokenData, default_cache_dir, tokenize_corpus
+from keenlm.data.cache import TokenData, tokenize_corpus
+from keenlm.runs import default_cache_dir
 from keenlm.data.corpus import Corpus, load_corpus
 from keenlm.data.loader import eval_batches, get_batch
 from keenlm.data.tokenizer import (BPETokenizer, ByteTokenizer, Tokenizer, build_tokenizer,
@@ -35,8 +38,6 @@ def prepare_data(cfg: DataConfig, log=None) -> tuple[Tokenizer, TokenData]:
 def limit_train(data: TokenData, n_tokens: int) -> TokenData:
     """Keep only the first ``n_tokens`` of the training split (0: keep all): a fixed set of
     unique data, which a run longer than ``n_tokens`` repeats (``data.train_tokens``)."""
-    import dataclasses
-
     if not n_tokens:
         return data
     if n_tokens > len(data.train):

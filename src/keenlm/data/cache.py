@@ -24,16 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
 from keenlm.data.corpus import SPLITS
+from keenlm.runs import atomic_folder, default_cache_dir
 from keenlm.data.tokenizer import text_batches
 
 if TYPE_CHECKING:
@@ -42,53 +40,6 @@ if TYPE_CHECKING:
 
 FORMAT = "keenlm-tokens-v1"
 _CHUNK_CHARS = 4 << 20  # documents handed to encode_batch at once: big enough to use all cores
-
-
-def default_cache_dir(cfg_value: str = "") -> Path:
-    """The cache folder: ``cfg_value`` if set, else ``$KEENLM_CACHE``, else ``~/.cache/keenlm``."""
-    value = cfg_value or os.environ.get("KEENLM_CACHE", "") or "~/.cache/keenlm"
-    return Path(value).expanduser()
-
-
-@contextmanager
-def atomic_folder(final: Path, is_valid: Callable[[Path], bool] = lambda p: False,
-                  replace: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success move it to ``final`` in one rename.
-
-    If ``final`` already exists when we are done, it is kept when ``is_valid(final)`` (another
-    writer won a race) unless ``replace``; otherwise it is swapped out for ours.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        _publish(tmp, final, is_valid, replace)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once the rename has happened
-
-
-def _publish(tmp: Path, final: Path, is_valid: Callable[[Path], bool], replace: bool) -> None:
-    try:
-        os.rename(tmp, final)
-        return
-    except OSError:
-        if not final.exists():
-            raise
-    if not replace and is_valid(final):
-        return
-    trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(final, trash)
-    except FileNotFoundError:
-        pass  # someone else moved it away already
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not is_valid(final):  # a third writer put a good copy there meanwhile: fine
-            raise
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 @dataclass

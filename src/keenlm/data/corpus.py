@@ -238,7 +238,7 @@ def _hf_corpus(cfg: DataConfig) -> Corpus:
     """A Hugging Face dataset split; documents are rows, keyed by their index."""
     name, _, config = cfg.corpus[len("hf:"):].partition(":")
     try:
-        import datasets
+        import datasets  # optional extra (keenlm[datasets]), heavy to import
     except ImportError:
         raise ConfigError("data.corpus", cfg.corpus,
                           "hf: corpora with the datasets package: pip install datasets") from None

@@ -27,6 +27,7 @@ difficulty, split, i), and the train split skips every prompt the test split hol
 from __future__ import annotations
 
 import ast
+import json
 import math
 import random
 import re
@@ -288,8 +289,6 @@ def write_demonstrations(task: Task, path, n: int) -> Path:
     """A .jsonl corpus of ``n`` training problems with their worked completions (one
     document per line, field "text"): train on it with ``--data.corpus PATH`` for the
     supervised warm-up that gives RL a policy with non-zero success."""
-    import json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"text": p.prompt + p.demonstration}) for p in task.problems("train", n)]
@@ -297,33 +296,6 @@ def write_demonstrations(task: Task, path, n: int) -> Path:
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
     return path
-
-
-def complete(model, tokenizer, prompts: list[str], *, temperature: float = 0.0,
-             max_new_tokens: int = 64, seed: int = 0, batch: int = 64) -> list[str]:
-    """Task completions, ``batch`` rows per generate call, each ending at its answer tag
-    (the closing tag is kept, so rewards can check the format)."""
-    from keenlm.config import GenerateConfig
-    from keenlm.infer import generate
-
-    out = []
-    for i in range(0, len(prompts), batch):
-        cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                             stop=("</answer>",), seed=seed + i)
-        out += generate(model, tokenizer, prompts[i:i + batch], cfg)
-    return [c + "</answer>" if "<answer>" in c and "</answer>" not in c else c for c in out]
-
-
-def evaluate_policy(model, tokenizer, task: Task, n: int = 100, max_new_tokens: int = 64,
-                    batch: int = 64) -> dict:
-    """Greedy answers to the first ``n`` test problems: success rate (reward 1 = pass@1),
-    format rate (an answer tag), mean reward."""
-    problems = task.problems("test", n)
-    prompts = [p.prompt for p in problems]
-    rewards = task.reward(prompts, complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                            batch=batch))
-    return {"success": sum(r == 1.0 for r in rewards) / n, "format": sum(r > 0 for r in rewards) / n,
-            "reward": sum(rewards) / n, "n": n}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -348,33 +320,3 @@ def majority(keys: list, weights: list[float] | None = None) -> int | None:
         return None
     best = max(counts.values())
     return next(i for i, k in enumerate(keys) if k is not None and counts[k] == best)
-
-
-def evaluate_task(model, tokenizer, task: Task, n: int = 100, samples: int = 0,
-                  ks: tuple[int, ...] = (1, 4, 8), temperature: float = 1.0,
-                  max_new_tokens: int = 64, seed: int = 0, batch: int = 64) -> dict:
-    """Held-out evaluation on the first ``n`` test problems: greedy pass@1 always; with
-    ``samples`` > 0, that many sampled answers per problem give pass@k (unbiased estimator)
-    and maj@k (self-consistency: the most frequent answer among the first k samples, by the
-    task's answer key, is the one scored) for each k <= samples in ``ks``."""
-    out = {"pass@1 greedy": evaluate_policy(model, tokenizer, task, n, max_new_tokens, batch)}
-    if samples <= 0:
-        return out
-    ks = tuple(k for k in ks if k <= samples)
-    problems = task.problems("test", n)
-    rows = [p.prompt for p in problems for _ in range(samples)]
-    comps = complete(model, tokenizer, rows, temperature=temperature,
-                     max_new_tokens=max_new_tokens, seed=seed, batch=batch)
-    rewards = task.reward(rows, comps)
-    for k in ks:
-        pk = mk = 0.0
-        for i, p in enumerate(problems):
-            rs = rewards[i * samples:(i + 1) * samples]
-            pk += pass_at_k(samples, sum(r == 1.0 for r in rs), k)
-            answers = [extract_answer(c) for c in comps[i * samples:i * samples + k]]
-            win = majority([None if a is None else task.answer_key(p.prompt, a) for a in answers])
-            mk += win is not None and rs[win] == 1.0
-        out[f"pass@{k}"] = pk / n
-        out[f"maj@{k}"] = mk / n
-    out.update(n=n, samples=samples, temperature=temperature)
-    return out

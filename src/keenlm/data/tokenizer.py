@@ -35,6 +35,9 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from keenlm.config import ConfigError
+from keenlm.runs import atomic_folder, default_cache_dir
+
 if TYPE_CHECKING:  # imported for annotations only; corpus.py does not import this module
     from keenlm.config import DataConfig
     from keenlm.data.corpus import Corpus
@@ -107,7 +110,7 @@ class Tokenizer:
         from a file can format text but cannot reach Python objects or the file system)."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.sandbox import ImmutableSandboxedEnvironment  # optional extra: keenlm[io]
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
@@ -379,9 +382,6 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
 
 def build_tokenizer(cfg: "DataConfig", corpus: "Corpus") -> Tokenizer:
     """``cfg.tokenizer``: "byte", "bpe" (trained on the corpus, cached) or a tokenizer folder."""
-    from keenlm.config import ConfigError
-    from keenlm.data.cache import atomic_folder, default_cache_dir
-
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer != "bpe":

@@ -66,6 +66,31 @@ def left_pad(prompts: Sequence[Sequence[int]], device):
     return idx.to(device), mask.to(device)
 
 
+def _check_fits(mcfg, idx, max_new_tokens: int) -> None:
+    """Prompt ids inside the vocabulary, prompt + new tokens inside the context."""
+    if int(idx.max()) >= mcfg.vocab_size:
+        raise ValueError(f"prompt token id {int(idx.max())} is outside the vocabulary "
+                         f"({mcfg.vocab_size})")
+    if idx.shape[1] + max_new_tokens > mcfg.max_seq_len:
+        raise ValueError(f"prompt of {idx.shape[1]} tokens + generate.max_new_tokens "
+                         f"{max_new_tokens} exceeds model.max_seq_len {mcfg.max_seq_len}")
+
+
+def _take(tokens: list[int], out, done, eos_id, should_stop, on_token) -> None:
+    """Append one sampled token to every row still running; a row ends at eos or its stop."""
+    for r, t in enumerate(tokens):
+        if done[r]:
+            continue
+        if eos_id is not None and t == eos_id:
+            done[r] = True
+            continue
+        out[r].append(t)
+        if on_token is not None:
+            on_token(r, t)
+        if should_stop is not None and should_stop(r, out[r]):
+            done[r] = True
+
+
 @torch.no_grad()
 def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig = GenerateConfig(),
                     *, eos_id: Optional[int] = None,
@@ -82,15 +107,11 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
         raise ValueError(f"repeat {repeat}: an integer >= 1")
     device = next(model.parameters()).device
     idx, key_mask = left_pad(prompts, device)
+    _check_fits(model.cfg, idx, cfg.max_new_tokens)
     P, L = idx.shape
     B = P * repeat
     vocab = model.cfg.vocab_size
-    if int(idx.max()) >= vocab:
-        raise ValueError(f"prompt token id {int(idx.max())} is outside the vocabulary ({vocab})")
     total = L + cfg.max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt of {L} tokens + generate.max_new_tokens {cfg.max_new_tokens} "
-                         f"exceeds model.max_seq_len {model.cfg.max_seq_len}")
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
@@ -113,17 +134,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
     try:
         for _ in range(cfg.max_new_tokens):
             tok = sample_next(logits.float(), seen, cfg, gen)
-            for r, t in enumerate(tok.tolist()):
-                if done[r]:
-                    continue
-                if eos_id is not None and t == eos_id:
-                    done[r] = True
-                    continue
-                out[r].append(t)
-                if on_token is not None:
-                    on_token(r, t)
-                if should_stop is not None and should_stop(r, out[r]):
-                    done[r] = True
+            _take(tok.tolist(), out, done, eos_id, should_stop, on_token)
             if all(done):
                 break
             if track_seen:

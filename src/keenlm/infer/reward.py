@@ -25,6 +25,7 @@ task, training data counts), written atomically.
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import json
 import random
@@ -34,9 +35,16 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from keenlm.infer.search import Compute
+from keenlm.config import from_dict, save_json
+from keenlm.data import load_tokenizer
+from keenlm.infer.search import Compute, Policy
+from keenlm.io.loaders import load_any
+from keenlm.ledger import flops_per_token, generation_flops
+from keenlm.model import build_model, load_model_state, model_state
+from keenlm.runs import atomic_folder
 
 KINDS = ("orm", "prm")
 
@@ -147,10 +155,6 @@ def _batch(rows: Sequence[list[int]], device) -> torch.Tensor:
 def train_reward_model(policy, examples: Sequence[Example], *, steps: int = 300, batch: int = 16,
                        lr: float = 1e-3, seed: int = 0, log=None) -> RewardModel:
     """Fit a reward model (started from a copy of the policy's weights) to ``examples``."""
-    import copy
-
-    from keenlm.ledger import flops_per_token
-
     if not examples:
         raise ValueError("no training examples for the reward model")
     torch.manual_seed(seed)
@@ -186,8 +190,6 @@ class RewardScorer:
 
     @torch.no_grad()
     def __call__(self, prompt: str, texts: Sequence[str]) -> list[float]:
-        from keenlm.ledger import generation_flops
-
         device = next(self.rm.parameters()).device
         out = []
         for i in range(0, len(texts), self.batch):
@@ -226,12 +228,6 @@ def ranking_auc(scorer, policy, task, problems: int = 30, samples: int = 16,
 
 
 def save_reward_model(rm: RewardModel, tokenizer, config, out, info: dict) -> Path:
-    from safetensors.torch import save_file
-
-    from keenlm.config import save_json
-    from keenlm.data.cache import atomic_folder
-    from keenlm.model import model_state
-
     out = Path(out)
     state = {**model_state(rm.net), "score.weight": rm.score.weight.detach().cpu().contiguous(),
              "score.bias": rm.score.bias.detach().cpu().contiguous()}
@@ -245,12 +241,6 @@ def save_reward_model(rm: RewardModel, tokenizer, config, out, info: dict) -> Pa
 
 def load_reward_model(path, device: str = "cpu") -> RewardScorer:
     """A reward model folder as a scorer. Weights via safetensors only; every tensor checked."""
-    from safetensors.torch import load_file
-
-    from keenlm.config import from_dict
-    from keenlm.data import load_tokenizer
-    from keenlm.model import build_model, load_model_state
-
     path = Path(path)
     if not (path / "reward.json").exists():
         raise FileNotFoundError(f"{path} is not a reward model folder (no reward.json)")
@@ -278,10 +268,7 @@ def train_reward(policy_path, kind: str, task, out, *, problems: int = 200, samp
                  rollouts: int = 4, steps: int = 300, lr: float = 1e-3, max_new_tokens: int = 64,
                  seed: int = 0, log=print) -> dict:
     """``keenlm train-reward``: label the policy's rollouts, fit, save; returns reward.json."""
-    import keenlm
-    from keenlm.infer.search import Policy
-
-    km = keenlm.load(policy_path)
+    km = load_any(Path(policy_path))
     policy = Policy(km.net, km.tokenizer)
     t0 = time.perf_counter()
     examples = rollout_examples(policy, task, kind, problems, samples, rollouts,

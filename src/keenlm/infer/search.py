@@ -47,6 +47,8 @@ from typing import Callable, Optional, Sequence
 
 from keenlm.config import GenerateConfig
 from keenlm.data.tasks import extract_answer, majority
+from keenlm.infer.generate import generate_tokens, stop_check
+from keenlm.ledger import generation_flops
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
@@ -136,9 +138,6 @@ class Policy:
         """``n`` continuations of each prefix, each ending at (and keeping) its first stop
         string or after ``max_new_tokens`` tokens: one generate call, each prefix prefilled
         once. Returns one list of n texts per prefix."""
-        from keenlm.infer.generate import generate_tokens, stop_check
-        from keenlm.ledger import generation_flops
-
         tok = self.tokenizer
         ids = [tok.encode_prompt(p) for p in prefixes]
         room = self.model.cfg.max_seq_len - max(map(len, ids))

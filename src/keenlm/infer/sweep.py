@@ -9,7 +9,8 @@ estimate from the policy itself: its pass rate over ``difficulty_samples`` sampl
 choose). ``curves`` gives accuracy against mean FLOPs per problem for each strategy, overall
 and per bin; ``choose`` picks, for a FLOP budget and a bin, the (strategy, N) whose measured
 accuracy is highest within the budget: compute-optimal test-time scaling as a lookup in
-measured curves.
+measured curves. ``save_results`` writes a sweep as results.json, a Markdown table
+(``results_table``) and an accuracy-vs-FLOPs chart (what ``keenlm solve --out`` leaves).
 
 For N, the strategies' budgets are: majority / weighted majority / best-of-N: N samples;
 beam search: N candidates per step, width N // expand with expand = min(expand, N); DVTS: N
@@ -18,10 +19,14 @@ candidates per step in N // expand subtrees; budget forcing: N x 16 thinking tok
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from keenlm.infer.search import STRATEGIES, Budget, Policy
+from keenlm.plot import line_chart
+from keenlm.runs import atomic_write_text
 
 BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.01)  # policy pass-rate bin edges: bin 0 is hardest
 
@@ -109,3 +114,27 @@ def choose(result: dict, flops_budget: float, bin: Optional[int] = None) -> Opti
                                                 (best["accuracy"], -best["flops"])):
                 best = {"strategy": name, **pt}
     return best
+
+
+def results_table(result: dict) -> str:
+    """The sweep as a Markdown table: one row per (strategy, N), mean cost per problem."""
+    lines = ["| strategy | N | accuracy | policy tokens / problem | FLOPs / problem |",
+             "|---|---|---|---|---|"]
+    for name, points in curves(result).items():
+        for pt in points:
+            lines.append(f"| {name} | {pt['n']} | {pt['accuracy']:.3f} | {pt['policy_tokens']:.0f} | "
+                         f"{pt['flops']:.3g} |")
+    return "\n".join(lines)
+
+
+def save_results(result: dict, out, title: str) -> Path:
+    """Write a sweep into folder ``out``: results.json (every row), results.md (``title`` above
+    ``results_table``) and accuracy_vs_flops.svg (one line per strategy, FLOPs on a log scale)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(result) + "\n")
+    atomic_write_text(out / "results.md", f"{title}\n\n{results_table(result)}\n")
+    line_chart({k: [(p["flops"], p["accuracy"]) for p in v] for k, v in curves(result).items()},
+               out / "accuracy_vs_flops.svg", x_label="FLOPs per problem (log scale)",
+               y_label="held-out accuracy", y_range=(0.0, 1.0), log_x=True)
+    return out

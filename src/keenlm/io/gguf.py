@@ -25,7 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keenlm.config import ModelConfig
+from keenlm.config import ModelConfig, RunConfig
+from keenlm.io import gguf_format
+from keenlm.io.hf_tokenizer import tokenizer_from_vocab
+from keenlm.io.loaders import Loaded, assemble, register
 
 SUPPORTED_ARCHS = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "TQ1_0",
@@ -44,7 +47,7 @@ class GGUFFile:
         self.meta, self.tensors, self.data = meta, tensors, data
 
     def type_name(self, t) -> str:
-        from gguf import GGMLQuantizationType
+        from gguf import GGMLQuantizationType  # optional extra: keenlm[io]
 
         return GGMLQuantizationType(t.type_id).name
 
@@ -55,8 +58,6 @@ def _field(reader, key: str, default=None):
 
 def open_reader(path) -> GGUFFile:
     """The parsed file, or GGUFError for anything that is not a readable GGUF file."""
-    from keenlm.io import gguf_format
-
     path = Path(path)
     if not path.is_file():
         raise GGUFError(path, "no such file")
@@ -156,9 +157,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def read_state(reader, cfg: ModelConfig, path) -> dict[str, torch.Tensor]:
     """Every weight, dequantized to fp32 and renamed; checked against the config's shapes."""
-    from gguf import GGMLQuantizationType
-
-    from keenlm.io.gguf_format import tensor_bytes
+    from gguf import GGMLQuantizationType  # optional extra: keenlm[io]
 
     expected = expected_shapes(cfg)
     tensors = {t.name: t for t in reader.tensors}
@@ -174,7 +173,8 @@ def read_state(reader, cfg: ModelConfig, path) -> dict[str, torch.Tensor]:
         if tuple(t.shape) != expected[kname]:
             raise GGUFError(path, f"tensor {gname} has shape {tuple(t.shape)}, the config "
                                   f"implies {expected[kname]}")
-        w = dequantize(tensor_bytes(reader.data, t), GGMLQuantizationType(t.type_id), path, gname)
+        w = dequantize(gguf_format.tensor_bytes(reader.data, t), GGMLQuantizationType(t.type_id),
+                       path, gname)
         if ".attn_q." in gname:
             w = unpermute_qk(w, cfg.n_head)
         elif ".attn_k." in gname:
@@ -184,7 +184,7 @@ def read_state(reader, cfg: ModelConfig, path) -> dict[str, torch.Tensor]:
 
 
 def dequantize(raw: np.ndarray, qtype, path, name) -> np.ndarray:
-    from gguf import quants
+    from gguf import quants  # optional extra: keenlm[io]
 
     try:
         return quants.dequantize(raw, qtype).astype(np.float32, copy=False)
@@ -194,8 +194,6 @@ def dequantize(raw: np.ndarray, qtype, path, name) -> np.ndarray:
 
 def read_tokenizer(reader, path):
     """The embedded byte-level BPE tokenizer and chat template, as a keenlm BPETokenizer."""
-    from keenlm.io.hf_tokenizer import tokenizer_from_vocab
-
     model = _field(reader, "tokenizer.ggml.model")
     if model is None:
         raise GGUFError(path, "no tokenizer in the file (tokenizer.ggml.model is missing)")
@@ -231,3 +229,11 @@ def load_gguf(path):
                               f"only {cfg.vocab_size}")
     state = read_state(reader, cfg, path)
     return cfg, state, tokenizer
+
+
+def _load(path: Path, device: str) -> Loaded:
+    cfg_m, state, tok = load_gguf(path)
+    return assemble(RunConfig(model=cfg_m), state, tok, device)
+
+
+register("GGUF file", lambda p: p.is_file(), _load)

@@ -29,7 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from keenlm.data.tokenizer import bytes_to_unicode
 from keenlm.io.gguf import GGUF_TO_KEENLM, GLOBAL_NAMES, permute_qk
+from keenlm.quant.int8 import FusedSlice, Int8Embedding, Int8Linear
+from keenlm.quant.packing import PackedLinear
 
 QTYPES = ("f32", "f16", "q8_0", "tq1_0", "tq2_0")
 TERNARY_QTYPES = ("tq1_0", "tq2_0")  # only for models whose linears are ternary
@@ -37,8 +40,6 @@ TERNARY_QTYPES = ("tq1_0", "tq2_0")  # only for models whose linears are ternary
 
 def _vocab_and_merges(tokenizer):
     """(tokens in byte-level spelling, token types, merges, pre-tokenizer name)."""
-    from keenlm.data.tokenizer import bytes_to_unicode
-
     if tokenizer.kind == "byte":
         b2u = bytes_to_unicode()
         return [b2u[b] for b in range(256)] + [tokenizer.eos_token], [1] * 256 + [3], [], "gpt-2"
@@ -89,7 +90,7 @@ def _add_metadata(w, net, tokenizer, file_type: int):
 
 def _encode_tensor(name: str, arr: np.ndarray, qtype: str):
     """(data, raw_dtype or None) for GGUFWriter.add_tensor."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants  # optional extra: keenlm[io]
 
     if arr.ndim == 1 or qtype == "f32":
         return arr.astype(np.float32), None
@@ -109,8 +110,6 @@ def effective_weights(net) -> dict[str, np.ndarray]:
     """keenlm name -> the fp32 weights the model computes with: a low-bit layer's quantized
     matrix (not its latent weights), a packed or int8 layer's dequantized one (a projection
     fused for decoding as its rows of the fused matrix), plain tensors as they are."""
-    from keenlm.infer.int8 import FusedSlice
-
     sd = {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
     for name, m in net.named_modules():
         w = _dequantized(m)
@@ -122,8 +121,6 @@ def effective_weights(net) -> dict[str, np.ndarray]:
 
 
 def _dequantized(m):
-    from keenlm.infer.int8 import Int8Embedding, Int8Linear
-
     if hasattr(m, "quantized_weight"):  # QATLinear
         return m.quantized_weight()
     if callable(getattr(m, "weight", None)):  # PackedLinear
@@ -136,8 +133,6 @@ def _dequantized(m):
 def is_ternary(net) -> bool:
     """Every block projection holds ternary weights: a ternary QAT model, or a packed model
     whose layers are scale x {-1, 0, +1} (offset = -scale, codes 0..2)."""
-    from keenlm.model.packing import PackedLinear
-
     if net.cfg.linear == "ternary":
         return True
     packed = [m for m in net.modules() if isinstance(m, PackedLinear)]
@@ -167,7 +162,7 @@ def _tensors(net):
 def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
     """Write ``net`` + ``tokenizer`` as a GGUF file of weight type f32 | f16 | q8_0, or
     tq1_0 | tq2_0 for ternary models. Low-bit models are written with their quantized weights."""
-    from gguf import GGUFWriter, LlamaFileType
+    from gguf import GGUFWriter, LlamaFileType  # optional extra: keenlm[io]
 
     if qtype not in QTYPES:
         raise ValueError(f"GGUF export type {qtype!r} is not supported ({' | '.join(QTYPES)})")

@@ -82,7 +82,7 @@ class _Cursor:
 
 def read(path) -> tuple[dict, list[TensorInfo], np.memmap]:
     """(metadata, tensor table, file memmap) of a GGUF file; FormatError on anything malformed."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # optional extra: keenlm[io]
 
     data = np.memmap(path, dtype=np.uint8, mode="r")
     cur = _Cursor(memoryview(data))

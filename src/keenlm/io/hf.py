@@ -36,8 +36,15 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors import torch as st
 
-from keenlm.config import ModelConfig
+from keenlm.config import ModelConfig, RunConfig
+from keenlm.data.tokenizer import META_FILE, BPETokenizer, load_tokenizer
+from keenlm.io.loaders import Loaded, assemble, register
+from keenlm.model import build_model, model_state
+from keenlm.model.moe import expert_width
+from keenlm.runs import atomic_folder
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -79,8 +86,6 @@ def hf_config(cfg: ModelConfig, tokenizer) -> dict:
 
 def _mixtral(cfg: ModelConfig) -> dict:
     """What a ``MixtralConfig`` adds to Llama's: the experts (each of width moe.d_ff)."""
-    from keenlm.model.moe import expert_width
-
     return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
             "intermediate_size": expert_width(cfg), "num_local_experts": cfg.moe.experts,
             "num_experts_per_tok": cfg.moe.top_k, "router_aux_loss_coef": cfg.moe.aux_coef,
@@ -91,8 +96,6 @@ def hf_state(net) -> dict[str, torch.Tensor]:
     """keenlm weights under Hugging Face names, fp32, tied LM head omitted; an MoE layer's
     parts under Mixtral's names (block_sparse_moe.gate, experts.j.w1 = gate, w3 = up,
     w2 = down)."""
-    from keenlm.model import model_state
-
     out = {}
     for k, v in model_state(net).items():
         if k.endswith("mlp.expert_bias"):  # zero for every exportable model (checked above)
@@ -140,10 +143,6 @@ def export_hf(net, tokenizer, out_dir, *, overwrite: bool = False) -> Path:
 
     ``out_dir`` must not exist (or be empty) unless ``overwrite``: the folder is replaced whole.
     """
-    from safetensors import torch as st
-
-    from keenlm.data.cache import atomic_folder
-
     _check_exportable(net, tokenizer)
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
@@ -285,8 +284,6 @@ def _keenlm_name(name: str) -> str | None:
 
 def _read_shard(file: Path, expected: dict[str, tuple], state: dict, origin: dict) -> None:
     """Add every tensor of ``file`` to ``state`` as fp32, checking name, dtype and shape."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
@@ -314,8 +311,6 @@ def _read_shard(file: Path, expected: dict[str, tuple], state: dict, origin: dic
 
 def read_state(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Every weight under keenlm names, fp32; missing, extra or mis-shaped tensors are errors."""
-    from keenlm.model import build_model
-
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
@@ -380,8 +375,6 @@ def read_tokenizer(folder: Path, config: dict):
     """keenlm's own tokenizer files if present, else a byte-level BPE from tokenizer.json."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from keenlm.data.tokenizer import META_FILE, BPETokenizer, load_tokenizer
-
     if (folder / META_FILE).is_file():
         return load_tokenizer(folder)
     path = folder / "tokenizer.json"
@@ -424,3 +417,16 @@ def load_hf(folder):
         raise HFError(folder, f"the tokenizer has {tokenizer.vocab_size} tokens but config.json's "
                               f"vocab_size is {cfg.vocab_size}")
     return cfg, read_state(folder, cfg), tokenizer
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path.is_dir() and (path / CONFIG).exists() and not (path / "checkpoints").exists()
+            and any(path.glob("*.safetensors*")))
+
+
+def _load(path: Path, device: str) -> Loaded:
+    cfg_m, state, tok = load_hf(path)
+    return assemble(RunConfig(model=cfg_m), state, tok, device)
+
+
+register("Hugging Face folder", is_hf_folder, _load)

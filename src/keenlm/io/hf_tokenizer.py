@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import sys
 
+from keenlm.data.tokenizer import BPETokenizer
+
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -41,8 +43,6 @@ def tokenizer_from_vocab(tokens: list[str], merges: list[str], *, special: list[
                          eos_token: str | None, bos_token: str | None, add_bos: bool, pre: str,
                          chat_template: str | None, source: str):
     from tokenizers import AddedToken, Tokenizer, decoders, models
-
-    from keenlm.data.tokenizer import BPETokenizer
 
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != len(tokens):

@@ -1,7 +1,6 @@
 """The keenlm model: a Llama-family decoder built from registries of parts."""
 from keenlm.model.attention import ATTENTION, KVCache
-from keenlm.model.layers import FFN, LINEAR
-from keenlm.model.transformer import Transformer, load_model_state, model_state
+from keenlm.model.transformer import FFN, LINEAR, Transformer, load_model_state, model_state
 
 
 def build_model(cfg) -> Transformer:

@@ -27,12 +27,14 @@ D head dim, C model width.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keenlm.model import flash
 from keenlm.model.layers import apply_rope, fused_projection
 
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -68,15 +70,13 @@ def sdpa_attention(q, k, v, mask):
 def flash_backend(q, k, v, mask):
     """FlashAttention-2 in PyTorch (keenlm.model.flash): blocked, online softmax, recomputing
     backward; memory O(T x block) instead of O(T x S)."""
-    from keenlm.model import flash
-
     return flash.flash_attention(q, k, v, mask, causal=True, block=flash.BLOCK, rows=flash.ROWS)
 
 
 def flash_triton_backend(q, k, v, mask):
     """FlashAttention-2 as Triton kernels (keenlm.model.flash_triton): CUDA only; a clear
     error elsewhere (on a CPU the tests run it under Triton's interpreter)."""
-    from keenlm.model.flash_triton import flash_triton_attention
+    from keenlm.model.flash_triton import flash_triton_attention  # imports triton: keenlm[gpu]
 
     return flash_triton_attention(q, k, v, mask, causal=True)
 
@@ -89,14 +89,22 @@ def auto_backend(q, k, v, mask):
     (when triton is installed), PyTorch's fused sdpa elsewhere (on this project's 2-core CPU,
     benchmarks/attention.py measures sdpa ahead of flash and naive at every length)."""
     if q.is_cuda:
-        from keenlm.model import flash_triton
+        from keenlm.model.flash_triton import available, flash_triton_attention  # as above
 
-        if flash_triton.available():
-            return flash_triton.flash_triton_attention(q, k, v, mask, causal=True)
+        if available():
+            return flash_triton_attention(q, k, v, mask, causal=True)
         if "triton" not in _said:
             _said.add("triton")
             print("keenlm: triton is not installed; attention 'auto' uses sdpa on this GPU")
     return sdpa_attention(q, k, v, mask)
+
+
+def check_backend(name: str, device: torch.device) -> None:
+    """A backend that cannot run on ``device`` fails here, when a run starts, not in a forward."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+    if name == "flash_triton" and device.type != "cuda" and not interpreted:
+        raise ValueError(f"model.attention=flash_triton runs on CUDA GPUs; this run's device is "
+                         f"{device} (use flash, sdpa or auto)")
 
 
 ATTENTION: dict[str, Backend] = {

@@ -1,21 +1,15 @@
-"""Building blocks of the Llama-family decoder: RMSNorm, rotary embeddings, and the
-registries of linear-layer and feed-forward constructors.
+"""Building blocks of the Llama-family decoder: RMSNorm, rotary embeddings, the dense linear
+layer and the SwiGLU feed-forward.
 
 - RMSNorm (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467): x / rms(x) * g.
 - RoPE (Su et al. 2021, https://arxiv.org/abs/2104.09864), in the "rotate half" layout that
   Hugging Face's Llama uses, so weights move between the two without permutation.
 - SwiGLU feed-forward (Shazeer 2020, https://arxiv.org/abs/2002.05202): down(silu(gate(x)) * up(x)).
 
-Registries are plain dicts of same-signature constructors, resolved once at build time:
-
-    LINEAR[kind](in_features, out_features, cfg) -> nn.Module   (no bias, as in Llama)
-    FFN[kind](cfg, linear) -> nn.Module                        (maps (B, T, C) -> (B, T, C))
-
-A later technique (low-bit linears, mixture of experts) adds an entry; the model never changes.
+The registries that choose among these and the techniques' variants (``LINEAR``, ``FFN``) live
+in keenlm.model.transformer, one layer above every part they name.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -147,20 +141,6 @@ def fused_projection(x: torch.Tensor, *mods: nn.Module) -> torch.Tensor:
     return torch.cat([m(x) for m in mods], dim=-1)
 
 
-def _lowbit(kind: str):
-    from keenlm.model.lowbit import qat_linear_factory
-
-    return qat_linear_factory(kind)
-
-
-LINEAR: dict[str, Callable[..., nn.Module]] = {
-    "dense": dense_linear,
-    "ternary": _lowbit("ternary"),  # BitNet b1.58 absmean, quantization-aware (model/lowbit.py)
-    "int2": _lowbit("int2"),
-    "int4": _lowbit("int4"),
-}
-
-
 def swiglu_reference(gate_up):
     """silu(gate) * up for gate_up = [gate | up] along the last dimension."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -209,15 +189,3 @@ class SwiGLU(nn.Module):
             gate, up = gate_up.chunk(2, dim=-1)
             return self.down_proj(F.silu(gate).mul_(up))
         return self.down_proj(_SwiGLU.apply(gate_up))
-
-
-def _moe(cfg, linear):
-    from keenlm.model.moe import MoE  # moe.py builds its experts from SwiGLU above
-
-    return MoE(cfg, linear)
-
-
-FFN: dict[str, Callable] = {
-    "dense": SwiGLU,
-    "moe": _moe,  # mixture of experts (model/moe.py)
-}

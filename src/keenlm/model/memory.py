@@ -166,6 +166,15 @@ class NeuralMemory(nn.Module):
         self._skipped = self._tokens = 0
         self._surprise = 0.0
 
+    def own_parameters(self):
+        return list(self.init_weights)
+
+    @torch.no_grad()
+    def reset_own_parameters(self):
+        """The memory's starting state: unit gain (a model's generic init would be far smaller)."""
+        for w in self.init_weights:
+            nn.init.normal_(w, 0.0, w.shape[-1] ** -0.5)
+
     @torch.no_grad()
     def reset_coefficients(self):
         """Start: momentum 0.88, half the largest step, forgetting 0.25% per token."""

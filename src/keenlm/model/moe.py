@@ -43,13 +43,14 @@ parameters and FLOPs per token are the k chosen experts', not all E.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keenlm.model.layers import SwiGLU, swiglu_reference as swiglu
+from keenlm.model.layers import SwiGLU, _SwiGLU, swiglu_reference as swiglu
 
 
 class _ExpertShape:
@@ -198,8 +199,6 @@ class MoE(nn.Module):
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All experts in two grouped GEMMs (torch._grouped_mm, bf16): the same arithmetic as
         ``_per_expert`` without a kernel launch per expert. Weights are stacked per call."""
-        from keenlm.model.layers import _SwiGLU
-
         gate_up = torch.stack([torch.cat([x.gate_proj.weight, x.up_proj.weight])
                                for x in self.experts]).to(torch.bfloat16)  # (E, 2F, C)
         down = torch.stack([x.down_proj.weight for x in self.experts]).to(torch.bfloat16)
@@ -298,10 +297,6 @@ def upcycle(net, moe_cfg, noise: float = 0.01, seed: int = 0) -> None:
     router starts small and random. Experts keep the dense width (``moe_cfg.d_ff`` is set to
     it). With k >= 2 the chosen weights sum to 1, so the upcycled model starts as the dense
     one (up to the noise). ``net.cfg`` becomes the MoE config."""
-    import dataclasses
-
-    from keenlm.model.layers import LINEAR
-
     cfg = dataclasses.replace(net.cfg, ffn="moe", moe=dataclasses.replace(moe_cfg, d_ff=net.cfg.d_ff))
     if any(not isinstance(layer.mlp, SwiGLU) for layer in net.layers):
         raise ValueError("upcycling needs a dense model (model.ffn: dense)")
@@ -309,7 +304,7 @@ def upcycle(net, moe_cfg, noise: float = 0.01, seed: int = 0) -> None:
         raise ValueError("upcycling needs model.moe.shared 0 and model.moe.top_k >= 2: then the k "
                          "chosen copies, with weights summing to 1, start as the dense layer")
     g = torch.Generator().manual_seed(seed)
-    linear = lambda i, o: LINEAR[cfg.linear](i, o, cfg=cfg)  # noqa: E731
+    linear = lambda i, o: net.linear_factory(cfg)(i, o)  # noqa: E731
     for layer in net.layers:
         dense = layer.mlp
         ref = next(dense.parameters())
@@ -321,3 +316,35 @@ def upcycle(net, moe_cfg, noise: float = 0.01, seed: int = 0) -> None:
                 p.copy_(q + eps)
         layer.mlp = moe
     net.cfg = cfg
+
+
+class MoEUpcycle:
+    """The trainer's converter for ``train.init_from`` a dense model with ``model.ffn: moe``:
+    sparse upcycling (``upcycle``) before training starts (keenlm.train.converters)."""
+
+    name = "moe-upcycle"
+
+    def __init__(self, moe_cfg):
+        self.moe_cfg = moe_cfg
+
+    @classmethod
+    def for_run(cls, cfg, start=None):
+        if start is not None and cfg.model.ffn == "moe" and start.model.ffn == "dense":
+            return cls(cfg.model.moe)
+        return None
+
+    def adopt(self, model, net, data, log):
+        upcycle(net, self.moe_cfg)
+        if log:
+            log(f"upcycled to {self.moe_cfg.experts} experts (top-{self.moe_cfg.top_k}) of width "
+                f"{model.d_ff}, copies of each layer's feed-forward")
+        return dataclasses.replace(model, ffn="moe", moe=net.cfg.moe)
+
+    def on_step(self, model, step, planned_steps):
+        pass
+
+    def begin_eval(self, model):
+        pass
+
+    def end_eval(self, model, seq_len) -> dict:
+        return {}

@@ -9,13 +9,22 @@ map one to one.
 
 The attention backend, the linear-layer factory and the feed-forward factory are looked up once
 here, from ``ATTENTION``, ``LINEAR`` and ``FFN``; the forward pass has no string dispatch.
+Registries are plain dicts of same-signature constructors, resolved once at build time:
+
+    LINEAR[kind](in_features, out_features, cfg) -> nn.Module   (no bias, as in Llama)
+    FFN[kind](cfg, linear) -> nn.Module                        (maps (B, T, C) -> (B, T, C))
+
+A technique adds an entry (low-bit linears: keenlm.quant.qat; mixture of experts:
+keenlm.model.moe; spiking execution: keenlm.spiking.ffn); the model never changes. Parts that
+need an initialization of their own define ``reset_own_parameters``, called after the generic
+one.
 
 Legend: B batch, T positions in this call, S positions visible (cache + new), C width, V vocab.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +32,24 @@ from torch import nn
 
 from keenlm.config import ModelConfig
 from keenlm.model.attention import ATTENTION, Attention, KVCache
-from keenlm.model.layers import FFN, LINEAR, RMSNorm, rope_tables
+from keenlm.model.layers import RMSNorm, SwiGLU, dense_linear, rope_tables
+from keenlm.model.memory import NeuralMemory
+from keenlm.model.moe import MoE
+from keenlm.quant.qat import qat_linear_factory
+from keenlm.spiking.ffn import SpikingFFN
+
+LINEAR: dict[str, Callable[..., nn.Module]] = {
+    "dense": dense_linear,
+    "ternary": qat_linear_factory("ternary"),  # BitNet b1.58 absmean, quantization-aware
+    "int2": qat_linear_factory("int2"),
+    "int4": qat_linear_factory("int4"),
+}
+
+FFN: dict[str, Callable] = {
+    "dense": SwiGLU,
+    "moe": MoE,  # mixture of experts (keenlm.model.moe)
+    "spiking": SpikingFFN,  # spiking execution of the SwiGLU (keenlm.spiking), model.spike.steps > 0
+}
 
 
 class Block(nn.Module):
@@ -37,8 +63,6 @@ class Block(nn.Module):
         self.mix = {"none": self._attention, "mal": self._memory_layer,
                     "mag": self._memory_gated}[kind]  # resolved once, here
         if kind != "none":  # Titans-style neural memory (model/memory.py)
-            from keenlm.model.memory import NeuralMemory
-
             self.memory = NeuralMemory(cfg)
             if kind == "mal":
                 self.memory_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -81,9 +105,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         linear = functools.partial(LINEAR[cfg.linear], cfg=cfg)
         backend, ffn = ATTENTION[cfg.attention], FFN[cfg.ffn]
-        if cfg.spike.steps:  # spiking execution of the dense feed-forward (model/spiking.py)
-            from keenlm.model.spiking import SpikingFFN
-
+        if cfg.spike.steps:  # spiking execution of the dense feed-forward (keenlm.spiking.ffn)
             ffn = SpikingFFN
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, linear, backend, ffn, i) for i in range(cfg.n_layer))
@@ -94,6 +116,11 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_buffers()
         self.reset_parameters()
+
+    @staticmethod
+    def linear_factory(cfg: ModelConfig):
+        """(in_features, out_features) -> the linear layer ``cfg.linear`` names."""
+        return functools.partial(LINEAR[cfg.linear], cfg=cfg)
 
     def reset_buffers(self):
         """Recompute the rotary tables (derived state, never saved): after construction and
@@ -110,24 +137,26 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def reset_parameters(self):
-        """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 n_layer) (GPT-2)."""
+        """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 n_layer) (GPT-2);
+        then every part with an initialization of its own (``reset_own_parameters``: a memory's
+        starting state, low-bit step sizes) applies it, overriding the generic one."""
         std = self.cfg.init_std
         if self.embed_tokens.weight.is_meta:  # built on "meta" to be filled from a file
             return
+        own = {id(p) for m in self.modules() if hasattr(m, "reset_own_parameters")
+               for p in m.own_parameters()}
         for name, p in self.named_parameters():
-            if name.endswith("alpha"):  # low-bit step sizes: set from the weights below
+            if id(p) in own:
                 continue
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 nn.init.ones_(p)
-            elif ".memory.init_weights." in name:  # a memory's starting state: unit gain
-                nn.init.normal_(p, 0.0, p.shape[-1] ** -0.5)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / (2 * self.cfg.n_layer) ** 0.5)
             elif p.dim() >= 2:
                 nn.init.normal_(p, 0.0, std)
         for m in self.modules():
-            if hasattr(m, "init_alpha"):
-                m.init_alpha()
+            if hasattr(m, "reset_own_parameters"):
+                m.reset_own_parameters()
 
     # ------------------------------------------------------------------------------------
 

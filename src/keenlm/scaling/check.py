@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from keenlm.scaling.sweep import COUNTS
+from keenlm.plot import line_chart
+from keenlm.runs import atomic_write_text
+from keenlm.scaling.fit import Law
+from keenlm.scaling.sweep import (COUNTS, base_config, fit_trials, grid, model_params, run_sweep,
+                                  run_trial)
 
 Log = Callable[[str], None]
 
@@ -23,11 +27,6 @@ Log = Callable[[str], None]
 def prediction_check(out: str | Path, fit_depths=(1, 2, 3, 4, 5), target_depth: int = 8,
                      tokens: int = 4_000_000, backend: str = "local", samples: int = 200,
                      base: dict | None = None, log: Log = print) -> dict:
-    from keenlm.plot import line_chart
-    from keenlm.runs import atomic_write_text
-    from keenlm.scaling.fit import Law
-    from keenlm.scaling.sweep import base_config, fit_trials, grid, model_params, run_sweep, run_trial
-
     out = Path(out)
     if len(fit_depths) < 3 or target_depth <= max(fit_depths):
         raise ValueError("fit on >= 3 depths and predict a deeper model than all of them")

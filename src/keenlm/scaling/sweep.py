@@ -24,6 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import torch
+
+from keenlm import api
+from keenlm.config import from_dict, merge, upgrade
+from keenlm.ledger import count_params
+from keenlm.model import build_model
+from keenlm.presets import resolve, size_preset
+from keenlm.runs import atomic_write_text
+from keenlm.scaling.fit import bootstrap, isoflop_fit
+
 Log = Callable[[str], None]
 
 
@@ -32,9 +42,9 @@ def base_config(seq: int = 256, batch: int = 16, vocab: int = 4096) -> dict:
     autocast where the hardware multiplies bf16 natively (1.7x faster on this CPU)."""
     return {"data": {"tokenizer": "bpe", "vocab_size": vocab, "max_bytes": 12_000_000},
             "model": {"max_seq_len": seq},
-            "train": {"batch_size": batch, "seq_len": seq, "schedule": "wsd",
-                      "decay_fraction": 0.25, "eval_every": 0, "eval_batches": 40,
-                      "dtype": "auto", "progress": False}}
+            "train": {"batch_size": batch, "seq_len": seq, "progress": False,
+                      "schedule": {"kind": "wsd", "decay_fraction": 0.25},
+                      "eval": {"every": 0, "batches": 40}, "runtime": {"dtype": "auto"}}}
 
 
 @dataclass(frozen=True)
@@ -47,14 +57,13 @@ class Trial:
 
 
 def _trial(base: dict, depth: int, tokens: int, aspect: int, head_dim: int) -> Trial:
-    from keenlm.config import merge
-    from keenlm.presets import size_preset
-
     cfg = merge(copy.deepcopy(base), size_preset(depth, aspect=aspect, head_dim=head_dim))
     t = cfg["train"]
     per_step = t["batch_size"] * t["seq_len"]
     steps = max(1, round(tokens / per_step))
-    t.update({"steps": steps, "warmup_steps": max(1, steps // 30), "resume": True})
+    t["steps"] = steps
+    t["schedule"] = {**t.get("schedule", {}), "warmup_steps": max(1, steps // 30)}
+    t["checkpoint"] = {**t.get("checkpoint", {}), "resume": True}
     return Trial(f"d{depth}-t{steps * per_step}", depth, steps * per_step, cfg)
 
 
@@ -67,13 +76,6 @@ def grid(base: dict, depths: Sequence[int], tokens: Sequence[int], aspect: int =
 
 def model_params(config: dict) -> dict[str, int]:
     """A config's parameter counts (keenlm.ledger.count_params), built on the meta device."""
-    import torch
-
-    from keenlm.config import from_dict
-    from keenlm.ledger import count_params
-    from keenlm.model import build_model
-    from keenlm.presets import resolve
-
     cfg = from_dict(config)
     with torch.device("meta"):
         net = build_model(resolve(cfg, cfg.data.vocab_size or 256).model)
@@ -100,25 +102,20 @@ def _positive(values, name: str) -> None:
 
 def run_trial(trial: Trial, out: str | Path, threads: int = 0) -> dict:
     """Train and evaluate one trial in ``out/trials/<name>``; returns its trial.json."""
-    import keenlm
-    from keenlm.config import merge
-    from keenlm.ledger import count_params
-    from keenlm.runs import atomic_write_text
-
     run_dir = Path(out) / "trials" / trial.name
     done = run_dir / "trial.json"
     if done.exists():
         rec = json.loads(done.read_text())
-        if rec.get("config") != trial.config:
+        if upgrade(rec.get("config")) != upgrade(trial.config):  # either spelling of a config
             raise ValueError(f"{run_dir} was trained with another config; use another sweep folder")
         return rec
     cfg = merge(trial.config, {"train": {"out_dir": str(run_dir),
-                                         **({"threads": threads} if threads else {})}})
+                                         **({"runtime": {"threads": threads}} if threads else {})}})
     t0 = time.perf_counter()
-    res = keenlm.train(cfg)
+    res = api.train(cfg)
     if res.interrupted:
         raise KeyboardInterrupt(f"trial {trial.name} was stopped")
-    params = count_params(keenlm.load(run_dir).net)
+    params = count_params(api.load(run_dir).net)
     rec = {"name": trial.name, "depth": trial.depth, "tokens": trial.tokens,
            "d_model": cfg["model"]["d_model"], "n_layer": cfg["model"]["n_layer"],
            "params": params["total"], "params_non_embedding": params["non_embedding"],
@@ -138,8 +135,6 @@ def run_sweep(trials: Sequence[Trial], out: str | Path, backend: str = "local",
     names = [t.name for t in trials]
     if len(set(names)) != len(names):
         raise ValueError("two trials share a name: each (depth, tokens) once")
-    from keenlm.runs import atomic_write_text
-
     out = Path(out)
     atomic_write_text(out / "sweep.json", json.dumps([t.__dict__ for t in trials], indent=2) + "\n")
     results, failed = {}, {}
@@ -183,7 +178,7 @@ def _run_local(trials, out, results, log, on_result) -> dict:
 
 def _run_ray(trials, out, results, log, on_result) -> dict:
     try:
-        import ray
+        import ray  # optional extra (keenlm[sweep]), heavy to import
     except ImportError:
         raise RuntimeError("backend ray needs Ray: pip install 'keenlm[sweep]'") from None
     started = not ray.is_initialized()
@@ -227,8 +222,6 @@ def fit_trials(runs: Sequence[dict], samples: int = 200, query_n: Optional[dict]
     parameter count (``COUNTS``), with bootstrap laws for intervals (``fit.interval``);
     ``query_n`` ({count: N}) adds each count's prediction at that N (L(N) only). Trials of
     isoFLOP plans also get approach 2."""
-    from keenlm.scaling.fit import bootstrap, isoflop_fit
-
     two = len({r["tokens"] for r in runs}) > 1
     d = [r["tokens"] for r in runs] if two else None
     losses = [r["val_loss"] for r in runs]

@@ -58,7 +58,6 @@ import copy
 import dataclasses
 import json
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -66,9 +65,15 @@ from typing import Callable, Optional
 import torch
 
 from keenlm import runs
-from keenlm.config import GenerateConfig, RLConfig, save_json
-from keenlm.data.tasks import Task, evaluate_policy, get_task
+from keenlm.config import GenerateConfig, OptimConfig, RLConfig, rl_config, save_json
+from keenlm.data.tasks import Task, get_task
+from keenlm.infer.task_eval import evaluate_policy
+from keenlm.infer.generate import generate_tokens, stop_check
+from keenlm.io.loaders import load_any
+from keenlm.plot import line_chart
 from keenlm.train.logprobs import completion_mask, shared_prefix_logprobs
+from keenlm.train.loop import LoopShell, pick_device
+from keenlm.train.optim import build_optimizer, init_base_lr, set_lr
 
 # ------------------------------------------------------------------------------ the objective
 
@@ -195,8 +200,6 @@ def sample_group(model, tokenizer, prompts: list[str], group: int, *, temperatur
     prompt prefilled once): (prompt ids, completion ids per row, completion texts). Row r
     continues prompt r // group. The same seed gives the same samples. With ``stop=None`` and
     ``stop_at_eos=False`` every completion has ``max_new_tokens`` tokens."""
-    from keenlm.infer.generate import generate_tokens, stop_check
-
     prompt_ids = [tokenizer.encode_prompt(p) for p in prompts]
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     outs = generate_tokens(model, prompt_ids, cfg, eos_id=tokenizer.eos_id if stop_at_eos else None,
@@ -216,23 +219,26 @@ class RLResult:
     interrupted: bool
 
 
-class RLTrainer:
+class RLTrainer(LoopShell):
     """GRPO or RFT on a task, starting from a loaded policy (``keenlm.load``)."""
+
+    record_kind = "rl"
+    eval_at_start = True
+    log_every = 1
 
     def __init__(self, policy, cfg: RLConfig, task: Task | None = None,
                  reward: Callable[[list[str], list[str]], list[float]] | None = None,
                  stop: Optional[str] = "</answer>", stop_at_eos: bool = True):
         """policy: a KeenModel. task: default from cfg; reward: default the task's. stop and
         stop_at_eos end completions (None and False: always max_new_tokens, for benchmarks)."""
-        from keenlm.train.optim import build_optimizer, init_base_lr
-        from keenlm.train.trainer import pick_device
-
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        run, opt = cfg.run, cfg.optim
+        super().__init__(run.out_dir)
+        if run.threads:
+            torch.set_num_threads(run.threads)
         if any(p.dtype != torch.float32 or not p.requires_grad for p in policy.net.parameters()):
             raise ValueError("RL needs a full-precision model (not a quantized one)")
         self.cfg, self.km = cfg, policy
-        self.device = pick_device(cfg.device)
+        self.device = pick_device(run.device)
         self.model = policy.net.to(self.device)
         self.tokenizer = policy.tokenizer
         self.task = task or get_task(cfg.task, cfg.difficulty, cfg.scratchpad)
@@ -241,21 +247,24 @@ class RLTrainer:
         self.logprobs = shared_prefix_logprobs  # reference_logprobs gives the same numbers
         self.targets, self.objective = ALGORITHMS[cfg.algo]
         self.variant = LOSSES[cfg.loss]
-        hi = cfg.clip_high if cfg.clip_high > 0 else (self.variant.clip_high or cfg.clip)
-        self.clip = (cfg.clip, hi)
+        hi = opt.clip_high if opt.clip_high > 0 else (self.variant.clip_high or opt.clip)
+        self.clip = (opt.clip, hi)
         self.reference = None
-        if cfg.kl_coef > 0 or cfg.log_kl:
+        if opt.kl_coef > 0 or opt.log_kl:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        opt_cfg = dataclasses.replace(policy.config.train, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      optimizer="adamw", beta1=0.9, beta2=0.99)
-        self.opt = build_optimizer(self.model, opt_cfg, self.device.type)
+        self.opt = build_optimizer(self.model, OptimConfig(name="adamw", lr=opt.lr, beta1=0.9,
+                                                           beta2=0.99,
+                                                           weight_decay=opt.weight_decay),
+                                   self.device.type)
         init_base_lr(self.opt)
-        self.run_dir = Path(cfg.out_dir)
-        self.step = 0
         self.updates = 0
+        self._started = time.perf_counter()
         self.train_problems = self.task.problems("train", 5000)
-        self._stop = threading.Event()
-        self._maybe_resume()
+        self.planned_steps = cfg.steps
+        self.eval_every, self.save_every = run.eval_every, run.save_every
+        self.time_budget_s, self.progress = run.time_budget_s, run.progress
+        if run.resume:
+            self.resume(label="RL step")
         self._write_run_files()
 
     # --------------------------------------------------------------------------- run files
@@ -269,23 +278,11 @@ class RLTrainer:
         runs.atomic_write_text(self.run_dir / "env.json", json.dumps(runs.environment(), indent=2))
         self.tokenizer.save(self.run_dir / "tokenizer")
 
-    def _maybe_resume(self):
-        ckpt = runs.latest_checkpoint(self.run_dir) if self.cfg.resume else None
-        if ckpt is None:
-            return
-        from keenlm.model import load_model_state
+    def extra_state(self) -> dict:
+        return {"updates": self.updates}
 
-        load_model_state(self.model, runs.load_model_state(ckpt))
-        state = runs.load_trainer_state(ckpt)
-        self.opt.load_state_dict(state["optimizer"])
-        self.step, self.updates = int(state["step"]), int(state["updates"])
-        print(f"resuming {self.run_dir} from RL step {self.step}")
-
-    def save(self):
-        from keenlm.model import model_state
-
-        state = {"optimizer": self.opt.state_dict(), "step": self.step, "updates": self.updates}
-        runs.save_checkpoint(self.run_dir, self.step, model_state(self.model), state, keep=2)
+    def load_extra_state(self, state: dict) -> None:
+        self.updates = int(state["updates"])
 
     # --------------------------------------------------------------------------- one step
 
@@ -320,15 +317,18 @@ class RLTrainer:
                 "zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
                 "completion_len": gen_tokens / len(comps), **stats,
                 "gen_tokens_per_s": gen_tokens / t_gen, "gen_s": t_gen, "train_s": t_train,
-                "train_tokens_per_s": train_tokens / t_train if t_train > 0 else 0.0}
+                "train_tokens_per_s": train_tokens / t_train if t_train > 0 else 0.0,
+                "elapsed_s": time.perf_counter() - self._started}
+
+    train_step = rl_step
 
     def _update(self, prompt_ids, rows, comps, adv, weights) -> dict:
         """epochs x minibatches optimizer steps on the rows that carry a gradient.
 
         prompt_ids: the P prompts; rows (R,): the prompt of each completion; comps: R
         completions; adv (R,), weights (R, W) from the algorithm."""
-        cfg = self.cfg
-        live = ((weights.sum(dim=1) > 0) & ((adv != 0) | (cfg.kl_coef > 0))).nonzero().flatten()
+        cfg, kl_coef = self.cfg, self.cfg.optim.kl_coef
+        live = ((weights.sum(dim=1) > 0) & ((adv != 0) | (kl_coef > 0))).nonzero().flatten()
         if len(live) == 0:
             return {"loss": 0.0, "clip_frac": 0.0, "kl": None, "rows_trained": 0, "train_tokens": 0}
         dev = self.device
@@ -358,7 +358,7 @@ class RLTrainer:
                 p = part.to(dev)
                 loss, st = self.objective(logp, logp.detach() if old is None else old[p], adv[p],
                                           weights[p] * cfg.minibatches, *self.clip,
-                                          None if ref is None else ref[p], cfg.kl_coef)
+                                          None if ref is None else ref[p], kl_coef)
                 self._optimizer_step(loss)
                 losses.append(loss.item())
                 clip_fracs.append(st["clip_frac"])
@@ -371,77 +371,48 @@ class RLTrainer:
                 "train_tokens": tokens}
 
     def _optimizer_step(self, loss):
-        from keenlm.train.optim import set_lr
-
-        cfg = self.cfg
-        warm = min(1.0, (self.updates + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        opt = self.cfg.optim
+        warm = min(1.0, (self.updates + 1) / opt.warmup_steps) if opt.warmup_steps else 1.0
         set_lr(self.opt, warm)
-        aux = self.model.aux_losses()  # MoE balance losses of this forward, if any
+        aux = self.model.aux_losses()  # auxiliary losses of the model's parts in this forward
         (loss + sum(aux.values()) if aux else loss).backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if opt.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), opt.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.model.end_step()  # MoE bias balancing and statistics
+        self.model.end_step()  # per-step updates of the model's parts
         self.updates += 1
 
     # --------------------------------------------------------------------------- loop
 
     def evaluate(self) -> dict:
-        ev = evaluate_policy(self.model, self.tokenizer, self.task, self.cfg.eval_n,
+        ev = evaluate_policy(self.model, self.tokenizer, self.task, self.cfg.run.eval_n,
                              max_new_tokens=self.cfg.max_new_tokens)
         return {"pass@1": ev["success"], "format": ev["format"], "reward": ev["reward"]}
 
+    def eval_fields(self, started: float) -> dict:
+        return {"elapsed_s": time.perf_counter() - started}
+
+    def step_info(self, rec: dict) -> str:
+        return (f"reward {rec['reward_mean']:.3f}  success {rec['success']:.3f}  "
+                f"{rec['gen_tokens_per_s']:,.0f} sampled tok/s")
+
+    def eval_note(self, ev: dict) -> str:
+        return f"step {self.step}: held-out pass@1 {ev['pass@1']:.3f}"
+
     def fit(self) -> RLResult:
-        from keenlm.train.progress import Progress
-        from keenlm.train.trainer import _sigint_stops
-
-        cfg = self.cfg
-        metrics = self.run_dir / "metrics.jsonl"
-        started = time.perf_counter()
-        start_eval = self.evaluate()
-        runs.append_jsonl(metrics, {"kind": "eval", "step": self.step, "elapsed_s": 0.0, **start_eval})
-        progress = Progress(cfg.steps, enabled=cfg.progress, start_step=self.step)
-        with _sigint_stops(self._stop), progress:
-            progress.note(f"step {self.step}: held-out pass@1 {start_eval['pass@1']:.3f}")
-            while self.step < cfg.steps and not self._stop.is_set():
-                rec = self.rl_step()
-                rec["elapsed_s"] = time.perf_counter() - started
-                runs.append_jsonl(metrics, {"kind": "rl", **rec})
-                progress.update(rec, info=f"reward {rec['reward_mean']:.3f}  success "
-                                f"{rec['success']:.3f}  {rec['gen_tokens_per_s']:,.0f} sampled tok/s")
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    ev = self.evaluate()
-                    runs.append_jsonl(metrics, {"kind": "eval", "step": self.step,
-                                                "elapsed_s": time.perf_counter() - started, **ev})
-                    progress.note(f"step {self.step}: reward {rec['reward_mean']:.3f}, held-out "
-                                  f"pass@1 {ev['pass@1']:.3f}")
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save()
-                if cfg.time_budget_s and time.perf_counter() - started > cfg.time_budget_s:
-                    progress.note(f"time budget of {cfg.time_budget_s:.0f} s reached")
-                    break
-        final = self.evaluate()
-        runs.append_jsonl(metrics, {"kind": "eval", "step": self.step,
-                                    "elapsed_s": time.perf_counter() - started, **final})
-        self.save()
+        self._started = time.perf_counter()
+        start_eval, final, interrupted = self.run_loop()
         write_curves(self.run_dir)
-        return RLResult(self.run_dir, self.step, start_eval, final, self._stop.is_set())
-
-    def request_stop(self):
-        self._stop.set()
+        return RLResult(self.run_dir, self.step, start_eval, final, interrupted)
 
 
 def rl(policy, cfg: RLConfig | dict) -> RLResult:
-    """Run GRPO or RFT from ``policy`` (a path or a loaded KeenModel)."""
-    from keenlm.config import section_from_dict
-
-    if isinstance(cfg, dict):
-        cfg = section_from_dict("rl", RLConfig, cfg, RLConfig())
+    """Run GRPO or RFT from ``policy`` (a path or a loaded KeenModel); ``cfg`` an RLConfig or a
+    flat or nested dict of its fields."""
+    cfg = rl_config(cfg)
     if isinstance(policy, (str, Path)):
-        from keenlm.api import load
-
-        policy = load(policy)
+        policy = load_any(Path(policy))
     return RLTrainer(policy, cfg).fit()
 
 
@@ -451,8 +422,6 @@ def rl(policy, cfg: RLConfig | dict) -> RLResult:
 def write_curves(run_dir) -> Path:
     """``rl_curves.svg``: sampled reward (mean per step) and held-out greedy pass@1 against
     the RL step, from the run's metrics."""
-    from keenlm.plot import line_chart
-
     recs = runs.read_jsonl(Path(run_dir) / "metrics.jsonl")
     reward = [(r["step"], r["reward_mean"]) for r in recs if r.get("kind") == "rl"]
     success = [(r["step"], r["success"]) for r in recs if r.get("kind") == "rl"]

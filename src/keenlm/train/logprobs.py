@@ -8,6 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from keenlm.infer.generate import left_pad
+from keenlm.model.attention import SharedPrefix
+
 
 def completion_mask(completions: list[list[int]], width: int | None = None) -> torch.Tensor:
     """(R, W) bool: True on each completion's tokens; W = the longest completion by default."""
@@ -62,9 +65,6 @@ def shared_prefix_logprobs(model, prompts: list[list[int]], rows: torch.Tensor,
     continue it: pass 1 runs the distinct prompts (left-padded) and keeps their keys and
     values (``SharedPrefix``); pass 2 runs only the completions, each attending to its prompt.
     Forward and backward over a prompt cost 1/G of the plain way for a group of G."""
-    from keenlm.infer.generate import left_pad
-    from keenlm.model.attention import SharedPrefix
-
     device = model.norm.weight.device
     mask = completion_mask(completions, width).to(device)
     R, W = mask.shape

@@ -21,20 +21,20 @@ from torch import nn
 MUON_LR = 0.02
 
 
-def lr_multiplier(step: int, cfg) -> float:
+def lr_multiplier(step: int, cfg, steps: int) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     floor = cfg.min_lr_ratio
-    if cfg.schedule == "constant":
+    if cfg.kind == "constant":
         return 1.0
-    if cfg.schedule == "cosine":
-        span = max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.kind == "cosine":
+        span = max(1, steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     # wsd: stable until the decay phase, then linear to the floor
-    decay_steps = max(1, int(cfg.decay_fraction * cfg.steps))
-    decay_start = cfg.steps - decay_steps
+    decay_steps = max(1, int(cfg.decay_fraction * steps))
+    decay_start = steps - decay_steps
     if step < decay_start:
         return 1.0
     return 1.0 - (1 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
@@ -67,7 +67,7 @@ def _adamw(groups, cfg, device_type: str):
 
 def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
     hidden, edge, vectors = _split_params(model)
-    if cfg.optimizer == "adamw":
+    if cfg.name == "adamw":
         return _adamw([{"params": hidden + edge, "weight_decay": cfg.weight_decay},
                        {"params": vectors, "weight_decay": 0.0}], cfg, device_type)
     return MuonAdamW(hidden, [{"params": edge, "weight_decay": cfg.weight_decay},

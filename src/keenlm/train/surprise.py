@@ -29,15 +29,17 @@ the steps. The ledger counts forward and backward tokens apart (``tokens_forward
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from keenlm.config import SelectConfig
+from keenlm.io.loaders import load_any
+from keenlm.model.loss import fused_linear_cross_entropy
 
 
 def per_token_losses(model, x: torch.Tensor, y: torch.Tensor, amp=None) -> torch.Tensor:
     """(B, T) cross-entropy of ``model`` on (x, y), without autograd."""
-    from keenlm.model.loss import fused_linear_cross_entropy
-
     was_training = model.training
     model.eval()  # no routing statistics, no capacity dropping while scoring
     try:
@@ -80,7 +82,7 @@ def choose(scores: torch.Tensor, keep: float, method: str, generator=None) -> to
 
 
 class SelectiveBackprop:
-    """The trainer hook (``TrainHook.select_batch``) for ``train.select``."""
+    """The trainer hook (``TrainHook.choose_batch``) for ``train.select``."""
 
     def __init__(self, cfg: SelectConfig, steps: int, seed: int, amp=None, reference=None):
         if cfg.method == "excess" and reference is None:
@@ -101,7 +103,7 @@ class SelectiveBackprop:
             loss = loss - per_token_losses(self.reference, x, y, self.amp)
         return loss
 
-    def select_batch(self, x, y, model):
+    def choose_batch(self, x, y, model):
         keep = keep_at(self.cfg, self.step, self.steps)
         self.forward_tokens = x.numel() if keep < 1.0 else 0
         if self.cfg.method == "excess" and keep < 1.0:
@@ -126,9 +128,7 @@ def build_hook(cfg, tokenizer, amp, device):
         return None
     reference = None
     if sel.method == "excess":
-        from keenlm.api import load
-
-        km = load(sel.reference)  # SelectConfig has checked that one is named
+        km = load_any(Path(sel.reference))  # SelectConfig has checked that one is named
         if km.tokenizer.fingerprint() != tokenizer.fingerprint():
             raise ValueError(f"train.select.reference {sel.reference}: its tokenizer differs from "
                              f"this run's; the reference must score the same tokens")

@@ -1,27 +1,27 @@
-"""The training loop: one loop for every model variant, with hook points for later techniques.
+"""The training loop: one loop for every model variant; techniques plug in, it names none.
 
 Each optimizer step:
   1. lr <- peak * schedule(step)                              (pure function of the step)
+     every converter's on_step (e.g. when quantization-aware training starts)
   2. for each of grad_accum micro-batches: batch = get_batch(seed, micro index)
-       hooks may replace the batch and give per-token loss weights   (selective backprop)
-       loss = weighted mean per-token cross-entropy + model/hook auxiliary losses (MoE balance)
+       hooks may replace the batch and give per-token loss weights
+       loss = weighted mean per-token cross-entropy + model/hook auxiliary losses
        backward
-  3. clip gradients, optimizer step, ledger, log, evaluate, checkpoint
+  3. clip gradients, optimizer step, the model's end_step, ledger, log, evaluate, checkpoint
+
+Techniques reach it through keenlm.train.converters: converters change the model (starting
+from ``init``, on each step, at each evaluation), hooks shape the loss. The loop shell (run
+folder, resume, save, budget, Ctrl-C) is keenlm.train.loop's, shared with the RL trainer.
 
 Exact resume: the batch of a micro-step is a pure function of (seed, index), the schedule a
 pure function of the step, and the optimizer state, RNG states and step are checkpointed, so a
 run stopped and resumed produces the same losses as one that never stopped (CPU, fp32).
-
-Ctrl-C: the first SIGINT finishes the current step, saves a checkpoint and returns; a second
-one aborts at once (the previous checkpoint stays valid: writes are atomic, see keenlm.runs).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -30,13 +30,17 @@ import torch
 
 from keenlm import runs
 from keenlm.config import RunConfig, from_dict, save_json
-from keenlm.evaluate import evaluate
+from keenlm.data import get_batch, limit_train, load_corpus, prepare_data, tokenize_corpus
+from keenlm.infer.evaluate import evaluate
 from keenlm.ledger import Ledger
-from keenlm.model import build_model, load_model_state, model_state
+from keenlm.model import build_model
+from keenlm.model.attention import check_backend
 from keenlm.model.loss import LOSSES
 from keenlm.presets import resolve
+from keenlm.runs import default_cache_dir
+from keenlm.train.converters import converters_for, hooks_for
+from keenlm.train.loop import LoopShell, pick_device, sigint_stops  # noqa: F401  (sigint_stops: re-exported)
 from keenlm.train.optim import build_optimizer, init_base_lr, lr_multiplier, set_lr
-from keenlm.train.progress import Progress
 
 
 class TrainHook(Protocol):
@@ -45,25 +49,14 @@ class TrainHook(Protocol):
     def begin_step(self, step: int, steps: int) -> None:  # before each optimizer step
         ...
 
-    def select_batch(self, x, y, model):  # -> (x, y, token_weights or None)
+    def choose_batch(self, x, y, model):  # -> (x, y, token_weights or None)
         """May drop rows (they then leave the backward pass) or weight tokens; a scoring
         forward pass of its own is reported in ``self.forward_tokens`` for the ledger."""
         ...
 
     def extra_losses(self, model, x, y, per_token_loss) -> dict:  # -> {name: scalar tensor}
-        """per_token_loss (B, T) is detached: for selection and logging, not for gradients."""
+        """per_token_loss (B, T) is detached: for choosing rows and for logging, not for gradients."""
         ...
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"train.device={name!r} but CUDA is not available here")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -100,28 +93,22 @@ class TrainResult:
     interrupted: bool
 
 
-class Trainer:
+class Trainer(LoopShell):
     def __init__(self, cfg: RunConfig, hooks: Sequence[TrainHook] = (), init=None):
-        """init: a loaded model (keenlm.load) to start from instead of ``train.init_from``."""
-        from keenlm.data import limit_train, prepare_data
-
+        """init: a loaded model (keenlm.load) to start from; ``train.init_from`` names it, and
+        ``keenlm.train(cfg)`` loads it before building the trainer."""
         t = cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        self.device = pick_device(t.device)
-        if cfg.model.attention == "flash_triton" and self.device.type != "cuda":
-            from keenlm.model.flash_triton import interpreted
-
-            if not interpreted():
-                raise ValueError(f"model.attention=flash_triton runs on CUDA GPUs; this run's device "
-                                 f"is {self.device} (use flash, sdpa or auto)")
-        self.amp = autocast_dtype(t.dtype, self.device)
-        self.run_dir = Path(t.out_dir)
-        log = print if t.progress else None
+        super().__init__(t.out_dir)
         if init is None and t.init_from:
-            from keenlm.api import load
-
-            init = load(t.init_from)
+            raise ValueError(f"train.init_from={t.init_from!r}: pass the loaded model as init= "
+                             "(keenlm.load), or train with keenlm.train(cfg), which loads it")
+        if t.runtime.threads:
+            torch.set_num_threads(t.runtime.threads)
+        self.device = pick_device(t.runtime.device)
+        check_backend(cfg.model.attention, self.device)
+        self.amp = autocast_dtype(t.runtime.dtype, self.device)
+        log = print if t.progress else None
+        self.converters = converters_for(cfg, None if init is None else init.config)
         if init is None:
             self.tokenizer, self.data = prepare_data(cfg.data, log=log)
             cfg = resolve(cfg, self.tokenizer.vocab_size)
@@ -131,117 +118,71 @@ class Trainer:
         self.cfg = self._resolve_against_run(cfg)
         torch.manual_seed(t.seed)
         self.model = (init.net if init is not None else build_model(self.cfg.model)).to(self.device)
-        self._quantizing = None
-        self.opt = build_optimizer(self.model, self.cfg.train, self.device.type)
+        self.opt = build_optimizer(self.model, self.cfg.train.optim, self.device.type)
         init_base_lr(self.opt)
         hidden = self.model.hidden_states
-        self.hidden = torch.compile(hidden) if t.compile else hidden
-        self.loss_fn = LOSSES[t.loss_kernel]
-        self.hooks = list(hooks)
-        from keenlm.train.surprise import build_hook
-
-        select = build_hook(self.cfg, self.tokenizer, self.amp, self.device)  # train.select
-        if select is not None:
-            self.hooks.insert(0, select)
+        self.hidden = torch.compile(hidden) if t.runtime.compile else hidden
+        self.loss_fn = LOSSES[t.runtime.loss_kernel]
+        self.hooks = hooks_for(self.cfg, self.tokenizer, self.amp, self.device) + list(hooks)
         self.ledger = Ledger.for_model(self.model, t.seq_len)
-        self.step = 0
         self._extra: dict[str, float] = {}  # auxiliary losses of the step, for its metrics line
-        self.planned_steps = self.cfg.train.steps
-        self._stop = threading.Event()
-        self._maybe_resume()
+        t = self.cfg.train
+        self.planned_steps = t.steps
+        self.log_every, self.eval_every = t.eval.log_every, t.eval.every
+        self.save_every, self.keep = t.checkpoint.every, t.checkpoint.keep
+        self.time_budget_s, self.progress = t.time_budget_s, t.progress
+        if t.checkpoint.resume:
+            self.resume()
         self._write_run_files()
 
     # --------------------------------------------------------------------------- set-up
 
     def _adopt(self, cfg: RunConfig, init, log) -> RunConfig:
-        """Start from a loaded model: its shape and tokenizer; this config's linear kind
-        (quantization-aware fine-tuning: every block projection becomes a QATLinear); for
-        ``model.ffn: moe`` from a dense model, sparse upcycling (keenlm.model.moe.upcycle); for
-        ``model.spike.steps`` > 0, spiking execution (keenlm.model.spiking: a dense model is
-        converted, thresholds balanced on ``model.spike.calibrate`` training batches)."""
-        from keenlm.data import default_cache_dir, load_corpus, tokenize_corpus
-        from keenlm.model.lowbit import prepare_qat
-
+        """Start from a loaded model: its shape and tokenizer, then every converter's ``adopt``
+        in order (keenlm.train.converters)."""
         self.tokenizer = init.tokenizer
         self.data = tokenize_corpus(load_corpus(cfg.data), self.tokenizer,
                                     default_cache_dir(cfg.data.cache_dir), log=log)
-        m = cfg.model
-        model = dataclasses.replace(init.config.model, linear=m.linear, lowbit_group=m.lowbit_group,
-                                    lowbit_per_channel=m.lowbit_per_channel, act_bits=m.act_bits)
         if any(p.dtype != torch.float32 or not p.requires_grad for p in init.net.parameters()) or \
                 any(b.dtype == torch.uint8 for b in init.net.buffers()):
             raise ValueError("train.init_from needs a full-precision model (not a quantized one)")
-        if m.ffn == "moe" and init.config.model.ffn == "dense":  # sparse upcycling
-            from keenlm.model.moe import upcycle
-
-            upcycle(init.net, m.moe)
-            model = dataclasses.replace(model, ffn="moe", moe=init.net.cfg.moe)
-            if log:
-                log(f"upcycled to {m.moe.experts} experts (top-{m.moe.top_k}) of width "
-                    f"{model.d_ff}, copies of each layer's feed-forward")
-        if m.spike.steps or init.config.model.spike.steps:
-            model = self._adopt_spiking(cfg, init, model, log)
-        if m.linear != "dense":
-            prepare_qat(init.net, m.linear, group=m.lowbit_group, per_channel=m.lowbit_per_channel,
-                        act_bits=m.act_bits)
+        model = init.config.model
+        for conv in self.converters:
+            model = conv.adopt(model, init.net, self.data, log)
         init.net.train()
         return resolve(dataclasses.replace(cfg, model=model), self.tokenizer.vocab_size)
-
-    def _adopt_spiking(self, cfg: RunConfig, init, model, log):
-        """Spiking fine-tuning: convert a dense model (threshold balancing on training batches),
-        or take a spiking one with this config's time steps and neuron (its scales kept)."""
-        from keenlm.model.spiking import convert, set_spike, spiking_layers
-        from keenlm.spike import calibration_batches
-
-        spike = cfg.model.spike
-        if not spike.steps:
-            raise ValueError("train.init_from is a spiking model: set model.spike.steps (its own "
-                             f"is {init.config.model.spike.steps})")
-        if spiking_layers(init.net):
-            set_spike(init.net, spike)
-        else:
-            t = cfg.train
-            batches = calibration_batches(self.data.train, spike.calibrate, t.batch_size,
-                                          t.seq_len, t.seed + 7919)
-            convert(init.net, spike, batches)
-            if log:
-                log(f"converted to spiking feed-forward layers: T={spike.steps}, thresholds "
-                    f"balanced on {spike.calibrate} batches")
-        return dataclasses.replace(model, spike=spike)
 
     def _resolve_against_run(self, cfg: RunConfig) -> RunConfig:
         """Resuming: the run's saved model and data config must match (training knobs may change)."""
         saved = self.run_dir / "config.json"
-        if not (cfg.train.resume and saved.exists() and runs.latest_checkpoint(self.run_dir)):
+        if not (cfg.train.checkpoint.resume and saved.exists()
+                and runs.latest_checkpoint(self.run_dir)):
             return cfg
-        import json
-
         old = from_dict(json.loads(saved.read_text()))
         for section in ("model", "data"):
             if getattr(old, section) != getattr(cfg, section):
                 raise ValueError(f"{self.run_dir} holds a run with a different {section} config; "
-                                 f"use another train.out_dir or train.resume=false")
+                                 f"use another train.out_dir or train.checkpoint.resume=false")
         return cfg
 
-    def _maybe_resume(self):
-        ckpt = runs.latest_checkpoint(self.run_dir) if self.cfg.train.resume else None
-        if ckpt is None:
-            return
-        load_model_state(self.model, runs.load_model_state(ckpt))
-        state = runs.load_trainer_state(ckpt)
-        self.opt.load_state_dict(state["optimizer"])
+    def extra_state(self) -> dict:
+        return {"torch_rng": torch.get_rng_state(), "planned_steps": self.planned_steps,
+                "ledger": {k: v for k, v in self.ledger.to_dict().items()
+                           if k in ("tokens_seen", "tokens_forward", "tokens_backward",
+                                    "flops_forward", "flops_backward", "wall_time_s")}}
+
+    def load_extra_state(self, state: dict) -> None:
         torch.set_rng_state(state["torch_rng"])
-        self.step = int(state["step"])
         if self.cfg.train.time_budget_s:  # keep the schedule length the budget fixed
             self.planned_steps = int(state.get("planned_steps", self.cfg.train.steps))
         self.ledger = Ledger.from_dict({**self.ledger.to_dict(), **state["ledger"]})
-        print(f"resuming {self.run_dir} from step {self.step}")
+
+    def after_save(self) -> None:
+        self.ledger.save(self.run_dir / "ledger.json")
 
     def _write_run_files(self):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_json(self.cfg, self.run_dir / "config.json")
-        import json
-
         runs.atomic_write_text(self.run_dir / "env.json", json.dumps(runs.environment(), indent=2))
         self.tokenizer.save(self.run_dir / "tokenizer")
 
@@ -249,16 +190,14 @@ class Trainer:
 
     def _micro_step(self, index: int) -> tuple[float, int, int, int]:
         """One micro-batch: (loss, tokens drawn, tokens forwarded, tokens backpropagated)."""
-        from keenlm.data import get_batch
-
         t = self.cfg.train
         x, y = get_batch(self.data.train, t.batch_size, t.seq_len, t.seed, index)
         x, y = x.to(self.device), y.to(self.device)
         drawn, scored = x.numel(), 0
         weights = None
         for hook in self.hooks:
-            if hasattr(hook, "select_batch"):
-                x, y, weights = hook.select_batch(x, y, self.model)
+            if hasattr(hook, "choose_batch"):
+                x, y, weights = hook.choose_batch(x, y, self.model)
                 scored += getattr(hook, "forward_tokens", 0)  # a scoring pass of its own
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             h = self.hidden(x)
@@ -280,21 +219,11 @@ class Trainer:
         # every row left in the batch runs backward, whatever its token weights
         return loss.item(), drawn, scored + x.numel(), y.numel()
 
-    def _qat_schedule(self):
-        """train.qat_start: full precision first, quantization-aware from that fraction on."""
-        t = self.cfg.train
-        on = self.step >= int(t.qat_start * self.planned_steps)
-        if on != self._quantizing:
-            from keenlm.model.lowbit import set_quantize
-
-            if set_quantize(self.model, on) and self._quantizing is not None:
-                print(f"step {self.step}: quantization-aware training starts")
-            self._quantizing = on
-
     def train_step(self) -> dict:
         t = self.cfg.train
-        self._qat_schedule()
-        lr_mult = lr_multiplier(self.step, dataclasses.replace(t, steps=self.planned_steps))
+        for conv in self.converters:
+            conv.on_step(self.model, self.step, self.planned_steps)
+        lr_mult = lr_multiplier(self.step, t.schedule, self.planned_steps)
         set_lr(self.opt, lr_mult)
         start = time.perf_counter()
         losses, n_tok, n_fwd, n_bwd = [], 0, 0, 0
@@ -307,11 +236,12 @@ class Trainer:
             losses.append(loss)
             n_tok, n_fwd, n_bwd = n_tok + tok, n_fwd + fwd, n_bwd + bwd
         grad_norm = None
-        if t.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
+        if t.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                       t.optim.grad_clip).item()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        parts = self.model.end_step()  # e.g. MoE routing statistics, bias balancing
+        parts = self.model.end_step()  # per-step statistics and updates of the model's parts
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -319,10 +249,11 @@ class Trainer:
         self.step += 1
         loss = sum(losses) / len(losses)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {self.step}; lower train.lr "
-                                     f"(now {t.lr}) or enable train.grad_clip")
+            raise FloatingPointError(f"loss became {loss} at step {self.step}; lower "
+                                     f"train.optim.lr (now {t.optim.lr}) or enable "
+                                     "train.optim.grad_clip")
         # "loss": the language-model cross-entropy; auxiliary losses are logged beside it
-        return {"step": self.step, "loss": loss, "lr": t.lr * lr_mult, "grad_norm": grad_norm,
+        return {"step": self.step, "loss": loss, "lr": t.optim.lr * lr_mult, "grad_norm": grad_norm,
                 "tokens_per_s": n_tok / seconds, "tokens": self.ledger.tokens_seen,
                 "flops": self.ledger.flops_forward + self.ledger.flops_backward,
                 **({"backward_share": n_bwd / n_tok} if n_bwd != n_tok else {}),
@@ -331,36 +262,21 @@ class Trainer:
     # --------------------------------------------------------------------------- loop
 
     def evaluate(self) -> dict:
-        """Validation loss; a spiking model also gets its firing rates, synaptic operations and
-        energy per token on those batches (``spiking``, also kept in the ledger)."""
-        from keenlm.model.spiking import spike_energy, spiking_layers
-
+        """Validation loss, plus what each converter reports of the model on those batches
+        (kept in the ledger under its key)."""
         t = self.cfg.train
-        layers = spiking_layers(self.model)
-        for m in layers:
-            m.take_stats()
+        for conv in self.converters:
+            conv.begin_eval(self.model)
         ev = evaluate(self.model, self.data.val, self.data.token_bytes, batch_size=t.batch_size,
-                      seq_len=t.seq_len, max_batches=t.eval_batches, device=self.device,
+                      seq_len=t.seq_len, max_batches=t.eval.batches, device=self.device,
                       autocast_dtype=self.amp)
-        if layers:
-            e = spike_energy(self.model, [m.take_stats() for m in layers], t.seq_len)
-            ev["spiking"] = {k: e[k] for k in ("steps", "in_rate", "hidden_rate", "synops_per_token",
-                                               "macs_per_token_dense_ffn", "ffn_energy_j",
-                                               "ffn_ratio", "model_ratio")}
-            self.ledger.extra["spiking"] = ev["spiking"]
+        for conv in self.converters:
+            extra = conv.end_eval(self.model, t.seq_len)
+            ev.update(extra)
+            self.ledger.extra.update(extra)
         return ev
 
-    def save(self):
-        state = {"optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "step": self.step, "planned_steps": self.planned_steps,
-                 "ledger": {k: v for k, v in self.ledger.to_dict().items()
-                            if k in ("tokens_seen", "tokens_forward", "tokens_backward",
-                                     "flops_forward", "flops_backward", "wall_time_s")}}
-        runs.save_checkpoint(self.run_dir, self.step, model_state(self.model), state,
-                             keep=self.cfg.train.keep_checkpoints)
-        self.ledger.save(self.run_dir / "ledger.json")
-
-    def _plan_for_budget(self, started: float, first_step: int):
+    def after_step(self, started: float, first_step: int):
         """With a time budget, fix the schedule's length once from the measured step time
         (steps 3..13 of this session: the first ones pay for allocator and kernel warm-up)."""
         t = self.cfg.train
@@ -376,70 +292,24 @@ class Trainer:
             fit = self.step + int(0.96 * left / per_step)
             self.planned_steps = max(self.step + 1, min(t.steps, fit))
 
-    def fit(self) -> TrainResult:
-        t = self.cfg.train
-        first, started = self.step, time.perf_counter()
-        progress = Progress(self.planned_steps, enabled=t.progress, start_step=self.step)
-        metrics_path = self.run_dir / "metrics.jsonl"
-        with _sigint_stops(self._stop), progress:
-            while self.step < self.planned_steps and not self._stop.is_set():
-                rec = self.train_step()
-                self._plan_for_budget(started, first)
-                progress.update(rec, total=self.planned_steps)
-                if self.step % t.log_every == 0 or self.step == self.planned_steps:
-                    runs.append_jsonl(metrics_path, {"kind": "train", **rec})
-                if t.eval_every and self.step % t.eval_every == 0 and self.step < self.planned_steps:
-                    ev = self.evaluate()
-                    runs.append_jsonl(metrics_path, {"kind": "eval", "step": self.step,
-                                                     **self._progress(), **ev})
-                    progress.note(f"step {self.step}: val loss {ev['loss']:.4f}, "
-                                  f"{ev['bits_per_byte']:.3f} bits/byte")
-                if t.save_every and self.step % t.save_every == 0:
-                    self.save()
-                if t.time_budget_s and time.perf_counter() - started > t.time_budget_s:
-                    progress.note(f"time budget of {t.time_budget_s:.0f} s reached")
-                    break
-        interrupted = self._stop.is_set()
-        final = self.evaluate()
-        runs.append_jsonl(metrics_path, {"kind": "eval", "step": self.step, **self._progress(),
-                                         **final})
-        self.save()
-        return TrainResult(self.run_dir, self.step, final, self.ledger.to_dict(), interrupted)
-
-    def _progress(self) -> dict:
+    def eval_fields(self, started: float) -> dict:
         """Where the run stands, for an evaluation's metrics line: training seconds (the
         ledger's, evaluations excluded) and FLOPs so far."""
         lg = self.ledger
         return {"train_s": lg.wall_time_s, "flops_forward": lg.flops_forward,
                 "flops_backward": lg.flops_backward}
 
-    def request_stop(self):
-        """Ask the loop to stop after the current step (what Ctrl-C does)."""
-        self._stop.set()
+    def eval_note(self, ev: dict) -> str:
+        return f"step {self.step}: val loss {ev['loss']:.4f}, {ev['bits_per_byte']:.3f} bits/byte"
+
+    def fit(self) -> TrainResult:
+        _, final, interrupted = self.run_loop()
+        return TrainResult(self.run_dir, self.step, final, self.ledger.to_dict(), interrupted)
 
 
-@contextlib.contextmanager
-def _sigint_stops(event: threading.Event):
-    """First Ctrl-C: stop after this step and save. Second: abort."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if event.is_set():
-            raise KeyboardInterrupt
-        event.set()
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-
-    old = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-def train(cfg: RunConfig | dict, hooks: Sequence[TrainHook] = ()) -> TrainResult:
-    """Train a model from a config (a RunConfig or a nested dict); returns the result."""
+def train(cfg: RunConfig | dict, hooks: Sequence[TrainHook] = (), init=None) -> TrainResult:
+    """Train a model from a config (a RunConfig or a nested dict) and an optional loaded
+    starting model; keenlm.train (keenlm.api.train) also loads ``train.init_from``."""
     if isinstance(cfg, dict):
         cfg = from_dict(cfg)
-    return Trainer(cfg, hooks).fit()
+    return Trainer(cfg, hooks, init=init).fit()

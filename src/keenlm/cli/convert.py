@@ -1,0 +1,30 @@
+"""``keenlm convert SRC DST --to hf|gguf``: a run, GGUF file or HF folder written as an HF
+folder or a GGUF file."""
+from __future__ import annotations
+
+import keenlm
+from keenlm.io.gguf_export import QTYPES, export_gguf
+from keenlm.io.hf import export_hf
+
+
+def add_parser(sub, fmt):
+    c = sub.add_parser("convert", help="convert a run, GGUF or HF model to HF or GGUF",
+                       formatter_class=fmt)
+    c.add_argument("src", help="run folder, .gguf file or Hugging Face folder")
+    c.add_argument("dst", help="output folder (hf) or .gguf file")
+    c.add_argument("--to", choices=("hf", "gguf"), required=True, help="output format")
+    c.add_argument("--type", default="f32", choices=QTYPES,
+                   help="GGUF weight type: q8_0 8.5 bits per weight; for ternary models only, "
+                        "tq1_0 1.69 or tq2_0 2.06")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing HF folder")
+    return c
+
+
+def run(args) -> int:
+    km = keenlm.load(args.src)
+    if args.to == "hf":
+        out = export_hf(km.net, km.tokenizer, args.dst, overwrite=args.overwrite)
+    else:
+        out = export_gguf(km.net, km.tokenizer, args.dst, args.type)
+    print(f"wrote {out}")
+    return 0

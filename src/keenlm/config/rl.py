@@ -1,0 +1,102 @@
+"""``keenlm rl``'s config: reinforcement learning on a verifiable task (keenlm.train.grpo).
+
+``RLConfig`` holds the algorithm and the sampling; ``rl.optim`` the update; ``rl.run`` the run
+folder, evaluation and budget. Field names are unique across the parts, so the command line
+keeps flat options (``--lr``, ``--out-dir``) and ``nest_flat`` places them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from keenlm.config.base import check
+from keenlm.config.train import DEVICE_HELP, valid_device
+
+RL_TASKS = ("addition", "multiplication", "countdown")
+RL_ALGOS = ("grpo", "rft")
+RL_LOSSES = ("grpo", "dapo", "dr_grpo")
+
+
+@dataclass(frozen=True)
+class RLOptimConfig:
+    """``rl.optim``: the policy update."""
+
+    lr: float = 1e-4  # AdamW learning rate (constant after warm-up)
+    warmup_steps: int = 0  # optimizer steps of linear warm-up
+    weight_decay: float = 0.0  # decoupled, on matrices only
+    grad_clip: float = 1.0  # 0: off
+    clip: float = 0.2  # epsilon: the ratio is clipped to [1 - clip, 1 + clip_high]
+    clip_high: float = -1.0  # upper clip; -1: the loss variant's own (dapo 0.28, else = clip)
+    kl_coef: float = 0.0  # beta: weight of the KL to the frozen starting policy (k3 estimator)
+    log_kl: bool = True  # keep the frozen starting policy to log the KL even when kl_coef is 0
+
+    def __post_init__(self):
+        p = "rl."
+        check(self.lr > 0, p + "lr", self.lr, "a number > 0")
+        check(self.warmup_steps >= 0, p + "warmup_steps", self.warmup_steps, "an integer >= 0")
+        for name in ("weight_decay", "grad_clip", "kl_coef"):
+            v = getattr(self, name)
+            check(v >= 0, p + name, v, "a number >= 0")
+        check(0 < self.clip < 1, p + "clip", self.clip, "a number in (0, 1)")
+        check(self.clip_high == -1 or self.clip_high > 0, p + "clip_high", self.clip_high,
+              "a number > 0, or -1 for the loss variant's own")
+
+
+@dataclass(frozen=True)
+class RLRunConfig:
+    """``rl.run``: the run folder, held-out evaluation, budget and device."""
+
+    eval_every: int = 10  # steps between held-out greedy pass@1 (0: start and end only)
+    eval_n: int = 100  # held-out problems in that evaluation (a fixed sample)
+    time_budget_s: float = 0.0  # >0: stop (and save) once this much wall time has passed
+    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    threads: int = 0  # 0: torch default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    out_dir: str = "runs/rl"  # run folder (a keenlm run: keenlm generate|eval OUT work on it)
+    resume: bool = True  # continue from out_dir's latest checkpoint when it exists
+    progress: bool = True  # live progress bar (plain lines when not a terminal)
+
+    def __post_init__(self):
+        p = "rl."
+        check(self.eval_n >= 1, p + "eval_n", self.eval_n, "an integer >= 1")
+        for name in ("eval_every", "save_every", "threads"):
+            v = getattr(self, name)
+            check(v >= 0, p + name, v, "an integer >= 0")
+        check(self.time_budget_s >= 0, p + "time_budget_s", self.time_budget_s, "a number >= 0")
+        check(valid_device(self.device), p + "device", self.device, DEVICE_HELP)
+        check(bool(self.out_dir), p + "out_dir", self.out_dir, "a folder path")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """``keenlm rl``: reinforcement learning on a verifiable task (keenlm.train.grpo)."""
+
+    task: str = "addition"  # addition | multiplication | countdown
+    difficulty: int = 2  # digits per operand (arithmetic) or numbers on offer (countdown)
+    scratchpad: bool = False  # answers worked step by step before the answer tag
+    algo: str = "grpo"  # grpo | rft (rejection-sampling fine-tuning: train on the correct samples)
+    loss: str = "dr_grpo"  # grpo | dapo | dr_grpo: advantage scaling and token normalization
+    group: int = 8  # completions sampled per prompt (G)
+    prompts: int = 16  # prompts per step
+    steps: int = 200  # RL steps (each: sample, score, epochs x minibatches optimizer steps)
+    epochs: int = 1  # passes over each sampled batch (GRPO's mu); >1 makes the ratio differ from 1
+    minibatches: int = 1  # optimizer steps per pass
+    temperature: float = 1.0  # sampling temperature (log-probabilities are taken at it too)
+    max_new_tokens: int = 32  # completion length limit
+    seed: int = 0  # prompt order and sampling
+    optim: RLOptimConfig = field(default_factory=RLOptimConfig)  # the update (rl.optim)
+    run: RLRunConfig = field(default_factory=RLRunConfig)  # run folder, evaluation, budget (rl.run)
+
+    def __post_init__(self):
+        p = "rl."
+        check(self.task in RL_TASKS, p + "task", self.task, " | ".join(RL_TASKS))
+        check(self.algo in RL_ALGOS, p + "algo", self.algo, " | ".join(RL_ALGOS))
+        check(self.loss in RL_LOSSES, p + "loss", self.loss, " | ".join(RL_LOSSES))
+        for name in ("difficulty", "prompts", "steps", "epochs", "minibatches", "max_new_tokens"):
+            v = getattr(self, name)
+            check(v >= 1, p + name, v, "an integer >= 1")
+        check(self.group >= 2, p + "group", self.group, "an integer >= 2 (advantages compare "
+              "completions of one prompt)")
+        check(self.prompts * self.group >= self.minibatches, p + "minibatches", self.minibatches,
+              "at most prompts x group")
+        check(self.temperature > 0, p + "temperature", self.temperature,
+              "a number > 0 (RL samples; greedy evaluation is separate)")

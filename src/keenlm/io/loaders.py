@@ -1,0 +1,98 @@
+"""The loader table: every model format keenlm reads, tried in order by ``keenlm.load``.
+
+A format is a pair of plain functions, ``probe(path) -> bool`` and ``load(path, device) ->
+Loaded``, registered by the module that implements it (keenlm.io.gguf, keenlm.io.hf,
+keenlm.quant.folder) when it is imported; the keenlm run folder is registered here. Adding a
+format is one ``register`` call beside its reader; nothing that loads models changes.
+
+Every reader takes weights from safetensors or GGUF and configs from JSON: loading never
+executes code from a file, and a truncated or inconsistent file is an error, never a
+half-built model.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from keenlm import runs
+from keenlm.config import RunConfig, from_dict
+from keenlm.data import load_tokenizer
+from keenlm.model import build_model, load_model_state
+
+
+@dataclass
+class Loaded:
+    """What a format reader returns; ``keenlm.load`` wraps it in a KeenModel."""
+
+    net: nn.Module
+    tokenizer: Any
+    config: RunConfig
+    run_dir: Path | None = None
+    quant: dict | None = None  # a packed low-bit model: what its quant.json says
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    probe: Callable[[Path], bool]
+    load: Callable[[Path, str], Loaded]
+
+
+LOADERS: list[Format] = []
+
+
+def register(name: str, probe: Callable[[Path], bool], load: Callable[[Path, str], Loaded],
+             first: bool = False) -> None:
+    """Add a format (``first``: tried before the others, for folders another probe would also
+    accept); registering a name again replaces it."""
+    LOADERS[:] = [f for f in LOADERS if f.name != name]
+    fmt = Format(name, probe, load)
+    LOADERS.insert(0, fmt) if first else LOADERS.append(fmt)
+
+
+def load_any(path: Path, device: str = "cpu") -> Loaded:
+    for fmt in LOADERS:
+        if fmt.probe(path):
+            return fmt.load(path, device)
+    why = "" if not path.is_dir() or (path / "config.json").exists() else " (no config.json)"
+    raise FileNotFoundError(f"{path} is not a keenlm run folder nor another format keenlm reads "
+                            f"({', '.join(f.name for f in LOADERS)}){why}")
+
+
+def assemble(cfg: RunConfig, state: dict, tokenizer, device: str) -> Loaded:
+    """A model built on "meta" (no throwaway random init of a large model), then filled from
+    ``state`` strictly: for readers that produce a whole state dict (GGUF, HF)."""
+    with torch.device("meta"):
+        net = build_model(cfg.model)
+    net = net.to_empty(device="cpu")
+    net.tie_weights()
+    net.reset_buffers()
+    load_model_state(net, state)
+    net.to(torch.device(device)).eval()
+    return Loaded(net, tokenizer, cfg)
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder with a config.json and no model weights beside it: a run, trained or not yet."""
+    return (path.is_dir() and (path / "config.json").exists()
+            and ((path / "checkpoints").exists() or not any(path.glob("*.safetensors*"))))
+
+
+def load_run(path: Path, device: str = "cpu") -> Loaded:
+    """A keenlm run folder: its config.json and newest complete checkpoint."""
+    cfg = from_dict(json.loads((path / "config.json").read_text()))
+    ckpt = runs.latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} has no checkpoint yet (checkpoints/latest missing)")
+    net = build_model(cfg.model)
+    load_model_state(net, runs.load_model_state(ckpt))
+    net.to(torch.device(device)).eval()
+    return Loaded(net, load_tokenizer(path / "tokenizer"), cfg, path)
+
+
+register("keenlm run folder", is_run_folder, load_run)
