@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import keenlm
-from keenlm.cli import build_parser
+from keenlm.cli import build_parser, main
 from keenlm.cli.options import config_from_args
 from keenlm.config import from_dict, load_file as load_config, rl_config
 from keenlm.quant.packing import PackedLinear
@@ -81,3 +81,11 @@ def test_a_value_written_later_in_either_spelling_wins():
 def test_rl_config_takes_the_flat_spelling():
     cfg = rl_config({"lr": 3e-3, "out_dir": "x", "group": 4})
     assert cfg.optim.lr == 3e-3 and cfg.run.out_dir == "x" and cfg.group == 4
+
+
+@pytest.mark.parametrize("name", ["run_int4_qat", "quantized_2bit"])
+def test_info_describes_old_folders(name, capsys):
+    assert main(["info", str(LEGACY / name)]) == 0
+    out = capsys.readouterr().out
+    assert ("quantized    2 bits by rtn" in out) if name.startswith("quantized") else \
+        ("linear int4" in out and "last eval" in out)
