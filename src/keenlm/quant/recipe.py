@@ -29,7 +29,8 @@ from keenlm.config import (CheckpointConfig, DataConfig, EvalConfig, OptimConfig
 from keenlm.data import get_batch, load_corpus, tokenize_corpus
 from keenlm.quant import ptq
 from keenlm.quant.config import QuantConfig
-from keenlm.quant.folder import FORMAT, load_quantized, model_bytes, save_quantized  # noqa: F401  (re-exported: the command's whole surface)
+# re-exported beside quantize(): keenlm quantize's whole surface in one module
+from keenlm.quant.folder import FORMAT, load_quantized, model_bytes, save_quantized  # noqa: F401
 from keenlm.quant.int8 import Int8Embedding, Int8Linear, quantize_rows_int8
 from keenlm.quant.packing import PackedLinear, convert_qat
 from keenlm.runs import default_cache_dir

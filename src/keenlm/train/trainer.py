@@ -39,7 +39,7 @@ from keenlm.model.loss import LOSSES
 from keenlm.presets import resolve
 from keenlm.runs import default_cache_dir
 from keenlm.train.converters import converters_for, hooks_for
-from keenlm.train.loop import LoopShell, pick_device, sigint_stops  # noqa: F401  (sigint_stops: re-exported)
+from keenlm.train.loop import LoopShell, pick_device
 from keenlm.train.optim import build_optimizer, init_base_lr, lr_multiplier, set_lr
 
 
