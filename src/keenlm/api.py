@@ -13,7 +13,7 @@ from keenlm.data import TokenData, load_corpus, tokenize_corpus
 from keenlm.infer import generate
 from keenlm.infer.evaluate import evaluate
 from keenlm.io import gguf, hf  # noqa: F401  (each registers its format in the loader table)
-from keenlm.io.loaders import load_any
+from keenlm.io.loaders import Loaded, load_any
 from keenlm.quant import folder  # noqa: F401  (registers the quantized-model folder)
 from keenlm.quant.int4 import quantize_int4
 from keenlm.quant.int8 import quantize_int8
@@ -21,12 +21,10 @@ from keenlm.runs import default_cache_dir
 from keenlm.train import Trainer, TrainHook, TrainResult
 
 
-class KeenModel:
-    """A trained model with its tokenizer and config: what ``keenlm.load`` returns."""
-
-    def __init__(self, net, tokenizer, config: RunConfig, run_dir: Path | None = None):
-        self.net, self.tokenizer, self.config, self.run_dir = net, tokenizer, config, run_dir
-        self.quant: dict | None = None  # a packed low-bit model: what its quant.json says
+class KeenModel(Loaded):
+    """A model with its tokenizer and config (``net``, ``tokenizer``, ``config``, ``run_dir``,
+    ``quant``: what a format reader of keenlm.io.loaders returns), and what a user does with
+    it: what ``keenlm.load`` returns."""
 
     def generate(self, prompts: str | Sequence[str], *, stream: Optional[Callable[[str], None]] = None,
                  **overrides) -> str | list[str]:
@@ -66,8 +64,7 @@ def load(path: str | Path, device: str = "cpu", quant: str = "none") -> KeenMode
         raise FileNotFoundError(f"{path} does not exist (a run folder, a quantized folder, a "
                                 ".gguf file or a Hugging Face folder)")
     got = load_any(path, device)
-    km = KeenModel(got.net, got.tokenizer, got.config, got.run_dir)
-    km.quant = got.quant
+    km = KeenModel(got.net, got.tokenizer, got.config, got.run_dir, got.quant)
     if QUANT[quant] is not None:
         QUANT[quant](km.net)
     return km

@@ -25,9 +25,9 @@ from keenlm.data import load_tokenizer
 from keenlm.model import build_model, load_model_state
 
 
-@dataclass
+@dataclass(eq=False)
 class Loaded:
-    """What a format reader returns; ``keenlm.load`` wraps it in a KeenModel."""
+    """What a format reader returns; ``keenlm.load`` gives it the user's methods (KeenModel)."""
 
     net: nn.Module
     tokenizer: Any
