@@ -89,3 +89,29 @@ def test_info_describes_old_folders(name, capsys):
     out = capsys.readouterr().out
     assert ("quantized    2 bits by rtn" in out) if name.startswith("quantized") else \
         ("linear int4" in out and "last eval" in out)
+
+
+def test_an_old_run_folder_is_a_starting_point(tmp_path, small_corpus):
+    # keenlm.train loads train.init_from (an old run folder) before it builds the trainer
+    res = keenlm.train({"data": {"corpus": str(small_corpus), "tokenizer": "byte",
+                                 "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.3},
+                        "train": {"init_from": str(LEGACY / "run_dense"), "steps": 2,
+                                  "batch_size": 2, "seq_len": 32, "progress": False,
+                                  "out_dir": str(tmp_path / "ft"), "eval": {"batches": 1}}})
+    assert res.step == 2 and keenlm.load(tmp_path / "ft").config.model.d_model == 48
+
+
+def test_a_hook_with_the_earlier_method_name_is_refused(tmp_path, small_corpus):
+    from keenlm.train import Trainer
+
+    class OldHook:
+        def select_batch(self, x, y, model):
+            return x, y, None
+
+    cfg = from_dict({"data": {"corpus": str(small_corpus), "tokenizer": "byte",
+                              "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.3},
+                     "model": {"n_layer": 1, "d_model": 32, "n_head": 2, "max_seq_len": 64},
+                     "train": {"steps": 1, "batch_size": 2, "seq_len": 32, "progress": False,
+                               "out_dir": str(tmp_path / "run")}})
+    with pytest.raises(TypeError, match="choose_batch"):
+        Trainer(cfg, hooks=[OldHook()])

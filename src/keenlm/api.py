@@ -1,14 +1,13 @@
 """The Python API, mirroring the CLI: ``keenlm.train(config)``, ``keenlm.load(path)``."""
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from keenlm.config import GenerateConfig, RunConfig, from_dict, section_from_dict
+from keenlm.config import GenerateConfig, RunConfig, section_from_dict
 from keenlm.data import TokenData, load_corpus, tokenize_corpus
 from keenlm.infer import generate
 from keenlm.infer.evaluate import evaluate
@@ -18,7 +17,7 @@ from keenlm.quant import folder  # noqa: F401  (registers the quantized-model fo
 from keenlm.quant.int4 import quantize_int4
 from keenlm.quant.int8 import quantize_int8
 from keenlm.runs import default_cache_dir
-from keenlm.train import Trainer, TrainHook, TrainResult
+from keenlm.train import train  # noqa: F401  (keenlm.api.train: the same function as keenlm.train)
 
 
 class KeenModel(Loaded):
@@ -59,24 +58,8 @@ def load(path: str | Path, device: str = "cpu", quant: str = "none") -> KeenMode
     CPU generation (keenlm.quant.int8 / int4); the model is then for inference only."""
     if quant not in QUANT:
         raise ValueError(f"quant={quant!r}: allowed {' | '.join(QUANT)}")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (a run folder, a quantized folder, a "
-                                ".gguf file or a Hugging Face folder)")
-    got = load_any(path, device)
+    got = load_any(Path(path), device)
     km = KeenModel(got.net, got.tokenizer, got.config, got.run_dir, got.quant)
     if QUANT[quant] is not None:
         QUANT[quant](km.net)
     return km
-
-
-def train(cfg: RunConfig | dict, hooks: Sequence[TrainHook] = ()) -> TrainResult:
-    """Train a model from a config (a RunConfig or a nested dict); returns the result.
-    ``train.init_from`` is loaded here, before the trainer is built."""
-    if isinstance(cfg, dict):
-        cfg = from_dict(cfg)
-    init = load(cfg.train.init_from) if cfg.train.init_from else None
-    return Trainer(cfg, hooks, init=init).fit()
-
-
-sys.modules["keenlm.train"].entry = train  # keenlm.train(config) calls the function above

@@ -65,7 +65,7 @@ def test_trainer_on_cuda_with_bf16_autocast(tmp_path, small_corpus):
     p["data"].update({"corpus": str(small_corpus), "cache_dir": str(tmp_path / "cache"),
                       "val_fraction": 0.3})
     p["train"].update({"steps": 60, "out_dir": str(tmp_path / "run"), "progress": False,
-                       "device": "auto", "dtype": "auto"})
+                       "runtime": {"device": "auto", "dtype": "auto"}})
     tr = Trainer(from_dict(p))
     assert tr.device.type == "cuda" and tr.amp == torch.bfloat16
     first = tr.evaluate()["loss"]
@@ -99,7 +99,7 @@ def test_flash_triton_matches_naive_on_cuda(dtype, atol, T, D, Hk, padded):
 
 def test_grpo_step_and_shared_prefix_on_cuda(tmp_path):
     from keenlm.api import KeenModel
-    from keenlm.config import RLConfig
+    from keenlm.config import rl_config
     from keenlm.data.tokenizer import ByteTokenizer
     from keenlm.presets import resolve
     from keenlm.train.grpo import RLTrainer
@@ -116,7 +116,7 @@ def test_grpo_step_and_shared_prefix_on_cuda(tmp_path):
     net = km.net.cuda()
     torch.testing.assert_close(shared_prefix_logprobs(net, prompts, rows, comps),
                                reference_logprobs(net, prompts, rows, comps), rtol=0, atol=2e-3)
-    rl = RLConfig(task="countdown", prompts=2, group=4, max_new_tokens=8, device="cuda",
-                  out_dir=str(tmp_path / "rl"), progress=False, eval_n=2)
+    rl = rl_config(dict(task="countdown", prompts=2, group=4, max_new_tokens=8, device="cuda",
+                        out_dir=str(tmp_path / "rl"), progress=False, eval_n=2))
     rec = RLTrainer(km, rl, reward=lambda p, c: [float(len(x) % 2) for x in c]).rl_step()
     assert rec["step"] == 1 and rec["completion_len"] > 0

@@ -70,9 +70,10 @@ def test_moe_model_trains_on_cuda_in_bf16(tmp_path):
                               "cache_dir": str(tmp_path / "cache")},
                      "model": {"n_layer": 2, "d_model": 128, "n_head": 2, "max_seq_len": 128,
                                "ffn": "moe", "moe": {"experts": 8, "top_k": 2}},
-                     "train": {"steps": 30, "batch_size": 8, "seq_len": 128, "dtype": "bf16",
-                               "device": "cuda", "progress": False, "eval_batches": 2,
-                               "lr": 3e-3, "out_dir": str(tmp_path / "run")}})
+                     "train": {"steps": 30, "batch_size": 8, "seq_len": 128, "progress": False,
+                               "runtime": {"dtype": "bf16", "device": "cuda"},
+                               "eval": {"batches": 2}, "optim": {"lr": 3e-3},
+                               "out_dir": str(tmp_path / "run")}})
     (tmp_path / "c.txt").write_text(("def f(x):\n    return x * 2\n" * 400) +
                                     ("class A:\n    pass\n" * 400))
     tr = Trainer(cfg)

@@ -116,11 +116,10 @@ def upgrade(data: dict) -> dict:
                 else:
                     new[key] = value
                 continue
-            node = new
-            for name in path[:-1]:
-                node[name] = dict(node.get(name) or {})
-                node = node[name]
-            node[path[-1]] = value
+            if not isinstance(new.get(path[0]), (dict, type(None))):
+                new[key] = value  # its new home holds something else: from_dict names both
+                continue
+            new[path[0]] = {**(new.get(path[0]) or {}), path[1]: value}
         out[section] = new
     return out
 
@@ -130,6 +129,10 @@ def rl_config(data: dict | RLConfig | None = None, base: RLConfig | None = None)
     if isinstance(data, RLConfig):
         return data
     flat = {k: v for k, v in (data or {}).items() if not isinstance(v, dict)}
+    known = [name for name, *_ in flat_fields(RLConfig)]
+    for k, v in flat.items():
+        if k not in known:
+            raise ConfigError(f"rl.{k}", v, "one of " + ", ".join(known))
     nested = merge(nest_flat(RLConfig, flat), {k: v for k, v in (data or {}).items()
                                               if isinstance(v, dict)})
     return section_from_dict("rl", RLConfig, nested, base or RLConfig())

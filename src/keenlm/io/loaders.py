@@ -56,6 +56,10 @@ def register(name: str, probe: Callable[[Path], bool], load: Callable[[Path, str
 
 
 def load_any(path: Path, device: str = "cpu") -> Loaded:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (a run folder, a quantized folder, a "
+                                ".gguf file or a Hugging Face folder)")
     for fmt in LOADERS:
         if fmt.probe(path):
             return fmt.load(path, device)

@@ -137,25 +137,31 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def reset_parameters(self):
-        """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 n_layer) (GPT-2);
-        then every part with an initialization of its own (``reset_own_parameters``: a memory's
-        starting state, low-bit step sizes) applies it, overriding the generic one."""
+        """Normal(0, init_std) weights; residual outputs scaled by 1/sqrt(2 n_layer) (GPT-2).
+        A part with an initialization of its own (``reset_own_parameters`` for the parameters
+        ``own_parameters`` names: a memory's starting state, low-bit step sizes) applies it
+        where its first parameter comes in the model's order, so a seed draws the same
+        numbers whichever parts initialize themselves."""
         std = self.cfg.init_std
         if self.embed_tokens.weight.is_meta:  # built on "meta" to be filled from a file
             return
-        own = {id(p) for m in self.modules() if hasattr(m, "reset_own_parameters")
-               for p in m.own_parameters()}
+        owner = {id(p): m for m in self.modules() if hasattr(m, "reset_own_parameters")
+                 for p in m.own_parameters()}
+        done = set()
         for name, p in self.named_parameters():
-            if id(p) in own:
-                continue
-            if name.endswith("layernorm.weight") or name == "norm.weight":
+            m = owner.get(id(p))
+            if m is not None:  # at its first parameter, so random draws keep the model's order
+                if id(m) not in done:
+                    m.reset_own_parameters()
+                    done.add(id(m))
+            elif name.endswith("layernorm.weight") or name == "norm.weight":
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / (2 * self.cfg.n_layer) ** 0.5)
             elif p.dim() >= 2:
                 nn.init.normal_(p, 0.0, std)
-        for m in self.modules():
-            if hasattr(m, "reset_own_parameters"):
+        for m in self.modules():  # parts with no parameter of their own
+            if hasattr(m, "reset_own_parameters") and id(m) not in done:
                 m.reset_own_parameters()
 
     # ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ Quantizers (weights W of one linear layer, rows = output channels):
   (no zero level, the grid stretched to use all four codes), alpha learned per output row
   with the LSQ gradient (Esser et al. 2019) -- autograd derives it from the STE formula below.
   alpha starts at max|W_row| / 2 from scratch; converting a trained model (``prepare_qat``,
-  or the switch of ``train.qat_start``) starts it at the step with the least rounding error.
+  or the switch of ``train.schedule.qat_start``) starts it at the step with the least rounding error.
 - ``int4``: symmetric groupwise, 16 levels {-8..7} * s per group of ``group`` weights along the
   input dimension, s = absmax / 7 of the group (round to nearest).
 

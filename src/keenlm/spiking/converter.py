@@ -16,8 +16,8 @@ REPORTED = ("steps", "in_rate", "hidden_rate", "synops_per_token", "macs_per_tok
 
 
 def calibration_batches(tokens, n: int, batch_size: int, seq_len: int, seed: int = 7919) -> list:
-    """``n`` batches of training windows for threshold balancing (the windows ``train.init_from``
-    converts with at seed 0)."""
+    """``n`` batches of training windows for threshold balancing; ``train.init_from`` converts
+    with ``seed = train.seed + 7919``."""
     return [get_batch(tokens, batch_size, seq_len, seed, i)[0] for i in range(n)]
 
 

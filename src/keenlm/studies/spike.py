@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keenlm
-from keenlm.config import SpikeConfig, merge
+from keenlm.config import SpikeConfig, TrainConfig, merge
 from keenlm.data import default_cache_dir, load_corpus, tokenize_corpus
 from keenlm.infer.evaluate import evaluate
 from keenlm.presets import size_preset
@@ -135,7 +135,7 @@ def spike(out: str | Path, depth: int = 4, tokens: int = 2_000_000, steps=(4, 8,
             if name == "dense":  # the conversions of the dense model, without training
                 t = cfg["train"]
                 calib = calibration_batches(data.train, calibrate, t["batch_size"], t["seq_len"],
-                                            t.get("seed", 0) + 7919)  # as train.init_from does
+                                            t.get("seed", TrainConfig.seed) + 7919)  # as init_from
                 rec["converted"] = {}
                 for neuron in neurons:
                     for T in steps:

@@ -52,5 +52,11 @@ def converters_for(cfg, start=None) -> list[ModelConverter]:
     return [c for c in (kind.for_run(cfg, start) for kind in CONVERTERS) if c is not None]
 
 
-def hooks_for(cfg, tokenizer, amp, device) -> list:
-    return [h for h in (make(cfg, tokenizer, amp, device) for make in HOOKS) if h is not None]
+def hooks_for(cfg, tokenizer, amp, device, extra=()) -> list:
+    """The hooks the config asks for, then ``extra`` (a caller's own), each checked."""
+    hooks = [h for h in (make(cfg, tokenizer, amp, device) for make in HOOKS) if h is not None]
+    for h in extra:
+        if hasattr(h, "select_batch") and not hasattr(h, "choose_batch"):
+            raise TypeError(f"{type(h).__name__}.select_batch: the hook method is now called "
+                            "choose_batch (same arguments and result)")
+    return hooks + list(extra)

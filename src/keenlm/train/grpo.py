@@ -258,7 +258,7 @@ class RLTrainer(LoopShell):
                                    self.device.type)
         init_base_lr(self.opt)
         self.updates = 0
-        self._started = time.perf_counter()
+        self._last: dict = {}  # the latest step's record, for the progress notes
         self.train_problems = self.task.problems("train", 5000)
         self.planned_steps = cfg.steps
         self.eval_every, self.save_every = run.eval_every, run.save_every
@@ -318,9 +318,11 @@ class RLTrainer(LoopShell):
                 "completion_len": gen_tokens / len(comps), **stats,
                 "gen_tokens_per_s": gen_tokens / t_gen, "gen_s": t_gen, "train_s": t_train,
                 "train_tokens_per_s": train_tokens / t_train if t_train > 0 else 0.0,
-                "elapsed_s": time.perf_counter() - self._started}
+                "elapsed_s": time.perf_counter() - self.started}
 
-    train_step = rl_step
+    def train_step(self) -> dict:
+        self._last = self.rl_step()
+        return self._last
 
     def _update(self, prompt_ids, rows, comps, adv, weights) -> dict:
         """epochs x minibatches optimizer steps on the rows that carry a gradient.
@@ -390,18 +392,18 @@ class RLTrainer(LoopShell):
                              max_new_tokens=self.cfg.max_new_tokens)
         return {"pass@1": ev["success"], "format": ev["format"], "reward": ev["reward"]}
 
-    def eval_fields(self, started: float) -> dict:
-        return {"elapsed_s": time.perf_counter() - started}
+    def eval_fields(self, at_start: bool = False) -> dict:
+        return {"elapsed_s": 0.0 if at_start else time.perf_counter() - self.started}
 
     def step_info(self, rec: dict) -> str:
         return (f"reward {rec['reward_mean']:.3f}  success {rec['success']:.3f}  "
                 f"{rec['gen_tokens_per_s']:,.0f} sampled tok/s")
 
     def eval_note(self, ev: dict) -> str:
-        return f"step {self.step}: held-out pass@1 {ev['pass@1']:.3f}"
+        reward = f"reward {self._last['reward_mean']:.3f}, " if self._last else ""
+        return f"step {self.step}: {reward}held-out pass@1 {ev['pass@1']:.3f}"
 
     def fit(self) -> RLResult:
-        self._started = time.perf_counter()
         start_eval, final, interrupted = self.run_loop()
         write_curves(self.run_dir)
         return RLResult(self.run_dir, self.step, start_eval, final, interrupted)

@@ -55,9 +55,11 @@ def sigint_stops(event: threading.Event):
 class LoopShell:
     """What a subclass provides: ``model``, ``opt``, ``run_dir``, ``train_step() -> dict`` (which
     advances ``self.step``), ``evaluate() -> dict``, ``extra_state() / load_extra_state(state)``
-    for the checkpoint, and optionally the hooks ``after_step``, ``eval_fields`` and
-    ``step_info``. Settings: ``planned_steps``, ``record_kind``, ``log_every``, ``eval_every``,
-    ``save_every``, ``keep``, ``time_budget_s``, ``progress``, ``eval_at_start``."""
+    for the checkpoint, and optionally the hooks ``after_save``, ``after_step``,
+    ``eval_fields``, ``step_info`` and ``eval_note``. Settings: ``planned_steps``,
+    ``record_kind``, ``log_every``, ``eval_every``, ``save_every``, ``keep``, ``time_budget_s``,
+    ``progress``, ``eval_at_start``. ``started`` is the loop's clock (``time.perf_counter()`` when
+    ``run_loop`` began)."""
 
     record_kind = "train"
     eval_at_start = False
@@ -66,6 +68,7 @@ class LoopShell:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.step = 0
+        self.started = time.perf_counter()
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ checkpoints
@@ -99,11 +102,12 @@ class LoopShell:
 
     # ------------------------------------------------------------------ hooks
 
-    def after_step(self, started: float, first_step: int) -> None:
+    def after_step(self, first_step: int) -> None:
         """Called after every step (e.g. to fix a schedule's length from a time budget)."""
 
-    def eval_fields(self, started: float) -> dict:
-        """Fields an evaluation's metrics line carries beside its results."""
+    def eval_fields(self, at_start: bool = False) -> dict:
+        """Fields an evaluation's metrics line carries beside its results (``at_start``: the
+        evaluation before the first step)."""
         return {}
 
     def step_info(self, rec: dict) -> str | None:
@@ -119,24 +123,24 @@ class LoopShell:
         """Steps until ``planned_steps``, the budget or Ctrl-C; evaluations and checkpoints on
         their schedule; a final evaluation and checkpoint. Returns (first evaluation or None,
         final evaluation, interrupted)."""
-        first, started = self.step, time.perf_counter()
+        first, self.started = self.step, time.perf_counter()
         metrics = self.run_dir / "metrics.jsonl"
 
-        def log_eval(ev):
+        def log_eval(ev, at_start=False):
             runs.append_jsonl(metrics, {"kind": "eval", "step": self.step,
-                                        **self.eval_fields(started), **ev})
+                                        **self.eval_fields(at_start), **ev})
 
         start_eval = None
         if self.eval_at_start:
             start_eval = self.evaluate()
-            log_eval(start_eval)
+            log_eval(start_eval, at_start=True)
         progress = Progress(self.planned_steps, enabled=self.progress, start_step=self.step)
         with sigint_stops(self._stop), progress:
             if start_eval is not None:
                 progress.note(self.eval_note(start_eval))
             while self.step < self.planned_steps and not self._stop.is_set():
                 rec = self.train_step()
-                self.after_step(started, first)
+                self.after_step(first)
                 progress.update(rec, total=self.planned_steps, info=self.step_info(rec))
                 if self.step % self.log_every == 0 or self.step == self.planned_steps:
                     runs.append_jsonl(metrics, {"kind": self.record_kind, **rec})
@@ -147,7 +151,7 @@ class LoopShell:
                     progress.note(self.eval_note(ev))
                 if self.save_every and self.step % self.save_every == 0:
                     self.save()
-                if self.time_budget_s and time.perf_counter() - started > self.time_budget_s:
+                if self.time_budget_s and time.perf_counter() - self.started > self.time_budget_s:
                     progress.note(f"time budget of {self.time_budget_s:.0f} s reached")
                     break
         final = self.evaluate()

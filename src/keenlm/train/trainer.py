@@ -32,6 +32,7 @@ from keenlm import runs
 from keenlm.config import RunConfig, from_dict, save_json
 from keenlm.data import get_batch, limit_train, load_corpus, prepare_data, tokenize_corpus
 from keenlm.infer.evaluate import evaluate
+from keenlm.io.loaders import load_any
 from keenlm.ledger import Ledger
 from keenlm.model import build_model
 from keenlm.model.attention import check_backend
@@ -123,7 +124,7 @@ class Trainer(LoopShell):
         hidden = self.model.hidden_states
         self.hidden = torch.compile(hidden) if t.runtime.compile else hidden
         self.loss_fn = LOSSES[t.runtime.loss_kernel]
-        self.hooks = hooks_for(self.cfg, self.tokenizer, self.amp, self.device) + list(hooks)
+        self.hooks = hooks_for(self.cfg, self.tokenizer, self.amp, self.device, hooks)
         self.ledger = Ledger.for_model(self.model, t.seq_len)
         self._extra: dict[str, float] = {}  # auxiliary losses of the step, for its metrics line
         t = self.cfg.train
@@ -276,7 +277,7 @@ class Trainer(LoopShell):
             self.ledger.extra.update(extra)
         return ev
 
-    def after_step(self, started: float, first_step: int):
+    def after_step(self, first_step: int):
         """With a time budget, fix the schedule's length once from the measured step time
         (steps 3..13 of this session: the first ones pay for allocator and kernel warm-up)."""
         t = self.cfg.train
@@ -287,12 +288,12 @@ class Trainer(LoopShell):
             self._mark = time.perf_counter()
         elif done == 13:
             per_step = (time.perf_counter() - self._mark) / 10
-            left = t.time_budget_s - (time.perf_counter() - started)
+            left = t.time_budget_s - (time.perf_counter() - self.started)
             # keep ~4% of the budget for the periodic evaluations and the final checkpoint
             fit = self.step + int(0.96 * left / per_step)
             self.planned_steps = max(self.step + 1, min(t.steps, fit))
 
-    def eval_fields(self, started: float) -> dict:
+    def eval_fields(self, at_start: bool = False) -> dict:
         """Where the run stands, for an evaluation's metrics line: training seconds (the
         ledger's, evaluations excluded) and FLOPs so far."""
         lg = self.ledger
@@ -308,8 +309,11 @@ class Trainer(LoopShell):
 
 
 def train(cfg: RunConfig | dict, hooks: Sequence[TrainHook] = (), init=None) -> TrainResult:
-    """Train a model from a config (a RunConfig or a nested dict) and an optional loaded
-    starting model; keenlm.train (keenlm.api.train) also loads ``train.init_from``."""
+    """Train a model from a config (a RunConfig or a nested dict); ``train.init_from`` (or
+    ``init``, a model already loaded) is the starting point, loaded here before the trainer is
+    built. What ``keenlm.train(config)`` calls."""
     if isinstance(cfg, dict):
         cfg = from_dict(cfg)
+    if init is None and cfg.train.init_from:
+        init = load_any(Path(cfg.train.init_from))
     return Trainer(cfg, hooks, init=init).fit()
