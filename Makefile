@@ -60,4 +60,4 @@ bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/spiking.py --quick
 
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) runs build src/*.egg-info src/keenlm/quant/*.so

@@ -7,6 +7,7 @@
     kernels.py   packed CPU kernels (numba lookup-table matmul)
     int8.py      weight-only int8 inference (embedding and linears)
     int4.py      weight-only int4 inference
+    q4.py        4-bit x int8 integer-dot-product kernel for decoding (C: csrc/qdot.c)
     folder.py    the quantized-model folder (registered in keenlm.io.loaders)
     recipe.py    keenlm quantize: rtn, gptq or qat, written as a quantized folder
 """

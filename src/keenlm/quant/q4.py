@@ -1,0 +1,153 @@
+"""4-bit weights times int8 activations with integer dot products: the batch-1 decode kernel.
+
+llama.cpp's recipe for CPU decoding (Q4_0 / Q4_1 weights, Q8 activations): each block of 32
+weights of a row keeps 16 levels, w = d q + m with q in [0, 15] (Q4_1; Q4_0 is m = -8 d), and
+each block of 32 activations is rounded to int8 with its own scale xd = max|x| / 127 when it is
+used. A block's product is then one integer dot product,
+
+    sum_i w_i x_i  ~  d xd sum_i q_i xq_i  +  m xd sum_i xq_i,
+
+which AVX-512 VNNI computes 32 pairs at a time (``vpdpbusd``: unsigned 4-bit codes times signed
+int8) and AVX2 in two steps (``vpmaddubsw`` + ``vpmaddwd``). The weights are read at 4.5 bits
+each (16 bytes of codes + two floats per block here) instead of 32.
+
+    Q4Linear.forward      the C kernel (keenlm/quant/csrc/qdot.c) for up to 16 rows
+                          (decode, small batches); more rows (prefill) dequantize to fp32 and
+                          run one GEMM
+    Q4Linear.reference    dequantize, then F.linear: the definition of the layer
+    q4_matmul_reference   the kernel's own arithmetic in torch (int8 activations included):
+                          what the C paths must reproduce to float rounding
+
+The activation rounding changes results slightly against ``reference`` (the tests bound it);
+the kernel paths (scalar, AVX2, VNNI) agree with ``q4_matmul_reference`` to float rounding.
+
+Status: the first part of the batch-1 decode engine. The kernel runs on one thread and is not
+yet what ``keenlm.load(quant=...)`` uses: on this project's 2-core CPU, with weights streamed
+from memory as in decoding, its 512-bit VNNI path takes 35 / 65 / 106 us for SmolLM2's
+576x576 / 1536x576 / 576x1536 projections on one thread, against 37 / 74 / 72 us for PyTorch's
+int4 kernel (the path ``quant="int4"`` uses) and 127 / 337 / 245 us for fp32 ``F.linear``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # the compiled kernels: built by pip at install (setup.py); optional without a compiler
+    from keenlm.quant import _qdot
+except ImportError:  # pragma: no cover - the install builds it wherever gcc or clang exists
+    _qdot = None
+
+BLOCK = 32
+MAX_ROWS = 16  # rows (batch x positions) the kernel takes per call; more: the GEMM path
+PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "vnni": 3, "vnni512": 4}
+_said = set()
+
+
+def available_paths() -> list[str]:
+    """The kernel paths this CPU runs, best last ([] without the compiled module)."""
+    if _qdot is None:
+        return []
+    best = _qdot.best_path()
+    return [name for name, code in PATHS.items() if 0 < code <= best]
+
+
+def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qs uint8 (N, K/2), d (N, K/32), m (N, K/32)) of a float weight (N, K): each block of 32
+    rounded to 16 levels between its min and max (Q4_1), codes packed in ggml's order."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"q4: input width {k} is not a multiple of {BLOCK}")
+    g = w.view(n, k // BLOCK, BLOCK)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d = (hi - lo) / 15
+    q = torch.round((g - lo[..., None]) / d.clamp_min(1e-30)[..., None]).clamp(0, 15).to(torch.uint8)
+    qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2)
+    return qs.contiguous(), d.contiguous(), lo.contiguous()
+
+
+def unpack_q4(qs: torch.Tensor) -> torch.Tensor:
+    """Codes (N, K) in [0, 15] from the packed (N, K/2) layout."""
+    n, half = qs.shape
+    b = qs.view(n, half // 16, 16)
+    return torch.cat([b & 15, b >> 4], dim=-1).view(n, half * 2)
+
+
+def dequantize_q4(qs, d, m) -> torch.Tensor:
+    n = qs.shape[0]
+    q = unpack_q4(qs).float().view(n, -1, BLOCK)
+    return (q * d[..., None] + m[..., None]).view(n, -1)
+
+
+def quantize_activations(x: torch.Tensor):
+    """(xq int8, xd, xs) of float rows x (B, K): blocks of 32 rounded to int8 by max|x| / 127;
+    xs = xd * sum(xq). Round half to even, as the kernel's lrintf."""
+    B, K = x.shape
+    g = x.float().view(B, K // BLOCK, BLOCK)
+    xd = g.abs().amax(-1) / 127
+    xq = torch.round(g / torch.where(xd > 0, xd, torch.ones_like(xd))[..., None]).to(torch.int8)
+    return xq.view(B, K), xd, xd * xq.float().sum(-1)
+
+
+def q4_matmul_reference(x: torch.Tensor, qs, d, m) -> torch.Tensor:
+    """The kernel's arithmetic in torch (float64 sums): y = sum over blocks of
+    d xd (q . xq) + m xs."""
+    xq, xd, xs = quantize_activations(x)
+    B, K = x.shape
+    q = unpack_q4(qs).double().view(qs.shape[0], K // BLOCK, BLOCK)
+    dots = torch.einsum("njk,bjk->bnj", q, xq.double().view(B, K // BLOCK, BLOCK))
+    return ((dots * d.double()[None] * xd.double()[:, None]).sum(-1)
+            + (m.double()[None] * xs.double()[:, None]).sum(-1)).float()
+
+
+def q4_matmul(x: torch.Tensor, qs, d, m, path: str = "auto") -> torch.Tensor:
+    """out (B, N) = x (B, K) @ W^T by the compiled kernel, B <= 16; x float32, contiguous."""
+    if _qdot is None:
+        raise RuntimeError("keenlm.quant._qdot is not built (no C compiler at install)")
+    x = x.float().contiguous()
+    B, K = x.shape
+    out = torch.empty(B, qs.shape[0], dtype=torch.float32)
+    _qdot.q4_linear(x.data_ptr(), qs.data_ptr(), d.data_ptr(), m.data_ptr(), out.data_ptr(),
+                    qs.shape[0], K, B, PATHS[path])
+    return out
+
+
+class Q4Linear(nn.Module):
+    """A bias-free linear layer with Q4 weights (see the module docstring)."""
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+        super().__init__()
+        n, half = qs.shape
+        if qs.dtype != torch.uint8 or d.shape != (n, 2 * half // BLOCK) or m.shape != d.shape:
+            raise ValueError(f"q4: codes {tuple(qs.shape)} {qs.dtype}, scales {tuple(d.shape)}, "
+                             f"offsets {tuple(m.shape)} do not describe one layer")
+        self.register_buffer("qs", qs.contiguous())
+        self.register_buffer("d", d.float().contiguous())
+        self.register_buffer("m", m.float().contiguous())
+        self.in_features, self.out_features = 2 * half, n
+        self.path = "auto"  # the kernel path; tests force "scalar" / "avx2" / "vnni"
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Q4Linear":
+        return cls(*quantize_q4(weight))
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_q4(self.qs, self.d, self.m)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized().to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if _qdot is None or rows > MAX_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
+            if _qdot is None and "kernel" not in _said:
+                _said.add("kernel")
+                print("keenlm: the Q4 kernel is not built here (no C compiler at install); "
+                      "4-bit layers use the dequantizing reference (correct, not faster)")
+            return self.reference(x)
+        out = q4_matmul(x.reshape(rows, -1), self.qs, self.d, self.m, self.path)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, q4 blocks of {BLOCK}"

@@ -1,0 +1,101 @@
+"""The Q4 x int8 kernel (keenlm.quant.q4, C in keenlm/quant/csrc/qdot.c): every compiled path
+(scalar, AVX2, AVX-512 VNNI 256- and 512-bit) against the kernel's arithmetic written in torch,
+on fresh random shapes including odd row counts and odd block counts; the layer against its
+dequantize-then-F.linear definition; the packing against the Q4_1 formula."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from keenlm.quant import q4
+from keenlm.quant.q4 import (Q4Linear, available_paths, dequantize_q4, q4_matmul,
+                             q4_matmul_reference, quantize_activations, quantize_q4)
+
+needs_kernel = pytest.mark.skipif(not available_paths(), reason="the C kernel is not built here")
+
+
+def test_packing_round_trips_the_q4_1_codes():
+    # against the definition: 16 levels between each block's min and max
+    torch.manual_seed(0)
+    w = torch.randn(7, 96)
+    qs, d, m = quantize_q4(w)
+    assert qs.shape == (7, 48) and d.shape == m.shape == (7, 3)
+    g = w.view(7, 3, 32)
+    torch.testing.assert_close(m, g.amin(-1))
+    torch.testing.assert_close(d, (g.amax(-1) - g.amin(-1)) / 15)
+    deq = dequantize_q4(qs, d, m)
+    assert (deq - w).abs().max() <= d.max() / 2 + 1e-6  # round to nearest: half a step
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(6))
+def test_every_path_equals_the_kernel_arithmetic_on_random_shapes(seed):
+    g = torch.Generator().manual_seed(seed)
+    N = int(torch.randint(1, 70, (1,), generator=g))  # odd and small row counts too
+    K = 32 * int(torch.randint(1, 50, (1,), generator=g))  # odd block counts too
+    B = int(torch.randint(1, 17, (1,), generator=g))
+    w = torch.randn(N, K, generator=g)
+    x = torch.randn(B, K, generator=g) * float(torch.rand(1, generator=g) * 10)
+    qs, d, m = quantize_q4(w)
+    ref = q4_matmul_reference(x, qs, d, m)
+    scale = ref.abs().max().clamp_min(1.0)
+    for path in available_paths():
+        got = q4_matmul(x, qs, d, m, path)
+        assert got.shape == (B, N)
+        assert ((got - ref).abs().max() / scale) < 1e-5, path
+
+
+@needs_kernel
+def test_zero_blocks_and_extreme_values():
+    torch.manual_seed(1)
+    w = torch.randn(9, 128)
+    w[:, 32:64] = 0  # a constant block: d = 0
+    x = torch.randn(2, 128)
+    x[0, :32] = 0  # an all-zero activation block: xd = 0
+    x[1, 64:96] *= 1e4
+    qs, d, m = quantize_q4(w)
+    ref = q4_matmul_reference(x, qs, d, m)
+    for path in available_paths():
+        got = q4_matmul(x, qs, d, m, path)
+        assert torch.isfinite(got).all()
+        assert ((got - ref).abs().max() / ref.abs().max()) < 1e-5, path
+
+
+@needs_kernel
+def test_the_layer_is_close_to_its_definition_and_keeps_shapes():
+    # int8 activations change the rounding: bounded against dequantize-then-F.linear
+    torch.manual_seed(2)
+    lin = Q4Linear.from_float(torch.randn(48, 576) * 0.02)
+    x = torch.randn(2, 3, 576)
+    with torch.no_grad():
+        fast, ref = lin(x), lin.reference(x)
+    assert fast.shape == (2, 3, 48)
+    assert ((fast - ref).norm() / ref.norm()) < 0.01
+    with torch.no_grad():  # more rows than the kernel takes: the GEMM path, exactly the reference
+        many = torch.randn(1, 20, 576)
+        torch.testing.assert_close(lin(many), lin.reference(many))
+
+
+def test_activation_quantization_matches_the_kernel():
+    torch.manual_seed(3)
+    x = torch.randn(3, 64) * 5
+    xq, xd, xs = quantize_activations(x)
+    assert xq.dtype == torch.int8 and xq.abs().max() <= 127
+    torch.testing.assert_close(xq.float().view(3, 2, 32) * xd[..., None], x.view(3, 2, 32),
+                               atol=float(xd.max()) / 2 + 1e-6, rtol=0)
+    if q4._qdot is not None:
+        cq, cd, cs = torch.empty(3, 64, dtype=torch.int8), torch.empty(3, 2), torch.empty(3, 2)
+        q4._qdot.quantize_q8(x.data_ptr(), cq.data_ptr(), cd.data_ptr(), cs.data_ptr(), 3, 64)
+        assert torch.equal(cq, xq)
+        torch.testing.assert_close(cd, xd)
+        torch.testing.assert_close(cs, xs)
+
+
+@needs_kernel
+def test_bad_shapes_and_paths_are_clear_errors():
+    qs, d, m = quantize_q4(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="B=17"):
+        q4_matmul(torch.randn(17, 64), qs, d, m)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_q4(torch.randn(4, 40))
+    with pytest.raises(ValueError, match="describe one layer"):
+        Q4Linear(qs, d[:, :1], m)
