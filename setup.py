@@ -4,4 +4,5 @@ the install still succeeds and keenlm says, once, that it uses the reference pat
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("keenlm.quant._qdot", ["src/keenlm/quant/csrc/qdot.c"],
-                             extra_compile_args=["-O3", "-std=c11"], optional=True)])
+                             extra_compile_args=["-O3", "-std=c11", "-pthread"],
+                             extra_link_args=["-pthread"], optional=True)])

@@ -2,6 +2,8 @@
 (scalar, AVX2, AVX-512 VNNI 256- and 512-bit) against the kernel's arithmetic written in torch,
 on fresh random shapes including odd row counts and odd block counts; the layer against its
 dequantize-then-F.linear definition; the packing against the Q4_1 formula."""
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,14 @@ from keenlm.quant.q4 import (Q4Linear, available_paths, dequantize_q4, q4_matmul
                              q4_matmul_reference, quantize_activations, quantize_q4)
 
 needs_kernel = pytest.mark.skipif(not available_paths(), reason="the C kernel is not built here")
+
+
+def test_the_kernel_is_built_wherever_a_compiler_is():
+    # the extension is optional at install (no compiler: the reference path, said once); where
+    # a C compiler exists, a failed build must not hide behind the skipped kernel tests
+    if shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"):
+        assert q4._qdot is not None, "a C compiler is here but keenlm.quant._qdot was not built"
+        assert "scalar" in available_paths()
 
 
 def test_packing_round_trips_the_q4_1_codes():
@@ -28,9 +38,10 @@ def test_packing_round_trips_the_q4_1_codes():
 
 @needs_kernel
 @pytest.mark.parametrize("seed", range(6))
-def test_every_path_equals_the_kernel_arithmetic_on_random_shapes(seed):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_every_path_equals_the_kernel_arithmetic_on_random_shapes(seed, threads):
     g = torch.Generator().manual_seed(seed)
-    N = int(torch.randint(1, 70, (1,), generator=g))  # odd and small row counts too
+    N = int(torch.randint(1, 200, (1,), generator=g))  # odd and small row counts too
     K = 32 * int(torch.randint(1, 50, (1,), generator=g))  # odd block counts too
     B = int(torch.randint(1, 17, (1,), generator=g))
     w = torch.randn(N, K, generator=g)
@@ -39,7 +50,7 @@ def test_every_path_equals_the_kernel_arithmetic_on_random_shapes(seed):
     ref = q4_matmul_reference(x, qs, d, m)
     scale = ref.abs().max().clamp_min(1.0)
     for path in available_paths():
-        got = q4_matmul(x, qs, d, m, path)
+        got = q4_matmul(x, qs, d, m, path, threads)
         assert got.shape == (B, N)
         assert ((got - ref).abs().max() / scale) < 1e-5, path
 
@@ -99,3 +110,24 @@ def test_bad_shapes_and_paths_are_clear_errors():
         quantize_q4(torch.randn(4, 40))
     with pytest.raises(ValueError, match="describe one layer"):
         Q4Linear(qs, d[:, :1], m)
+
+
+@needs_kernel
+def test_a_converted_model_runs_the_kernel_and_stays_close_to_its_reference(monkeypatch):
+    from keenlm.config import ModelConfig
+    from keenlm.model import build_model
+    from keenlm.quant.int8 import Int8Linear
+    from keenlm.quant.q4 import quantize_q4_model
+
+    torch.manual_seed(5)
+    net = build_model(ModelConfig(vocab_size=300, n_layer=2, d_model=64, n_head=2, d_ff=128)).eval()
+    quantize_q4_model(net)
+    assert isinstance(net.layers[0].self_attn.qkv_proj, Q4Linear)
+    assert isinstance(net.layers[1].mlp.gate_up_proj, Q4Linear)
+    assert isinstance(net.layers[1].mlp.down_proj, Q4Linear) and isinstance(net.lm_head, Int8Linear)
+    x = torch.randint(0, 300, (2, 6))
+    with torch.no_grad():
+        fast = net(x)
+        monkeypatch.setattr(q4, "_qdot", None)  # every Q4Linear on its reference path
+        ref = net(x)
+    assert ((fast - ref).norm() / ref.norm()) < 0.02

@@ -21,17 +21,22 @@ each (16 bytes of codes + two floats per block here) instead of 32.
 The activation rounding changes results slightly against ``reference`` (the tests bound it);
 the kernel paths (scalar, AVX2, VNNI) agree with ``q4_matmul_reference`` to float rounding.
 
-Status: the first part of the batch-1 decode engine. The kernel runs on one thread and is not
-yet what ``keenlm.load(quant=...)`` uses. benchmarks/q4_kernel.py, weights streamed from memory
-as in decoding, one SmolLM2-135M decoder layer's four projections on this project's 2-core CPU:
-the 512-bit VNNI path 222 us on one thread, PyTorch's int4 kernel (``quant="int4"``) 267 us on
-one thread and 177 us on two, fp32 ``F.linear`` 1153 us.
+Status: the first part of the batch-1 decode engine, not yet what ``keenlm.load(quant=...)``
+offers. benchmarks/q4_kernel.py, weights streamed from memory as in decoding, one SmolLM2-135M
+decoder layer's four projections on this project's 2-core CPU: this kernel 1.04-1.32x faster
+than PyTorch's int4 kernel (``quant="int4"``) on one thread, 1.08-1.42x on two (four runs).
+Whole-model greedy decoding of SmolLM2 (``quantize_q4_model``) is not faster yet: 55.6 tok/s
+with the kernel on one thread beside torch's two, 57.6 with the kernel on two and torch on one,
+against int4's 63.6 -- the int8 LM head and ~45% of the step in small torch ops remain; a
+decode step that keeps them out of torch is the next part.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from keenlm.quant.int8 import Int8Linear, _fuse_slots
 
 try:  # the compiled kernels: built by pip at install (setup.py); optional without a compiler
     from keenlm.quant import _qdot
@@ -40,6 +45,10 @@ except ImportError:  # pragma: no cover - the install builds it wherever gcc or 
 
 BLOCK = 32
 MAX_ROWS = 16  # rows (batch x positions) the kernel takes per call; more: the GEMM path
+# The kernel's threads. 1 by default: its pool spins between calls, and beside torch's own
+# OpenMP threads on a 2-core CPU the two pools starve each other (SmolLM2 decoding fell from 56
+# to 4-27 tok/s); more threads pay when torch runs on one thread (a decode step of keenlm's own).
+THREADS = 1
 PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "vnni": 3, "vnni512": 4}
 _said = set()
 
@@ -101,15 +110,15 @@ def q4_matmul_reference(x: torch.Tensor, qs, d, m) -> torch.Tensor:
             + (m.double()[None] * xs.double()[:, None]).sum(-1)).float()
 
 
-def q4_matmul(x: torch.Tensor, qs, d, m, path: str = "auto") -> torch.Tensor:
-    """out (B, N) = x (B, K) @ W^T by the compiled kernel, B <= 16; x float32, contiguous."""
+def q4_matmul(x: torch.Tensor, qs, d, m, path: str = "auto", threads: int = 0) -> torch.Tensor:
+    """out (B, N) = x (B, K) @ W^T by the compiled kernel, B <= 16; ``threads`` 0: ``THREADS``."""
     if _qdot is None:
         raise RuntimeError("keenlm.quant._qdot is not built (no C compiler at install)")
     x = x.float().contiguous()
     B, K = x.shape
     out = torch.empty(B, qs.shape[0], dtype=torch.float32)
     _qdot.q4_linear(x.data_ptr(), qs.data_ptr(), d.data_ptr(), m.data_ptr(), out.data_ptr(),
-                    qs.shape[0], K, B, PATHS[path])
+                    qs.shape[0], K, B, PATHS[path], threads or THREADS)
     return out
 
 
@@ -151,3 +160,18 @@ class Q4Linear(nn.Module):
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, q4 blocks of {BLOCK}"
+
+
+def quantize_q4_model(net: nn.Module) -> nn.Module:
+    """Every block projection to Q4Linear (q/k/v and gate/up fused into one call each), the
+    LM head to int8 (the most sensitive layer; GGUF files keep it at 8 bits too). In place."""
+    if _qdot is None:
+        print("keenlm: the Q4 kernel is not built here (no C compiler at install); 4-bit layers "
+              "use the dequantizing reference (correct, not faster)")
+    _fuse_slots(net, Q4Linear.from_float)
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.bias is None:
+                make = Int8Linear if name == "lm_head" else Q4Linear.from_float
+                setattr(parent, name, make(child.weight))
+    return net

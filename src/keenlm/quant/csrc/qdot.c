@@ -3,8 +3,7 @@
  * with integer dot products: AVX-512 VNNI (vpdpbusd) where the CPU has it, AVX2 (vpmaddubsw)
  * elsewhere on x86, and a scalar loop everywhere (the reference the tests hold the others to).
  * The path is chosen at run time (__builtin_cpu_supports), so one build serves every x86 CPU.
- * One thread for now: threading (a persistent pool shared with the decode step) comes with the
- * fused decode step.
+ * Rows are shared among ``threads`` threads of a small persistent pool (below).
  *
  * Layout (keenlm.quant.q4 documents and builds it): for N output rows and K inputs, K a
  * multiple of 32,
@@ -66,9 +65,10 @@ static void quantize_rows(const float *x, int8_t *xq, float *xd, float *xs, int 
 
 /* The reference: plain loops over the same integers. */
 static void rows_scalar(const uint8_t *qs, const float *d, const float *m, const int8_t *xq,
-                        const float *xd, const float *xs, float *out, int N, int K, int B) {
+                        const float *xd, const float *xs, float *out, int N, int K, int B,
+                        int n0, int n1) {
     const int nb = K / 32;
-    for (int n = 0; n < N; n++) {
+    for (int n = n0; n < n1; n++) {
         for (int b = 0; b < B; b++) {
             float acc = 0.f;
             for (int j = 0; j < nb; j++) {
@@ -102,7 +102,7 @@ __attribute__((target("avx2,fma"))) static inline __m256i unpack_block(const uin
 
 #define ROWS_BODY(DOT)                                                                      \
     const int nb = K / 32;                                                                  \
-    for (int n = 0; n < N; n++) {                                                           \
+    for (int n = n0; n < n1; n++) {                                                         \
         const uint8_t *wr = qs + (size_t)n * (K / 2);                                       \
         const float *dr = d + (size_t)n * nb, *mr = m + (size_t)n * nb;                     \
         __m256 acc[MAX_ROWS];                                                               \
@@ -123,7 +123,8 @@ __attribute__((target("avx2,fma"))) static inline __m256i unpack_block(const uin
 
 __attribute__((target("avx2,fma")))
 static void rows_avx2(const uint8_t *qs, const float *d, const float *m, const int8_t *xq,
-                      const float *xd, const float *xs, float *out, int N, int K, int B) {
+                      const float *xd, const float *xs, float *out, int N, int K, int B,
+                      int n0, int n1) {
     const __m256i ones = _mm256_set1_epi16(1);
     /* u8 x s8 pairs summed to int16 (|15 * 127 * 2| fits), then pairs of those to int32 */
     ROWS_BODY(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones))
@@ -131,7 +132,8 @@ static void rows_avx2(const uint8_t *qs, const float *d, const float *m, const i
 
 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 static void rows_vnni(const uint8_t *qs, const float *d, const float *m, const int8_t *xq,
-                      const float *xd, const float *xs, float *out, int N, int K, int B) {
+                      const float *xd, const float *xs, float *out, int N, int K, int B,
+                      int n0, int n1) {
     ROWS_BODY(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x))
 }
 
@@ -156,15 +158,16 @@ static inline __m512 pair_scales(const float *s) { /* [s0 x 8 | s1 x 8] */
 
 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 static void rows_vnni512(const uint8_t *qs, const float *d, const float *m, const int8_t *xq,
-                         const float *xd, const float *xs, float *out, int N, int K, int B) {
+                         const float *xd, const float *xs, float *out, int N, int K, int B,
+                         int nstart, int nend) {
     const int nb = K / 32, pairs = nb / 2;
     float *sc = malloc(sizeof(float) * 4 * (nb + 1));
     if (!sc) return; /* the caller has checked a larger allocation; never taken in practice */
     for (int b = 0; b < B; b++) {
         const int8_t *x = xq + (size_t)b * K;
         const float *xdb = xd + (size_t)b * nb, *xsb = xs + (size_t)b * nb;
-        for (int n0 = 0; n0 < N; n0 += 4) {
-            const int R = N - n0 < 4 ? N - n0 : 4;
+        for (int n0 = nstart; n0 < nend; n0 += 4) {
+            const int R = nend - n0 < 4 ? nend - n0 : 4;
             __m512 acc[4];
             float tail[4];
             for (int r = 0; r < R; r++) {
@@ -203,6 +206,107 @@ static void rows_vnni512(const uint8_t *qs, const float *d, const float *m, cons
 }
 #endif
 
+
+/* ------------------------------------------------------------------------------------------
+ * Threads: a small persistent pool (the decode step calls the kernel ~200 times per token, a
+ * few tens of microseconds each, so threads cannot be started per call). The caller's thread
+ * takes the first share of the rows; each worker spins briefly for the next job, then sleeps
+ * on a condition variable, so an idle pool costs nothing. */
+#include <pthread.h>
+#include <stdatomic.h>
+
+#define MAX_THREADS 16
+#define SPIN 200000
+
+typedef struct {
+    const uint8_t *qs; const float *d, *m; const int8_t *xq; const float *xd, *xs; float *out;
+    int N, K, B, path, parts;
+} Job;
+
+static Job job;
+static atomic_int job_gen = 0, job_done = 0;
+static int pool_size = 0; /* workers started (threads - 1) */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+
+static void run_rows(int path, const uint8_t *qs, const float *d, const float *m,
+                     const int8_t *xq, const float *xd, const float *xs, float *out,
+                     int N, int K, int B, int n0, int n1);
+
+static void run_part(int part) {
+    /* rows in multiples of 4 (the 512-bit path's row group), shares as even as that allows */
+    const int groups = (job.N + 3) / 4;
+    const int g0 = groups * part / job.parts, g1 = groups * (part + 1) / job.parts;
+    const int n0 = 4 * g0, n1 = 4 * g1 < job.N ? 4 * g1 : job.N;
+    if (n0 < n1)
+        run_rows(job.path, job.qs, job.d, job.m, job.xq, job.xd, job.xs, job.out, job.N, job.K,
+                 job.B, n0, n1);
+}
+
+static void *worker(void *arg) {
+    const int id = (int)(intptr_t)arg; /* 1 .. pool_size */
+    int seen = 0;
+    for (;;) {
+        int gen, spins = 0;
+        while ((gen = atomic_load_explicit(&job_gen, memory_order_acquire)) == seen) {
+            if (++spins < SPIN) {
+#ifdef KEENLM_X86
+                _mm_pause();
+#endif
+                continue;
+            }
+            pthread_mutex_lock(&pool_lock);
+            while (atomic_load_explicit(&job_gen, memory_order_acquire) == seen)
+                pthread_cond_wait(&pool_wake, &pool_lock);
+            pthread_mutex_unlock(&pool_lock);
+            spins = 0;
+        }
+        seen = gen;
+        if (id < job.parts) run_part(id);
+        atomic_fetch_add_explicit(&job_done, 1, memory_order_acq_rel);
+    }
+    return NULL;
+}
+
+static void ensure_pool(int workers) {
+    while (pool_size < workers && pool_size < MAX_THREADS - 1) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker, (void *)(intptr_t)(pool_size + 1)) != 0) break;
+        pthread_detach(t);
+        pool_size++;
+    }
+}
+
+static void run_parallel(int threads) {
+    int parts = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    job.parts = 1;
+    if (parts == 1) { run_part(0); return; }
+    ensure_pool(parts - 1);
+    job.parts = parts = pool_size + 1 < parts ? pool_size + 1 : parts;
+    atomic_store_explicit(&job_done, 0, memory_order_relaxed);
+    pthread_mutex_lock(&pool_lock);
+    atomic_fetch_add_explicit(&job_gen, 1, memory_order_acq_rel);
+    pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_lock);
+    run_part(0);
+    while (atomic_load_explicit(&job_done, memory_order_acquire) < pool_size) {
+#ifdef KEENLM_X86
+        _mm_pause();
+#endif
+    }
+}
+
+static void run_rows(int path, const uint8_t *qs, const float *d, const float *m,
+                     const int8_t *xq, const float *xd, const float *xs, float *out,
+                     int N, int K, int B, int n0, int n1) {
+#ifdef KEENLM_X86
+    if (path == PATH_VNNI512) { rows_vnni512(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1); return; }
+    if (path == PATH_VNNI) { rows_vnni(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1); return; }
+    if (path == PATH_AVX2) { rows_avx2(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1); return; }
+#endif
+    rows_scalar(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1);
+}
+
 static int path_ok(int path) {
     if (path == PATH_SCALAR) return 1;
 #ifdef KEENLM_X86
@@ -213,11 +317,14 @@ static int path_ok(int path) {
 #endif
 }
 
-/* q4_linear(x, qs, d, m, out, N, K, B, path): out (B, N) = x (B, K) @ W^T, pointers as ints. */
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* q4_linear(x, qs, d, m, out, N, K, B, path, threads): out (B, N) = x (B, K) @ W^T. */
 static PyObject *q4_linear(PyObject *self, PyObject *args) {
     unsigned long long px, pqs, pd, pm, pout;
-    int N, K, B, path;
-    if (!PyArg_ParseTuple(args, "KKKKKiiii", &px, &pqs, &pd, &pm, &pout, &N, &K, &B, &path))
+    int N, K, B, path, threads = 1;
+    if (!PyArg_ParseTuple(args, "KKKKKiiii|i", &px, &pqs, &pd, &pm, &pout, &N, &K, &B, &path,
+                          &threads))
         return NULL;
     if (N < 1 || K < 32 || K % 32 || B < 1 || B > MAX_ROWS) {
         PyErr_Format(PyExc_ValueError, "q4_linear: N=%d, K=%d (a multiple of 32), B=%d (1..%d)",
@@ -241,13 +348,10 @@ static PyObject *q4_linear(PyObject *self, PyObject *args) {
     float *out = (float *)(uintptr_t)pout;
     Py_BEGIN_ALLOW_THREADS
     quantize_rows((const float *)(uintptr_t)px, xq, xd, xs, B, K);
-#ifdef KEENLM_X86
-    if (path == PATH_VNNI512) rows_vnni512(qs, d, m, xq, xd, xs, out, N, K, B);
-    else if (path == PATH_VNNI) rows_vnni(qs, d, m, xq, xd, xs, out, N, K, B);
-    else if (path == PATH_AVX2) rows_avx2(qs, d, m, xq, xd, xs, out, N, K, B);
-    else
-#endif
-        rows_scalar(qs, d, m, xq, xd, xs, out, N, K, B);
+    pthread_mutex_lock(&call_lock); /* one job at a time in the pool */
+    job = (Job){qs, d, m, xq, xd, xs, out, N, K, B, path, 1};
+    run_parallel(N >= 64 ? threads : 1);
+    pthread_mutex_unlock(&call_lock);
     Py_END_ALLOW_THREADS
     free(xq); free(xd); free(xs);
     Py_RETURN_NONE;
