@@ -3,6 +3,8 @@
 on fresh random shapes including odd row counts and odd block counts; the layer against its
 dequantize-then-F.linear definition; the packing against the Q4_1 formula."""
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,3 +133,24 @@ def test_a_converted_model_runs_the_kernel_and_stays_close_to_its_reference(monk
         monkeypatch.setattr(q4, "_qdot", None)  # every Q4Linear on its reference path
         ref = net(x)
     assert ((fast - ref).norm() / ref.norm()) < 0.02
+
+
+@needs_kernel
+def test_a_forked_child_starts_its_own_threads():
+    # the parent's pool threads do not exist in a child; it must not wait for them
+    code = """
+import os, torch
+from keenlm.quant.q4 import q4_matmul, q4_matmul_reference, quantize_q4
+torch.set_num_threads(1)  # torch's own OpenMP pool is not fork-safe; keenlm's must be
+qs, d, m = quantize_q4(torch.randn(300, 576))
+x = torch.randn(1, 576)
+ref = q4_matmul_reference(x, qs, d, m)
+q4_matmul(x, qs, d, m, threads=2)
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if (q4_matmul(x, qs, d, m, threads=2) - ref).abs().max() < 1e-3 else 1)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.waitstatus_to_exitcode(status))
+"""
+    done = subprocess.run([sys.executable, "-c", code], timeout=120)
+    assert done.returncode == 0

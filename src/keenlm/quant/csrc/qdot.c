@@ -268,7 +268,19 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* A forked child has none of the parent's workers: it starts its own when it needs them. */
+static void forget_pool(void) {
+    pool_size = 0;
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_cond_init(&pool_wake, NULL);
+}
+
 static void ensure_pool(int workers) {
+    static int registered = 0;
+    if (!registered) {
+        pthread_atfork(NULL, NULL, forget_pool);
+        registered = 1;
+    }
     while (pool_size < workers && pool_size < MAX_THREADS - 1) {
         pthread_t t;
         if (pthread_create(&t, NULL, worker, (void *)(intptr_t)(pool_size + 1)) != 0) break;
