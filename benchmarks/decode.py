@@ -5,7 +5,8 @@ What is compared, each contender in its own process (so peak RSS is its own), 2 
   - prefill tokens/s: one forward pass over a 256-token prompt (best of 3),
   - batch-1 greedy decode tokens/s: 128 new tokens after that prompt (prefill time excluded),
   - peak resident memory,
-for keenlm fp32, keenlm int8 and int4 weight-only (keenlm.quant.int8 / int4), and
+for keenlm fp32, keenlm int8 and int4 weight-only (keenlm.quant.int8 / int4), keenlm q4 (the
+GGUF's Q4 blocks read as stored, on keenlm's 4-bit x int8 kernel: keenlm.quant.q4), and
 transformers fp32 ``generate``. A quantized path counts only if its perplexity on the first
 8,192 tokens of the stdlib's argparse.py (512-token windows) stays within 1% of fp32's; the
 fastest one that does is reported against the targets.
@@ -164,7 +165,7 @@ def main() -> int:
     print(f"decode: SmolLM2-135M-Instruct Q4_1 GGUF, machine {platform.machine()} "
           f"{os.cpu_count()} cores, 2 threads, 256-token prompt, {args.new_tokens} greedy tokens, "
           f"perplexity on {args.ppl_windows} x 512 tokens of argparse.py, {time.strftime('%Y-%m-%d')}")
-    kinds = ["transformers", "keenlm-fp32", "keenlm-int8", "keenlm-int4"]
+    kinds = ["transformers", "keenlm-fp32", "keenlm-int8", "keenlm-int4", "keenlm-q4"]
     if importlib.util.find_spec("llama_cpp") is not None:
         kinds.append("llama.cpp")
     else:
@@ -178,7 +179,7 @@ def main() -> int:
               f"  peak RSS {r['peak_rss_mb']:5.0f} MB  perplexity {r['perplexity']:.4f}")
     fp32 = res["keenlm-fp32"]
     # the fastest quantized path whose perplexity stays within 1% of fp32 is the one that counts
-    ok = [k for k in ("keenlm-int4", "keenlm-int8")
+    ok = [k for k in ("keenlm-int4", "keenlm-q4", "keenlm-int8")
           if res[k]["perplexity"] / fp32["perplexity"] <= 1.01]
     name = max(ok, key=lambda k: res[k]["decode_tok_s"]) if ok else "keenlm-int8"
     fast = res[name]

@@ -154,3 +154,22 @@ raise SystemExit(os.waitstatus_to_exitcode(status))
 """
     done = subprocess.run([sys.executable, "-c", code], timeout=120)
     assert done.returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_blocks_are_read_as_ggml_defines_them(kind):
+    # against a trusted implementation: gguf-py's own dequantization of the same raw blocks
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
+    from keenlm.io.gguf_q4 import BLOCK_BYTES, q4_blocks
+
+    g = torch.Generator().manual_seed(7)
+    rows, blocks = 5, 3
+    scales = (torch.rand(rows, blocks, 2, generator=g) - 0.5).half().numpy().view("uint8")
+    codes = torch.randint(0, 256, (rows, blocks, 16), generator=g, dtype=torch.uint8).numpy()
+    head = scales[..., :2] if kind == "Q4_0" else scales  # Q4_0: d only; Q4_1: d, m
+    import numpy as np
+
+    raw = np.concatenate([head, codes], axis=-1).reshape(rows, blocks * BLOCK_BYTES[kind])
+    want = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind))
+    got = dequantize_q4(*q4_blocks(raw, kind))
+    torch.testing.assert_close(got, torch.from_numpy(want.astype(np.float32)))

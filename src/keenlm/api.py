@@ -12,10 +12,12 @@ from keenlm.data import TokenData, load_corpus, tokenize_corpus
 from keenlm.infer import generate
 from keenlm.infer.evaluate import evaluate
 from keenlm.io import gguf, hf  # noqa: F401  (each registers its format in the loader table)
+from keenlm.io.gguf_q4 import load_gguf_q4
 from keenlm.io.loaders import Loaded, load_any
 from keenlm.quant import folder  # noqa: F401  (registers the quantized-model folder)
 from keenlm.quant.int4 import quantize_int4
 from keenlm.quant.int8 import quantize_int8
+from keenlm.quant.q4 import quantize_q4_model
 from keenlm.runs import default_cache_dir
 from keenlm.train import train  # noqa: F401  (keenlm.api.train: the same function as keenlm.train)
 
@@ -45,7 +47,7 @@ class KeenModel(Loaded):
                         device=next(self.net.parameters()).device)
 
 
-QUANT = {"none": None, "int8": quantize_int8, "int4": quantize_int4}
+QUANT = {"none": None, "int8": quantize_int8, "int4": quantize_int4, "q4": quantize_q4_model}
 
 
 def load(path: str | Path, device: str = "cpu", quant: str = "none") -> KeenModel:
@@ -55,10 +57,16 @@ def load(path: str | Path, device: str = "cpu", quant: str = "none") -> KeenMode
     executed.
 
     quant: "int8" or "int4" converts the linear layers to weight-only quantized ones for fast
-    CPU generation (keenlm.quant.int8 / int4); the model is then for inference only."""
+    CPU generation (keenlm.quant.int8 / int4); "q4" runs the block projections on keenlm's
+    4-bit x int8 kernel (keenlm.quant.q4), and reads a GGUF file's Q4 blocks as stored, without
+    an fp32 copy of the model (keenlm.io.gguf_q4). The model is then for inference only."""
     if quant not in QUANT:
         raise ValueError(f"quant={quant!r}: allowed {' | '.join(QUANT)}")
-    got = load_any(Path(path), device)
+    path = Path(path)
+    if quant == "q4" and path.is_file():  # a GGUF file: straight into the packed layout
+        got = load_gguf_q4(path, device)
+        return KeenModel(got.net, got.tokenizer, got.config, got.run_dir, got.quant)
+    got = load_any(path, device)
     km = KeenModel(got.net, got.tokenizer, got.config, got.run_dir, got.quant)
     if QUANT[quant] is not None:
         QUANT[quant](km.net)

@@ -1,0 +1,158 @@
+"""A GGUF file straight into keenlm's 4-bit decode layout, without an fp32 copy of the model.
+
+``load_gguf_q4(path)`` reads the same file as keenlm.io.gguf (same checks: architecture, names,
+shapes, tokenizer) but keeps the block projections in their 4-bit form: a Q4_0 or Q4_1 tensor's
+blocks of 32 (scale, offset, 16 bytes of codes in ggml's nibble order) become a
+keenlm.quant.q4.Q4Linear with no re-rounding (q/k rows un-permuted as whole rows); q/k/v and
+gate/up are joined into one layer each. Projections stored otherwise (F32, F16, Q8_0, K-quants)
+are dequantized one tensor at a time and rounded to Q4 blocks. The token embedding becomes int8
+rows (keenlm.quant.int8), dequantized in chunks, and an LM head tied to it reads the same rows.
+Peak memory is then about the packed model plus one tensor in fp32.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from keenlm.config import RunConfig
+from keenlm.io import gguf_format
+from keenlm.io.gguf import (GGUFError, SUPPORTED_TYPES, dequantize, expected_shapes, model_config,
+                            name_map, open_reader, read_tokenizer, unpermute_qk)
+from keenlm.io.loaders import Loaded
+from keenlm.model import build_model
+from keenlm.quant.int8 import FusedSlice, Int8Embedding, Int8Linear, quantize_rows_int8
+from keenlm.quant.q4 import Q4Linear, quantize_q4
+
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
+EMBED_CHUNK = 4096  # embedding rows dequantized at a time
+
+
+def q4_blocks(raw: np.ndarray, tname: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes (N, K/2), d (N, K/32), m (N, K/32)) of a Q4_0 / Q4_1 tensor's raw rows (N, bytes)."""
+    size = BLOCK_BYTES[tname]
+    b = raw.reshape(raw.shape[0], -1, size)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    if tname == "Q4_1":
+        m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+    else:  # Q4_0: w = d (q - 8)
+        m = -8.0 * d
+    qs = np.ascontiguousarray(b[..., size - 16:]).reshape(raw.shape[0], -1)
+    return torch.from_numpy(qs), torch.from_numpy(d), torch.from_numpy(m)
+
+
+class _Reader:
+    """One GGUF file's tensors by keenlm name, checked, in raw or fp32 form."""
+
+    def __init__(self, reader, cfg, path):
+        self.reader, self.cfg, self.path = reader, cfg, path
+        self.by_name = {t.name: t for t in reader.tensors}
+        self.gguf_of = {k: g for g, k in name_map(cfg).items()}
+        self.expected = expected_shapes(cfg)
+
+    def info(self, kname):
+        gname = self.gguf_of[kname]
+        t = self.by_name.get(gname)
+        if t is None:
+            raise GGUFError(self.path, f"tensor {gname} is missing")
+        tname = self.reader.type_name(t)
+        if tname not in SUPPORTED_TYPES:
+            raise GGUFError(self.path, f"tensor {gname} has type {tname}, not supported")
+        if tuple(t.shape) != self.expected[kname]:
+            raise GGUFError(self.path, f"tensor {gname} has shape {tuple(t.shape)}, the config "
+                                       f"implies {self.expected[kname]}")
+        return gname, t, tname
+
+    def _heads(self, kname):
+        if kname.endswith("q_proj.weight"):
+            return self.cfg.n_head
+        return self.cfg.kv_heads if kname.endswith("k_proj.weight") else 0
+
+    def q4(self, kname):
+        """A projection as Q4 blocks: taken as stored when the file has them, else rounded."""
+        gname, t, tname = self.info(kname)
+        raw = gguf_format.tensor_bytes(self.reader.data, t)
+        heads = self._heads(kname)
+        if tname in BLOCK_BYTES:
+            if raw.shape[-1] * 32 != BLOCK_BYTES[tname] * t.shape[-1]:
+                raise GGUFError(self.path, f"tensor {gname}: {raw.shape[-1]} bytes per row do "
+                                           f"not hold {t.shape[-1]} {tname} weights")
+            return q4_blocks(unpermute_qk(raw, heads) if heads else raw, tname)
+        return quantize_q4(self.fp32(kname))
+
+    def fp32(self, kname, rows: slice | None = None) -> torch.Tensor:
+        from gguf import GGMLQuantizationType  # optional extra: keenlm[io], as in keenlm.io.gguf
+
+        gname, t, tname = self.info(kname)
+        raw = gguf_format.tensor_bytes(self.reader.data, t)
+        raw = raw if rows is None else raw[rows]
+        w = dequantize(raw, GGMLQuantizationType(t.type_id), self.path, gname)
+        heads = self._heads(kname)
+        w = unpermute_qk(w, heads) if heads else w
+        return torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
+
+    def int8_rows(self, kname):
+        """Per-row int8 (rows, scale) of a large matrix, dequantized EMBED_CHUNK rows at a time."""
+        _, t, _ = self.info(kname)
+        rows = torch.empty(tuple(t.shape), dtype=torch.int8)
+        scale = torch.empty(t.shape[0])
+        for i in range(0, t.shape[0], EMBED_CHUNK):
+            rows[i:i + EMBED_CHUNK], scale[i:i + EMBED_CHUNK] = quantize_rows_int8(
+                self.fp32(kname, slice(i, i + EMBED_CHUNK)))
+        return rows, scale
+
+
+def _joined(parts):
+    return Q4Linear(*(torch.cat(x) for x in zip(*parts)))
+
+
+def _set_fused(parent, names, attr, parts):
+    fused = _joined(parts)
+    setattr(parent, attr, fused)
+    start = 0
+    for n, (qs, _, _) in zip(names, parts):
+        setattr(parent, n, FusedSlice(fused, start, start + qs.shape[0]))
+        start += qs.shape[0]
+
+
+def load_gguf_q4(path, device: str = "cpu") -> Loaded:
+    """A GGUF file as a model whose projections run on the Q4 kernel (see the module docstring)."""
+    path = Path(path)
+    reader = open_reader(path)
+    cfg = model_config(reader, path)
+    tokenizer = read_tokenizer(reader, path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise GGUFError(path, f"tokenizer has {tokenizer.vocab_size} tokens but the embedding "
+                              f"only {cfg.vocab_size}")
+    r = _Reader(reader, cfg, path)
+    with torch.device("meta"):
+        net = build_model(cfg)
+    for i, layer in enumerate(net.layers):
+        p = f"layers.{i}."
+        attn, mlp = layer.self_attn, layer.mlp
+        _set_fused(attn, ["q_proj", "k_proj", "v_proj"], "qkv_proj",
+                   [r.q4(p + f"self_attn.{n}.weight") for n in ("q_proj", "k_proj", "v_proj")])
+        attn.o_proj = Q4Linear(*r.q4(p + "self_attn.o_proj.weight"))
+        _set_fused(mlp, ["gate_proj", "up_proj"], "gate_up_proj",
+                   [r.q4(p + f"mlp.{n}.weight") for n in ("gate_proj", "up_proj")])
+        mlp.down_proj = Q4Linear(*r.q4(p + "mlp.down_proj.weight"))
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            getattr(layer, norm).weight = torch.nn.Parameter(r.fp32(p + f"{norm}.weight"),
+                                                             requires_grad=False)
+    net.norm.weight = torch.nn.Parameter(r.fp32("norm.weight"), requires_grad=False)
+    rows, scale = r.int8_rows("embed_tokens.weight")
+    net.embed_tokens = Int8Embedding(rows, scale)
+    if cfg.tie_embeddings:
+        net.lm_head = Int8Linear(weight_int8=rows, scale=scale)
+    else:
+        head_rows, head_scale = r.int8_rows("lm_head.weight")
+        net.lm_head = Int8Linear(weight_int8=head_rows, scale=head_scale)
+    net.rope_cos = torch.empty(0)
+    net.rope_sin = torch.empty(0)
+    net.reset_buffers()
+    left = [n for n, t in list(net.named_parameters()) + list(net.named_buffers()) if t.is_meta]
+    if left:  # every tensor the model reads must have come from the file
+        raise GGUFError(path, f"not filled from the file: {left[:5]}")
+    net.to(torch.device(device)).eval()
+    return Loaded(net, tokenizer, RunConfig(model=cfg))
