@@ -108,6 +108,8 @@ def test_bad_shapes_and_paths_are_clear_errors():
     qs, d, m = quantize_q4(torch.randn(4, 64))
     with pytest.raises(ValueError, match="B=17"):
         q4_matmul(torch.randn(17, 64), qs, d, m)
+    with pytest.raises(ValueError, match="against codes"):  # never reads past the weights
+        q4_matmul(torch.randn(1, 96), qs, d, m)
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_q4(torch.randn(4, 40))
     with pytest.raises(ValueError, match="describe one layer"):

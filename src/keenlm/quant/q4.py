@@ -53,6 +53,13 @@ PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "vnni": 3, "vnni512": 4}
 _said = set()
 
 
+def _say_no_kernel() -> None:
+    if "kernel" not in _said:
+        _said.add("kernel")
+        print("keenlm: the Q4 kernel is not built here (no C compiler at install); 4-bit layers "
+              "use the dequantizing reference (correct, not faster)")
+
+
 def available_paths() -> list[str]:
     """The kernel paths this CPU runs, best last ([] without the compiled module)."""
     if _qdot is None:
@@ -116,7 +123,14 @@ def q4_matmul(x: torch.Tensor, qs, d, m, path: str = "auto", threads: int = 0) -
         raise RuntimeError("keenlm.quant._qdot is not built (no C compiler at install)")
     x = x.float().contiguous()
     B, K = x.shape
-    out = torch.empty(B, qs.shape[0], dtype=torch.float32)
+    # the kernel reads raw memory: every shape and type is checked here, never assumed
+    qs, d, m = qs.contiguous(), d.float().contiguous(), m.float().contiguous()
+    n = qs.shape[0]
+    if qs.dtype != torch.uint8 or qs.shape != (n, K // 2) or K % BLOCK \
+            or d.shape != (n, K // BLOCK) or m.shape != d.shape or x.device.type != "cpu":
+        raise ValueError(f"q4_matmul: x {tuple(x.shape)} against codes {tuple(qs.shape)} "
+                         f"{qs.dtype}, scales {tuple(d.shape)}, offsets {tuple(m.shape)}")
+    out = torch.empty(B, n, dtype=torch.float32)
     _qdot.q4_linear(x.data_ptr(), qs.data_ptr(), d.data_ptr(), m.data_ptr(), out.data_ptr(),
                     qs.shape[0], K, B, PATHS[path], threads or THREADS)
     return out
@@ -135,7 +149,7 @@ class Q4Linear(nn.Module):
         self.register_buffer("d", d.float().contiguous())
         self.register_buffer("m", m.float().contiguous())
         self.in_features, self.out_features = 2 * half, n
-        self.path = "auto"  # the kernel path; tests force "scalar" / "avx2" / "vnni"
+        self.path = "auto"  # the kernel path; tests and benchmarks force one of PATHS
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> "Q4Linear":
@@ -150,10 +164,8 @@ class Q4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if _qdot is None or rows > MAX_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
-            if _qdot is None and "kernel" not in _said:
-                _said.add("kernel")
-                print("keenlm: the Q4 kernel is not built here (no C compiler at install); "
-                      "4-bit layers use the dequantizing reference (correct, not faster)")
+            if _qdot is None:
+                _say_no_kernel()
             return self.reference(x)
         out = q4_matmul(x.reshape(rows, -1), self.qs, self.d, self.m, self.path)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -166,8 +178,7 @@ def quantize_q4_model(net: nn.Module) -> nn.Module:
     """Every block projection to Q4Linear (q/k/v and gate/up fused into one call each), the
     LM head to int8 (the most sensitive layer; GGUF files keep it at 8 bits too). In place."""
     if _qdot is None:
-        print("keenlm: the Q4 kernel is not built here (no C compiler at install); 4-bit layers "
-              "use the dequantizing reference (correct, not faster)")
+        _say_no_kernel()
     _fuse_slots(net, Q4Linear.from_float)
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
