@@ -219,16 +219,21 @@ def read_tokenizer(reader, path):
         raise GGUFError(path, f"tokenizer cannot be rebuilt ({e})") from None
 
 
-def load_gguf(path):
-    """(model config, fp32 state dict, tokenizer) from a GGUF file, all validated first."""
+def read_header(path):
+    """(reader, model config, tokenizer) of a GGUF file: everything but the weights, checked."""
     reader = open_reader(path)
     cfg = model_config(reader, path)
     tokenizer = read_tokenizer(reader, path)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise GGUFError(path, f"tokenizer has {tokenizer.vocab_size} tokens but the embedding "
                               f"only {cfg.vocab_size}")
-    state = read_state(reader, cfg, path)
-    return cfg, state, tokenizer
+    return reader, cfg, tokenizer
+
+
+def load_gguf(path):
+    """(model config, fp32 state dict, tokenizer) from a GGUF file, all validated first."""
+    reader, cfg, tokenizer = read_header(path)
+    return cfg, read_state(reader, cfg, path), tokenizer
 
 
 def _load(path: Path, device: str) -> Loaded:

@@ -18,8 +18,8 @@ import torch
 
 from keenlm.config import RunConfig
 from keenlm.io import gguf_format
-from keenlm.io.gguf import (GGUFError, SUPPORTED_TYPES, dequantize, expected_shapes, model_config,
-                            name_map, open_reader, read_tokenizer, unpermute_qk)
+from keenlm.io.gguf import (SUPPORTED_TYPES, GGUFError, dequantize, expected_shapes, name_map,
+                            read_header, unpermute_qk)
 from keenlm.io.loaders import Loaded
 from keenlm.model import build_model
 from keenlm.quant.int8 import FusedSlice, Int8Embedding, Int8Linear, quantize_rows_int8
@@ -119,12 +119,7 @@ def _set_fused(parent, names, attr, parts):
 def load_gguf_q4(path, device: str = "cpu") -> Loaded:
     """A GGUF file as a model whose projections run on the Q4 kernel (see the module docstring)."""
     path = Path(path)
-    reader = open_reader(path)
-    cfg = model_config(reader, path)
-    tokenizer = read_tokenizer(reader, path)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise GGUFError(path, f"tokenizer has {tokenizer.vocab_size} tokens but the embedding "
-                              f"only {cfg.vocab_size}")
+    reader, cfg, tokenizer = read_header(path)
     r = _Reader(reader, cfg, path)
     with torch.device("meta"):
         net = build_model(cfg)
