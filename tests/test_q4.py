@@ -120,15 +120,14 @@ def test_bad_shapes_and_paths_are_clear_errors():
 def test_a_converted_model_runs_the_kernel_and_stays_close_to_its_reference(monkeypatch):
     from keenlm.config import ModelConfig
     from keenlm.model import build_model
-    from keenlm.quant.int8 import Int8Linear
-    from keenlm.quant.q4 import quantize_q4_model
+    from keenlm.quant.q4 import Q8Linear, quantize_q4_model
 
     torch.manual_seed(5)
     net = build_model(ModelConfig(vocab_size=300, n_layer=2, d_model=64, n_head=2, d_ff=128)).eval()
     quantize_q4_model(net)
     assert isinstance(net.layers[0].self_attn.qkv_proj, Q4Linear)
     assert isinstance(net.layers[1].mlp.gate_up_proj, Q4Linear)
-    assert isinstance(net.layers[1].mlp.down_proj, Q4Linear) and isinstance(net.lm_head, Int8Linear)
+    assert isinstance(net.layers[1].mlp.down_proj, Q4Linear) and isinstance(net.lm_head, Q8Linear)
     x = torch.randint(0, 300, (2, 6))
     with torch.no_grad():
         fast = net(x)
@@ -175,3 +174,39 @@ def test_gguf_blocks_are_read_as_ggml_defines_them(kind):
     want = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind))
     got = dequantize_q4(*q4_blocks(raw, kind))
     torch.testing.assert_close(got, torch.from_numpy(want.astype(np.float32)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(4))
+def test_q8_paths_equal_the_kernel_arithmetic_on_random_shapes(seed):
+    from keenlm.quant.q4 import q8_matmul, q8_matmul_reference, quantize_q8
+
+    g = torch.Generator().manual_seed(100 + seed)
+    N = int(torch.randint(1, 300, (1,), generator=g))
+    K = 32 * int(torch.randint(1, 40, (1,), generator=g))  # odd block counts too
+    B = int(torch.randint(1, 17, (1,), generator=g))
+    q, d = quantize_q8(torch.randn(N, K, generator=g))
+    x = torch.randn(B, K, generator=g)
+    ref = q8_matmul_reference(x, q, d)
+    for path in ["scalar"] + (["vnni512"] if "vnni512" in available_paths() else []):
+        got = q8_matmul(x, q, d, path)
+        assert ((got - ref).abs().max() / ref.abs().max().clamp_min(1.0)) < 1e-5, path
+
+
+def test_q8_embedding_and_blocks_as_ggml_defines_them():
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
+    import numpy as np
+
+    from keenlm.io.gguf_q4 import q8_blocks
+    from keenlm.quant.q4 import Q8Embedding, dequantize_q8
+
+    g = torch.Generator().manual_seed(9)
+    scales = (torch.rand(6, 2, 1, generator=g) + 0.1).half().numpy().view("uint8")
+    codes = torch.randint(-127, 128, (6, 2, 32), generator=g, dtype=torch.int8).numpy().view("uint8")
+    raw = np.concatenate([scales, codes], axis=-1).reshape(6, 68)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0)
+                            .astype(np.float32))
+    q, d = q8_blocks(raw)
+    torch.testing.assert_close(dequantize_q8(q, d), want)
+    idx = torch.tensor([[5, 0], [2, 2]])
+    torch.testing.assert_close(Q8Embedding(q, d)(idx), want[idx])

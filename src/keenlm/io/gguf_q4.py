@@ -5,8 +5,9 @@ shapes, tokenizer) but keeps the block projections in their 4-bit form: a Q4_0 o
 blocks of 32 (scale, offset, 16 bytes of codes in ggml's nibble order) become a
 keenlm.quant.q4.Q4Linear with no re-rounding (q/k rows un-permuted as whole rows); q/k/v and
 gate/up are joined into one layer each. Projections stored otherwise (F32, F16, Q8_0, K-quants)
-are dequantized one tensor at a time and rounded to Q4 blocks. The token embedding becomes int8
-rows (keenlm.quant.int8), dequantized in chunks, and an LM head tied to it reads the same rows.
+are dequantized one tensor at a time and rounded to Q4 blocks. The token embedding and the LM
+head keep Q8_0 blocks (as stored when the file has them, else rounded in chunks), and a tied
+head reads the embedding's own blocks.
 Peak memory is then about the packed model plus one tensor in fp32.
 """
 from __future__ import annotations
@@ -22,11 +23,20 @@ from keenlm.io.gguf import (SUPPORTED_TYPES, GGUFError, dequantize, expected_sha
                             read_header, unpermute_qk)
 from keenlm.io.loaders import Loaded
 from keenlm.model import build_model
-from keenlm.quant.int8 import FusedSlice, Int8Embedding, Int8Linear, quantize_rows_int8
-from keenlm.quant.q4 import Q4Linear, quantize_q4
+from keenlm.quant.int8 import FusedSlice
+from keenlm.quant.q4 import Q4Linear, Q8Embedding, Q8Linear, quantize_q4, quantize_q8
 
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
-EMBED_CHUNK = 4096  # embedding rows dequantized at a time
+EMBED_CHUNK = 4096  # embedding rows dequantized at a time when the file does not hold Q8_0
+
+
+def q8_blocks(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 (N, K), d (N, K/32)) of a Q8_0 tensor's raw rows (N, bytes): blocks of 34
+    bytes, an fp16 scale then 32 int8 codes."""
+    b = raw.reshape(raw.shape[0], -1, 34)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(raw.shape[0], -1)
+    return torch.from_numpy(q), torch.from_numpy(d)
 
 
 def q4_blocks(raw: np.ndarray, tname: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,15 +102,22 @@ class _Reader:
         w = unpermute_qk(w, heads) if heads else w
         return torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
 
-    def int8_rows(self, kname):
-        """Per-row int8 (rows, scale) of a large matrix, dequantized EMBED_CHUNK rows at a time."""
-        _, t, _ = self.info(kname)
-        rows = torch.empty(tuple(t.shape), dtype=torch.int8)
-        scale = torch.empty(t.shape[0])
+    def q8(self, kname):
+        """A large matrix (embedding, head) as Q8_0 blocks: as stored when the file has them,
+        else rounded EMBED_CHUNK rows at a time."""
+        gname, t, tname = self.info(kname)
+        if tname == "Q8_0":
+            raw = gguf_format.tensor_bytes(self.reader.data, t)
+            if raw.shape[-1] * 32 != 34 * t.shape[-1]:
+                raise GGUFError(self.path, f"tensor {gname}: {raw.shape[-1]} bytes per row do "
+                                           f"not hold {t.shape[-1]} Q8_0 weights")
+            return q8_blocks(raw)
+        q = torch.empty(tuple(t.shape), dtype=torch.int8)
+        d = torch.empty(t.shape[0], t.shape[1] // 32)
         for i in range(0, t.shape[0], EMBED_CHUNK):
-            rows[i:i + EMBED_CHUNK], scale[i:i + EMBED_CHUNK] = quantize_rows_int8(
+            q[i:i + EMBED_CHUNK], d[i:i + EMBED_CHUNK] = quantize_q8(
                 self.fp32(kname, slice(i, i + EMBED_CHUNK)))
-        return rows, scale
+        return q, d
 
 
 def _joined(parts):
@@ -136,13 +153,9 @@ def load_gguf_q4(path, device: str = "cpu") -> Loaded:
             getattr(layer, norm).weight = torch.nn.Parameter(r.fp32(p + f"{norm}.weight"),
                                                              requires_grad=False)
     net.norm.weight = torch.nn.Parameter(r.fp32("norm.weight"), requires_grad=False)
-    rows, scale = r.int8_rows("embed_tokens.weight")
-    net.embed_tokens = Int8Embedding(rows, scale)
-    if cfg.tie_embeddings:
-        net.lm_head = Int8Linear(weight_int8=rows, scale=scale)
-    else:
-        head_rows, head_scale = r.int8_rows("lm_head.weight")
-        net.lm_head = Int8Linear(weight_int8=head_rows, scale=head_scale)
+    q8, d = r.q8("embed_tokens.weight")
+    net.embed_tokens = Q8Embedding(q8, d)
+    net.lm_head = Q8Linear(q8, d) if cfg.tie_embeddings else Q8Linear(*r.q8("lm_head.weight"))
     net.rope_cos = torch.empty(0)
     net.rope_sin = torch.empty(0)
     net.reset_buffers()

@@ -1,4 +1,5 @@
-"""4-bit weights times int8 activations with integer dot products: the batch-1 decode kernel.
+"""4-bit (and 8-bit) weights times int8 activations with integer dot products: the batch-1
+decode kernels.
 
 llama.cpp's recipe for CPU decoding (Q4_0 / Q4_1 weights, Q8 activations): each block of 32
 weights of a row keeps 16 levels, w = d q + m with q in [0, 15] (Q4_1; Q4_0 is m = -8 d), and
@@ -21,14 +22,17 @@ each (16 bytes of codes + two floats per block here) instead of 32.
 The activation rounding changes results slightly against ``reference`` (the tests bound it);
 the kernel paths (scalar, AVX2, VNNI) agree with ``q4_matmul_reference`` to float rounding.
 
-Status: the first part of the batch-1 decode engine, not yet what ``keenlm.load(quant=...)``
-offers. benchmarks/q4_kernel.py, weights streamed from memory as in decoding, one SmolLM2-135M
-decoder layer's four projections on this project's 2-core CPU: this kernel 1.04-1.32x faster
-than PyTorch's int4 kernel (``quant="int4"``) on one thread, 1.08-1.42x on two (four runs).
-Whole-model greedy decoding of SmolLM2 (``quantize_q4_model``) is not faster yet: 55.6 tok/s
-with the kernel on one thread beside torch's two, 57.6 with the kernel on two and torch on one,
-against int4's 63.6 -- the int8 LM head and ~45% of the step in small torch ops remain; a
-decode step that keeps them out of torch is the next part.
+Status: the first part of the batch-1 decode engine, behind ``keenlm.load(..., quant="q4")``
+(keenlm.io.gguf_q4 reads a GGUF's blocks as stored). benchmarks/q4_kernel.py, weights streamed
+from memory as in decoding, one SmolLM2-135M decoder layer's four projections on this project's
+2-core CPU: this kernel 1.04-1.32x faster than PyTorch's int4 kernel (``quant="int4"``) on one
+thread, 1.08-1.42x on two (four runs). Whole-model decoding of SmolLM2 is not faster than int4
+yet (49-53 vs 57-60 tok/s, benchmarks/decode.py): the kernels run on one thread beside torch's
+two, and ~45% of a step is small torch ops; a decode step that keeps them out of torch is the
+next part.
+
+The embedding and the LM head use the Q8_0 form (``Q8Linear``, ``Q8Embedding``): int8 blocks of
+32 with one scale each, multiplied by the same int8 activations.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keenlm.quant.int8 import Int8Linear, _fuse_slots
+from keenlm.quant.int8 import _fuse_slots
 
 try:  # the compiled kernels: built by pip at install (setup.py); optional without a compiler
     from keenlm.quant import _qdot
@@ -174,15 +178,110 @@ class Q4Linear(nn.Module):
         return f"{self.in_features}, {self.out_features}, q4 blocks of {BLOCK}"
 
 
+# ------------------------------------------------------------------------------------- Q8_0
+# The LM head and the embedding in llama.cpp's Q8_0 form: int8 codes in blocks of 32 with one
+# scale each (w = d q). Per-block scales keep the head's rows as the file has them; a per-row
+# int8 head cost SmolLM2 ~5% of its next-token argmax agreement with fp32.
+
+
+def quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (N, K), d (N, K/32)) with d = max|w| / 127 per block of 32."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"q8: input width {k} is not a multiple of {BLOCK}")
+    g = w.view(n, k // BLOCK, BLOCK)
+    d = g.abs().amax(-1) / 127
+    q = torch.round(g / torch.where(d > 0, d, torch.ones_like(d))[..., None]).clamp(-127, 127)
+    return q.to(torch.int8).view(n, k).contiguous(), d.contiguous()
+
+
+def dequantize_q8(q8: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    n, k = q8.shape
+    return (q8.float().view(n, k // BLOCK, BLOCK) * d[..., None]).view(n, k)
+
+
+def q8_matmul_reference(x: torch.Tensor, q8, d) -> torch.Tensor:
+    """The Q8 kernel's arithmetic in torch: sum over blocks of d xd (q . xq)."""
+    xq, xd, _ = quantize_activations(x)
+    B, K = x.shape
+    dots = torch.einsum("njk,bjk->bnj", q8.double().view(q8.shape[0], K // BLOCK, BLOCK),
+                        xq.double().view(B, K // BLOCK, BLOCK))
+    return (dots * d.double()[None] * xd.double()[:, None]).sum(-1).float()
+
+
+def q8_matmul(x: torch.Tensor, q8, d, path: str = "auto") -> torch.Tensor:
+    """out (B, N) = x (B, K) @ W^T for Q8_0 weights by the compiled kernel, B <= 16."""
+    if _qdot is None:
+        raise RuntimeError("keenlm.quant._qdot is not built (no C compiler at install)")
+    x = x.float().contiguous()
+    B, K = x.shape
+    q8, d = q8.contiguous(), d.float().contiguous()
+    n = q8.shape[0]
+    if q8.dtype != torch.int8 or q8.shape != (n, K) or K % BLOCK or d.shape != (n, K // BLOCK):
+        raise ValueError(f"q8_matmul: x {tuple(x.shape)} against codes {tuple(q8.shape)} "
+                         f"{q8.dtype}, scales {tuple(d.shape)}")
+    out = torch.empty(B, n, dtype=torch.float32)
+    _qdot.q8_linear(x.data_ptr(), q8.data_ptr(), d.data_ptr(), out.data_ptr(), n, K, B,
+                    PATHS[path])
+    return out
+
+
+class Q8Linear(nn.Module):
+    """A bias-free linear layer with Q8_0 weights: the LM head of the q4 path."""
+
+    def __init__(self, q8: torch.Tensor, d: torch.Tensor):
+        super().__init__()
+        if q8.dtype != torch.int8 or d.shape != (q8.shape[0], q8.shape[1] // BLOCK):
+            raise ValueError(f"q8: codes {tuple(q8.shape)} {q8.dtype}, scales {tuple(d.shape)} "
+                             "do not describe one layer")
+        self.register_buffer("q8", q8.contiguous())
+        self.register_buffer("d", d.float().contiguous())
+        self.out_features, self.in_features = q8.shape
+        self.path = "auto"
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Q8Linear":
+        return cls(*quantize_q8(weight))
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize_q8(self.q8, self.d).to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if _qdot is None or rows > MAX_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
+            if _qdot is None:
+                _say_no_kernel()
+            return self.reference(x)
+        out = q8_matmul(x.reshape(rows, -1), self.q8, self.d, self.path)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Q8Embedding(nn.Module):
+    """A token embedding in Q8_0 blocks (shared with a tied Q8Linear head): looked-up rows are
+    dequantized to fp32."""
+
+    def __init__(self, q8: torch.Tensor, d: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q8", q8)
+        self.register_buffer("d", d.float())
+        self.num_embeddings, self.embedding_dim = q8.shape
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        q, d = self.q8[idx].float(), self.d[idx]
+        return (q.view(*idx.shape, -1, BLOCK) * d[..., None]).view(*idx.shape, -1)
+
+
 def quantize_q4_model(net: nn.Module) -> nn.Module:
     """Every block projection to Q4Linear (q/k/v and gate/up fused into one call each), the
-    LM head to int8 (the most sensitive layer; GGUF files keep it at 8 bits too). In place."""
+    LM head to Q8_0 blocks (the most sensitive layer; GGUF files keep it at 8 bits too). In
+    place."""
     if _qdot is None:
         _say_no_kernel()
     _fuse_slots(net, Q4Linear.from_float)
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.bias is None:
-                make = Int8Linear if name == "lm_head" else Q4Linear.from_float
+                make = Q8Linear.from_float if name == "lm_head" else Q4Linear.from_float
                 setattr(parent, name, make(child.weight))
     return net

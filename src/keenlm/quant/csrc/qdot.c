@@ -369,6 +369,104 @@ static PyObject *q4_linear(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+
+/* ------------------------------------------------------------------------------------------
+ * Q8 weights (llama.cpp's Q8_0: int8 codes in blocks of 32, one scale d each; w = d q):
+ *   q8  int8 (N, K)   d float (N, K/32)
+ * y[b, n] = sum_j d[n, j] xd[b, j] sum_i q xq. VNNI multiplies unsigned by signed bytes, so the
+ * codes are flipped to q + 128 (one xor) and 128 sum(xq) = 128 xs / xd is taken off again. */
+static void q8_scalar(const int8_t *q8, const float *d, const int8_t *xq, const float *xd,
+                      float *out, int N, int K, int B, int n0, int n1) {
+    const int nb = K / 32;
+    for (int n = n0; n < n1; n++)
+        for (int b = 0; b < B; b++) {
+            float acc = 0.f;
+            for (int j = 0; j < nb; j++) {
+                int isum = 0;
+                for (int i = 0; i < 32; i++)
+                    isum += q8[(size_t)n * K + 32 * j + i] * xq[(size_t)b * K + 32 * j + i];
+                acc += d[(size_t)n * nb + j] * xd[(size_t)b * nb + j] * (float)isum;
+            }
+            out[(size_t)b * N + n] = acc;
+        }
+}
+
+#ifdef KEENLM_X86
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+static void q8_vnni512(const int8_t *q8, const float *d, const int8_t *xq, const float *xd,
+                       const float *xs, float *out, int N, int K, int B, int n0, int n1) {
+    const int nb = K / 32, pairs = nb / 2;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int b = 0; b < B; b++) {
+        const int8_t *x = xq + (size_t)b * K;
+        const float *xdb = xd + (size_t)b * nb, *xsb = xs + (size_t)b * nb;
+        for (int n = n0; n < n1; n++) {
+            const int8_t *w = q8 + (size_t)n * K;
+            const float *dr = d + (size_t)n * nb;
+            __m512 acc = _mm512_setzero_ps();
+            float y = 0.f;
+            for (int p = 0; p < pairs; p++) {
+                const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + 64 * p)), flip);
+                const __m512i xv = _mm512_loadu_si512((const void *)(x + 64 * p));
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+                float s[2] = {dr[2 * p] * xdb[2 * p], dr[2 * p + 1] * xdb[2 * p + 1]};
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scales(s), acc);
+            }
+            y = _mm512_reduce_add_ps(acc);
+            for (int j = 2 * pairs; j < nb; j++) { /* the odd last block */
+                int isum = 0;
+                for (int i = 0; i < 32; i++) isum += w[32 * j + i] * x[32 * j + i];
+                y += dr[j] * xdb[j] * (float)isum;
+            }
+            for (int j = 0; j < 2 * pairs; j++) y -= 128.f * dr[j] * xsb[j]; /* the +128 taken off */
+            out[(size_t)b * N + n] = y;
+        }
+    }
+}
+#endif
+
+static pthread_mutex_t q8_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* q8_linear(x, q8, d, out, N, K, B, path): out (B, N) = x (B, K) @ W^T for Q8_0 weights.
+ * path 1: scalar; 4: AVX-512 VNNI; 0: the best this CPU has (other x86 CPUs: scalar for now). */
+static PyObject *q8_linear(PyObject *self, PyObject *args) {
+    unsigned long long px, pq, pd, pout;
+    int N, K, B, path;
+    if (!PyArg_ParseTuple(args, "KKKKiiii", &px, &pq, &pd, &pout, &N, &K, &B, &path)) return NULL;
+    if (N < 1 || K < 32 || K % 32 || B < 1 || B > MAX_ROWS) {
+        PyErr_Format(PyExc_ValueError, "q8_linear: N=%d, K=%d (a multiple of 32), B=%d (1..%d)",
+                     N, K, B, MAX_ROWS);
+        return NULL;
+    }
+    if (path == PATH_AUTO) path = cpu_path() == PATH_VNNI512 ? PATH_VNNI512 : PATH_SCALAR;
+    if (path != PATH_SCALAR && !(path == PATH_VNNI512 && path_ok(path))) {
+        PyErr_Format(PyExc_ValueError, "q8_linear: path %d is not available", path);
+        return NULL;
+    }
+    const int nb = K / 32;
+    int8_t *xq = malloc((size_t)B * K);
+    float *xd = malloc(sizeof(float) * (size_t)B * nb), *xs = malloc(sizeof(float) * (size_t)B * nb);
+    if (!xq || !xd || !xs) {
+        free(xq); free(xd); free(xs);
+        return PyErr_NoMemory();
+    }
+    const int8_t *q8 = (const int8_t *)(uintptr_t)pq;
+    const float *d = (const float *)(uintptr_t)pd;
+    float *out = (float *)(uintptr_t)pout;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&q8_lock);
+    quantize_rows((const float *)(uintptr_t)px, xq, xd, xs, B, K);
+#ifdef KEENLM_X86
+    if (path == PATH_VNNI512) q8_vnni512(q8, d, xq, xd, xs, out, N, K, B, 0, N);
+    else
+#endif
+        q8_scalar(q8, d, xq, xd, out, N, K, B, 0, N);
+    pthread_mutex_unlock(&q8_lock);
+    Py_END_ALLOW_THREADS
+    free(xq); free(xd); free(xs);
+    Py_RETURN_NONE;
+}
+
 /* quantize_q8(x, xq, xd, xs, B, K): the activation quantization alone, for the tests. */
 static PyObject *quantize_q8(PyObject *self, PyObject *args) {
     unsigned long long px, pq, pd, ps;
@@ -387,6 +485,7 @@ static PyObject *best_path(PyObject *self, PyObject *args) { return PyLong_FromL
 
 static PyMethodDef methods[] = {
     {"q4_linear", q4_linear, METH_VARARGS, "out (B, N) = x (B, K) @ W^T for Q4 weights"},
+    {"q8_linear", q8_linear, METH_VARARGS, "out (B, N) = x (B, K) @ W^T for Q8_0 weights"},
     {"quantize_q8", quantize_q8, METH_VARARGS, "int8 blocks of 32 of float activations"},
     {"best_path", best_path, METH_NOARGS, "1 scalar, 2 AVX2, 3 VNNI (256-bit), 4 VNNI (512-bit)"},
     {NULL, NULL, 0, NULL},
