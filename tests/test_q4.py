@@ -210,3 +210,27 @@ def test_q8_embedding_and_blocks_as_ggml_defines_them():
     torch.testing.assert_close(dequantize_q8(q, d), want)
     idx = torch.tensor([[5, 0], [2, 2]])
     torch.testing.assert_close(Q8Embedding(q, d)(idx), want[idx])
+
+
+@needs_kernel
+def test_decoding_gives_the_kernels_the_threads_and_gives_them_back():
+    # an invariance: the kernels split rows among threads, so tokens do not depend on the count
+    from keenlm.config import GenerateConfig, ModelConfig
+    from keenlm.infer import generate_tokens
+    from keenlm.model import build_model
+    from keenlm.quant.q4 import quantize_q4_model
+
+    torch.manual_seed(6)
+    net = build_model(ModelConfig(vocab_size=300, n_layer=2, d_model=128, n_head=2,
+                                  d_ff=256)).eval()
+    quantize_q4_model(net)
+    cfg = GenerateConfig(max_new_tokens=12, temperature=0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        many = generate_tokens(net, [[1, 2, 3], [4, 5]], cfg)
+        assert torch.get_num_threads() == 2 and q4.THREADS == 1  # given back
+        torch.set_num_threads(1)
+        assert generate_tokens(net, [[1, 2, 3], [4, 5]], cfg) == many
+    finally:
+        torch.set_num_threads(before)

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from keenlm.config import GenerateConfig
+from keenlm.quant.q4 import decode_threads
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -132,16 +133,17 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
     full_mask[:, :L] = key_mask
     track_seen = cfg.repetition_penalty != 1.0
     try:
-        for _ in range(cfg.max_new_tokens):
-            tok = sample_next(logits.float(), seen, cfg, gen)
-            _take(tok.tolist(), out, done, eos_id, should_stop, on_token)
-            if all(done):
-                break
-            if track_seen:
-                seen[torch.arange(B, device=device), tok] = True
-            logits = model(tok[:, None], cache=cache, positions=next_pos,
-                           key_mask=full_mask[:, :cache.length + 1])[:, -1]
-            next_pos = next_pos + 1
+        with decode_threads(model):  # the q4 path's kernels take the threads while decoding
+            for _ in range(cfg.max_new_tokens):
+                tok = sample_next(logits.float(), seen, cfg, gen)
+                _take(tok.tolist(), out, done, eos_id, should_stop, on_token)
+                if all(done):
+                    break
+                if track_seen:
+                    seen[torch.arange(B, device=device), tok] = True
+                logits = model(tok[:, None], cache=cache, positions=next_pos,
+                               key_mask=full_mask[:, :cache.length + 1])[:, -1]
+                next_pos = next_pos + 1
     finally:
         model.train(was_training)
     return out

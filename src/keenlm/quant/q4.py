@@ -26,15 +26,16 @@ Status: the first part of the batch-1 decode engine, behind ``keenlm.load(..., q
 (keenlm.io.gguf_q4 reads a GGUF's blocks as stored). benchmarks/q4_kernel.py, weights streamed
 from memory as in decoding, one SmolLM2-135M decoder layer's four projections on this project's
 2-core CPU: this kernel 1.04-1.32x faster than PyTorch's int4 kernel (``quant="int4"``) on one
-thread, 1.08-1.42x on two (four runs). Whole-model decoding of SmolLM2 is not faster than int4
-yet (49-53 vs 57-60 tok/s, benchmarks/decode.py): the kernels run on one thread beside torch's
-two, and ~45% of a step is small torch ops; a decode step that keeps them out of torch is the
-next part.
+thread, 1.08-1.42x on two (four runs). benchmarks/decode.py, whole-model greedy decoding with
+the kernels holding the threads (``decode_threads``): 59.8 tok/s against int4's 56.5, at fp32's
+perplexity; prefill (dequantize, then one GEMM) is slower than int4's.
 
 The embedding and the LM head use the Q8_0 form (``Q8Linear``, ``Q8Embedding``): int8 blocks of
 32 with one scale each, multiplied by the same int8 activations.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -210,8 +211,9 @@ def q8_matmul_reference(x: torch.Tensor, q8, d) -> torch.Tensor:
     return (dots * d.double()[None] * xd.double()[:, None]).sum(-1).float()
 
 
-def q8_matmul(x: torch.Tensor, q8, d, path: str = "auto") -> torch.Tensor:
-    """out (B, N) = x (B, K) @ W^T for Q8_0 weights by the compiled kernel, B <= 16."""
+def q8_matmul(x: torch.Tensor, q8, d, path: str = "auto", threads: int = 0) -> torch.Tensor:
+    """out (B, N) = x (B, K) @ W^T for Q8_0 weights by the compiled kernel, B <= 16;
+    ``threads`` 0: ``THREADS``."""
     if _qdot is None:
         raise RuntimeError("keenlm.quant._qdot is not built (no C compiler at install)")
     x = x.float().contiguous()
@@ -223,7 +225,7 @@ def q8_matmul(x: torch.Tensor, q8, d, path: str = "auto") -> torch.Tensor:
                          f"{q8.dtype}, scales {tuple(d.shape)}")
     out = torch.empty(B, n, dtype=torch.float32)
     _qdot.q8_linear(x.data_ptr(), q8.data_ptr(), d.data_ptr(), out.data_ptr(), n, K, B,
-                    PATHS[path])
+                    PATHS[path], threads or THREADS)
     return out
 
 
@@ -285,3 +287,26 @@ def quantize_q4_model(net: nn.Module) -> nn.Module:
                 make = Q8Linear.from_float if name == "lm_head" else Q4Linear.from_float
                 setattr(parent, name, make(child.weight))
     return net
+
+
+@contextlib.contextmanager
+def decode_threads(net: nn.Module):
+    """While a model with Q4/Q8 layers decodes: torch on one thread, these kernels on torch's
+    thread count. Two thread pools spinning on the same cores starve each other (SmolLM2 fell
+    to 4 tok/s with both on two threads), and at batch 1 the kernels are the work worth
+    threading: 66 tok/s this way against 52 with the kernels on one thread beside torch's two.
+    Process-wide, like ``torch.set_num_threads``: one decoding thread at a time."""
+    global THREADS
+    n = torch.get_num_threads()
+    if _qdot is None or n == 1 or not any(isinstance(m, (Q4Linear, Q8Linear))
+                                          for m in net.modules()):
+        yield
+        return
+    old = THREADS
+    torch.set_num_threads(1)
+    THREADS = n
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        THREADS = old

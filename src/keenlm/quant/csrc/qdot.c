@@ -221,6 +221,7 @@ static void rows_vnni512(const uint8_t *qs, const float *d, const float *m, cons
 typedef struct {
     const uint8_t *qs; const float *d, *m; const int8_t *xq; const float *xd, *xs; float *out;
     int N, K, B, path, parts;
+    int q8; /* 1: Q8_0 weights (qs holds int8 codes, m unused) */
 } Job;
 
 static Job job;
@@ -232,13 +233,20 @@ static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
 static void run_rows(int path, const uint8_t *qs, const float *d, const float *m,
                      const int8_t *xq, const float *xd, const float *xs, float *out,
                      int N, int K, int B, int n0, int n1);
+static void run_q8_rows(int path, const int8_t *q8, const float *d, const int8_t *xq,
+                        const float *xd, const float *xs, float *out, int N, int K, int B,
+                        int n0, int n1);
 
 static void run_part(int part) {
     /* rows in multiples of 4 (the 512-bit path's row group), shares as even as that allows */
     const int groups = (job.N + 3) / 4;
     const int g0 = groups * part / job.parts, g1 = groups * (part + 1) / job.parts;
     const int n0 = 4 * g0, n1 = 4 * g1 < job.N ? 4 * g1 : job.N;
-    if (n0 < n1)
+    if (n0 >= n1) return;
+    if (job.q8)
+        run_q8_rows(job.path, (const int8_t *)job.qs, job.d, job.xq, job.xd, job.xs, job.out,
+                    job.N, job.K, job.B, n0, n1);
+    else
         run_rows(job.path, job.qs, job.d, job.m, job.xq, job.xd, job.xs, job.out, job.N, job.K,
                  job.B, n0, n1);
 }
@@ -361,7 +369,7 @@ static PyObject *q4_linear(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     quantize_rows((const float *)(uintptr_t)px, xq, xd, xs, B, K);
     pthread_mutex_lock(&call_lock); /* one job at a time in the pool */
-    job = (Job){qs, d, m, xq, xd, xs, out, N, K, B, path, 1};
+    job = (Job){qs, d, m, xq, xd, xs, out, N, K, B, path, 1, 0};
     run_parallel(N >= 64 ? threads : 1);
     pthread_mutex_unlock(&call_lock);
     Py_END_ALLOW_THREADS
@@ -425,14 +433,22 @@ static void q8_vnni512(const int8_t *q8, const float *d, const int8_t *xq, const
 }
 #endif
 
-static pthread_mutex_t q8_lock = PTHREAD_MUTEX_INITIALIZER;
+static void run_q8_rows(int path, const int8_t *q8, const float *d, const int8_t *xq,
+                        const float *xd, const float *xs, float *out, int N, int K, int B,
+                        int n0, int n1) {
+#ifdef KEENLM_X86
+    if (path == PATH_VNNI512) { q8_vnni512(q8, d, xq, xd, xs, out, N, K, B, n0, n1); return; }
+#endif
+    q8_scalar(q8, d, xq, xd, out, N, K, B, n0, n1);
+}
 
 /* q8_linear(x, q8, d, out, N, K, B, path): out (B, N) = x (B, K) @ W^T for Q8_0 weights.
  * path 1: scalar; 4: AVX-512 VNNI; 0: the best this CPU has (other x86 CPUs: scalar for now). */
 static PyObject *q8_linear(PyObject *self, PyObject *args) {
     unsigned long long px, pq, pd, pout;
-    int N, K, B, path;
-    if (!PyArg_ParseTuple(args, "KKKKiiii", &px, &pq, &pd, &pout, &N, &K, &B, &path)) return NULL;
+    int N, K, B, path, threads = 1;
+    if (!PyArg_ParseTuple(args, "KKKKiiii|i", &px, &pq, &pd, &pout, &N, &K, &B, &path, &threads))
+        return NULL;
     if (N < 1 || K < 32 || K % 32 || B < 1 || B > MAX_ROWS) {
         PyErr_Format(PyExc_ValueError, "q8_linear: N=%d, K=%d (a multiple of 32), B=%d (1..%d)",
                      N, K, B, MAX_ROWS);
@@ -454,14 +470,11 @@ static PyObject *q8_linear(PyObject *self, PyObject *args) {
     const float *d = (const float *)(uintptr_t)pd;
     float *out = (float *)(uintptr_t)pout;
     Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&q8_lock);
     quantize_rows((const float *)(uintptr_t)px, xq, xd, xs, B, K);
-#ifdef KEENLM_X86
-    if (path == PATH_VNNI512) q8_vnni512(q8, d, xq, xd, xs, out, N, K, B, 0, N);
-    else
-#endif
-        q8_scalar(q8, d, xq, xd, out, N, K, B, 0, N);
-    pthread_mutex_unlock(&q8_lock);
+    pthread_mutex_lock(&call_lock); /* one job at a time in the pool */
+    job = (Job){(const uint8_t *)q8, d, NULL, xq, xd, xs, out, N, K, B, path, 1, 1};
+    run_parallel(N >= 64 ? threads : 1);
+    pthread_mutex_unlock(&call_lock);
     Py_END_ALLOW_THREADS
     free(xq); free(xd); free(xs);
     Py_RETURN_NONE;
