@@ -8,8 +8,10 @@ weight-only kernel (``Int4Linear``: what ``keenlm.load(quant="int4")`` runs), an
 path of the Q4 kernel (AVX2; AVX-512 VNNI at 256 and 512 bits where the CPU has them). Weights
 are streamed from memory as in decoding: each shape is held in enough copies to exceed the
 last-level cache, and the calls cycle through them. Microseconds per call, the mean of a
-cycle, at 1 and 2 threads (torch's thread count; the Q4 kernel shares rows among the same
-number of threads of its own pool).
+cycle, at 1 and 2 threads: torch's kernels on torch's threads, the Q4 kernel on as many threads
+of its own pool with torch on one meanwhile (as keenlm.quant.q4.decode_threads decodes; beside
+torch's own two spinning threads the two pools starve each other on 2 cores, and the 2-thread
+figure swung from 0.18x to 1.42x between runs).
 
 Usage: python benchmarks/q4_kernel.py [--quick]
 Ends with one line per target: BENCH <name> <value> target <op><target> PASS|MISS
@@ -75,11 +77,15 @@ def main():
             row = {"fp32": cycle_us(fp32, x, reps),
                    "int4": cycle_us([Int4Linear(w) for w in ws], x, reps)}
             q4s = [Q4Linear.from_float(w) for w in ws]
-            q4.THREADS = threads  # the kernel's own pool, as many threads as torch here
+            # as keenlm decodes (keenlm.quant.q4.decode_threads): the kernel's own pool holds
+            # the threads and torch runs on one, since two spinning pools starve each other
+            q4.THREADS = threads
+            torch.set_num_threads(1)
             for p in paths:
                 for q in q4s:
                     q.path = p
                 row["q4-" + p] = cycle_us(q4s, x, reps)
+            torch.set_num_threads(threads)
             for key, us in row.items():
                 layer[(threads, key)] = layer.get((threads, key), 0.0) + us
             print(f"  {threads}t {name:8s} {n}x{k}  " + "  ".join(f"{k_} {v:7.1f} us"

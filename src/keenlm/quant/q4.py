@@ -26,9 +26,10 @@ Status: the first part of the batch-1 decode engine, behind ``keenlm.load(..., q
 (keenlm.io.gguf_q4 reads a GGUF's blocks as stored). benchmarks/q4_kernel.py, weights streamed
 from memory as in decoding, one SmolLM2-135M decoder layer's four projections on this project's
 2-core CPU: this kernel 1.04-1.32x faster than PyTorch's int4 kernel (``quant="int4"``) on one
-thread, 1.08-1.42x on two (four runs). benchmarks/decode.py, whole-model greedy decoding with
-the kernels holding the threads (``decode_threads``): 59.8 tok/s against int4's 56.5, at fp32's
-perplexity; prefill (dequantize, then one GEMM) is slower than int4's.
+thread; on two threads its pool is unstable (0.18-1.42x between runs, cause not found yet).
+benchmarks/decode.py, whole-model greedy decoding with the kernels holding the threads
+(``decode_threads``): 45-65 tok/s across runs against int4's 55-60, at fp32's perplexity;
+prefill (dequantize, then one GEMM) is slower than int4's.
 
 The embedding and the LM head use the Q8_0 form (``Q8Linear``, ``Q8Embedding``): int8 blocks of
 32 with one scale each, multiplied by the same int8 activations.
@@ -141,6 +142,17 @@ def q4_matmul(x: torch.Tensor, qs, d, m, path: str = "auto", threads: int = 0) -
     return out
 
 
+def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """The forward of Q4Linear and Q8Linear: the kernel for up to MAX_ROWS rows on the CPU
+    without autograd, the layer's reference (dequantize, then one GEMM) otherwise."""
+    rows = x.numel() // x.shape[-1]
+    if _qdot is None or rows > MAX_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
+        if _qdot is None:
+            _say_no_kernel()
+        return self.reference(x)
+    return self.kernel(x.reshape(rows, -1)).view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
 class Q4Linear(nn.Module):
     """A bias-free linear layer with Q4 weights (see the module docstring)."""
 
@@ -166,14 +178,10 @@ class Q4Linear(nn.Module):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized().to(x.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if _qdot is None or rows > MAX_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
-            if _qdot is None:
-                _say_no_kernel()
-            return self.reference(x)
-        out = q4_matmul(x.reshape(rows, -1), self.qs, self.d, self.m, self.path)
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+    def kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        return q4_matmul(x2d, self.qs, self.d, self.m, self.path)
+
+    forward = _kernel_forward
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, q4 blocks of {BLOCK}"
@@ -249,14 +257,10 @@ class Q8Linear(nn.Module):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize_q8(self.q8, self.d).to(x.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if _qdot is None or rows > MAX_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
-            if _qdot is None:
-                _say_no_kernel()
-            return self.reference(x)
-        out = q8_matmul(x.reshape(rows, -1), self.q8, self.d, self.path)
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+    def kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        return q8_matmul(x2d, self.q8, self.d, self.path)
+
+    forward = _kernel_forward
 
 
 class Q8Embedding(nn.Module):

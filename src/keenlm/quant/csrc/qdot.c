@@ -339,6 +339,29 @@ static int path_ok(int path) {
 
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* What q4_linear and q8_linear share: the activations rounded to int8 blocks in scratch of
+ * their own, then the weights' rows shared among the pool's threads, one job at a time. */
+static PyObject *run_job(Job w, const float *x, int threads) {
+    const int nb = w.K / 32;
+    int8_t *xq = malloc((size_t)w.B * w.K);
+    float *xd = malloc(sizeof(float) * (size_t)w.B * nb);
+    float *xs = malloc(sizeof(float) * (size_t)w.B * nb);
+    if (!xq || !xd || !xs) {
+        free(xq); free(xd); free(xs);
+        return PyErr_NoMemory();
+    }
+    w.xq = xq; w.xd = xd; w.xs = xs;
+    Py_BEGIN_ALLOW_THREADS
+    quantize_rows(x, xq, xd, xs, w.B, w.K);
+    pthread_mutex_lock(&call_lock);
+    job = w;
+    run_parallel(w.N >= 64 ? threads : 1);
+    pthread_mutex_unlock(&call_lock);
+    Py_END_ALLOW_THREADS
+    free(xq); free(xd); free(xs);
+    Py_RETURN_NONE;
+}
+
 /* q4_linear(x, qs, d, m, out, N, K, B, path, threads): out (B, N) = x (B, K) @ W^T. */
 static PyObject *q4_linear(PyObject *self, PyObject *args) {
     unsigned long long px, pqs, pd, pm, pout;
@@ -356,25 +379,10 @@ static PyObject *q4_linear(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "q4_linear: path %d is not available on this CPU", path);
         return NULL;
     }
-    const int nb = K / 32;
-    int8_t *xq = malloc((size_t)B * K);
-    float *xd = malloc(sizeof(float) * (size_t)B * nb), *xs = malloc(sizeof(float) * (size_t)B * nb);
-    if (!xq || !xd || !xs) {
-        free(xq); free(xd); free(xs);
-        return PyErr_NoMemory();
-    }
-    const uint8_t *qs = (const uint8_t *)(uintptr_t)pqs;
-    const float *d = (const float *)(uintptr_t)pd, *m = (const float *)(uintptr_t)pm;
-    float *out = (float *)(uintptr_t)pout;
-    Py_BEGIN_ALLOW_THREADS
-    quantize_rows((const float *)(uintptr_t)px, xq, xd, xs, B, K);
-    pthread_mutex_lock(&call_lock); /* one job at a time in the pool */
-    job = (Job){qs, d, m, xq, xd, xs, out, N, K, B, path, 1, 0};
-    run_parallel(N >= 64 ? threads : 1);
-    pthread_mutex_unlock(&call_lock);
-    Py_END_ALLOW_THREADS
-    free(xq); free(xd); free(xs);
-    Py_RETURN_NONE;
+    const Job w = {(const uint8_t *)(uintptr_t)pqs, (const float *)(uintptr_t)pd,
+                   (const float *)(uintptr_t)pm, NULL, NULL, NULL, (float *)(uintptr_t)pout,
+                   N, K, B, path, 1, 0};
+    return run_job(w, (const float *)(uintptr_t)px, threads);
 }
 
 
@@ -459,25 +467,9 @@ static PyObject *q8_linear(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "q8_linear: path %d is not available", path);
         return NULL;
     }
-    const int nb = K / 32;
-    int8_t *xq = malloc((size_t)B * K);
-    float *xd = malloc(sizeof(float) * (size_t)B * nb), *xs = malloc(sizeof(float) * (size_t)B * nb);
-    if (!xq || !xd || !xs) {
-        free(xq); free(xd); free(xs);
-        return PyErr_NoMemory();
-    }
-    const int8_t *q8 = (const int8_t *)(uintptr_t)pq;
-    const float *d = (const float *)(uintptr_t)pd;
-    float *out = (float *)(uintptr_t)pout;
-    Py_BEGIN_ALLOW_THREADS
-    quantize_rows((const float *)(uintptr_t)px, xq, xd, xs, B, K);
-    pthread_mutex_lock(&call_lock); /* one job at a time in the pool */
-    job = (Job){(const uint8_t *)q8, d, NULL, xq, xd, xs, out, N, K, B, path, 1, 1};
-    run_parallel(N >= 64 ? threads : 1);
-    pthread_mutex_unlock(&call_lock);
-    Py_END_ALLOW_THREADS
-    free(xq); free(xd); free(xs);
-    Py_RETURN_NONE;
+    const Job w = {(const uint8_t *)(uintptr_t)pq, (const float *)(uintptr_t)pd, NULL, NULL,
+                   NULL, NULL, (float *)(uintptr_t)pout, N, K, B, path, 1, 1};
+    return run_job(w, (const float *)(uintptr_t)px, threads);
 }
 
 /* quantize_q8(x, xq, xd, xs, B, K): the activation quantization alone, for the tests. */
