@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from keenlm.config import GenerateConfig
+from keenlm.infer.engine import decode_engine
 from keenlm.quant.q4 import decode_threads
 
 
@@ -132,6 +133,8 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
     full_mask = torch.ones(B, total, dtype=torch.bool, device=device)
     full_mask[:, :L] = key_mask
     track_seen = cfg.repetition_penalty != 1.0
+    # a q4 model decodes in one C call per token (keenlm.infer.engine) where it can
+    engine, threads = decode_engine(model, B), torch.get_num_threads()
     try:
         with decode_threads(model):  # the q4 path's kernels take the threads while decoding
             for _ in range(cfg.max_new_tokens):
@@ -141,8 +144,11 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
                     break
                 if track_seen:
                     seen[torch.arange(B, device=device), tok] = True
-                logits = model(tok[:, None], cache=cache, positions=next_pos,
-                               key_mask=full_mask[:, :cache.length + 1])[:, -1]
+                if engine is not None:
+                    logits = engine.step(tok, next_pos[:, 0], cache, full_mask, threads)
+                else:
+                    logits = model(tok[:, None], cache=cache, positions=next_pos,
+                                   key_mask=full_mask[:, :cache.length + 1])[:, -1]
                 next_pos = next_pos + 1
     finally:
         model.train(was_training)

@@ -174,6 +174,13 @@ class KVCache:
         self.length += self._pending
         self._pending = 0
 
+    def extend(self, n: int) -> None:
+        """Count ``n`` positions that were written in place by another writer (the C decode
+        step of keenlm.infer.engine writes every layer's keys and values itself)."""
+        if self.length + n > self.max_len:
+            raise ValueError(f"KV cache full: {self.length + n} positions > max_len {self.max_len}")
+        self.length += n
+
     def repeat_rows(self, n: int) -> None:
         """Each row becomes ``n`` consecutive rows (one prompt prefilled once, sampled n times)."""
         self.k = self.k.repeat_interleave(n, dim=1)

@@ -280,11 +280,18 @@ class Q8Embedding(nn.Module):
 
 def quantize_q4_model(net: nn.Module) -> nn.Module:
     """Every block projection to Q4Linear (q/k/v and gate/up fused into one call each), the
-    LM head to Q8_0 blocks (the most sensitive layer; GGUF files keep it at 8 bits too). In
-    place."""
+    token embedding and the LM head to Q8_0 blocks (the most sensitive layer; GGUF files keep
+    it at 8 bits too; a tied head shares the embedding's blocks). In place."""
     if _qdot is None:
         _say_no_kernel()
     _fuse_slots(net, Q4Linear.from_float)
+    emb = getattr(net, "embed_tokens", None)
+    if type(emb) is nn.Embedding and emb.embedding_dim % BLOCK == 0:
+        q8, d = quantize_q8(emb.weight)
+        tied = getattr(net, "lm_head", None) is not None and net.lm_head.weight is emb.weight
+        net.embed_tokens = Q8Embedding(q8, d)
+        if tied:
+            net.lm_head = Q8Linear(q8, d)
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.bias is None:

@@ -3,7 +3,8 @@
  * with integer dot products: AVX-512 VNNI (vpdpbusd) where the CPU has it, AVX2 (vpmaddubsw)
  * elsewhere on x86, and a scalar loop everywhere (the reference the tests hold the others to).
  * The path is chosen at run time (__builtin_cpu_supports), so one build serves every x86 CPU.
- * Rows are shared among ``threads`` threads of a small persistent pool (below).
+ * Rows are shared among the threads of keenlm's pool (pool.c); the decode step of
+ * keenlm.infer._step calls the same kernels through the capsule qdot.h describes.
  *
  * Layout (keenlm.quant.q4 documents and builds it): for N output rows and K inputs, K a
  * multiple of 32,
@@ -21,13 +22,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "qdot.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define KEENLM_X86 1
 #endif
 
-enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_VNNI = 3, PATH_VNNI512 = 4 };
 #define MAX_ROWS 16
+#define T512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 static int cpu_path(void) {
 #ifdef KEENLM_X86
@@ -139,258 +142,163 @@ static void rows_vnni(const uint8_t *qs, const float *d, const float *m, const i
 
 /* AVX-512 VNNI, two blocks (64 weights) per instruction: the codes of blocks j and j + 1 are
  * spread to [lo(j) | hi(j) | lo(j+1) | hi(j+1)] -- x's order -- and vpdpbusd gives 16 int32
- * lanes, 8 per block; the per-block scales d xd are laid out the same way. Rows are taken four
- * at a time so that each activation load serves four rows. An odd last block uses 256 bits. */
-__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-static inline __m512i spread_pair(const uint8_t *w) {
+ * lanes, 8 per block; the per-block scales are laid out the same way. A tile is R weight rows
+ * times C activation rows (R, C <= 4, constants where the tile is used, so that the 16
+ * accumulators stay in registers): each weight load serves C activation rows and each
+ * activation load R weight rows. An odd last block uses 256 bits. */
+T512 static inline __m512i spread_pair(const uint8_t *w) {
     const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)w));
     const __m512i dup = _mm512_shuffle_i64x2(a, a, _MM_SHUFFLE(1, 1, 0, 0)); /* c0 c0 c1 c1 */
     const __m512i hi = _mm512_mask_srli_epi16(dup, 0xFF00FF00u, dup, 4);      /* lanes 1, 3 */
     return _mm512_and_si512(hi, _mm512_set1_epi8(0x0F));
 }
 
-__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-static inline __m512 pair_scales(const float *s) { /* [s0 x 8 | s1 x 8] */
+T512 static inline __m512 pair_scales(const float *s) { /* [s0 x 8 | s1 x 8] */
     const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(
         _mm_castpd_ps(_mm_load_sd((const double *)s))));
 }
 
-__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-static void rows_vnni512(const uint8_t *qs, const float *d, const float *m, const int8_t *xq,
-                         const float *xd, const float *xs, float *out, int N, int K, int B,
-                         int nstart, int nend) {
+/* q8 != 0: Q8_0 weights (int8 codes, flipped to unsigned by xor 0x80; the 128 sum(xq) this
+ * adds per block is taken off in the tail); else Q4 (offsets m). */
+T512 static inline __attribute__((always_inline)) void tile512(
+        const int R, const int C, const int q8, const uint8_t *w, const float *d, const float *m,
+        const int8_t *xq, const float *xd, const float *xs, float *out, int N, int K, int n0,
+        int b0) {
     const int nb = K / 32, pairs = nb / 2;
-    float *sc = malloc(sizeof(float) * 4 * (nb + 1));
-    if (!sc) return; /* the caller has checked a larger allocation; never taken in practice */
-    for (int b = 0; b < B; b++) {
-        const int8_t *x = xq + (size_t)b * K;
-        const float *xdb = xd + (size_t)b * nb, *xsb = xs + (size_t)b * nb;
-        for (int n0 = nstart; n0 < nend; n0 += 4) {
-            const int R = nend - n0 < 4 ? nend - n0 : 4;
-            __m512 acc[4];
-            float tail[4];
-            for (int r = 0; r < R; r++) {
-                const float *dr = d + (size_t)(n0 + r) * nb, *mr = m + (size_t)(n0 + r) * nb;
-                float moff = 0.f;
-                for (int j = 0; j < nb; j++) {
-                    sc[r * (nb + 1) + j] = dr[j] * xdb[j];
-                    moff += mr[j] * xsb[j];
-                }
-                tail[r] = moff;
-                acc[r] = _mm512_setzero_ps();
+    const size_t wrow = q8 ? (size_t)K : (size_t)K / 2;
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int p = 0; p < pairs; p++) {
+        __m512i xv[4];
+        __m512 xsc[4];
+        for (int c = 0; c < C; c++) {
+            xv[c] = _mm512_loadu_si512((const void *)(xq + (size_t)(b0 + c) * K + 64 * p));
+            xsc[c] = pair_scales(xd + (size_t)(b0 + c) * nb + 2 * p);
+        }
+        for (int r = 0; r < R; r++) {
+            const uint8_t *wr = w + (size_t)(n0 + r) * wrow;
+            const __m512i wv = q8 ? _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr + 64 * p)),
+                                                     _mm512_set1_epi8((char)0x80))
+                                  : spread_pair(wr + 32 * p);
+            const __m512 dsc = pair_scales(d + (size_t)(n0 + r) * nb + 2 * p);
+            for (int c = 0; c < C; c++) {
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[c]);
+                acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dsc, xsc[c]),
+                                            acc[r][c]);
             }
-            for (int p = 0; p < pairs; p++) {
-                const __m512i xv = _mm512_loadu_si512((const void *)(x + 64 * p));
-                for (int r = 0; r < R; r++) {
-                    const __m512i w = spread_pair(qs + (size_t)(n0 + r) * (K / 2) + 32 * p);
-                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                             pair_scales(sc + r * (nb + 1) + 2 * p), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const size_t n = (size_t)(n0 + r);
+        const float *dr = d + n * nb;
+        for (int c = 0; c < C; c++) {
+            const size_t b = (size_t)(b0 + c);
+            const float *xdb = xd + b * nb, *xsb = xs + b * nb;
+            const int8_t *x = xq + b * K;
+            float y = _mm512_reduce_add_ps(acc[r][c]);
+            if (q8) {
+                for (int j = 0; j < 2 * pairs; j++) y -= 128.f * dr[j] * xsb[j];
+                for (int j = 2 * pairs; j < nb; j++) { /* the odd last block */
+                    const int8_t *wj = (const int8_t *)w + n * wrow + 32 * j;
+                    int isum = 0;
+                    for (int i = 0; i < 32; i++) isum += wj[i] * x[32 * j + i];
+                    y += dr[j] * xdb[j] * (float)isum;
                 }
-            }
-            for (int r = 0; r < R; r++) {
-                float y = _mm512_reduce_add_ps(acc[r]) + tail[r];
+            } else {
+                const float *mr = m + n * nb;
+                for (int j = 0; j < nb; j++) y += mr[j] * xsb[j];
                 if (nb & 1) { /* the odd last block */
                     const int j = nb - 1;
-                    const __m256i w = unpack_block(qs + (size_t)(n0 + r) * (K / 2) + 16 * j);
+                    const __m256i wv = unpack_block(w + n * wrow + 16 * j);
                     const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * j));
-                    const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
-                    y += hsum256(_mm256_cvtepi32_ps(dot)) * sc[r * (nb + 1) + j];
+                    const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
+                    y += hsum256(_mm256_cvtepi32_ps(dot)) * dr[j] * xdb[j];
                 }
-                out[(size_t)b * N + n0 + r] = y;
             }
+            out[b * N + n] = y;
         }
     }
-    free(sc);
-}
-#endif
-
-
-/* ------------------------------------------------------------------------------------------
- * Threads: a small persistent pool (the decode step calls the kernel ~200 times per token, a
- * few tens of microseconds each, so threads cannot be started per call). The caller's thread
- * takes the first share of the rows; each worker spins briefly for the next job, then sleeps
- * on a condition variable, so an idle pool costs nothing. */
-#include <pthread.h>
-#include <stdatomic.h>
-
-#define MAX_THREADS 16
-#define SPIN 200000
-
-typedef struct {
-    const uint8_t *qs; const float *d, *m; const int8_t *xq; const float *xd, *xs; float *out;
-    int N, K, B, path, parts;
-    int q8; /* 1: Q8_0 weights (qs holds int8 codes, m unused) */
-} Job;
-
-static Job job;
-static atomic_int job_gen = 0, job_done = 0;
-static int pool_size = 0; /* workers started (threads - 1) */
-static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
-
-static void run_rows(int path, const uint8_t *qs, const float *d, const float *m,
-                     const int8_t *xq, const float *xd, const float *xs, float *out,
-                     int N, int K, int B, int n0, int n1);
-static void run_q8_rows(int path, const int8_t *q8, const float *d, const int8_t *xq,
-                        const float *xd, const float *xs, float *out, int N, int K, int B,
-                        int n0, int n1);
-
-static void run_part(int part) {
-    /* rows in multiples of 4 (the 512-bit path's row group), shares as even as that allows */
-    const int groups = (job.N + 3) / 4;
-    const int g0 = groups * part / job.parts, g1 = groups * (part + 1) / job.parts;
-    const int n0 = 4 * g0, n1 = 4 * g1 < job.N ? 4 * g1 : job.N;
-    if (n0 >= n1) return;
-    if (job.q8)
-        run_q8_rows(job.path, (const int8_t *)job.qs, job.d, job.xq, job.xd, job.xs, job.out,
-                    job.N, job.K, job.B, n0, n1);
-    else
-        run_rows(job.path, job.qs, job.d, job.m, job.xq, job.xd, job.xs, job.out, job.N, job.K,
-                 job.B, n0, n1);
 }
 
-static void *worker(void *arg) {
-    const int id = (int)(intptr_t)arg; /* 1 .. pool_size */
-    int seen = 0;
-    for (;;) {
-        int gen, spins = 0;
-        while ((gen = atomic_load_explicit(&job_gen, memory_order_acquire)) == seen) {
-            if (++spins < SPIN) {
-#ifdef KEENLM_X86
-                _mm_pause();
-#endif
-                continue;
-            }
-            pthread_mutex_lock(&pool_lock);
-            while (atomic_load_explicit(&job_gen, memory_order_acquire) == seen)
-                pthread_cond_wait(&pool_wake, &pool_lock);
-            pthread_mutex_unlock(&pool_lock);
-            spins = 0;
+#define TILE_CASES(Q8)                                                                       \
+    switch (4 * (R - 1) + (C - 1)) {                                                         \
+    case 0: tile512(1, 1, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;                \
+    case 1: tile512(1, 2, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;                \
+    case 2: tile512(1, 3, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;                \
+    case 3: tile512(1, 4, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;                \
+    case 4: tile512(2, 1, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;                \
+    case 5: tile512(2, 2, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;                \
+    case 6: tile512(2, 3, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;                \
+    case 7: tile512(2, 4, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;                \
+    case 8: tile512(3, 1, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;                \
+    case 9: tile512(3, 2, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;                \
+    case 10: tile512(3, 3, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;               \
+    case 11: tile512(3, 4, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;               \
+    case 12: tile512(4, 1, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;               \
+    case 13: tile512(4, 2, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;               \
+    case 14: tile512(4, 3, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;               \
+    default: tile512(4, 4, Q8, w, d, m, xq, xd, xs, out, N, K, n0, b0); break;               \
+    }
+
+/* Rows [nstart, nend) in tiles of 4 weight rows x 4 activation rows. */
+T512 static void rows_vnni512(const uint8_t *w, const float *d, const float *m, const int8_t *xq,
+                              const float *xd, const float *xs, float *out, int N, int K, int B,
+                              int nstart, int nend) {
+    for (int n0 = nstart; n0 < nend; n0 += 4) {
+        const int R = nend - n0 < 4 ? nend - n0 : 4;
+        for (int b0 = 0; b0 < B; b0 += 4) {
+            const int C = B - b0 < 4 ? B - b0 : 4;
+            TILE_CASES(0)
         }
-        seen = gen;
-        if (id < job.parts) run_part(id);
-        atomic_fetch_add_explicit(&job_done, 1, memory_order_acq_rel);
-    }
-    return NULL;
-}
-
-/* A forked child has none of the parent's workers: it starts its own when it needs them. */
-static void forget_pool(void) {
-    pool_size = 0;
-    pthread_mutex_init(&pool_lock, NULL);
-    pthread_cond_init(&pool_wake, NULL);
-}
-
-static void ensure_pool(int workers) {
-    static int registered = 0;
-    if (!registered) {
-        pthread_atfork(NULL, NULL, forget_pool);
-        registered = 1;
-    }
-    while (pool_size < workers && pool_size < MAX_THREADS - 1) {
-        pthread_t t;
-        if (pthread_create(&t, NULL, worker, (void *)(intptr_t)(pool_size + 1)) != 0) break;
-        pthread_detach(t);
-        pool_size++;
     }
 }
 
-static void run_parallel(int threads) {
-    int parts = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    job.parts = 1;
-    if (parts == 1) { run_part(0); return; }
-    ensure_pool(parts - 1);
-    job.parts = parts = pool_size + 1 < parts ? pool_size + 1 : parts;
-    atomic_store_explicit(&job_done, 0, memory_order_relaxed);
-    pthread_mutex_lock(&pool_lock);
-    atomic_fetch_add_explicit(&job_gen, 1, memory_order_acq_rel);
-    pthread_cond_broadcast(&pool_wake);
-    pthread_mutex_unlock(&pool_lock);
-    run_part(0);
-    while (atomic_load_explicit(&job_done, memory_order_acquire) < pool_size) {
-#ifdef KEENLM_X86
-        _mm_pause();
+T512 static void q8_vnni512(const int8_t *q8, const float *d, const int8_t *xq, const float *xd,
+                            const float *xs, float *out, int N, int K, int B, int nstart,
+                            int nend) {
+    const uint8_t *w = (const uint8_t *)q8;
+    const float *m = NULL;
+    for (int n0 = nstart; n0 < nend; n0 += 4) {
+        const int R = nend - n0 < 4 ? nend - n0 : 4;
+        for (int b0 = 0; b0 < B; b0 += 4) {
+            const int C = B - b0 < 4 ? B - b0 : 4;
+            TILE_CASES(1)
+        }
+    }
+}
+
+/* Q8_0 on AVX2 (llama.cpp's sign trick): |w| (unsigned) times x with w's sign, in int16 pairs
+ * (127 * 127 * 2 fits), then to int32; one block of 32 per instruction. */
+__attribute__((target("avx2,fma")))
+static void q8_avx2(const int8_t *q8, const float *d, const int8_t *xq, const float *xd,
+                    float *out, int N, int K, int B, int n0, int n1) {
+    const int nb = K / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int n = n0; n < n1; n++) {
+        const int8_t *wr = q8 + (size_t)n * K;
+        const float *dr = d + (size_t)n * nb;
+        for (int b = 0; b < B; b++) {
+            const int8_t *x = xq + (size_t)b * K;
+            const float *xdb = xd + (size_t)b * nb;
+            __m256 acc = _mm256_setzero_ps();
+            for (int j = 0; j < nb; j++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + 32 * j));
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * j));
+                const __m256i dot = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dr[j] * xdb[j]), acc);
+            }
+            out[(size_t)b * N + n] = hsum256(acc);
+        }
+    }
+}
 #endif
-    }
-}
 
-static void run_rows(int path, const uint8_t *qs, const float *d, const float *m,
-                     const int8_t *xq, const float *xd, const float *xs, float *out,
-                     int N, int K, int B, int n0, int n1) {
-#ifdef KEENLM_X86
-    if (path == PATH_VNNI512) { rows_vnni512(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1); return; }
-    if (path == PATH_VNNI) { rows_vnni(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1); return; }
-    if (path == PATH_AVX2) { rows_avx2(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1); return; }
-#endif
-    rows_scalar(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1);
-}
-
-static int path_ok(int path) {
-    if (path == PATH_SCALAR) return 1;
-#ifdef KEENLM_X86
-    const int best = cpu_path();
-    return path >= PATH_AVX2 && path <= best;
-#else
-    return 0;
-#endif
-}
-
-static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
-
-/* What q4_linear and q8_linear share: the activations rounded to int8 blocks in scratch of
- * their own, then the weights' rows shared among the pool's threads, one job at a time. */
-static PyObject *run_job(Job w, const float *x, int threads) {
-    const int nb = w.K / 32;
-    int8_t *xq = malloc((size_t)w.B * w.K);
-    float *xd = malloc(sizeof(float) * (size_t)w.B * nb);
-    float *xs = malloc(sizeof(float) * (size_t)w.B * nb);
-    if (!xq || !xd || !xs) {
-        free(xq); free(xd); free(xs);
-        return PyErr_NoMemory();
-    }
-    w.xq = xq; w.xd = xd; w.xs = xs;
-    Py_BEGIN_ALLOW_THREADS
-    quantize_rows(x, xq, xd, xs, w.B, w.K);
-    pthread_mutex_lock(&call_lock);
-    job = w;
-    run_parallel(w.N >= 64 ? threads : 1);
-    pthread_mutex_unlock(&call_lock);
-    Py_END_ALLOW_THREADS
-    free(xq); free(xd); free(xs);
-    Py_RETURN_NONE;
-}
-
-/* q4_linear(x, qs, d, m, out, N, K, B, path, threads): out (B, N) = x (B, K) @ W^T. */
-static PyObject *q4_linear(PyObject *self, PyObject *args) {
-    unsigned long long px, pqs, pd, pm, pout;
-    int N, K, B, path, threads = 1;
-    if (!PyArg_ParseTuple(args, "KKKKKiiii|i", &px, &pqs, &pd, &pm, &pout, &N, &K, &B, &path,
-                          &threads))
-        return NULL;
-    if (N < 1 || K < 32 || K % 32 || B < 1 || B > MAX_ROWS) {
-        PyErr_Format(PyExc_ValueError, "q4_linear: N=%d, K=%d (a multiple of 32), B=%d (1..%d)",
-                     N, K, B, MAX_ROWS);
-        return NULL;
-    }
-    if (path == PATH_AUTO) path = cpu_path();
-    if (!path_ok(path)) {
-        PyErr_Format(PyExc_ValueError, "q4_linear: path %d is not available on this CPU", path);
-        return NULL;
-    }
-    const Job w = {(const uint8_t *)(uintptr_t)pqs, (const float *)(uintptr_t)pd,
-                   (const float *)(uintptr_t)pm, NULL, NULL, NULL, (float *)(uintptr_t)pout,
-                   N, K, B, path, 1, 0};
-    return run_job(w, (const float *)(uintptr_t)px, threads);
-}
-
-
-/* ------------------------------------------------------------------------------------------
- * Q8 weights (llama.cpp's Q8_0: int8 codes in blocks of 32, one scale d each; w = d q):
+/* Q8_0 reference (llama.cpp's Q8_0: int8 codes in blocks of 32, one scale d each; w = d q):
  *   q8  int8 (N, K)   d float (N, K/32)
- * y[b, n] = sum_j d[n, j] xd[b, j] sum_i q xq. VNNI multiplies unsigned by signed bytes, so the
- * codes are flipped to q + 128 (one xor) and 128 sum(xq) = 128 xs / xd is taken off again. */
+ * y[b, n] = sum_j d[n, j] xd[b, j] sum_i q xq. */
 static void q8_scalar(const int8_t *q8, const float *d, const int8_t *xq, const float *xd,
                       float *out, int N, int K, int B, int n0, int n1) {
     const int nb = K / 32;
@@ -407,68 +315,114 @@ static void q8_scalar(const int8_t *q8, const float *d, const int8_t *xq, const 
         }
 }
 
+/* ------------------------------------------------------------------------------------------
+ * Dispatch: one entry per weight format, the path chosen by the caller (tests force each). */
+static void q4_rows(int path, const uint8_t *qs, const float *d, const float *m,
+                    const int8_t *xq, const float *xd, const float *xs, float *out,
+                    int N, int K, int B, int n0, int n1) {
 #ifdef KEENLM_X86
-__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-static void q8_vnni512(const int8_t *q8, const float *d, const int8_t *xq, const float *xd,
-                       const float *xs, float *out, int N, int K, int B, int n0, int n1) {
-    const int nb = K / 32, pairs = nb / 2;
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int b = 0; b < B; b++) {
-        const int8_t *x = xq + (size_t)b * K;
-        const float *xdb = xd + (size_t)b * nb, *xsb = xs + (size_t)b * nb;
-        for (int n = n0; n < n1; n++) {
-            const int8_t *w = q8 + (size_t)n * K;
-            const float *dr = d + (size_t)n * nb;
-            __m512 acc = _mm512_setzero_ps();
-            float y = 0.f;
-            for (int p = 0; p < pairs; p++) {
-                const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + 64 * p)), flip);
-                const __m512i xv = _mm512_loadu_si512((const void *)(x + 64 * p));
-                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-                float s[2] = {dr[2 * p] * xdb[2 * p], dr[2 * p + 1] * xdb[2 * p + 1]};
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scales(s), acc);
-            }
-            y = _mm512_reduce_add_ps(acc);
-            for (int j = 2 * pairs; j < nb; j++) { /* the odd last block */
-                int isum = 0;
-                for (int i = 0; i < 32; i++) isum += w[32 * j + i] * x[32 * j + i];
-                y += dr[j] * xdb[j] * (float)isum;
-            }
-            for (int j = 0; j < 2 * pairs; j++) y -= 128.f * dr[j] * xsb[j]; /* the +128 taken off */
-            out[(size_t)b * N + n] = y;
-        }
-    }
-}
+    if (path == PATH_VNNI512) { rows_vnni512(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1); return; }
+    if (path == PATH_VNNI) { rows_vnni(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1); return; }
+    if (path == PATH_AVX2) { rows_avx2(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1); return; }
 #endif
+    rows_scalar(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1);
+}
 
-static void run_q8_rows(int path, const int8_t *q8, const float *d, const int8_t *xq,
-                        const float *xd, const float *xs, float *out, int N, int K, int B,
-                        int n0, int n1) {
+static void q8_rows(int path, const int8_t *q8, const float *d, const int8_t *xq,
+                    const float *xd, const float *xs, float *out, int N, int K, int B,
+                    int n0, int n1) {
 #ifdef KEENLM_X86
     if (path == PATH_VNNI512) { q8_vnni512(q8, d, xq, xd, xs, out, N, K, B, n0, n1); return; }
+    if (path == PATH_VNNI || path == PATH_AVX2) { q8_avx2(q8, d, xq, xd, out, N, K, B, n0, n1); return; }
 #endif
     q8_scalar(q8, d, xq, xd, out, N, K, B, n0, n1);
 }
 
-/* q8_linear(x, q8, d, out, N, K, B, path): out (B, N) = x (B, K) @ W^T for Q8_0 weights.
- * path 1: scalar; 4: AVX-512 VNNI; 0: the best this CPU has (other x86 CPUs: scalar for now). */
+static int path_ok(int path) {
+    if (path == PATH_SCALAR) return 1;
+#ifdef KEENLM_X86
+    return path >= PATH_AVX2 && path <= cpu_path();
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Python entry points: one matrix product per call, rows shared among the pool's threads. */
+typedef struct {
+    const uint8_t *w; const float *d, *m; const int8_t *xq; const float *xd, *xs; float *out;
+    int N, K, B, path, q8;
+} Job;
+
+static void job_share(void *ctx, int ith, int nth) {
+    const Job *j = ctx;
+    int n0, n1;
+    pool_share(j->N, ith, nth, &n0, &n1);
+    if (n0 >= n1) return;
+    if (j->q8)
+        q8_rows(j->path, (const int8_t *)j->w, j->d, j->xq, j->xd, j->xs, j->out, j->N, j->K,
+                j->B, n0, n1);
+    else
+        q4_rows(j->path, j->w, j->d, j->m, j->xq, j->xd, j->xs, j->out, j->N, j->K, j->B, n0, n1);
+}
+
+/* The activations rounded to int8 blocks in scratch of their own, then the job on the pool. */
+static PyObject *run_job(Job w, const float *x, int threads) {
+    const int nb = w.K / 32;
+    int8_t *xq = malloc((size_t)w.B * w.K);
+    float *xd = malloc(sizeof(float) * (size_t)w.B * nb);
+    float *xs = malloc(sizeof(float) * (size_t)w.B * nb);
+    if (!xq || !xd || !xs) {
+        free(xq); free(xd); free(xs);
+        return PyErr_NoMemory();
+    }
+    w.xq = xq; w.xd = xd; w.xs = xs;
+    Py_BEGIN_ALLOW_THREADS
+    quantize_rows(x, xq, xd, xs, w.B, w.K);
+    pool_run(job_share, &w, w.N >= 64 ? threads : 1);
+    Py_END_ALLOW_THREADS
+    free(xq); free(xd); free(xs);
+    Py_RETURN_NONE;
+}
+
+static int check_shape(const char *name, int N, int K, int B, int path) {
+    if (N < 1 || K < 32 || K % 32 || B < 1 || B > MAX_ROWS) {
+        PyErr_Format(PyExc_ValueError, "%s: N=%d, K=%d (a multiple of 32), B=%d (1..%d)",
+                     name, N, K, B, MAX_ROWS);
+        return 0;
+    }
+    if (!path_ok(path)) {
+        PyErr_Format(PyExc_ValueError, "%s: path %d is not available on this CPU", name, path);
+        return 0;
+    }
+    return 1;
+}
+
+/* q4_linear(x, qs, d, m, out, N, K, B, path, threads): out (B, N) = x (B, K) @ W^T. */
+static PyObject *q4_linear(PyObject *self, PyObject *args) {
+    unsigned long long px, pqs, pd, pm, pout;
+    int N, K, B, path, threads = 1;
+    if (!PyArg_ParseTuple(args, "KKKKKiiii|i", &px, &pqs, &pd, &pm, &pout, &N, &K, &B, &path,
+                          &threads))
+        return NULL;
+    if (path == PATH_AUTO) path = cpu_path();
+    if (!check_shape("q4_linear", N, K, B, path)) return NULL;
+    const Job w = {(const uint8_t *)(uintptr_t)pqs, (const float *)(uintptr_t)pd,
+                   (const float *)(uintptr_t)pm, NULL, NULL, NULL, (float *)(uintptr_t)pout,
+                   N, K, B, path, 0};
+    return run_job(w, (const float *)(uintptr_t)px, threads);
+}
+
+/* q8_linear(x, q8, d, out, N, K, B, path, threads): out (B, N) = x (B, K) @ W^T, Q8_0. */
 static PyObject *q8_linear(PyObject *self, PyObject *args) {
     unsigned long long px, pq, pd, pout;
     int N, K, B, path, threads = 1;
     if (!PyArg_ParseTuple(args, "KKKKiiii|i", &px, &pq, &pd, &pout, &N, &K, &B, &path, &threads))
         return NULL;
-    if (N < 1 || K < 32 || K % 32 || B < 1 || B > MAX_ROWS) {
-        PyErr_Format(PyExc_ValueError, "q8_linear: N=%d, K=%d (a multiple of 32), B=%d (1..%d)",
-                     N, K, B, MAX_ROWS);
-        return NULL;
-    }
-    if (path == PATH_AUTO) path = cpu_path() == PATH_VNNI512 ? PATH_VNNI512 : PATH_SCALAR;
-    if (path != PATH_SCALAR && !(path == PATH_VNNI512 && path_ok(path))) {
-        PyErr_Format(PyExc_ValueError, "q8_linear: path %d is not available", path);
-        return NULL;
-    }
+    if (path == PATH_AUTO) path = cpu_path();
+    if (!check_shape("q8_linear", N, K, B, path)) return NULL;
     const Job w = {(const uint8_t *)(uintptr_t)pq, (const float *)(uintptr_t)pd, NULL, NULL,
-                   NULL, NULL, (float *)(uintptr_t)pout, N, K, B, path, 1, 1};
+                   NULL, NULL, (float *)(uintptr_t)pout, N, K, B, path, 1};
     return run_job(w, (const float *)(uintptr_t)px, threads);
 }
 
@@ -498,4 +452,17 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qdot", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__qdot(void) { return PyModule_Create(&module); }
+static QdotAPI api = {QDOT_API_VERSION, cpu_path, quantize_rows, q4_rows, q8_rows, pool_run,
+                      pool_barrier, pool_share};
+
+PyMODINIT_FUNC PyInit__qdot(void) {
+    PyObject *mod = PyModule_Create(&module);
+    if (!mod) return NULL;
+    PyObject *cap = PyCapsule_New(&api, "keenlm.quant._qdot._C_API", NULL);
+    if (!cap || PyModule_AddObject(mod, "_C_API", cap) < 0) {
+        Py_XDECREF(cap);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

@@ -1,0 +1,394 @@
+/* The decode step of a Llama-family model with Q4 projections and a Q8_0 embedding and head,
+ * in C: one call per generated token (for up to 16 rows), no Python and no PyTorch dispatch
+ * inside it. keenlm.infer.engine builds the model description and documents the contract;
+ * the per-op reference is the PyTorch model itself (keenlm.model.transformer), which the
+ * tests hold this step to.
+ *
+ * One step, for rows b < B at cache position t (every row writes its key and value there and
+ * attends to positions s <= t that its mask allows), rotary position pos[b]:
+ *   x = embed(token)
+ *   per layer: h = rmsnorm(x); [q | k | v] = Wqkv h; rope(q, k); cache[t] = k, v;
+ *              a = softmax(q K^T / sqrt(D)) V per head (grouped-query: H / Hk heads per
+ *              key/value head); x += Wo a; h = rmsnorm(x); [g | u] = Wgu h;
+ *              x += Wdown (silu(g) u)
+ *   logits = Whead rmsnorm(x)
+ *
+ * Threads: the whole step is one job of keenlm's pool (quant/csrc/pool.c, reached through
+ * _qdot's capsule): every thread runs this same sequence, takes its share of each matrix's
+ * rows, of the rows b in the element-wise parts and of the (row, head) pairs of attention,
+ * and meets the others at a barrier between dependent parts (about 10 per layer).
+ *
+ * Legend: B rows, C width, H query heads, Hk key/value heads, D head dim, F feed-forward
+ * width, V vocabulary, L layers, S cache length (max_len). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../quant/csrc/qdot.h"
+
+#define MAX_ROWS 16
+#define PTRS_PER_LAYER 14
+#define PTRS_GLOBAL 7
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* the element-wise loops compiled for AVX-512, AVX2 and baseline x86-64, chosen at load */
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+
+static const QdotAPI *q;
+
+typedef struct { const uint8_t *qs; const float *d, *m; } Q4;
+
+typedef struct {
+    Q4 qkv, o, gu, down;
+    const float *norm_in, *norm_post;
+} Layer;
+
+typedef struct {
+    int L, C, H, Hk, D, F, V, rope_len;
+    float eps;
+    const int8_t *emb_q; const float *emb_d;
+    const int8_t *head_q; const float *head_d;
+    const float *norm_f, *rope_cos, *rope_sin;
+    Layer *layers;
+} Model;
+
+/* ------------------------------------------------------------------------------------------
+ * Element-wise parts. exp is a Cody-Waite range reduction and a degree-6 polynomial (Cephes'
+ * expf; ~1 ulp on the range used here), plain arithmetic so that the loops vectorize. */
+static inline float exp_poly(float x) {
+    x = fminf(fmaxf(x, -87.0f), 88.0f);
+    const float n = (x * 1.44269504f + 12582912.f) - 12582912.f; /* round to nearest */
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } s = {.i = ((int32_t)n + 127) << 23};
+    return p * s.f;
+}
+
+CLONES static void rmsnorm(const float *x, const float *w, float *out, int C, float eps) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < C; i++) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / (float)C + eps);
+#pragma omp simd
+    for (int i = 0; i < C; i++) out[i] = x[i] * r * w[i];
+}
+
+/* rotate the pairs (x[i], x[i + D/2]) of each of n heads by pos's angles */
+static void rope(float *x, int n, int D, const float *cos, const float *sin) {
+    const int half = D / 2;
+    for (int h = 0; h < n; h++) {
+        float *a = x + (size_t)h * D, *b = a + half;
+        for (int i = 0; i < half; i++) {
+            const float x1 = a[i], x2 = b[i];
+            a[i] = x1 * cos[i] - x2 * sin[i];
+            b[i] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+CLONES static void swiglu(const float *gu, float *out, int F) {
+#pragma omp simd
+    for (int i = 0; i < F; i++) out[i] = gu[i] / (1.f + exp_poly(-gu[i])) * gu[F + i];
+}
+
+/* One query head against positions 0..S-1 of its key/value head (rows of D floats). */
+CLONES static void attend(const float *qh, const float *k, const float *v, const uint8_t *mask,
+                          int S, int D, float *p, float *out) {
+    const float scale = 1.f / sqrtf((float)D);
+    float mx = -INFINITY;
+    for (int s = 0; s < S; s++) {
+        const float *ks = k + (size_t)s * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int i = 0; i < D; i++) dot += qh[i] * ks[i];
+        p[s] = mask[s] ? dot * scale : -INFINITY;
+        mx = p[s] > mx ? p[s] : mx;
+    }
+    for (int i = 0; i < D; i++) out[i] = 0.f;
+    if (mx == -INFINITY) return; /* no visible key (a padding row): never read */
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int s = 0; s < S; s++) {
+        const float e = mask[s] ? exp_poly(p[s] - mx) : 0.f;
+        p[s] = e;
+        sum += e;
+    }
+    for (int s = 0; s < S; s++) {
+        if (p[s] == 0.f) continue;
+        const float *vs = v + (size_t)s * D;
+        const float w = p[s];
+#pragma omp simd
+        for (int i = 0; i < D; i++) out[i] += w * vs[i];
+    }
+    const float inv = 1.f / sum;
+#pragma omp simd
+    for (int i = 0; i < D; i++) out[i] *= inv;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The step. */
+typedef struct {
+    const Model *M;
+    const int64_t *tokens, *pos;
+    const uint8_t *mask;
+    int64_t mask_stride;
+    int B, t, S, path;
+    float *kc, *vc, *logits;
+    /* scratch */
+    float *x, *h, *qkv, *att, *o, *gu, *act, *xd, *xs, *p;
+    int8_t *xq;
+} Step;
+
+static void quantize_share(Step *st, const float *src, int K, int ith, int nth) {
+    for (int b = ith; b < st->B; b += nth)
+        q->quantize_rows(src + (size_t)b * K, st->xq + (size_t)b * K, st->xd + (size_t)b * (K / 32),
+                         st->xs + (size_t)b * (K / 32), 1, K);
+}
+
+static void q4_share(Step *st, const Q4 *w, int N, int K, float *out, int ith, int nth) {
+    int n0, n1;
+    q->pool_share(N, ith, nth, &n0, &n1);
+    if (n0 < n1)
+        q->q4_rows(st->path, w->qs, w->d, w->m, st->xq, st->xd, st->xs, out, N, K, st->B, n0, n1);
+}
+
+static void layer_step(Step *st, const Layer *ly, int l, int ith, int nth) {
+    const Model *M = st->M;
+    const int B = st->B, C = M->C, H = M->H, Hk = M->Hk, D = M->D, F = M->F;
+    const int NQKV = (H + 2 * Hk) * D, half = D / 2;
+    for (int b = ith; b < B; b += nth)
+        rmsnorm(st->x + (size_t)b * C, ly->norm_in, st->h + (size_t)b * C, C, M->eps);
+    quantize_share(st, st->h, C, ith, nth);
+    q->pool_barrier(nth);
+    q4_share(st, &ly->qkv, NQKV, C, st->qkv, ith, nth);
+    q->pool_barrier(nth);
+    for (int b = ith; b < B; b += nth) { /* rotate q and k; write k and v at position t */
+        float *row = st->qkv + (size_t)b * NQKV;
+        const float *cs = M->rope_cos + (size_t)st->pos[b] * half;
+        const float *sn = M->rope_sin + (size_t)st->pos[b] * half;
+        rope(row, H + Hk, D, cs, sn);
+        for (int g = 0; g < Hk; g++) {
+            const size_t at = ((((size_t)l * B + b) * Hk + g) * st->S + st->t) * D;
+            memcpy(st->kc + at, row + (size_t)(H + g) * D, sizeof(float) * D);
+            memcpy(st->vc + at, row + (size_t)(H + Hk + g) * D, sizeof(float) * D);
+        }
+    }
+    q->pool_barrier(nth);
+    float *p = st->p + (size_t)ith * (st->t + 1);
+    for (int u = ith; u < B * H; u += nth) {
+        const int b = u / H, h = u % H, g = h / (H / Hk);
+        const size_t base = (((size_t)l * B + b) * Hk + g) * st->S * D;
+        attend(st->qkv + (size_t)b * NQKV + (size_t)h * D, st->kc + base, st->vc + base,
+               st->mask + (size_t)b * st->mask_stride, st->t + 1, D, p,
+               st->att + (size_t)b * H * D + (size_t)h * D);
+    }
+    q->pool_barrier(nth);
+    quantize_share(st, st->att, H * D, ith, nth);
+    q->pool_barrier(nth);
+    q4_share(st, &ly->o, C, H * D, st->o, ith, nth);
+    q->pool_barrier(nth);
+    for (int b = ith; b < B; b += nth) {
+        float *xb = st->x + (size_t)b * C;
+        for (int i = 0; i < C; i++) xb[i] += st->o[(size_t)b * C + i];
+        rmsnorm(xb, ly->norm_post, st->h + (size_t)b * C, C, M->eps);
+    }
+    quantize_share(st, st->h, C, ith, nth);
+    q->pool_barrier(nth);
+    q4_share(st, &ly->gu, 2 * F, C, st->gu, ith, nth);
+    q->pool_barrier(nth);
+    for (int b = ith; b < B; b += nth)
+        swiglu(st->gu + (size_t)b * 2 * F, st->act + (size_t)b * F, F);
+    quantize_share(st, st->act, F, ith, nth);
+    q->pool_barrier(nth);
+    q4_share(st, &ly->down, C, F, st->o, ith, nth);
+    q->pool_barrier(nth);
+    for (int b = ith; b < B; b += nth) {
+        float *xb = st->x + (size_t)b * C;
+        for (int i = 0; i < C; i++) xb[i] += st->o[(size_t)b * C + i];
+    }
+}
+
+static void step_job(void *ctx, int ith, int nth) {
+    Step *st = ctx;
+    const Model *M = st->M;
+    const int B = st->B, C = M->C, nb = C / 32;
+    for (int b = ith; b < B; b += nth) { /* the embedding's Q8_0 rows */
+        const int8_t *e = M->emb_q + (size_t)st->tokens[b] * C;
+        const float *d = M->emb_d + (size_t)st->tokens[b] * nb;
+        for (int i = 0; i < C; i++) st->x[(size_t)b * C + i] = d[i / 32] * (float)e[i];
+    }
+    /* each layer starts with row-wise work on the rows this thread finished last */
+    for (int l = 0; l < M->L; l++) layer_step(st, &M->layers[l], l, ith, nth);
+    for (int b = ith; b < B; b += nth)
+        rmsnorm(st->x + (size_t)b * C, M->norm_f, st->h + (size_t)b * C, C, M->eps);
+    quantize_share(st, st->h, C, ith, nth);
+    q->pool_barrier(nth);
+    int n0, n1;
+    q->pool_share(M->V, ith, nth, &n0, &n1);
+    if (n0 < n1)
+        q->q8_rows(st->path, M->head_q, M->head_d, st->xq, st->xd, st->xs, st->logits, M->V, C,
+                   B, n0, n1);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Python entry points. The pointers come from keenlm.infer.engine, which checks every tensor's
+ * shape, type and contiguity first and keeps the tensors alive as long as the model. */
+#define CAPSULE "keenlm.infer._step.Model"
+
+static void free_model(PyObject *cap) {
+    Model *M = PyCapsule_GetPointer(cap, CAPSULE);
+    if (M) {
+        free(M->layers);
+        free(M);
+    }
+}
+
+static const void *ptr_at(const uint64_t *p, int i) { return (const void *)(uintptr_t)p[i]; }
+
+/* new_model(ptrs, n_ptrs, L, C, H, Hk, D, F, V, rope_len, eps): ptrs holds, per layer, qkv, o,
+ * gate_up, down as (codes, scales, offsets) and the two norm weights (14 pointers), then the
+ * embedding (codes, scales), the head (codes, scales), the final norm and the rotary tables. */
+static PyObject *new_model(PyObject *self, PyObject *args) {
+    unsigned long long pp;
+    int n, L, C, H, Hk, D, F, V, rope_len;
+    float eps;
+    if (!PyArg_ParseTuple(args, "Kiiiiiiiiif", &pp, &n, &L, &C, &H, &Hk, &D, &F, &V, &rope_len,
+                          &eps))
+        return NULL;
+    if (L < 1 || C < 32 || C % 32 || H < 1 || Hk < 1 || H % Hk || D < 2 || D % 2
+        || (H * D) % 32 || F < 32 || F % 32 || V < 1 || rope_len < 1
+        || n != PTRS_GLOBAL + PTRS_PER_LAYER * L) {
+        PyErr_Format(PyExc_ValueError, "new_model: L=%d C=%d H=%d Hk=%d D=%d F=%d V=%d with %d "
+                     "pointers do not describe a model this step runs", L, C, H, Hk, D, F, V, n);
+        return NULL;
+    }
+    const uint64_t *p = (const uint64_t *)(uintptr_t)pp;
+    for (int i = 0; i < n; i++)
+        if (!p[i]) {
+            PyErr_Format(PyExc_ValueError, "new_model: pointer %d is null", i);
+            return NULL;
+        }
+    Model *M = calloc(1, sizeof(Model));
+    Layer *ls = calloc((size_t)L, sizeof(Layer));
+    if (!M || !ls) {
+        free(M); free(ls);
+        return PyErr_NoMemory();
+    }
+    *M = (Model){L, C, H, Hk, D, F, V, rope_len, eps};
+    for (int l = 0; l < L; l++) {
+        const uint64_t *lp = p + PTRS_PER_LAYER * l;
+        Q4 *w[4] = {&ls[l].qkv, &ls[l].o, &ls[l].gu, &ls[l].down};
+        for (int k = 0; k < 4; k++)
+            *w[k] = (Q4){ptr_at(lp, 3 * k), ptr_at(lp, 3 * k + 1), ptr_at(lp, 3 * k + 2)};
+        ls[l].norm_in = ptr_at(lp, 12);
+        ls[l].norm_post = ptr_at(lp, 13);
+    }
+    const uint64_t *g = p + PTRS_PER_LAYER * L;
+    M->emb_q = ptr_at(g, 0); M->emb_d = ptr_at(g, 1);
+    M->head_q = ptr_at(g, 2); M->head_d = ptr_at(g, 3);
+    M->norm_f = ptr_at(g, 4); M->rope_cos = ptr_at(g, 5); M->rope_sin = ptr_at(g, 6);
+    M->layers = ls;
+    PyObject *cap = PyCapsule_New(M, CAPSULE, free_model);
+    if (!cap) {
+        free(ls); free(M);
+    }
+    return cap;
+}
+
+/* step(model, tokens, pos, mask, mask_stride, B, t, kc, vc, S, logits, threads, path):
+ * tokens, pos int64 (B); mask uint8 (B, mask_stride), 1 = visible; kc, vc float (L, B, Hk,
+ * S, D); logits float (B, V) out. Writes the cache at position t. */
+static PyObject *step(PyObject *self, PyObject *args) {
+    PyObject *cap;
+    unsigned long long ptok, ppos, pmask, pk, pv, plog;
+    long long stride;
+    int B, t, S, threads, path;
+    if (!PyArg_ParseTuple(args, "OKKKLiiKKiKii", &cap, &ptok, &ppos, &pmask, &stride, &B, &t,
+                          &pk, &pv, &S, &plog, &threads, &path))
+        return NULL;
+    const Model *M = PyCapsule_GetPointer(cap, CAPSULE);
+    if (!M) return NULL;
+    if (B < 1 || B > MAX_ROWS || t < 0 || t >= S || stride < t + 1) {
+        PyErr_Format(PyExc_ValueError, "step: B=%d (1..%d), position %d in a cache of %d, mask "
+                     "width %lld", B, MAX_ROWS, t, S, stride);
+        return NULL;
+    }
+    if (path == PATH_AUTO) path = q->cpu_path();
+    if (path < PATH_SCALAR || path > q->cpu_path()) {
+        PyErr_Format(PyExc_ValueError, "step: path %d is not available on this CPU", path);
+        return NULL;
+    }
+    Step st = {M, (const int64_t *)(uintptr_t)ptok, (const int64_t *)(uintptr_t)ppos,
+               (const uint8_t *)(uintptr_t)pmask, stride, B, t, S, path,
+               (float *)(uintptr_t)pk, (float *)(uintptr_t)pv, (float *)(uintptr_t)plog};
+    for (int b = 0; b < B; b++)
+        if (st.tokens[b] < 0 || st.tokens[b] >= M->V || st.pos[b] < 0
+            || st.pos[b] >= M->rope_len) {
+            PyErr_Format(PyExc_ValueError, "step: row %d has token %lld (vocabulary %d) at "
+                         "position %lld (rotary table %d)", b, (long long)st.tokens[b], M->V,
+                         (long long)st.pos[b], M->rope_len);
+            return NULL;
+        }
+    const int HD = M->H * M->D, NQKV = (M->H + 2 * M->Hk) * M->D;
+    int kmax = M->C > HD ? M->C : HD;
+    kmax = kmax > M->F ? kmax : M->F;
+    threads = threads < 1 ? 1 : threads > QDOT_MAX_THREADS ? QDOT_MAX_THREADS : threads;
+    const size_t floats = (size_t)B * (3 * M->C + NQKV + HD + 3 * M->F + 2 * (kmax / 32))
+                          + (size_t)threads * (t + 1);
+    float *buf = malloc(sizeof(float) * floats);
+    int8_t *xq = malloc((size_t)B * kmax);
+    if (!buf || !xq) {
+        free(buf); free(xq);
+        return PyErr_NoMemory();
+    }
+    float *f = buf;
+    st.x = f; f += (size_t)B * M->C;
+    st.h = f; f += (size_t)B * M->C;
+    st.o = f; f += (size_t)B * M->C;
+    st.qkv = f; f += (size_t)B * NQKV;
+    st.att = f; f += (size_t)B * HD;
+    st.gu = f; f += (size_t)B * 2 * M->F;
+    st.act = f; f += (size_t)B * M->F;
+    st.xd = f; f += (size_t)B * (kmax / 32);
+    st.xs = f; f += (size_t)B * (kmax / 32);
+    st.p = f;
+    st.xq = xq;
+    Py_BEGIN_ALLOW_THREADS
+    q->pool_run(step_job, &st, threads);
+    Py_END_ALLOW_THREADS
+    free(buf);
+    free(xq);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"new_model", new_model, METH_VARARGS, "a model description for step (see keenlm.infer.engine)"},
+    {"step", step, METH_VARARGS, "one decode step: logits of the next token of B rows"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_step", NULL, -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__step(void) {
+    q = PyCapsule_Import("keenlm.quant._qdot._C_API", 0);
+    if (!q) return NULL;
+    if (q->version != QDOT_API_VERSION) {
+        PyErr_Format(PyExc_ImportError, "keenlm.infer._step was built against kernel API %d, "
+                     "keenlm.quant._qdot has %d: reinstall keenlm", QDOT_API_VERSION, q->version);
+        return NULL;
+    }
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,158 @@
+"""The decode engine: a whole decode step of a 4-bit model in C, for 1 to 16 rows.
+
+A PyTorch decode step of SmolLM2-135M dispatches a few hundred small operations per token;
+at batch 1 on a CPU that overhead, not reading the weights, set the speed (keenlm's int4 path
+spent ~45% of a step in small torch ops). This engine runs the step of a model whose
+projections are Q4 blocks (keenlm.quant.q4: ``keenlm.load(..., quant="q4")``, a GGUF read
+as stored or a model converted by ``quantize_q4_model``) as one C function
+(keenlm/infer/csrc/step.c):
+
+    x = embed(tokens)                                    Q8_0 rows
+    per layer: h = rmsnorm(x); qkv = Wqkv h              Q4 x int8 kernel (keenlm.quant.q4)
+               rope(q, k); cache[t] = k, v               the model's KVCache, written in place
+               a = softmax(q K^T / sqrt(D)) V            grouped-query, key mask per row
+               x += Wo a; h = rmsnorm(x)
+               x += Wdown (silu(Wgate h) * Wup h)
+    logits = Whead rmsnorm(x)                            Q8_0 head
+
+on the threads of keenlm's kernel pool, which meet at a spinning barrier between dependent
+parts (llama.cpp's scheme). Prefill stays in PyTorch (a GEMM pays there); ``generate_tokens``
+switches to the engine for the decode steps when the model allows it.
+
+The reference is the PyTorch model with the same Q4 layers: the tests hold the step's logits
+to it on random models (every kernel path, padded rows, grouped-query heads) and the greedy
+tokens of SmolLM2 to it. The step rounds the activations to int8 blocks exactly as the Q4
+layers do; softmax and SiLU use a polynomial exp (~1 ulp), so logits agree to float rounding,
+not bit for bit. ``ENABLED = False`` forces the PyTorch step.
+
+Models it refuses (a one-line reason from ``unsupported``; generation then uses PyTorch):
+anything but dense SwiGLU blocks with Q4 projections, a Q8_0 embedding and head, full causal
+attention (no window, no memory layer, no spiking), on the CPU.
+
+Legend: B rows, L layers, Hk key/value heads, S cache length, D head dim, V vocabulary.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from keenlm.model.attention import KVCache
+from keenlm.quant.q4 import PATHS, Q4Linear, Q8Embedding, Q8Linear
+
+try:  # built by pip at install beside keenlm.quant._qdot (setup.py); optional without a compiler
+    from keenlm.infer import _step
+except ImportError:  # pragma: no cover - the install builds it wherever gcc or clang exists
+    _step = None
+
+ENABLED = True  # False: generation decodes with the PyTorch model (comparisons, tests)
+MAX_ROWS = 16
+_said = set()
+
+
+def unsupported(net) -> Optional[str]:
+    """Why the engine cannot run ``net``'s decode step, or None when it can."""
+    if _step is None:
+        return "the C decode step is not built here (no C compiler at install)"
+    cfg = getattr(net, "cfg", None)
+    if cfg is None or not hasattr(net, "layers"):
+        return "not a keenlm Transformer"
+    if cfg.attn_window or cfg.memory.kind != "none" or cfg.spike.steps or cfg.ffn != "dense":
+        return "attention window, memory layers, spiking and MoE blocks decode in PyTorch"
+    if not isinstance(net.embed_tokens, Q8Embedding) or not isinstance(net.lm_head, Q8Linear):
+        return "the embedding and LM head are not Q8_0 blocks (keenlm.quant.q4)"
+    for i, layer in enumerate(net.layers):
+        parts = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                 layer.mlp.down_proj)
+        if not all(isinstance(p, Q4Linear) for p in parts):
+            return f"layer {i}'s projections are not all Q4 blocks (keenlm.quant.q4)"
+    if net.norm.weight.device.type != "cpu":
+        return "the engine runs on the CPU"
+    return None
+
+
+class DecodeEngine:
+    """The C decode step of one Q4 model (see the module docstring). Holds the model's tensors
+    (the C side keeps only their addresses)."""
+
+    def __init__(self, net, path: str = "auto"):
+        reason = unsupported(net)
+        if reason:
+            raise ValueError(f"the decode engine cannot run this model: {reason}")
+        cfg = net.cfg
+        self.cfg, self.path = cfg, PATHS[path]
+        keep: list[torch.Tensor] = []
+
+        def add(t: torch.Tensor, dtype, shape) -> None:
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"decode engine: a tensor {t.dtype} {tuple(t.shape)} where "
+                                 f"{dtype} {tuple(shape)} was expected")
+            keep.append(t.contiguous())
+
+        C, H, Hk, D, F = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.d_ff
+        for layer in net.layers:
+            a, m = layer.self_attn, layer.mlp
+            for lin, n, k in ((a.qkv_proj, (H + 2 * Hk) * D, C), (a.o_proj, C, H * D),
+                              (m.gate_up_proj, 2 * F, C), (m.down_proj, C, F)):
+                add(lin.qs, torch.uint8, (n, k // 2))
+                add(lin.d, torch.float32, (n, k // 32))
+                add(lin.m, torch.float32, (n, k // 32))
+            add(layer.input_layernorm.weight.detach(), torch.float32, (C,))
+            add(layer.post_attention_layernorm.weight.detach(), torch.float32, (C,))
+        V = cfg.vocab_size
+        add(net.embed_tokens.q8, torch.int8, (V, C))
+        add(net.embed_tokens.d, torch.float32, (V, C // 32))
+        add(net.lm_head.q8, torch.int8, (V, C))
+        add(net.lm_head.d, torch.float32, (V, C // 32))
+        add(net.norm.weight.detach(), torch.float32, (C,))
+        add(net.rope_cos, torch.float32, (cfg.max_seq_len, D // 2))
+        add(net.rope_sin, torch.float32, (cfg.max_seq_len, D // 2))
+        self._keep = keep
+        self._ptrs = torch.tensor([t.data_ptr() for t in keep], dtype=torch.int64)
+        self._model = _step.new_model(self._ptrs.data_ptr(), len(keep), cfg.n_layer, C, H, Hk,
+                                      D, F, V, cfg.max_seq_len, float(cfg.norm_eps))
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+             key_mask: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        """Logits (B, V) of the next token after ``tokens`` (B,) at rotary ``positions`` (B,);
+        writes their keys and values at ``cache.length`` and advances it. ``key_mask`` (B, W)
+        bool, W > cache.length: the cache positions each row may attend to (its own is one)."""
+        cfg, B = self.cfg, tokens.shape[0]
+        L, S = cfg.n_layer, cache.max_len
+        want = (L, B, cfg.kv_heads, S, cfg.head_dim)
+        for t in (cache.k, cache.v):
+            if t.dtype != torch.float32 or tuple(t.shape) != want or not t.is_contiguous():
+                raise ValueError(f"decode engine: cache {t.dtype} {tuple(t.shape)}, expected "
+                                 f"float32 {want}, contiguous")
+        if not 1 <= B <= MAX_ROWS or positions.shape != (B,):
+            raise ValueError(f"decode engine: {B} rows (1..{MAX_ROWS}), positions "
+                             f"{tuple(positions.shape)}")
+        if key_mask.dtype != torch.bool or key_mask.shape[0] != B or key_mask.dim() != 2:
+            raise ValueError(f"decode engine: key mask {key_mask.dtype} "
+                             f"{tuple(key_mask.shape)}, expected bool ({B}, width)")
+        if cache.length >= S:
+            raise ValueError(f"KV cache full: {cache.length + 1} positions > max_len {S}")
+        tokens = tokens.to(torch.int64).contiguous()
+        positions = positions.to(torch.int64).contiguous()
+        mask = key_mask.contiguous().view(torch.uint8)
+        logits = torch.empty(B, cfg.vocab_size, dtype=torch.float32)
+        _step.step(self._model, tokens.data_ptr(), positions.data_ptr(), mask.data_ptr(),
+                   mask.shape[1], B, cache.length, cache.k.data_ptr(), cache.v.data_ptr(), S,
+                   logits.data_ptr(), threads, self.path)
+        cache.extend(1)
+        return logits
+
+
+def decode_engine(net, rows: int) -> Optional[DecodeEngine]:
+    """The engine for ``net`` decoding ``rows`` rows, or None (PyTorch decodes): switched off,
+    more rows than the step takes, or a model it does not run -- said once when the model has
+    Q4 layers, since a user who asked for q4 expects the engine."""
+    if not ENABLED or rows > MAX_ROWS:
+        return None
+    reason = unsupported(net)
+    if reason is None:
+        return DecodeEngine(net)
+    if reason not in _said and any(isinstance(m, Q4Linear) for m in net.modules()):
+        _said.add(reason)
+        print(f"keenlm: decoding in PyTorch, not the C engine: {reason}")
+    return None

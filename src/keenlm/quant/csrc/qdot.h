@@ -1,0 +1,46 @@
+/* What keenlm's compiled kernels share among their files and with other extensions.
+ *
+ * keenlm.quant._qdot holds the quantized matrix-vector kernels (qdot.c) and one persistent
+ * thread pool (pool.c). Other extensions (keenlm.infer._step, the decode step) reach them
+ * through a PyCapsule, ``keenlm.quant._qdot._C_API``, holding a QdotAPI: one pool per process,
+ * and the kernels compiled once. */
+#ifndef KEENLM_QDOT_H
+#define KEENLM_QDOT_H
+
+#include <stdint.h>
+
+enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_VNNI = 3, PATH_VNNI512 = 4 };
+#define QDOT_MAX_THREADS 16
+#define QDOT_API_VERSION 1 /* raise when QdotAPI changes */
+
+/* A job for the pool: fn(ctx, ith, nth) runs on nth threads at once, ith = 0 on the caller. */
+typedef void (*pool_fn)(void *ctx, int ith, int nth);
+
+typedef struct {
+    int version;
+    int (*cpu_path)(void);
+    /* x (B, K) float -> int8 blocks of 32: xq (B, K), xd = max|x| / 127 and xs = xd sum(xq)
+     * per block (B, K / 32) */
+    void (*quantize_rows)(const float *x, int8_t *xq, float *xd, float *xs, int B, int K);
+    /* out[b, n] for rows n0 <= n < n1 of Q4 weights (qs, d, m) (N, K) times xq (B, K) */
+    void (*q4_rows)(int path, const uint8_t *qs, const float *d, const float *m,
+                    const int8_t *xq, const float *xd, const float *xs, float *out, int N, int K,
+                    int B, int n0, int n1);
+    /* the same for Q8_0 weights (q8 int8 (N, K), d (N, K / 32)) */
+    void (*q8_rows)(int path, const int8_t *q8, const float *d, const int8_t *xq,
+                    const float *xd, const float *xs, float *out, int N, int K, int B, int n0,
+                    int n1);
+    /* run fn on nth threads (the caller's and nth - 1 of the pool's); one job at a time */
+    void (*pool_run)(pool_fn fn, void *ctx, int nth);
+    /* inside a job: wait until all nth threads of the job have reached this point */
+    void (*pool_barrier)(int nth);
+    /* rows [n0, n1) of N that thread ith of nth takes: groups of 4 (the kernels' row tile) */
+    void (*pool_share)(int N, int ith, int nth, int *n0, int *n1);
+} QdotAPI;
+
+/* pool.c */
+void pool_run(pool_fn fn, void *ctx, int nth);
+void pool_barrier(int nth);
+void pool_share(int N, int ith, int nth, int *n0, int *n1);
+
+#endif

@@ -1,0 +1,130 @@
+"""The C decode step (keenlm.infer.engine) against the PyTorch model with the same Q4 layers
+(its reference): logits and cache writes on random models for every kernel path and thread
+count, padded rows and grouped-query heads; greedy generation equal with and without it; the
+refusals and bad inputs."""
+import copy
+
+import pytest
+import torch
+
+from keenlm.config import GenerateConfig, ModelConfig
+from keenlm.infer import engine, generate_tokens
+from keenlm.infer.engine import DecodeEngine, decode_engine, unsupported
+from keenlm.infer.generate import left_pad
+from keenlm.model import build_model
+from keenlm.quant.q4 import available_paths, quantize_q4_model
+
+needs_step = pytest.mark.skipif(engine._step is None, reason="the C decode step is not built here")
+
+
+def q4_model(seed=0, **over):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=300, n_layer=2, d_model=128, n_head=4, n_kv_head=2, d_ff=256,
+               max_seq_len=64)
+    net = build_model(ModelConfig(**{**cfg, **over})).eval()
+    with torch.no_grad():  # weights far from the initialization's small scale: a harder test
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return quantize_q4_model(net)
+
+
+def test_the_step_is_built_wherever_the_kernels_are():
+    if available_paths():
+        assert engine._step is not None, "keenlm.quant._qdot is built but keenlm.infer._step is not"
+
+
+def rel_err(got, ref):
+    """per row: max |got - ref| / max |ref|"""
+    return ((got - ref).abs().amax(-1) / ref.abs().amax(-1)).tolist()
+
+
+@needs_step
+@pytest.mark.parametrize("seed", range(3))
+def test_the_step_equals_the_pytorch_model(seed):
+    # against the reference: the same Q4 layers on the same kernel path, run by PyTorch, same
+    # cache, several steps; rows left-padded to different lengths; grouped-query heads.
+    # Tolerance: both round activations to int8 per block, a discontinuous function: where an
+    # activation lands within float rounding of a rounding boundary, the step's own float
+    # order (norms, softmax) can move it one code, and that moves the logits of the row. On
+    # these random models a 1-ulp change of the input alone moves a row's logits by up to
+    # 1.7% (4% of rows). So: most rows to float rounding, every row within 5%.
+    g = torch.Generator().manual_seed(seed)
+    net = q4_model(seed, n_head=[4, 2, 6][seed], n_kv_head=[2, 1, 3][seed],
+                   d_model=[128, 64, 192][seed])
+    prompts = [torch.randint(0, 300, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 9, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)]
+    idx, km = left_pad(prompts, "cpu")
+    B, L = idx.shape
+    pos = (km.long().cumsum(-1) - 1).clamp_min(0)
+    full = torch.ones(B, 24, dtype=torch.bool)
+    full[:, :L] = km
+    errs, cache_errs = [], []
+    for path in available_paths():
+        for lin in net.modules():  # the reference on the same kernel path
+            if hasattr(lin, "path"):
+                lin.path = path
+        for threads in (1, 2, 3):
+            with torch.no_grad():
+                ref_cache = net.new_cache(B, 24)
+                net(idx, cache=ref_cache, positions=pos, key_mask=km)
+                cache = copy.deepcopy(ref_cache)
+                eng, tok, npos = DecodeEngine(net, path), torch.randint(0, 300, (B,), generator=g), pos[:, -1] + 1
+                for _ in range(5):
+                    ref = net(tok[:, None], cache=ref_cache, positions=npos[:, None],
+                              key_mask=full[:, :ref_cache.length + 1])[:, -1]
+                    got = eng.step(tok, npos, cache, full, threads)
+                    assert cache.length == ref_cache.length
+                    errs += rel_err(got, ref)
+                    n = cache.length - 1  # the position this step wrote, every layer and row
+                    for kv, ref_kv in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):
+                        cache_errs += rel_err(kv[:, :, :, n].flatten(1), ref_kv[:, :, :, n].flatten(1))
+                    tok, npos = ref.argmax(-1), npos + 1
+    errs, cache_errs = torch.tensor(errs), torch.tensor(cache_errs)
+    assert (errs < 1e-5).float().mean() >= 0.9 and errs.max() < 0.05, errs.max()
+    assert (cache_errs < 1e-5).float().mean() >= 0.9 and cache_errs.max() < 0.05
+
+
+@needs_step
+def test_generation_is_the_same_with_and_without_the_engine(monkeypatch):
+    # an invariance: greedy tokens (padded rows, several samples per prompt) and seeded sampling
+    net = q4_model(3)
+    prompts = [[1, 2, 3, 7, 8], [4, 5], [9]]
+    for cfg, repeat in ((GenerateConfig(max_new_tokens=24, temperature=0), 1),
+                        (GenerateConfig(max_new_tokens=16, temperature=0.8, top_k=40, seed=3), 2)):
+        on = generate_tokens(net, prompts, cfg, repeat=repeat)
+        monkeypatch.setattr(engine, "ENABLED", False)
+        off = generate_tokens(net, prompts, cfg, repeat=repeat)
+        monkeypatch.setattr(engine, "ENABLED", True)
+        assert on == off
+        assert len({tuple(r) for r in on}) > 1  # the rows differ: a real test of the masking
+
+
+@needs_step
+def test_models_it_cannot_run_are_refused_with_a_reason():
+    dense = build_model(ModelConfig(vocab_size=300, n_layer=1, d_model=64, n_head=2, d_ff=128))
+    assert "Q8_0" in unsupported(dense)
+    assert decode_engine(dense, 1) is None
+    with pytest.raises(ValueError, match="cannot run this model"):
+        DecodeEngine(dense)
+    windowed = q4_model(attn_window=4)
+    assert "window" in unsupported(windowed)
+    net = q4_model()
+    assert decode_engine(net, 16) is not None and decode_engine(net, 17) is None  # 16 rows at most
+
+
+@needs_step
+def test_bad_inputs_are_clear_errors():
+    net = q4_model()
+    eng = DecodeEngine(net)
+    cache = net.new_cache(1, 4)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="token 300"):
+        eng.step(torch.tensor([300]), torch.tensor([0]), cache, mask)
+    with pytest.raises(ValueError, match="position 64"):
+        eng.step(torch.tensor([1]), torch.tensor([64]), cache, mask)
+    with pytest.raises(ValueError, match="cache"):
+        eng.step(torch.tensor([1, 2]), torch.tensor([0, 0]), cache, torch.ones(2, 4, dtype=torch.bool))
+    for t in range(4):
+        eng.step(torch.tensor([1]), torch.tensor([t]), cache, mask)
+    with pytest.raises(ValueError, match="KV cache full"):
+        eng.step(torch.tensor([1]), torch.tensor([4]), cache, mask)
