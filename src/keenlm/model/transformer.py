@@ -127,6 +127,10 @@ class Transformer(nn.Module):
         after ``to_empty``, which leaves buffers uninitialized."""
         device = self.norm.weight.device
         cfg = self.cfg
+        if device.type == "meta":  # placeholders: the loader calls this again on a real device
+            self.rope_cos = torch.empty(cfg.max_seq_len, cfg.head_dim // 2, device=device)
+            self.rope_sin = torch.empty(cfg.max_seq_len, cfg.head_dim // 2, device=device)
+            return
         cos, sin = rope_tables(cfg.head_dim, torch.arange(cfg.max_seq_len, device=device),
                                cfg.rope_theta)
         self.rope_cos, self.rope_sin = cos, sin
