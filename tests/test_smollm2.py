@@ -151,6 +151,7 @@ def test_q4_load_keeps_the_file_blocks_and_the_argmax(models, tmp_path):
     import keenlm
     from keenlm.io.gguf import GGUFError
     from keenlm.io.gguf_q4 import load_gguf_q4
+    from keenlm.quant import q4 as q4mod
     from keenlm.quant.q4 import Q4Linear, Q8Linear
 
     km, _, _ = models
@@ -161,7 +162,14 @@ def test_q4_load_keeps_the_file_blocks_and_the_argmax(models, tmp_path):
     ids = torch.tensor([km.tokenizer.encode(text)[:320]])
     with torch.no_grad():
         ref = km.net(ids).float()
-        torch.testing.assert_close(q4.net(ids).float(), ref, rtol=1e-4, atol=1e-3)
+        with pytest.MonkeyPatch.context() as mp:  # prefill on the fp32 GEMM: the same logits
+            mp.setattr(q4mod, "BF16_PREFILL", False)
+            torch.testing.assert_close(q4.net(ids).float(), ref, rtol=1e-4, atol=1e-3)
+        # the bf16 GEMM where the CPU has it: rounding bounded (argmax equal to fp32's on 0.966
+        # of these 320 positions; perplexity +0.16% on argparse.py, see Q4Linear.prefill)
+        fast = q4.net(ids).float()
+        assert (fast - ref).norm() / ref.norm() < 0.02
+        assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
         cache = q4.net.new_cache(1, 330)
         q4.net(ids[:, :64], cache=cache)
         agree = sum(int(q4.net(ids[:, t:t + 1], cache=cache)[0, -1].argmax() == ref[0, t].argmax())
@@ -182,7 +190,8 @@ def test_the_c_decode_step_decodes_like_the_pytorch_q4_model(models):
     # order (norms, softmax) does the same: 2.5% median against the PyTorch q4 path, argmax
     # equal on 96.5%; against fp32 its argmax agrees on 97.3% (the PyTorch q4 path: 96.5%).
     # So the step is held to fp32 as its reference is, and to that reference within the
-    # rounding sensitivity measured here.
+    # rounding sensitivity measured here. (Which of the two agrees more with fp32 changes with
+    # the prefill's rounding: 0.973 vs 0.965 after an fp32 prefill, 0.957 vs 0.980 after bf16.)
     import keenlm
     from keenlm.infer import engine
 
@@ -208,5 +217,5 @@ def test_the_c_decode_step_decodes_like_the_pytorch_q4_model(models):
     errs = torch.tensor(errs)
     print(f"C step vs PyTorch q4: median relative error {errs.median():.4f}, max {errs.max():.4f}; "
           f"argmax equal to fp32's: step {agree_fp32 / 256:.3f}, PyTorch q4 {agree_ref / 256:.3f}")
-    assert agree_fp32 / 256 >= 0.95 and agree_fp32 >= agree_ref - 5
+    assert agree_fp32 / 256 >= 0.94 and abs(agree_fp32 - agree_ref) <= 8
     assert errs.median() < 0.04 and errs.max() < 0.1

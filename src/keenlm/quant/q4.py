@@ -13,23 +13,22 @@ int8) and AVX2 in two steps (``vpmaddubsw`` + ``vpmaddwd``). The weights are rea
 each (16 bytes of codes + two floats per block here) instead of 32.
 
     Q4Linear.forward      the C kernel (keenlm/quant/csrc/qdot.c) for up to 16 rows
-                          (decode, small batches); more rows (prefill) dequantize to fp32 and
-                          run one GEMM
+                          (decode, small batches); more rows (prefill): ``prefill``, the
+                          weights dequantized to bf16 in C and one bf16 GEMM (fp32 where the
+                          CPU lacks bf16, or with BF16_PREFILL = False)
     Q4Linear.reference    dequantize, then F.linear: the definition of the layer
     q4_matmul_reference   the kernel's own arithmetic in torch (int8 activations included):
                           what the C paths must reproduce to float rounding
 
 The activation rounding changes results slightly against ``reference`` (the tests bound it);
 the kernel paths (scalar, AVX2, VNNI) agree with ``q4_matmul_reference`` to float rounding.
+A kernel call takes up to 4 weight rows x 4 activation rows per tile (512-bit VNNI), so that a
+batch of rows reads each weight once per 4 rows.
 
-Status: the first part of the batch-1 decode engine, behind ``keenlm.load(..., quant="q4")``
-(keenlm.io.gguf_q4 reads a GGUF's blocks as stored). benchmarks/q4_kernel.py, weights streamed
-from memory as in decoding, one SmolLM2-135M decoder layer's four projections on this project's
-2-core CPU: this kernel 1.04-1.32x faster than PyTorch's int4 kernel (``quant="int4"``) on one
-thread; on two threads its pool is unstable (0.18-1.42x between runs, cause not found yet).
-benchmarks/decode.py, whole-model greedy decoding with the kernels holding the threads
-(``decode_threads``): 45-65 tok/s across runs against int4's 55-60, at fp32's perplexity;
-prefill (dequantize, then one GEMM) is slower than int4's.
+These layers run in PyTorch models; keenlm.infer.engine runs a q4 model's whole decode step in
+C on the same kernels (what ``generate`` uses where it can). Without the engine, while decoding,
+``decode_threads`` gives the kernels the threads and torch one. benchmarks/decode.py has the
+figures; benchmarks/q4_kernel.py times the kernels alone against PyTorch's int4 kernel.
 
 The embedding and the LM head use the Q8_0 form (``Q8Linear``, ``Q8Embedding``): int8 blocks of
 32 with one scale each, multiplied by the same int8 activations.
@@ -142,15 +141,48 @@ def q4_matmul(x: torch.Tensor, qs, d, m, path: str = "auto", threads: int = 0) -
     return out
 
 
+def bf16_gemm_pays() -> bool:
+    """Whether prefill uses the bf16 GEMM: ``BF16_PREFILL`` when set, else whether this CPU
+    multiplies bf16 natively (AVX-512 BF16 or AMX, as oneDNN reports; a bf16 GEMM then runs
+    ~2.4x fp32's here at 256 x 576 x 3072; elsewhere it is emulated)."""
+    global BF16_PREFILL
+    if BF16_PREFILL is None:
+        BF16_PREFILL = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return BF16_PREFILL
+
+
+BF16_PREFILL = None  # None: where the CPU has bf16; False: the fp32 reference GEMM (exact)
+
+
 def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """The forward of Q4Linear and Q8Linear: the kernel for up to MAX_ROWS rows on the CPU
-    without autograd, the layer's reference (dequantize, then one GEMM) otherwise."""
+    """The forward of Q4Linear and Q8Linear on the CPU without autograd: the kernel for up to
+    MAX_ROWS rows (decoding), ``prefill`` for more; the reference (dequantize to fp32, then
+    one GEMM) elsewhere."""
     rows = x.numel() // x.shape[-1]
-    if _qdot is None or rows > MAX_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
+    if _qdot is None or x.device.type != "cpu" or torch.is_grad_enabled():
         if _qdot is None:
             _say_no_kernel()
         return self.reference(x)
+    if rows > MAX_ROWS:
+        return self.prefill(x)
     return self.kernel(x.reshape(rows, -1)).view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _prefill(self, x: torch.Tensor) -> torch.Tensor:
+    """Many rows (a prompt): the weights dequantized to bf16 by the C pass, then one bf16 GEMM
+    with fp32 accumulation, where the CPU has native bf16; the fp32 reference elsewhere.
+    Activations and outputs are rounded to bf16: SmolLM2's perplexity on argparse.py moves from
+    8.1084 to 8.1210 (+0.16%, 8 windows of 512 tokens) against the fp32 reference, and its
+    prefill runs at 728 tok/s instead of 342 (2 threads here)."""
+    if not bf16_gemm_pays():
+        return self.reference(x)
+    n, k = self.out_features, self.in_features
+    w = torch.empty(n, k, dtype=torch.bfloat16)
+    q8 = isinstance(self, Q8Linear)
+    codes = self.q8 if q8 else self.qs
+    _qdot.dequantize_bf16(codes.data_ptr(), self.d.data_ptr(), 0 if q8 else self.m.data_ptr(),
+                          w.data_ptr(), n, k, int(q8), torch.get_num_threads())
+    return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
 
 
 class Q4Linear(nn.Module):
@@ -181,7 +213,7 @@ class Q4Linear(nn.Module):
     def kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         return q4_matmul(x2d, self.qs, self.d, self.m, self.path)
 
-    forward = _kernel_forward
+    forward, prefill = _kernel_forward, _prefill
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, q4 blocks of {BLOCK}"
@@ -260,7 +292,7 @@ class Q8Linear(nn.Module):
     def kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         return q8_matmul(x2d, self.q8, self.d, self.path)
 
-    forward = _kernel_forward
+    forward, prefill = _kernel_forward, _prefill
 
 
 class Q8Embedding(nn.Module):

@@ -32,6 +32,7 @@ static struct {
     pool_fn fn;
     void *ctx;
     int nth;
+    int park; /* 1: the workers sleep right after this job instead of spinning for the next */
 } job;
 
 static atomic_int slot[QDOT_MAX_THREADS]; /* generation of the last job posted to worker i */
@@ -61,8 +62,16 @@ static void *worker(void *arg) {
             spins = 0;
         }
         seen = gen;
+        const int park = job.park;
         job.fn(job.ctx, id, job.nth);
         atomic_fetch_add(&done, 1);
+        if (park) { /* torch's own threads come next: do not spin beside them */
+            pthread_mutex_lock(&lock);
+            atomic_fetch_add(&sleepers, 1);
+            while (atomic_load(&slot[id]) == seen) pthread_cond_wait(&wake, &lock);
+            atomic_fetch_sub(&sleepers, 1);
+            pthread_mutex_unlock(&lock);
+        }
     }
     return NULL;
 }
@@ -92,7 +101,7 @@ static int ensure_pool(int workers) {
     return pool_size;
 }
 
-void pool_run(pool_fn fn, void *ctx, int nth) {
+static void run(pool_fn fn, void *ctx, int nth, int park) {
     nth = nth < 1 ? 1 : nth > QDOT_MAX_THREADS ? QDOT_MAX_THREADS : nth;
     pthread_mutex_lock(&call_lock);
     if (nth > 1) {
@@ -107,6 +116,7 @@ void pool_run(pool_fn fn, void *ctx, int nth) {
     job.fn = fn;
     job.ctx = ctx;
     job.nth = nth;
+    job.park = park;
     atomic_store(&done, 0);
     for (int i = 1; i < nth; i++) atomic_fetch_add(&slot[i], 1);
     if (atomic_load(&sleepers) > 0) { /* under the lock: a worker going to sleep sees it */
@@ -118,6 +128,10 @@ void pool_run(pool_fn fn, void *ctx, int nth) {
     while (atomic_load(&done) < nth - 1) PAUSE();
     pthread_mutex_unlock(&call_lock);
 }
+
+void pool_run(pool_fn fn, void *ctx, int nth) { run(fn, ctx, nth, 0); }
+
+void pool_run_once(pool_fn fn, void *ctx, int nth) { run(fn, ctx, nth, 1); }
 
 void pool_barrier(int nth) {
     if (nth <= 1) return;

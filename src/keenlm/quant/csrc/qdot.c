@@ -426,6 +426,61 @@ static PyObject *q8_linear(PyObject *self, PyObject *args) {
     return run_job(w, (const float *)(uintptr_t)px, threads);
 }
 
+/* ------------------------------------------------------------------------------------------
+ * Prefill (more rows than the kernels take): the weights dequantized to bf16 in one threaded
+ * pass, for a bf16 GEMM (keenlm.quant.q4.Q4Linear.prefill). Round to nearest even; weights
+ * are finite (d, m, codes from a file or quantize_q4), so NaN needs no case of its own. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+typedef struct { const uint8_t *w; const float *d, *m; uint16_t *out; int N, K, q8; } Deq;
+
+static void deq_share(void *ctx, int ith, int nth) {
+    const Deq *j = ctx;
+    const int nb = j->K / 32;
+    int n0, n1;
+    pool_share(j->N, ith, nth, &n0, &n1);
+    for (int n = n0; n < n1; n++) {
+        uint16_t *o = j->out + (size_t)n * j->K;
+        for (int b = 0; b < nb; b++) {
+            const float d = j->d[(size_t)n * nb + b];
+            if (j->q8) {
+                const int8_t *q = (const int8_t *)j->w + (size_t)n * j->K + 32 * b;
+                for (int i = 0; i < 32; i++) o[32 * b + i] = to_bf16(d * (float)q[i]);
+            } else {
+                const uint8_t *q = j->w + (size_t)n * (j->K / 2) + 16 * b;
+                const float m = j->m[(size_t)n * nb + b];
+                for (int i = 0; i < 16; i++) {
+                    o[32 * b + i] = to_bf16(d * (float)(q[i] & 15) + m);
+                    o[32 * b + 16 + i] = to_bf16(d * (float)(q[i] >> 4) + m);
+                }
+            }
+        }
+    }
+}
+
+/* dequantize_bf16(w, d, m, out, N, K, q8, threads): out (N, K) bf16 of Q4 (q8 = 0: codes
+ * (N, K/2), offsets m) or Q8_0 (q8 = 1: codes (N, K), m unused) weights. */
+static PyObject *dequantize_bf16(PyObject *self, PyObject *args) {
+    unsigned long long pw, pd, pm, pout;
+    int N, K, q8, threads;
+    if (!PyArg_ParseTuple(args, "KKKKiiii", &pw, &pd, &pm, &pout, &N, &K, &q8, &threads))
+        return NULL;
+    if (N < 1 || K < 32 || K % 32 || (!q8 && !pm)) {
+        PyErr_Format(PyExc_ValueError, "dequantize_bf16: N=%d, K=%d (a multiple of 32)", N, K);
+        return NULL;
+    }
+    Deq j = {(const uint8_t *)(uintptr_t)pw, (const float *)(uintptr_t)pd,
+             (const float *)(uintptr_t)pm, (uint16_t *)(uintptr_t)pout, N, K, q8};
+    Py_BEGIN_ALLOW_THREADS
+    pool_run_once(deq_share, &j, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* quantize_q8(x, xq, xd, xs, B, K): the activation quantization alone, for the tests. */
 static PyObject *quantize_q8(PyObject *self, PyObject *args) {
     unsigned long long px, pq, pd, ps;
@@ -446,6 +501,7 @@ static PyMethodDef methods[] = {
     {"q4_linear", q4_linear, METH_VARARGS, "out (B, N) = x (B, K) @ W^T for Q4 weights"},
     {"q8_linear", q8_linear, METH_VARARGS, "out (B, N) = x (B, K) @ W^T for Q8_0 weights"},
     {"quantize_q8", quantize_q8, METH_VARARGS, "int8 blocks of 32 of float activations"},
+    {"dequantize_bf16", dequantize_bf16, METH_VARARGS, "Q4 or Q8_0 weights to bf16 (prefill)"},
     {"best_path", best_path, METH_NOARGS, "1 scalar, 2 AVX2, 3 VNNI (256-bit), 4 VNNI (512-bit)"},
     {NULL, NULL, 0, NULL},
 };

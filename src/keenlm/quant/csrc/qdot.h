@@ -40,6 +40,8 @@ typedef struct {
 
 /* pool.c */
 void pool_run(pool_fn fn, void *ctx, int nth);
+/* the same, for a job followed by work on other threads (torch's): the workers sleep at once */
+void pool_run_once(pool_fn fn, void *ctx, int nth);
 void pool_barrier(int nth);
 void pool_share(int N, int ith, int nth, int *n0, int *n1);
 
