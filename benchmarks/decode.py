@@ -11,6 +11,15 @@ transformers fp32 ``generate``. A quantized path counts only if its perplexity o
 8,192 tokens of the stdlib's argparse.py (512-token windows) stays within 1% of fp32's; the
 fastest one that does is reported against the targets.
 
+The inference engine's figures (keenlm-q4 decodes in C: keenlm.infer.engine), against llama.cpp
+(llama-cpp-python, the `bench` extra) on the same file in the same run:
+  - batch-1 decode at 2 threads and at 1, prefill, GGUF load (after the imports);
+  - peak RSS of a process that holds only the model (load, then 128 greedy tokens after the
+    prompt; no perplexity pass), beside a process that only imports torch;
+  - batched decode: aggregate tokens/s of 1, 2, 4, 8 and 16 rows (64 new tokens each);
+  - the machine's read bandwidth (a 1 GB sum) and the decode ceiling it sets for each format
+    (bytes of weights read per token).
+
 Usage: python benchmarks/decode.py [--quick]
 Ends with one line per target: BENCH <name> <value> target <op><target> PASS|MISS
 """
@@ -67,6 +76,7 @@ def worker(kind: str, new_tokens: int, ppl_windows: int) -> dict:
         load_s = time.perf_counter() - t0
         ids = prompt_ids(lambda t: tok(t, add_special_tokens=False)["input_ids"])
         forward = lambda x: model(x).logits  # noqa: E731
+        forward_last = lambda x: model(x, logits_to_keep=1).logits  # noqa: E731  (as generate)
 
         def decode(prompt):
             return model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens,
@@ -76,10 +86,13 @@ def worker(kind: str, new_tokens: int, ppl_windows: int) -> dict:
         from keenlm.config import GenerateConfig
         from keenlm.infer import generate_tokens
 
+        t0 = time.perf_counter()  # the GGUF load, after the imports (as llama.cpp's is timed)
         km = keenlm.load(path, quant={"keenlm-fp32": "none"}.get(kind, kind[len("keenlm-"):]))
         load_s = time.perf_counter() - t0
         ids = prompt_ids(km.tokenizer.encode)
         forward = km.net
+        forward_last = lambda x: km.net(x, cache=km.net.new_cache(  # noqa: E731  (as generate)
+            1, x.shape[1] + new_tokens), last_only=True)
         cfg = GenerateConfig(max_new_tokens=new_tokens, temperature=0)
 
         def decode(prompt):
@@ -89,6 +102,8 @@ def worker(kind: str, new_tokens: int, ppl_windows: int) -> dict:
     with torch.no_grad():
         forward(torch.tensor([prompt[:32]]))  # warm-up
         prefill = best_of(lambda: forward(torch.tensor([prompt])), 3, warmup=0)
+        # decode time: generation minus its own prefill (last position's logits only)
+        prefill_last = best_of(lambda: forward_last(torch.tensor([prompt])), 3, warmup=0)
         total = best_of(lambda: decode(prompt), 1, warmup=0)
         nll, n = 0.0, 0
         for w in range(ppl_windows):
@@ -96,10 +111,96 @@ def worker(kind: str, new_tokens: int, ppl_windows: int) -> dict:
             logits = forward(x)[0, :-1].float()
             nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             n += 511
-    return {"kind": kind, "load_s": load_s, "prefill_tok_s": 256 / prefill,
-            "decode_tok_s": new_tokens / max(total - prefill, 1e-9),
-            "perplexity": math.exp(nll / n) if n else None,
+    out = {"kind": kind, "load_s": load_s, "prefill_tok_s": 256 / prefill,
+           "decode_tok_s": new_tokens / max(total - prefill_last, 1e-9),
+           "perplexity": math.exp(nll / n) if n else None,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if kind == "keenlm-q4":
+        out.update(engine_figures(km, ids, new_tokens))
+    return out
+
+
+def engine_figures(km, ids, new_tokens) -> dict:
+    """The q4 engine at 1 thread, and batched: aggregate decode tokens/s per row count."""
+    import torch
+
+    from keenlm.config import GenerateConfig
+    from keenlm.infer import generate_tokens
+
+    def decode_rate(rows: list[list[int]], tokens: int) -> float:
+        cfg = GenerateConfig(max_new_tokens=tokens, temperature=0)
+        with torch.no_grad():  # the same prefill alone, taken off the total
+            pre = best_of(lambda: km.net(torch.tensor(rows), cache=km.net.new_cache(
+                len(rows), len(rows[0]) + tokens), last_only=True), 1, warmup=0)
+            t0 = time.perf_counter()
+            got = generate_tokens(km.net, rows, cfg)
+            total = time.perf_counter() - t0
+        return sum(len(g) for g in got) / max(total - pre, 1e-9)
+
+    torch.set_num_threads(1)
+    one = decode_rate([ids[:256]], new_tokens)
+    torch.set_num_threads(2)
+    batched = {b: decode_rate([ids[300 * i:300 * i + 128] for i in range(b)], 64)
+               for b in (1, 2, 4, 8, 16)}
+    return {"decode_1t_tok_s": one, "batched_tok_s": batched}
+
+
+def memory_worker(kind: str, new_tokens: int) -> dict:
+    """Peak RSS of a process that loads the model and decodes once, nothing else."""
+    path = gguf_path()
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
+    if kind == "torch":
+        import torch  # noqa: F401  (what importing torch alone costs)
+    elif kind == "llama.cpp":
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False)
+        prompt = llm.tokenize(text.encode(), add_bos=False, special=False)[:256]
+        llm.eval(prompt)
+        for _ in range(new_tokens):
+            llm.eval([llm.sample(temp=0.0)])
+    else:
+        import torch
+
+        import keenlm
+        from keenlm.config import GenerateConfig
+        from keenlm.infer import generate_tokens
+
+        torch.set_num_threads(2)
+        km = keenlm.load(path, quant="q4")
+        generate_tokens(km.net, [km.tokenizer.encode(text)[:256]],
+                        GenerateConfig(max_new_tokens=new_tokens, temperature=0))
+    return {"kind": "mem:" + kind,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def read_bandwidth_gb_s() -> float:
+    """Bytes per second of a 2-thread sum over 1 GB (best of 3): the decode memory wall."""
+    import torch
+
+    torch.set_num_threads(2)
+    x = torch.ones(256 * 2**20)
+    return 4 * x.numel() / best_of(lambda: x.sum(), 3) / 1e9
+
+
+def bytes_per_token(kind: str) -> float:
+    """Weight bytes a decode step reads (the embedding's one row aside)."""
+    from keenlm.io.gguf import open_reader
+
+    path = gguf_path()
+    if kind == "llama.cpp":  # the file's tensors (the tied head reads the embedding's blocks)
+        return float(sum(t.n_bytes for t in open_reader(path).tensors))
+    import keenlm
+
+    net = keenlm.load(path, quant={"keenlm-fp32": "none"}.get(kind, kind[len("keenlm-"):])).net
+    seen, total = set(), 0  # a tied head is listed under lm_head too, and counted there once
+    for name, t in (list(net.named_parameters(remove_duplicate=False))
+                    + list(net.named_buffers(remove_duplicate=False))):
+        if "rope" in name or name.startswith("embed_tokens") or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return float(total)
 
 
 def llama_cpp_worker(path, ids, new_tokens, ppl_windows) -> dict:
@@ -119,12 +220,22 @@ def llama_cpp_worker(path, ids, new_tokens, ppl_windows) -> dict:
 
     pre = best_of(prefill, 3, warmup=0)
 
-    def decode():
-        prefill()
-        for _ in range(new_tokens):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    def decode_rate(threads: int) -> float:
+        """Greedy decoding as llama.cpp runs it best: last-position logits only (keeping every
+        position's, as the perplexity pass needs, slowed its decoding from ~120 to ~90 tok/s)."""
+        gen = Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=threads,
+                    verbose=False)
 
-    total = best_of(decode, 1, warmup=0)
+        def run(tokens: int):
+            gen.reset()
+            gen.eval(prompt)
+            for _ in range(tokens):
+                gen.eval([int(np.argmax(gen.scores[gen.n_tokens - 1]))])
+
+        pre_ = best_of(lambda: run(0), 1, warmup=1)
+        return new_tokens / max(best_of(lambda: run(new_tokens), 1, warmup=0) - pre_, 1e-9)
+
+    two, one = decode_rate(2), decode_rate(1)
     nll, n = 0.0, 0
     for w in range(ppl_windows):
         window = ids[w * 512:(w + 1) * 512]
@@ -135,7 +246,7 @@ def llama_cpp_worker(path, ids, new_tokens, ppl_windows) -> dict:
         nll += float((logz - logits[np.arange(511), window[1:]]).sum())
         n += 511
     return {"kind": "llama.cpp", "load_s": load_s, "prefill_tok_s": 256 / pre,
-            "decode_tok_s": new_tokens / max(total - pre, 1e-9), "perplexity": math.exp(nll / n),
+            "decode_tok_s": two, "perplexity": math.exp(nll / n), "decode_1t_tok_s": one,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -158,7 +269,14 @@ def main() -> int:
     ap.add_argument("--ppl-windows", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.new_tokens, args.ppl_windows)))
+        if args.worker.startswith("mem:"):
+            print(json.dumps(memory_worker(args.worker[4:], args.new_tokens)))
+        elif args.worker == "bandwidth":
+            print(json.dumps({"gb_s": read_bandwidth_gb_s(), "bytes": {
+                k: bytes_per_token(k) for k in ("keenlm-fp32", "keenlm-int8", "keenlm-int4",
+                                                "keenlm-q4", "llama.cpp")}}))
+        else:
+            print(json.dumps(worker(args.worker, args.new_tokens, args.ppl_windows)))
         return 0
     args.new_tokens = args.new_tokens or (64 if args.quick else 128)
     args.ppl_windows = args.ppl_windows or (4 if args.quick else 16)
@@ -196,10 +314,46 @@ def main() -> int:
         lc = res["llama.cpp"]
         print(f"  keenlm {name} / llama.cpp: decode {fast['decode_tok_s'] / lc['decode_tok_s']:.2f}x, "
               f"prefill {fast['prefill_tok_s'] / lc['prefill_tok_s']:.2f}x")
+    lines += engine_report(res, args)
     print()
     for line in lines:
         print(bench_line(*line))
     return 0
+
+
+def engine_report(res: dict, args) -> list[tuple]:
+    """The inference engine's section: keenlm-q4 against llama.cpp, memory, batching, and the
+    memory-bandwidth ceiling of each format. Returns its BENCH lines."""
+    q4, lc = res["keenlm-q4"], res.get("llama.cpp")
+    bw = run_worker("bandwidth", args)
+    print(f"\n  engine (keenlm-q4, C decode step): read bandwidth {bw['gb_s']:.1f} GB/s; decode "
+          f"ceiling = bandwidth / weight bytes per token")
+    for k in ("keenlm-fp32", "keenlm-int8", "keenlm-int4", "keenlm-q4", "llama.cpp"):
+        if k in res:
+            b = bw["bytes"][k]
+            print(f"    {k:12s} {b / 1e6:6.1f} MB/token  ceiling {bw['gb_s'] * 1e9 / b:6.1f} tok/s  "
+                  f"measured {res[k]['decode_tok_s']:6.1f} tok/s")
+    mem = {k: run_worker("mem:" + k, args)["peak_rss_mb"]
+           for k in ("torch", "keenlm-q4") + (("llama.cpp",) if lc else ())}
+    print("    peak RSS holding only the model (load + 128 tokens): " + ", ".join(
+        f"{k} {v:.0f} MB" for k, v in mem.items()) + " (torch: a process that imports it only)")
+    rows = q4["batched_tok_s"]
+    print("    batched decode, aggregate tok/s: " + ", ".join(
+        f"{b} rows {v:.1f}" for b, v in rows.items()) + f" (8 rows: {rows['8'] / rows['1']:.2f}x 1 row)")
+    print(f"    1 thread: keenlm-q4 {q4['decode_1t_tok_s']:.1f} tok/s" + (
+        f", llama.cpp {lc['decode_1t_tok_s']:.1f} ({q4['decode_1t_tok_s'] / lc['decode_1t_tok_s']:.2f}x)"
+        if lc else ""))
+    lines = [("engine_batched_8_vs_1", rows["8"] / rows["1"], ">=", 4.0),
+             ("engine_gguf_load_s", q4["load_s"], "<=", 1.0),
+             ("engine_perplexity_vs_fp32", q4["perplexity"] / res["keenlm-fp32"]["perplexity"],
+              "<=", 1.01)]
+    if lc:
+        lines += [("engine_decode_vs_llama_cpp_2t", q4["decode_tok_s"] / lc["decode_tok_s"], ">=", 1.0),
+                  ("engine_prefill_vs_llama_cpp", q4["prefill_tok_s"] / lc["prefill_tok_s"], ">=", 1.5),
+                  ("engine_peak_rss_vs_llama_cpp", mem["keenlm-q4"] / mem["llama.cpp"], "<=", 1.3)]
+    else:
+        print("    (no llama.cpp: its three lines are not printed)")
+    return lines
 
 
 if __name__ == "__main__":

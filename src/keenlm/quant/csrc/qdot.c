@@ -159,6 +159,16 @@ T512 static inline __m512 pair_scales(const float *s) { /* [s0 x 8 | s1 x 8] */
         _mm_castpd_ps(_mm_load_sd((const double *)s))));
 }
 
+/* sum_j a[j] b[j], 16 lanes at a time (the Q4_1 offsets against the activation sums) */
+T512 static inline float dot512(const float *a, const float *b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16) {
+        const __mmask16 k = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + j), _mm512_maskz_loadu_ps(k, b + j), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 /* q8 != 0: Q8_0 weights (int8 codes, flipped to unsigned by xor 0x80; the 128 sum(xq) this
  * adds per block is taken off in the tail); else Q4 (offsets m). */
 T512 static inline __attribute__((always_inline)) void tile512(
@@ -170,7 +180,56 @@ T512 static inline __attribute__((always_inline)) void tile512(
     __m512 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
-    for (int p = 0; p < pairs; p++) {
+    int p0 = 0; /* the first pair the pair loop takes */
+    {
+        /* Four blocks (128 weights) per step. Q4: one 64-byte load holds their codes; its low
+         * nibbles are weights 0-15 of each block and its high nibbles weights 16-31, so the
+         * activations are regrouped to match (two 128-bit shuffles per activation row, not per
+         * weight row), both halves accumulate into the same int32 lanes (4 lanes per block),
+         * and one conversion and one FMA serve 128 weights instead of 64. Q8_0: the codes are
+         * regrouped the same way (two shuffles per weight row). */
+        const __m512i idx4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        const __m512i low = _mm512_set1_epi8(0x0F);
+        const int quads = nb / 4;
+        for (int g = 0; g < quads; g++) {
+            __m512i xlo[4], xhi[4];
+            __m512 xsc[4];
+            for (int c = 0; c < C; c++) {
+                const int8_t *x = xq + (size_t)(b0 + c) * K + 128 * g;
+                const __m512i a = _mm512_loadu_si512((const void *)x);
+                const __m512i b = _mm512_loadu_si512((const void *)(x + 64));
+                xlo[c] = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+                xhi[c] = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+                xsc[c] = _mm512_permutexvar_ps(idx4, _mm512_castps128_ps512(
+                    _mm_loadu_ps(xd + (size_t)(b0 + c) * nb + 4 * g)));
+            }
+            for (int r = 0; r < R; r++) {
+                __m512i lo, hi;
+                if (q8) { /* Q8_0: the four blocks' codes regrouped as the activations are */
+                    const uint8_t *wr = w + (size_t)(n0 + r) * wrow + 128 * g;
+                    const __m512i flip = _mm512_set1_epi8((char)0x80);
+                    const __m512i a = _mm512_xor_si512(_mm512_loadu_si512((const void *)wr), flip);
+                    const __m512i b = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr + 64)), flip);
+                    lo = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+                    hi = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+                } else {
+                    const __m512i q = _mm512_loadu_si512((const void *)(w + (size_t)(n0 + r) * wrow + 64 * g));
+                    lo = _mm512_and_si512(q, low);
+                    hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
+                }
+                const __m512 dsc = _mm512_permutexvar_ps(idx4, _mm512_castps128_ps512(
+                    _mm_loadu_ps(d + (size_t)(n0 + r) * nb + 4 * g)));
+                for (int c = 0; c < C; c++) {
+                    const __m512i dot = _mm512_dpbusd_epi32(
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[c]), hi, xhi[c]);
+                    acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                                _mm512_mul_ps(dsc, xsc[c]), acc[r][c]);
+                }
+            }
+        }
+        p0 = 2 * quads;
+    }
+    for (int p = p0; p < pairs; p++) {
         __m512i xv[4];
         __m512 xsc[4];
         for (int c = 0; c < C; c++) {
@@ -199,7 +258,7 @@ T512 static inline __attribute__((always_inline)) void tile512(
             const int8_t *x = xq + b * K;
             float y = _mm512_reduce_add_ps(acc[r][c]);
             if (q8) {
-                for (int j = 0; j < 2 * pairs; j++) y -= 128.f * dr[j] * xsb[j];
+                y -= 128.f * dot512(dr, xsb, 2 * pairs);
                 for (int j = 2 * pairs; j < nb; j++) { /* the odd last block */
                     const int8_t *wj = (const int8_t *)w + n * wrow + 32 * j;
                     int isum = 0;
@@ -207,8 +266,7 @@ T512 static inline __attribute__((always_inline)) void tile512(
                     y += dr[j] * xdb[j] * (float)isum;
                 }
             } else {
-                const float *mr = m + n * nb;
-                for (int j = 0; j < nb; j++) y += mr[j] * xsb[j];
+                y += dot512(m + n * nb, xsb, nb);
                 if (nb & 1) { /* the odd last block */
                     const int j = nb - 1;
                     const __m256i wv = unpack_block(w + n * wrow + 16 * j);
