@@ -90,6 +90,40 @@ def test_the_step_equals_the_pytorch_model(seed):
 
 
 @needs_step
+def test_ternary_projections_decode_like_the_pytorch_model():
+    # layer 0's projections in TQ2_0 blocks (keenlm.quant.tq2), layer 1's in Q4: each format's
+    # kernel in one step, against the same model in PyTorch (tolerance as above)
+    from keenlm.quant.tq2 import T2Linear
+
+    net = q4_model(7, d_model=256, n_head=4, n_kv_head=2, d_ff=512)
+    a, m = net.layers[0].self_attn, net.layers[0].mlp
+    for parent, name in ((a, "qkv_proj"), (a, "o_proj"), (m, "gate_up_proj"), (m, "down_proj")):
+        setattr(parent, name, T2Linear.from_float(getattr(parent, name).dequantized()))
+    g = torch.Generator().manual_seed(7)
+    idx, km = left_pad([[1, 2, 3, 4], [5, 6]], "cpu")
+    pos = (km.long().cumsum(-1) - 1).clamp_min(0)
+    full = torch.ones(2, 16, dtype=torch.bool)
+    full[:, :4] = km
+    errs = []
+    for path in available_paths():
+        for lin in net.modules():
+            if hasattr(lin, "path"):
+                lin.path = path
+        with torch.no_grad():
+            ref_cache = net.new_cache(2, 16)
+            net(idx, cache=ref_cache, positions=pos, key_mask=km)
+            cache = copy.deepcopy(ref_cache)
+            eng, tok, npos = DecodeEngine(net, path), torch.randint(0, 300, (2,), generator=g), pos[:, -1] + 1
+            for _ in range(4):
+                ref = net(tok[:, None], cache=ref_cache, positions=npos[:, None],
+                          key_mask=full[:, :ref_cache.length + 1])[:, -1]
+                errs += rel_err(eng.step(tok, npos, cache, full, 2), ref)
+                tok, npos = ref.argmax(-1), npos + 1
+    errs = torch.tensor(errs)
+    assert (errs < 1e-5).float().mean() >= 0.8 and errs.max() < 0.05, errs
+
+
+@needs_step
 def test_generation_is_the_same_with_and_without_the_engine(monkeypatch):
     # an invariance: greedy tokens (padded rows, several samples per prompt) and seeded sampling
     net = q4_model(3)

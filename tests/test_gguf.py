@@ -322,3 +322,35 @@ def test_fast_reader_matches_gguf_package_reader(tmp_path):
         assert ours.shape == tuple(int(d) for d in reversed(theirs.shape.tolist()))
         assert ours.offset == theirs.data_offset and ours.n_bytes == theirs.n_bytes
         assert ours.type_id == int(theirs.tensor_type)
+
+
+def test_a_tq2_0_file_loads_as_ternary_blocks_and_decodes_in_the_engine(tmp_path):
+    # keenlm.load(..., quant="q4") keeps TQ2_0 blocks as stored (keenlm.quant.tq2.T2Linear),
+    # against the fp32 load of the same file; rows off the 256 block are F16 in the file and
+    # become Q4. The C decode step runs the model (generation equal with and without it).
+    from keenlm.config import GenerateConfig
+    from keenlm.infer import engine, generate_tokens
+    from keenlm.quant.q4 import Q4Linear
+    from keenlm.quant.tq2 import T2Linear, dequantize_t2
+
+    path = export_gguf(ternary_net(), ByteTokenizer(), tmp_path / "t.gguf", "tq2_0")
+    fp32, low = keenlm.load(path), keenlm.load(path, quant="q4")
+    layer, ref = low.net.layers[1], fp32.net.layers[1]
+    assert isinstance(layer.mlp.down_proj, T2Linear) and isinstance(layer.self_attn.qkv_proj, T2Linear)
+    torch.testing.assert_close(dequantize_t2(layer.mlp.down_proj.qs, layer.mlp.down_proj.d),
+                               ref.mlp.down_proj.weight)  # the file's blocks, no re-rounding
+    ids = torch.randint(0, 257, (12,)).tolist()
+    a, b = logits(low.net, ids), logits(fp32.net, ids)
+    assert (a - b).norm() / b.norm() < 0.02  # int8 activations and the Q8_0 head
+    cfg = GenerateConfig(max_new_tokens=12, temperature=0)
+    if engine.unsupported(low.net) is None:
+        on = generate_tokens(low.net, [ids], cfg)
+        engine.ENABLED = False
+        try:
+            assert generate_tokens(low.net, [ids], cfg) == on
+        finally:
+            engine.ENABLED = True
+    mixed = keenlm.load(export_gguf(ternary_net(d_model=64, d_ff=256), ByteTokenizer(),
+                                    tmp_path / "m.gguf", "tq2_0"), quant="q4")
+    assert isinstance(mixed.net.layers[0].mlp.down_proj, T2Linear)
+    assert isinstance(mixed.net.layers[0].self_attn.qkv_proj, Q4Linear)  # F16 rows of 64

@@ -92,20 +92,21 @@ def test_the_layer_is_close_to_its_definition_and_keeps_shapes():
 
 
 @needs_kernel
-@pytest.mark.parametrize("q8", [False, True])
-def test_the_bf16_dequantization_is_the_reference_rounded(q8):
+@pytest.mark.parametrize("kind", ["q4", "q8", "tq2"])
+def test_the_bf16_dequantization_is_the_reference_rounded(kind):
     # against the reference: dequantize to fp32 in torch, then round to bf16 (to nearest even)
     from keenlm.quant.q4 import Q8Linear
+    from keenlm.quant.tq2 import T2Linear
 
     g = torch.Generator().manual_seed(11)
-    w = torch.randn(37, 96, generator=g)
-    lin = Q8Linear.from_float(w) if q8 else Q4Linear.from_float(w)
-    want = lin.reference(torch.eye(96)).T.to(torch.bfloat16)  # the weights, fp32, rounded
-    got = torch.empty(37, 96, dtype=torch.bfloat16)
-    codes = lin.q8 if q8 else lin.qs
+    w = torch.randn(37, 512, generator=g)
+    lin = {"q4": Q4Linear, "q8": Q8Linear, "tq2": T2Linear}[kind].from_float(w)
+    want = lin.reference(torch.eye(512)).T.to(torch.bfloat16)  # the weights, fp32, rounded
+    got = torch.empty(37, 512, dtype=torch.bfloat16)
+    codes, d, m, fmt = lin.blocks()
     for threads in (1, 2):
-        q4._qdot.dequantize_bf16(codes.data_ptr(), lin.d.data_ptr(), 0 if q8 else lin.m.data_ptr(),
-                                 got.data_ptr(), 37, 96, int(q8), threads)
+        q4._qdot.dequantize_bf16(codes.data_ptr(), d.data_ptr(), 0 if m is None else m.data_ptr(),
+                                 got.data_ptr(), 37, 512, fmt, threads)
         assert torch.equal(got, want)
 
 

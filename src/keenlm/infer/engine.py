@@ -1,4 +1,4 @@
-"""The decode engine: a whole decode step of a 4-bit model in C, for 1 to 16 rows.
+"""The decode engine: a whole decode step of a 4-bit (or ternary) model in C, for 1 to 16 rows.
 
 A PyTorch decode step of SmolLM2-135M dispatches a few hundred small operations per token;
 at batch 1 on a CPU that overhead, not reading the weights, set the speed (keenlm's int4 path
@@ -26,7 +26,8 @@ layers do; softmax and SiLU use a polynomial exp (~1 ulp), so logits agree to fl
 not bit for bit. ``ENABLED = False`` forces the PyTorch step.
 
 Models it refuses (a one-line reason from ``unsupported``; generation then uses PyTorch):
-anything but dense SwiGLU blocks with Q4 projections, a Q8_0 embedding and head, full causal
+anything but dense SwiGLU blocks with Q4 projections (or ternary ones in TQ2_0 blocks,
+keenlm.quant.tq2: each projection in its own format), a Q8_0 embedding and head, full causal
 attention (no window, no memory layer, no spiking), on the CPU.
 
 Legend: B rows, L layers, Hk key/value heads, S cache length, D head dim, V vocabulary.
@@ -39,6 +40,7 @@ import torch
 
 from keenlm.model.attention import KVCache
 from keenlm.quant.q4 import PATHS, Q4Linear, Q8Embedding, Q8Linear
+from keenlm.quant.tq2 import T2Linear
 
 try:  # built by pip at install beside keenlm.quant._qdot (setup.py); optional without a compiler
     from keenlm.infer import _step
@@ -64,8 +66,8 @@ def unsupported(net) -> Optional[str]:
     for i, layer in enumerate(net.layers):
         parts = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                  layer.mlp.down_proj)
-        if not all(isinstance(p, Q4Linear) for p in parts):
-            return f"layer {i}'s projections are not all Q4 blocks (keenlm.quant.q4)"
+        if not all(isinstance(p, (Q4Linear, T2Linear)) for p in parts):
+            return f"layer {i}'s projections are not all Q4 or TQ2_0 blocks (keenlm.quant)"
     if net.norm.weight.device.type != "cpu":
         return "the engine runs on the CPU"
     return None
@@ -90,13 +92,21 @@ class DecodeEngine:
             keep.append(t.contiguous())
 
         C, H, Hk, D, F = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.d_ff
+        kinds = []  # each projection's format: 0 Q4, 2 TQ2_0 (keenlm/quant/csrc/qdot.h)
         for layer in net.layers:
             a, m = layer.self_attn, layer.mlp
             for lin, n, k in ((a.qkv_proj, (H + 2 * Hk) * D, C), (a.o_proj, C, H * D),
                               (m.gate_up_proj, 2 * F, C), (m.down_proj, C, F)):
+                if isinstance(lin, T2Linear):
+                    add(lin.qs, torch.uint8, (n, k // 4))
+                    add(lin.d, torch.float32, (n, k // 256))
+                    keep.append(torch.empty(0))  # no offsets: a null pointer
+                    kinds.append(2)
+                    continue
                 add(lin.qs, torch.uint8, (n, k // 2))
                 add(lin.d, torch.float32, (n, k // 32))
                 add(lin.m, torch.float32, (n, k // 32))
+                kinds.append(0)
             add(layer.input_layernorm.weight.detach(), torch.float32, (C,))
             add(layer.post_attention_layernorm.weight.detach(), torch.float32, (C,))
         V = cfg.vocab_size
@@ -108,9 +118,12 @@ class DecodeEngine:
         add(net.rope_cos, torch.float32, (cfg.max_seq_len, D // 2))
         add(net.rope_sin, torch.float32, (cfg.max_seq_len, D // 2))
         self._keep = keep
-        self._ptrs = torch.tensor([t.data_ptr() for t in keep], dtype=torch.int64)
-        self._model = _step.new_model(self._ptrs.data_ptr(), len(keep), cfg.n_layer, C, H, Hk,
-                                      D, F, V, cfg.max_seq_len, float(cfg.norm_eps))
+        self._ptrs = torch.tensor([t.data_ptr() if t.numel() else 0 for t in keep],
+                                  dtype=torch.int64)
+        self._kinds = torch.tensor(kinds, dtype=torch.int32)
+        self._model = _step.new_model(self._ptrs.data_ptr(), len(keep), self._kinds.data_ptr(),
+                                      cfg.n_layer, C, H, Hk, D, F, V, cfg.max_seq_len,
+                                      float(cfg.norm_eps))
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
              key_mask: torch.Tensor, threads: int = 1) -> torch.Tensor:

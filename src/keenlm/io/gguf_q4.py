@@ -1,10 +1,11 @@
 """A GGUF file straight into keenlm's 4-bit decode layout, without an fp32 copy of the model.
 
 ``load_gguf_q4(path)`` reads the same file as keenlm.io.gguf (same checks: architecture, names,
-shapes, tokenizer) but keeps the block projections in their 4-bit form: a Q4_0 or Q4_1 tensor's
+shapes, tokenizer) but keeps the block projections in their low-bit form: a Q4_0 or Q4_1 tensor's
 blocks of 32 (scale, offset, 16 bytes of codes in ggml's nibble order) become a
-keenlm.quant.q4.Q4Linear with no re-rounding (q/k rows un-permuted as whole rows); q/k/v and
-gate/up are joined into one layer each. Projections stored otherwise (F32, F16, Q8_0, K-quants)
+keenlm.quant.q4.Q4Linear with no re-rounding (q/k rows un-permuted as whole rows), a ternary
+TQ2_0 tensor's blocks of 256 a keenlm.quant.tq2.T2Linear; q/k/v and gate/up are joined into one
+layer each. Projections stored otherwise (F32, F16, Q8_0, K-quants)
 are dequantized one tensor at a time and rounded to Q4 blocks. The token embedding and the LM
 head keep Q8_0 blocks (as stored when the file has them, else rounded in chunks), and a tied
 head reads the embedding's own blocks.
@@ -25,8 +26,10 @@ from keenlm.io.loaders import Loaded
 from keenlm.model import build_model
 from keenlm.quant.int8 import FusedSlice
 from keenlm.quant.q4 import Q4Linear, Q8Embedding, Q8Linear, quantize_q4, quantize_q8
+from keenlm.quant.tq2 import T2Linear, dequantize_t2
 
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
+TQ2_BYTES = 66  # a TQ2_0 block: 64 bytes of 2-bit codes, then an fp16 scale, per 256 weights
 EMBED_CHUNK = 4096  # embedding rows dequantized at a time when the file does not hold Q8_0
 
 
@@ -37,6 +40,14 @@ def q8_blocks(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
     q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(raw.shape[0], -1)
     return torch.from_numpy(q), torch.from_numpy(d)
+
+
+def tq2_blocks(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (N, K/4), d (N, K/256)) of a TQ2_0 tensor's raw rows (N, bytes)."""
+    b = raw.reshape(raw.shape[0], -1, TQ2_BYTES)
+    qs = np.ascontiguousarray(b[..., :64]).reshape(raw.shape[0], -1)
+    d = np.ascontiguousarray(b[..., 64:66]).view(np.float16)[..., 0].astype(np.float32)
+    return torch.from_numpy(qs), torch.from_numpy(d)
 
 
 def q4_blocks(raw: np.ndarray, tname: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,16 +91,22 @@ class _Reader:
         return self.cfg.kv_heads if kname.endswith("k_proj.weight") else 0
 
     def q4(self, kname):
-        """A projection as Q4 blocks: taken as stored when the file has them, else rounded."""
+        """A projection as Q4 blocks, ("q4", codes, d, m), or as ternary TQ2_0 blocks,
+        ("t2", codes, d): taken as stored when the file has them, else rounded to Q4."""
         gname, t, tname = self.info(kname)
         raw = gguf_format.tensor_bytes(self.reader.data, t)
         heads = self._heads(kname)
+        if tname == "TQ2_0":
+            if raw.shape[-1] * 256 != TQ2_BYTES * t.shape[-1]:
+                raise GGUFError(self.path, f"tensor {gname}: {raw.shape[-1]} bytes per row do "
+                                           f"not hold {t.shape[-1]} TQ2_0 weights")
+            return ("t2", *tq2_blocks(unpermute_qk(raw, heads) if heads else raw))
         if tname in BLOCK_BYTES:
             if raw.shape[-1] * 32 != BLOCK_BYTES[tname] * t.shape[-1]:
                 raise GGUFError(self.path, f"tensor {gname}: {raw.shape[-1]} bytes per row do "
                                            f"not hold {t.shape[-1]} {tname} weights")
-            return q4_blocks(unpermute_qk(raw, heads) if heads else raw, tname)
-        return quantize_q4(self.fp32(kname))
+            return ("q4", *q4_blocks(unpermute_qk(raw, heads) if heads else raw, tname))
+        return ("q4", *quantize_q4(self.fp32(kname)))
 
     def fp32(self, kname, rows: slice | None = None) -> torch.Tensor:
         from gguf import GGMLQuantizationType  # optional extra: keenlm[io], as in keenlm.io.gguf
@@ -120,17 +137,22 @@ class _Reader:
         return q, d
 
 
-def _joined(parts):
-    return Q4Linear(*(torch.cat(x) for x in zip(*parts)))
+def _layer(parts):
+    """One layer of the rows of ``parts``: ternary when all are TQ2_0 blocks, else Q4 (ternary
+    parts rounded to Q4: the kernel takes one format per call)."""
+    if all(p[0] == "t2" for p in parts):
+        return T2Linear(*(torch.cat(x) for x in zip(*(p[1:] for p in parts))))
+    q4 = [p[1:] if p[0] == "q4" else quantize_q4(dequantize_t2(*p[1:])) for p in parts]
+    return Q4Linear(*(torch.cat(x) for x in zip(*q4)))
 
 
 def _set_fused(parent, names, attr, parts):
-    fused = _joined(parts)
+    fused = _layer(parts)
     setattr(parent, attr, fused)
     start = 0
-    for n, (qs, _, _) in zip(names, parts):
-        setattr(parent, n, FusedSlice(fused, start, start + qs.shape[0]))
-        start += qs.shape[0]
+    for n, p in zip(names, parts):
+        setattr(parent, n, FusedSlice(fused, start, start + p[1].shape[0]))
+        start += p[1].shape[0]
 
 
 def load_gguf_q4(path, device: str = "cpu") -> Loaded:
@@ -145,10 +167,10 @@ def load_gguf_q4(path, device: str = "cpu") -> Loaded:
         attn, mlp = layer.self_attn, layer.mlp
         _set_fused(attn, ["q_proj", "k_proj", "v_proj"], "qkv_proj",
                    [r.q4(p + f"self_attn.{n}.weight") for n in ("q_proj", "k_proj", "v_proj")])
-        attn.o_proj = Q4Linear(*r.q4(p + "self_attn.o_proj.weight"))
+        attn.o_proj = _layer([r.q4(p + "self_attn.o_proj.weight")])
         _set_fused(mlp, ["gate_proj", "up_proj"], "gate_up_proj",
                    [r.q4(p + f"mlp.{n}.weight") for n in ("gate_proj", "up_proj")])
-        mlp.down_proj = Q4Linear(*r.q4(p + "mlp.down_proj.weight"))
+        mlp.down_proj = _layer([r.q4(p + "mlp.down_proj.weight")])
         for norm in ("input_layernorm", "post_attention_layernorm"):
             getattr(layer, norm).weight = torch.nn.Parameter(r.fp32(p + f"{norm}.weight"),
                                                              requires_grad=False)

@@ -178,10 +178,9 @@ def _prefill(self, x: torch.Tensor) -> torch.Tensor:
         return self.reference(x)
     n, k = self.out_features, self.in_features
     w = torch.empty(n, k, dtype=torch.bfloat16)
-    q8 = isinstance(self, Q8Linear)
-    codes = self.q8 if q8 else self.qs
-    _qdot.dequantize_bf16(codes.data_ptr(), self.d.data_ptr(), 0 if q8 else self.m.data_ptr(),
-                          w.data_ptr(), n, k, int(q8), torch.get_num_threads())
+    codes, d, m, kind = self.blocks()
+    _qdot.dequantize_bf16(codes.data_ptr(), d.data_ptr(), 0 if m is None else m.data_ptr(),
+                          w.data_ptr(), n, k, kind, torch.get_num_threads())
     return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
 
 
@@ -206,6 +205,10 @@ class Q4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_q4(self.qs, self.d, self.m)
+
+    def blocks(self):
+        """(codes, scales, offsets, format) for the bf16 prefill pass (format 0: Q4)."""
+        return self.qs, self.d, self.m, 0
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized().to(x.dtype))
@@ -285,6 +288,10 @@ class Q8Linear(nn.Module):
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> "Q8Linear":
         return cls(*quantize_q8(weight))
+
+    def blocks(self):
+        """(codes, scales, offsets, format) for the bf16 prefill pass (format 1: Q8_0)."""
+        return self.q8, self.d, None, 1
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize_q8(self.q8, self.d).to(x.dtype))

@@ -1,5 +1,5 @@
-/* The decode step of a Llama-family model with Q4 projections and a Q8_0 embedding and head,
- * in C: one call per generated token (for up to 16 rows), no Python and no PyTorch dispatch
+/* The decode step of a Llama-family model with Q4 (or ternary TQ2_0) projections and a Q8_0
+ * embedding and head, in C: one call per generated token (for up to 16 rows), no Python and no PyTorch dispatch
  * inside it. keenlm.infer.engine builds the model description and documents the contract;
  * the per-op reference is the PyTorch model itself (keenlm.model.transformer), which the
  * tests hold this step to.
@@ -42,10 +42,11 @@
 
 static const QdotAPI *q;
 
-typedef struct { const uint8_t *qs; const float *d, *m; } Q4;
+/* a projection's weights: Q4 blocks (codes, scales, offsets) or TQ2_0 (codes, scales) */
+typedef struct { int kind; const uint8_t *qs; const float *d, *m; } W;
 
 typedef struct {
-    Q4 qkv, o, gu, down;
+    W qkv, o, gu, down;
     const float *norm_in, *norm_post;
 } Layer;
 
@@ -239,10 +240,13 @@ static void quantize_share(Step *st, const float *src, int K, int ith, int nth) 
                          st->xs + (size_t)b * (K / 32), 1, K);
 }
 
-static void q4_share(Step *st, const Q4 *w, int N, int K, float *out, int ith, int nth) {
+static void q4_share(Step *st, const W *w, int N, int K, float *out, int ith, int nth) {
     int n0, n1;
     q->pool_share(N, ith, nth, &n0, &n1);
-    if (n0 < n1)
+    if (n0 >= n1) return;
+    if (w->kind == FMT_T2)
+        q->t2_rows(st->path, w->qs, w->d, st->xq, st->xd, st->xs, out, N, K, st->B, n0, n1);
+    else
         q->q4_rows(st->path, w->qs, w->d, w->m, st->xq, st->xd, st->xs, out, N, K, st->B, n0, n1);
 }
 
@@ -348,15 +352,16 @@ static void free_model(PyObject *cap) {
 
 static const void *ptr_at(const uint64_t *p, int i) { return (const void *)(uintptr_t)p[i]; }
 
-/* new_model(ptrs, n_ptrs, L, C, H, Hk, D, F, V, rope_len, eps): ptrs holds, per layer, qkv, o,
- * gate_up, down as (codes, scales, offsets) and the two norm weights (14 pointers), then the
- * embedding (codes, scales), the head (codes, scales), the final norm and the rotary tables. */
+/* new_model(ptrs, n_ptrs, kinds, L, C, H, Hk, D, F, V, rope_len, eps): ptrs holds, per layer,
+ * qkv, o, gate_up, down as (codes, scales, offsets; 0 for TQ2_0) and the two norm weights (14
+ * pointers), then the embedding (codes, scales), the head (codes, scales), the final norm and
+ * the rotary tables; kinds (int32, 4 per layer) each projection's format (FMT_Q4, FMT_T2). */
 static PyObject *new_model(PyObject *self, PyObject *args) {
-    unsigned long long pp;
+    unsigned long long pp, pk;
     int n, L, C, H, Hk, D, F, V, rope_len;
     float eps;
-    if (!PyArg_ParseTuple(args, "Kiiiiiiiiif", &pp, &n, &L, &C, &H, &Hk, &D, &F, &V, &rope_len,
-                          &eps))
+    if (!PyArg_ParseTuple(args, "KiKiiiiiiiif", &pp, &n, &pk, &L, &C, &H, &Hk, &D, &F, &V,
+                          &rope_len, &eps))
         return NULL;
     if (L < 1 || C < 32 || C % 32 || H < 1 || Hk < 1 || H % Hk || D < 2 || D % 2
         || (H * D) % 32 || F < 32 || F % 32 || V < 1 || rope_len < 1
@@ -366,11 +371,22 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
         return NULL;
     }
     const uint64_t *p = (const uint64_t *)(uintptr_t)pp;
-    for (int i = 0; i < n; i++)
-        if (!p[i]) {
+    const int32_t *kinds = (const int32_t *)(uintptr_t)pk;
+    const int width[4] = {C, H * D, C, F}; /* each projection's input width */
+    for (int i = 0; i < n; i++) {
+        const int l = i / PTRS_PER_LAYER, k = i % PTRS_PER_LAYER;
+        const int kind = i < PTRS_PER_LAYER * L && k < 12 ? kinds[4 * l + k / 3] : FMT_Q4;
+        if (i < PTRS_PER_LAYER * L && k < 12
+            && !(kind == FMT_Q4 || (kind == FMT_T2 && width[k / 3] % 256 == 0))) {
+            PyErr_Format(PyExc_ValueError, "new_model: layer %d projection %d has format %d "
+                         "(Q4, or TQ2_0 with a width that is a multiple of 256)", l, k / 3, kind);
+            return NULL;
+        }
+        if (!p[i] && !(kind == FMT_T2 && k % 3 == 2)) {
             PyErr_Format(PyExc_ValueError, "new_model: pointer %d is null", i);
             return NULL;
         }
+    }
     Model *M = calloc(1, sizeof(Model));
     Layer *ls = calloc((size_t)L, sizeof(Layer));
     if (!M || !ls) {
@@ -380,9 +396,10 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     *M = (Model){L, C, H, Hk, D, F, V, rope_len, eps};
     for (int l = 0; l < L; l++) {
         const uint64_t *lp = p + PTRS_PER_LAYER * l;
-        Q4 *w[4] = {&ls[l].qkv, &ls[l].o, &ls[l].gu, &ls[l].down};
+        W *w[4] = {&ls[l].qkv, &ls[l].o, &ls[l].gu, &ls[l].down};
         for (int k = 0; k < 4; k++)
-            *w[k] = (Q4){ptr_at(lp, 3 * k), ptr_at(lp, 3 * k + 1), ptr_at(lp, 3 * k + 2)};
+            *w[k] = (W){kinds[4 * l + k], ptr_at(lp, 3 * k), ptr_at(lp, 3 * k + 1),
+                        ptr_at(lp, 3 * k + 2)};
         ls[l].norm_in = ptr_at(lp, 12);
         ls[l].norm_post = ptr_at(lp, 13);
     }

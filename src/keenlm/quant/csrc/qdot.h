@@ -10,8 +10,10 @@
 #include <stdint.h>
 
 enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_VNNI = 3, PATH_VNNI512 = 4 };
+/* weight formats: Q4 blocks of 32 (codes, scales, offsets), Q8_0, ternary TQ2_0 */
+enum { FMT_Q4 = 0, FMT_Q8 = 1, FMT_T2 = 2 };
 #define QDOT_MAX_THREADS 16
-#define QDOT_API_VERSION 1 /* raise when QdotAPI changes */
+#define QDOT_API_VERSION 2 /* raise when QdotAPI changes */
 
 /* A job for the pool: fn(ctx, ith, nth) runs on nth threads at once, ith = 0 on the caller. */
 typedef void (*pool_fn)(void *ctx, int ith, int nth);
@@ -28,6 +30,10 @@ typedef struct {
                     int B, int n0, int n1);
     /* the same for Q8_0 weights (q8 int8 (N, K), d (N, K / 32)) */
     void (*q8_rows)(int path, const int8_t *q8, const float *d, const int8_t *xq,
+                    const float *xd, const float *xs, float *out, int N, int K, int B, int n0,
+                    int n1);
+    /* the same for TQ2_0 weights (codes (N, K/4), d (N, K / 256)) */
+    void (*t2_rows)(int path, const uint8_t *qs, const float *d, const int8_t *xq,
                     const float *xd, const float *xs, float *out, int N, int K, int B, int n0,
                     int n1);
     /* run fn on nth threads (the caller's and nth - 1 of the pool's); one job at a time */
