@@ -174,6 +174,101 @@ def memory_worker(kind: str, new_tokens: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+# ----------------------------------------------------------------------------------------
+# Ternary: keenlm's 88M-parameter model shape (benchmarks/lowbit.py) as a BitNet b1.58 model,
+# exported to TQ2_0; keenlm's engine on its ternary blocks and on Q4, and llama.cpp, decode it.
+TERNARY = dict(n_layer=12, d_model=768, n_head=12, d_ff=2048, max_seq_len=512)
+
+
+def make_ternary_gguf(folder: Path) -> Path:
+    """A ternary model (random weights: decode speed does not depend on them) with a BPE
+    vocabulary of 4096 trained on argparse.py, written as a TQ2_0 GGUF."""
+    import torch
+
+    from keenlm.config import ModelConfig
+    from keenlm.data import train_bpe
+    from keenlm.io.gguf_export import export_gguf
+    from keenlm.model import build_model
+    from keenlm.quant.packing import convert_qat
+
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
+    bpe = train_bpe([text], 4096)
+    torch.manual_seed(0)
+    net = convert_qat(build_model(ModelConfig(vocab_size=bpe.vocab_size, linear="ternary",
+                                              **TERNARY)).eval())
+    return export_gguf(net, bpe, folder / "ternary-88m.tq2_0.gguf", "tq2_0")
+
+
+def ternary_worker(kind: str, path: Path, new_tokens: int) -> dict:
+    """Batch-1 greedy decode tok/s (2 threads, then 1) of the TQ2_0 file: keenlm on its ternary
+    blocks (t2), keenlm on the same weights in Q4 blocks (q4), or llama.cpp."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
+    if kind == "llama.cpp":
+        import numpy as np
+        from llama_cpp import Llama
+
+        rates = {}
+        for threads in (2, 1):
+            llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, verbose=False)
+            prompt = llm.tokenize(text.encode(), add_bos=False, special=False)[:128]
+
+            def run(tokens: int):
+                llm.reset()
+                llm.eval(prompt)
+                for _ in range(tokens):
+                    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+
+            pre = best_of(lambda: run(0), 1, warmup=1)
+            rates[threads] = new_tokens / max(best_of(lambda: run(new_tokens), 1, warmup=0) - pre, 1e-9)
+        return {"kind": kind, "decode_tok_s": rates[2], "decode_1t_tok_s": rates[1]}
+    import torch
+
+    import keenlm
+    from keenlm.config import GenerateConfig
+    from keenlm.infer import engine, generate_tokens
+    from keenlm.quant.q4 import quantize_q4_model
+
+    km = keenlm.load(path, quant="q4") if kind == "t2" else keenlm.load(path)
+    if kind == "q4":
+        quantize_q4_model(km.net)
+    assert engine.unsupported(km.net) is None, engine.unsupported(km.net)
+    prompt = km.tokenizer.encode(text)[:128]
+    cfg = GenerateConfig(max_new_tokens=new_tokens, temperature=0)
+    rates = {}
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            pre = best_of(lambda: km.net(torch.tensor([prompt]), cache=km.net.new_cache(
+                1, 128 + new_tokens), last_only=True), 3)
+            total = best_of(lambda: generate_tokens(km.net, [prompt], cfg), 1)
+        rates[threads] = new_tokens / max(total - pre, 1e-9)
+    return {"kind": kind, "decode_tok_s": rates[2], "decode_1t_tok_s": rates[1]}
+
+
+def ternary_report(args) -> list[tuple]:
+    """The ternary section: keenlm t2 against llama.cpp's TQ2_0 and keenlm's own Q4."""
+    import importlib.util as iu
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="keenlm-bench-") as tmp:
+        path = make_ternary_gguf(Path(tmp))
+        kinds = ["t2", "q4"] + (["llama.cpp"] if iu.find_spec("llama_cpp") else [])
+        res = {k: run_worker(f"ternary:{k}:{path}", args) for k in kinds}
+    print(f"\n  ternary: a BitNet b1.58 model of keenlm's 88M shape ({TERNARY['n_layer']} layers, "
+          f"d_model {TERNARY['d_model']}), TQ2_0 GGUF, 128-token prompt, {args.new_tokens} greedy "
+          f"tokens")
+    for k, r in res.items():
+        name = {"t2": "keenlm TQ2_0", "q4": "keenlm Q4", "llama.cpp": "llama.cpp TQ2_0"}[k]
+        print(f"    {name:16s} decode {r['decode_tok_s']:6.1f} tok/s (2 threads)  "
+              f"{r['decode_1t_tok_s']:6.1f} tok/s (1 thread)")
+    lines = [("engine_ternary_vs_own_q4", res["t2"]["decode_tok_s"] / res["q4"]["decode_tok_s"],
+              ">=", 1.6)]
+    if "llama.cpp" in res:
+        lines.append(("engine_ternary_vs_llama_cpp_tq2_0",
+                      res["t2"]["decode_tok_s"] / res["llama.cpp"]["decode_tok_s"], ">=", 1.0))
+    return lines
+
+
 def read_bandwidth_gb_s() -> float:
     """Bytes per second of a 2-thread sum over 1 GB (best of 3): the decode memory wall."""
     import torch
@@ -271,6 +366,9 @@ def main() -> int:
     if args.worker:
         if args.worker.startswith("mem:"):
             print(json.dumps(memory_worker(args.worker[4:], args.new_tokens)))
+        elif args.worker.startswith("ternary:"):
+            _, kind, path = args.worker.split(":", 2)
+            print(json.dumps(ternary_worker(kind, Path(path), args.new_tokens)))
         elif args.worker == "bandwidth":
             print(json.dumps({"gb_s": read_bandwidth_gb_s(), "bytes": {
                 k: bytes_per_token(k) for k in ("keenlm-fp32", "keenlm-int8", "keenlm-int4",
@@ -315,6 +413,7 @@ def main() -> int:
         print(f"  keenlm {name} / llama.cpp: decode {fast['decode_tok_s'] / lc['decode_tok_s']:.2f}x, "
               f"prefill {fast['prefill_tok_s'] / lc['prefill_tok_s']:.2f}x")
     lines += engine_report(res, args)
+    lines += ternary_report(args)
     print()
     for line in lines:
         print(bench_line(*line))
