@@ -99,21 +99,21 @@ class DecodeEngine:
                               (m.gate_up_proj, 2 * F, C), (m.down_proj, C, F)):
                 if isinstance(lin, T2Linear):
                     add(lin.qs, torch.uint8, (n, k // 4))
-                    add(lin.d, torch.float32, (n, k // 256))
+                    add(lin.d, torch.float16, (n, k // 256))
                     keep.append(torch.empty(0))  # no offsets: a null pointer
                     kinds.append(2)
                     continue
                 add(lin.qs, torch.uint8, (n, k // 2))
-                add(lin.d, torch.float32, (n, k // 32))
-                add(lin.m, torch.float32, (n, k // 32))
+                add(lin.d, torch.float16, (n, k // 32))
+                add(lin.m, torch.float16, (n, k // 32))
                 kinds.append(0)
             add(layer.input_layernorm.weight.detach(), torch.float32, (C,))
             add(layer.post_attention_layernorm.weight.detach(), torch.float32, (C,))
         V = cfg.vocab_size
         add(net.embed_tokens.q8, torch.int8, (V, C))
-        add(net.embed_tokens.d, torch.float32, (V, C // 32))
+        add(net.embed_tokens.d, torch.float16, (V, C // 32))
         add(net.lm_head.q8, torch.int8, (V, C))
-        add(net.lm_head.d, torch.float32, (V, C // 32))
+        add(net.lm_head.d, torch.float16, (V, C // 32))
         add(net.norm.weight.detach(), torch.float32, (C,))
         add(net.rope_cos, torch.float32, (cfg.max_seq_len, D // 2))
         add(net.rope_sin, torch.float32, (cfg.max_seq_len, D // 2))

@@ -37,7 +37,7 @@ def q8_blocks(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int8 (N, K), d (N, K/32)) of a Q8_0 tensor's raw rows (N, bytes): blocks of 34
     bytes, an fp16 scale then 32 int8 codes."""
     b = raw.reshape(raw.shape[0], -1, 34)
-    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].copy()
     q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(raw.shape[0], -1)
     return torch.from_numpy(q), torch.from_numpy(d)
 
@@ -46,7 +46,7 @@ def tq2_blocks(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (N, K/4), d (N, K/256)) of a TQ2_0 tensor's raw rows (N, bytes)."""
     b = raw.reshape(raw.shape[0], -1, TQ2_BYTES)
     qs = np.ascontiguousarray(b[..., :64]).reshape(raw.shape[0], -1)
-    d = np.ascontiguousarray(b[..., 64:66]).view(np.float16)[..., 0].astype(np.float32)
+    d = np.ascontiguousarray(b[..., 64:66]).view(np.float16)[..., 0].copy()
     return torch.from_numpy(qs), torch.from_numpy(d)
 
 
@@ -54,11 +54,11 @@ def q4_blocks(raw: np.ndarray, tname: str) -> tuple[torch.Tensor, torch.Tensor, 
     """(codes (N, K/2), d (N, K/32), m (N, K/32)) of a Q4_0 / Q4_1 tensor's raw rows (N, bytes)."""
     size = BLOCK_BYTES[tname]
     b = raw.reshape(raw.shape[0], -1, size)
-    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].copy()
     if tname == "Q4_1":
-        m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
-    else:  # Q4_0: w = d (q - 8)
-        m = -8.0 * d
+        m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].copy()
+    else:  # Q4_0: w = d (q - 8); -8 d is exact in fp16 for any scale a file can hold
+        m = (-8.0 * d.astype(np.float32)).astype(np.float16)
     qs = np.ascontiguousarray(b[..., size - 16:]).reshape(raw.shape[0], -1)
     return torch.from_numpy(qs), torch.from_numpy(d), torch.from_numpy(m)
 
@@ -130,7 +130,7 @@ class _Reader:
                                            f"not hold {t.shape[-1]} Q8_0 weights")
             return q8_blocks(raw)
         q = torch.empty(tuple(t.shape), dtype=torch.int8)
-        d = torch.empty(t.shape[0], t.shape[1] // 32)
+        d = torch.empty(t.shape[0], t.shape[1] // 32, dtype=torch.float16)
         for i in range(0, t.shape[0], EMBED_CHUNK):
             q[i:i + EMBED_CHUNK], d[i:i + EMBED_CHUNK] = quantize_q8(
                 self.fp32(kname, slice(i, i + EMBED_CHUNK)))

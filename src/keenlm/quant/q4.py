@@ -4,13 +4,14 @@ decode kernels.
 llama.cpp's recipe for CPU decoding (Q4_0 / Q4_1 weights, Q8 activations): each block of 32
 weights of a row keeps 16 levels, w = d q + m with q in [0, 15] (Q4_1; Q4_0 is m = -8 d), and
 each block of 32 activations is rounded to int8 with its own scale xd = max|x| / 127 when it is
-used. A block's product is then one integer dot product,
+used (weight scales d, m in fp16, as GGUF stores them; activation scales in fp32). A block's
+product is then one integer dot product,
 
     sum_i w_i x_i  ~  d xd sum_i q_i xq_i  +  m xd sum_i xq_i,
 
 which AVX-512 VNNI computes 32 pairs at a time (``vpdpbusd``: unsigned 4-bit codes times signed
-int8) and AVX2 in two steps (``vpmaddubsw`` + ``vpmaddwd``). The weights are read at 4.5 bits
-each (16 bytes of codes + two floats per block here) instead of 32.
+int8) and AVX2 in two steps (``vpmaddubsw`` + ``vpmaddwd``). The weights are read at 5 bits
+each (16 bytes of codes + two fp16 scales per block, llama.cpp's Q4_1) instead of 32.
 
     Q4Linear.forward      the C kernel (keenlm/quant/csrc/qdot.c) for up to 16 rows
                           (decode, small batches); more rows (prefill): ``prefill``, the
@@ -75,17 +76,18 @@ def available_paths() -> list[str]:
 
 def quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qs uint8 (N, K/2), d (N, K/32), m (N, K/32)) of a float weight (N, K): each block of 32
-    rounded to 16 levels between its min and max (Q4_1), codes packed in ggml's order."""
+    rounded to 16 levels between its min and max (Q4_1), codes packed in ggml's order; d and m
+    in fp16 as GGUF stores them (the codes are rounded against the fp16 values)."""
     w = weight.detach().float()
     n, k = w.shape
     if k % BLOCK:
         raise ValueError(f"q4: input width {k} is not a multiple of {BLOCK}")
     g = w.view(n, k // BLOCK, BLOCK)
-    lo, hi = g.amin(-1), g.amax(-1)
-    d = (hi - lo) / 15
+    lo = g.amin(-1).half().float()
+    d = ((g.amax(-1) - lo) / 15).half().float()
     q = torch.round((g - lo[..., None]) / d.clamp_min(1e-30)[..., None]).clamp(0, 15).to(torch.uint8)
     qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2)
-    return qs.contiguous(), d.contiguous(), lo.contiguous()
+    return qs.contiguous(), d.half().contiguous(), lo.half().contiguous()
 
 
 def unpack_q4(qs: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,7 @@ def unpack_q4(qs: torch.Tensor) -> torch.Tensor:
 def dequantize_q4(qs, d, m) -> torch.Tensor:
     n = qs.shape[0]
     q = unpack_q4(qs).float().view(n, -1, BLOCK)
-    return (q * d[..., None] + m[..., None]).view(n, -1)
+    return (q * d.float()[..., None] + m.float()[..., None]).view(n, -1)
 
 
 def quantize_activations(x: torch.Tensor):
@@ -129,7 +131,7 @@ def q4_matmul(x: torch.Tensor, qs, d, m, path: str = "auto", threads: int = 0) -
     x = x.float().contiguous()
     B, K = x.shape
     # the kernel reads raw memory: every shape and type is checked here, never assumed
-    qs, d, m = qs.contiguous(), d.float().contiguous(), m.float().contiguous()
+    qs, d, m = qs.contiguous(), d.half().contiguous(), m.half().contiguous()
     n = qs.shape[0]
     if qs.dtype != torch.uint8 or qs.shape != (n, K // 2) or K % BLOCK \
             or d.shape != (n, K // BLOCK) or m.shape != d.shape or x.device.type != "cpu":
@@ -194,8 +196,8 @@ class Q4Linear(nn.Module):
             raise ValueError(f"q4: codes {tuple(qs.shape)} {qs.dtype}, scales {tuple(d.shape)}, "
                              f"offsets {tuple(m.shape)} do not describe one layer")
         self.register_buffer("qs", qs.contiguous())
-        self.register_buffer("d", d.float().contiguous())
-        self.register_buffer("m", m.float().contiguous())
+        self.register_buffer("d", d.half().contiguous())  # fp16 block scales, as in GGUF
+        self.register_buffer("m", m.half().contiguous())
         self.in_features, self.out_features = 2 * half, n
         self.path = "auto"  # the kernel path; tests and benchmarks force one of PATHS
 
@@ -229,20 +231,20 @@ class Q4Linear(nn.Module):
 
 
 def quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 (N, K), d (N, K/32)) with d = max|w| / 127 per block of 32."""
+    """(q int8 (N, K), d fp16 (N, K/32)) with d = max|w| / 127 per block of 32."""
     w = weight.detach().float()
     n, k = w.shape
     if k % BLOCK:
         raise ValueError(f"q8: input width {k} is not a multiple of {BLOCK}")
     g = w.view(n, k // BLOCK, BLOCK)
-    d = g.abs().amax(-1) / 127
+    d = (g.abs().amax(-1) / 127).half().float()
     q = torch.round(g / torch.where(d > 0, d, torch.ones_like(d))[..., None]).clamp(-127, 127)
-    return q.to(torch.int8).view(n, k).contiguous(), d.contiguous()
+    return q.to(torch.int8).view(n, k).contiguous(), d.half().contiguous()
 
 
 def dequantize_q8(q8: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     n, k = q8.shape
-    return (q8.float().view(n, k // BLOCK, BLOCK) * d[..., None]).view(n, k)
+    return (q8.float().view(n, k // BLOCK, BLOCK) * d.float()[..., None]).view(n, k)
 
 
 def q8_matmul_reference(x: torch.Tensor, q8, d) -> torch.Tensor:
@@ -261,7 +263,7 @@ def q8_matmul(x: torch.Tensor, q8, d, path: str = "auto", threads: int = 0) -> t
         raise RuntimeError("keenlm.quant._qdot is not built (no C compiler at install)")
     x = x.float().contiguous()
     B, K = x.shape
-    q8, d = q8.contiguous(), d.float().contiguous()
+    q8, d = q8.contiguous(), d.half().contiguous()
     n = q8.shape[0]
     if q8.dtype != torch.int8 or q8.shape != (n, K) or K % BLOCK or d.shape != (n, K // BLOCK):
         raise ValueError(f"q8_matmul: x {tuple(x.shape)} against codes {tuple(q8.shape)} "
@@ -281,7 +283,7 @@ class Q8Linear(nn.Module):
             raise ValueError(f"q8: codes {tuple(q8.shape)} {q8.dtype}, scales {tuple(d.shape)} "
                              "do not describe one layer")
         self.register_buffer("q8", q8.contiguous())
-        self.register_buffer("d", d.float().contiguous())
+        self.register_buffer("d", d.half().contiguous())
         self.out_features, self.in_features = q8.shape
         self.path = "auto"
 
@@ -309,11 +311,11 @@ class Q8Embedding(nn.Module):
     def __init__(self, q8: torch.Tensor, d: torch.Tensor):
         super().__init__()
         self.register_buffer("q8", q8)
-        self.register_buffer("d", d.float())
+        self.register_buffer("d", d.half())
         self.num_embeddings, self.embedding_dim = q8.shape
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        q, d = self.q8[idx].float(), self.d[idx]
+        q, d = self.q8[idx].float(), self.d[idx].float()
         return (q.view(*idx.shape, -1, BLOCK) * d[..., None]).view(*idx.shape, -1)
 
 

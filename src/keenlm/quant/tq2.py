@@ -48,9 +48,9 @@ def unpack_t2(qs: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_t2(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes (N, K/4), d (N, K/256)) of a float weight: BitNet b1.58's absmean rounding per
-    block of 256, t = round(clamp(w / d, -1, 1)), d = mean |w|. A weight that is already
-    ternary with one scale per block (d t) comes back exactly."""
+    """(codes (N, K/4), d fp16 (N, K/256)) of a float weight: BitNet b1.58's absmean rounding
+    per block of 256, t = round(clamp(w / d, -1, 1)), d = mean |w|. A weight that is already
+    ternary with one fp16 scale per block (d t) comes back exactly."""
     w = weight.detach().float()
     n, k = w.shape
     if k % BLOCK:
@@ -59,13 +59,13 @@ def quantize_t2(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nz = g.abs().masked_fill(g == 0, float("nan"))  # mean over the non-zero weights: a ternary
     d = torch.nan_to_num(nz.nanmean(-1), nan=0.0)  # d t block has them all at |w| = d
     t = torch.round(g / torch.where(d > 0, d, torch.ones_like(d))[..., None]).clamp(-1, 1)
-    return pack_t2((t + 1).view(n, k)).contiguous(), d.contiguous()
+    return pack_t2((t + 1).view(n, k)).contiguous(), d.half().contiguous()
 
 
 def dequantize_t2(qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     n = qs.shape[0]
     t = unpack_t2(qs).float().view(n, -1, BLOCK) - 1
-    return (t * d[..., None]).view(n, -1)
+    return (t * d.float()[..., None]).view(n, -1)
 
 
 def t2_matmul_reference(x: torch.Tensor, qs, d) -> torch.Tensor:
@@ -87,7 +87,7 @@ def t2_matmul(x: torch.Tensor, qs, d, path: str = "auto", threads: int = 0) -> t
         raise RuntimeError("keenlm.quant._qdot is not built (no C compiler at install)")
     x = x.float().contiguous()
     B, K = x.shape
-    qs, d = qs.contiguous(), d.float().contiguous()
+    qs, d = qs.contiguous(), d.half().contiguous()
     n = qs.shape[0]
     if qs.dtype != torch.uint8 or qs.shape != (n, K // 4) or K % BLOCK or d.shape != (n, K // BLOCK):
         raise ValueError(f"t2_matmul: x {tuple(x.shape)} against codes {tuple(qs.shape)} "
@@ -108,7 +108,7 @@ class T2Linear(nn.Module):
             raise ValueError(f"tq2: codes {tuple(qs.shape)} {qs.dtype}, scales {tuple(d.shape)} "
                              "do not describe one layer")
         self.register_buffer("qs", qs.contiguous())
-        self.register_buffer("d", d.float().contiguous())
+        self.register_buffer("d", d.half().contiguous())  # fp16, as TQ2_0 stores it
         self.in_features, self.out_features = 4 * quarter, n
         self.path = "auto"
 

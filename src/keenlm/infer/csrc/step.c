@@ -43,7 +43,7 @@
 static const QdotAPI *q;
 
 /* a projection's weights: Q4 blocks (codes, scales, offsets) or TQ2_0 (codes, scales) */
-typedef struct { int kind; const uint8_t *qs; const float *d, *m; } W;
+typedef struct { int kind; const uint8_t *qs; const half *d, *m; } W;
 
 typedef struct {
     W qkv, o, gu, down;
@@ -53,8 +53,8 @@ typedef struct {
 typedef struct {
     int L, C, H, Hk, D, F, V, rope_len;
     float eps;
-    const int8_t *emb_q; const float *emb_d;
-    const int8_t *head_q; const float *head_d;
+    const int8_t *emb_q; const half *emb_d;
+    const int8_t *head_q; const half *head_d;
     const float *norm_f, *rope_cos, *rope_sin;
     Layer *layers;
 } Model;
@@ -321,8 +321,8 @@ static void step_job(void *ctx, int ith, int nth) {
     const int B = st->B, C = M->C, nb = C / 32;
     for (int b = ith; b < B; b += nth) { /* the embedding's Q8_0 rows */
         const int8_t *e = M->emb_q + (size_t)st->tokens[b] * C;
-        const float *d = M->emb_d + (size_t)st->tokens[b] * nb;
-        for (int i = 0; i < C; i++) st->x[(size_t)b * C + i] = d[i / 32] * (float)e[i];
+        const half *d = M->emb_d + (size_t)st->tokens[b] * nb;
+        for (int i = 0; i < C; i++) st->x[(size_t)b * C + i] = h2f(d[i / 32]) * (float)e[i];
     }
     /* each layer starts with row-wise work on the rows this thread finished last */
     for (int l = 0; l < M->L; l++) layer_step(st, &M->layers[l], l, ith, nth);

@@ -11,7 +11,8 @@
  *   qs  uint8 (N, K/2)   block j of row n is bytes [16 j, 16 j + 16): byte i holds weight
  *                        32 j + i in its low nibble and weight 32 j + 16 + i in its high one
  *                        (ggml's order, so GGUF Q4 blocks need no reshuffle)
- *   d, m float (N, K/32) weight = d q + m, q in [0, 15]  (Q4_0: m = -8 d)
+ *   d, m fp16 (N, K/32)  weight = d q + m, q in [0, 15]  (Q4_0: m = -8 d); fp16 as GGUF
+ *                        stores them (4.5 bits per weight in all, not 6 with float scales)
  * Activations x (B, K) float -> xq int8 (B, K), xd = max|x| / 127 per block, xs = xd sum(xq),
  * so that  y[b, n] = sum_j d[n, j] xd[b, j] sum_i q xq  +  m[n, j] xs[b, j].
  */
@@ -30,12 +31,12 @@
 #endif
 
 #define MAX_ROWS 16
-#define T512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define T512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 static int cpu_path(void) {
 #ifdef KEENLM_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c")
         && __builtin_cpu_supports("avx512bw"))
         return PATH_VNNI512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
@@ -67,7 +68,7 @@ static void quantize_rows(const float *x, int8_t *xq, float *xd, float *xs, int 
 }
 
 /* The reference: plain loops over the same integers. */
-static void rows_scalar(const uint8_t *qs, const float *d, const float *m, const int8_t *xq,
+static void rows_scalar(const uint8_t *qs, const half *d, const half *m, const int8_t *xq,
                         const float *xd, const float *xs, float *out, int N, int K, int B,
                         int n0, int n1) {
     const int nb = K / 32;
@@ -80,8 +81,8 @@ static void rows_scalar(const uint8_t *qs, const float *d, const float *m, const
                 int isum = 0;
                 for (int i = 0; i < 16; i++)
                     isum += (w[i] & 15) * x[i] + (w[i] >> 4) * x[i + 16];
-                acc += d[(size_t)n * nb + j] * xd[(size_t)b * nb + j] * (float)isum
-                       + m[(size_t)n * nb + j] * xs[(size_t)b * nb + j];
+                acc += h2f(d[(size_t)n * nb + j]) * xd[(size_t)b * nb + j] * (float)isum
+                       + h2f(m[(size_t)n * nb + j]) * xs[(size_t)b * nb + j];
             }
             out[(size_t)b * N + n] = acc;
         }
@@ -107,7 +108,7 @@ __attribute__((target("avx2,fma"))) static inline __m256i unpack_block(const uin
     const int nb = K / 32;                                                                  \
     for (int n = n0; n < n1; n++) {                                                         \
         const uint8_t *wr = qs + (size_t)n * (K / 2);                                       \
-        const float *dr = d + (size_t)n * nb, *mr = m + (size_t)n * nb;                     \
+        const half *dr = d + (size_t)n * nb, *mr = m + (size_t)n * nb;                      \
         __m256 acc[MAX_ROWS];                                                               \
         float macc[MAX_ROWS];                                                               \
         for (int b = 0; b < B; b++) { acc[b] = _mm256_setzero_ps(); macc[b] = 0.f; }        \
@@ -117,15 +118,15 @@ __attribute__((target("avx2,fma"))) static inline __m256i unpack_block(const uin
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * K + 32 * j)); \
                 const __m256i dot = DOT;                                                    \
                 acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),                          \
-                                         _mm256_set1_ps(dr[j] * xd[(size_t)b * nb + j]), acc[b]); \
-                macc[b] += mr[j] * xs[(size_t)b * nb + j];                                  \
+                                         _mm256_set1_ps(h2f(dr[j]) * xd[(size_t)b * nb + j]), acc[b]); \
+                macc[b] += h2f(mr[j]) * xs[(size_t)b * nb + j];                             \
             }                                                                               \
         }                                                                                   \
         for (int b = 0; b < B; b++) out[(size_t)b * N + n] = hsum256(acc[b]) + macc[b];     \
     }
 
 __attribute__((target("avx2,fma")))
-static void rows_avx2(const uint8_t *qs, const float *d, const float *m, const int8_t *xq,
+static void rows_avx2(const uint8_t *qs, const half *d, const half *m, const int8_t *xq,
                       const float *xd, const float *xs, float *out, int N, int K, int B,
                       int n0, int n1) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -134,7 +135,7 @@ static void rows_avx2(const uint8_t *qs, const float *d, const float *m, const i
 }
 
 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-static void rows_vnni(const uint8_t *qs, const float *d, const float *m, const int8_t *xq,
+static void rows_vnni(const uint8_t *qs, const half *d, const half *m, const int8_t *xq,
                       const float *xd, const float *xs, float *out, int N, int K, int B,
                       int n0, int n1) {
     ROWS_BODY(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x))
@@ -159,6 +160,30 @@ T512 static inline __m512 pair_scales(const float *s) { /* [s0 x 8 | s1 x 8] */
         _mm_castpd_ps(_mm_load_sd((const double *)s))));
 }
 
+/* four fp16 scales as floats */
+T512 static inline __m128 load4h(const half *s) {
+    return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)s));
+}
+
+T512 static inline __m512 pair_scales_h(const half *s) { /* [s0 x 8 | s1 x 8] */
+    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    uint32_t two;
+    memcpy(&two, s, 4);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(
+        _mm_cvtph_ps(_mm_cvtsi32_si128((int)two))));
+}
+
+/* sum_j a[j] b[j] for fp16 a, 16 lanes at a time (scales against activation sums) */
+T512 static inline float dot512h(const half *a, const float *b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16) {
+        const __mmask16 k = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+        const __m512 av = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const void *)(a + j)));
+        acc = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(k, b + j), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 /* sum_j a[j] b[j], 16 lanes at a time (the Q4_1 offsets against the activation sums) */
 T512 static inline float dot512(const float *a, const float *b, int n) {
     __m512 acc = _mm512_setzero_ps();
@@ -172,7 +197,7 @@ T512 static inline float dot512(const float *a, const float *b, int n) {
 /* q8 != 0: Q8_0 weights (int8 codes, flipped to unsigned by xor 0x80; the 128 sum(xq) this
  * adds per block is taken off in the tail); else Q4 (offsets m). */
 T512 static inline __attribute__((always_inline)) void tile512(
-        const int R, const int C, const int q8, const uint8_t *w, const float *d, const float *m,
+        const int R, const int C, const int q8, const uint8_t *w, const half *d, const half *m,
         const int8_t *xq, const float *xd, const float *xs, float *out, int N, int K, int n0,
         int b0) {
     const int nb = K / 32, pairs = nb / 2;
@@ -218,7 +243,7 @@ T512 static inline __attribute__((always_inline)) void tile512(
                     hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low);
                 }
                 const __m512 dsc = _mm512_permutexvar_ps(idx4, _mm512_castps128_ps512(
-                    _mm_loadu_ps(d + (size_t)(n0 + r) * nb + 4 * g)));
+                    load4h(d + (size_t)(n0 + r) * nb + 4 * g)));
                 for (int c = 0; c < C; c++) {
                     const __m512i dot = _mm512_dpbusd_epi32(
                         _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[c]), hi, xhi[c]);
@@ -241,7 +266,7 @@ T512 static inline __attribute__((always_inline)) void tile512(
             const __m512i wv = q8 ? _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr + 64 * p)),
                                                      _mm512_set1_epi8((char)0x80))
                                   : spread_pair(wr + 32 * p);
-            const __m512 dsc = pair_scales(d + (size_t)(n0 + r) * nb + 2 * p);
+            const __m512 dsc = pair_scales_h(d + (size_t)(n0 + r) * nb + 2 * p);
             for (int c = 0; c < C; c++) {
                 const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[c]);
                 acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dsc, xsc[c]),
@@ -251,28 +276,28 @@ T512 static inline __attribute__((always_inline)) void tile512(
     }
     for (int r = 0; r < R; r++) {
         const size_t n = (size_t)(n0 + r);
-        const float *dr = d + n * nb;
+        const half *dr = d + n * nb;
         for (int c = 0; c < C; c++) {
             const size_t b = (size_t)(b0 + c);
             const float *xdb = xd + b * nb, *xsb = xs + b * nb;
             const int8_t *x = xq + b * K;
             float y = _mm512_reduce_add_ps(acc[r][c]);
             if (q8) {
-                y -= 128.f * dot512(dr, xsb, 2 * pairs);
+                y -= 128.f * dot512h(dr, xsb, 2 * pairs);
                 for (int j = 2 * pairs; j < nb; j++) { /* the odd last block */
                     const int8_t *wj = (const int8_t *)w + n * wrow + 32 * j;
                     int isum = 0;
                     for (int i = 0; i < 32; i++) isum += wj[i] * x[32 * j + i];
-                    y += dr[j] * xdb[j] * (float)isum;
+                    y += h2f(dr[j]) * xdb[j] * (float)isum;
                 }
             } else {
-                y += dot512(m + n * nb, xsb, nb);
+                y += dot512h(m + n * nb, xsb, nb);
                 if (nb & 1) { /* the odd last block */
                     const int j = nb - 1;
                     const __m256i wv = unpack_block(w + n * wrow + 16 * j);
                     const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * j));
                     const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
-                    y += hsum256(_mm256_cvtepi32_ps(dot)) * dr[j] * xdb[j];
+                    y += hsum256(_mm256_cvtepi32_ps(dot)) * h2f(dr[j]) * xdb[j];
                 }
             }
             out[b * N + n] = y;
@@ -301,7 +326,7 @@ T512 static inline __attribute__((always_inline)) void tile512(
     }
 
 /* Rows [nstart, nend) in tiles of 4 weight rows x 4 activation rows. */
-T512 static void rows_vnni512(const uint8_t *w, const float *d, const float *m, const int8_t *xq,
+T512 static void rows_vnni512(const uint8_t *w, const half *d, const half *m, const int8_t *xq,
                               const float *xd, const float *xs, float *out, int N, int K, int B,
                               int nstart, int nend) {
     for (int n0 = nstart; n0 < nend; n0 += 4) {
@@ -313,11 +338,11 @@ T512 static void rows_vnni512(const uint8_t *w, const float *d, const float *m, 
     }
 }
 
-T512 static void q8_vnni512(const int8_t *q8, const float *d, const int8_t *xq, const float *xd,
+T512 static void q8_vnni512(const int8_t *q8, const half *d, const int8_t *xq, const float *xd,
                             const float *xs, float *out, int N, int K, int B, int nstart,
                             int nend) {
     const uint8_t *w = (const uint8_t *)q8;
-    const float *m = NULL;
+    const half *m = NULL;
     for (int n0 = nstart; n0 < nend; n0 += 4) {
         const int R = nend - n0 < 4 ? nend - n0 : 4;
         for (int b0 = 0; b0 < B; b0 += 4) {
@@ -336,7 +361,7 @@ T512 static void q8_vnni512(const int8_t *q8, const float *d, const int8_t *xq, 
  * activation blocks 8 blk + l (bytes 0-31) and 8 blk + 4 + l (bytes 32-63), and
  *   y = sum_blk d sum_j xd_j (q . xq)_j  -  sum_blk d sum_j xs_j       (j: the block's 8)
  * with vpdpbusd taking the codes (unsigned) against the int8 activations. */
-static void t2_scalar(const uint8_t *qs, const float *d, const int8_t *xq, const float *xd,
+static void t2_scalar(const uint8_t *qs, const half *d, const int8_t *xq, const float *xd,
                       const float *xs, float *out, int N, int K, int B, int n0, int n1) {
     const int nq = K / 256, nb = K / 32;
     for (int n = n0; n < n1; n++)
@@ -353,7 +378,7 @@ static void t2_scalar(const uint8_t *qs, const float *d, const int8_t *xq, const
                         for (int i = 0; i < 32; i++) isum += ((q[32 * c + i] >> (2 * l)) & 3) * x[i];
                         sum += xd[(size_t)b * nb + j] * (float)isum - xs[(size_t)b * nb + j];
                     }
-                acc += d[(size_t)n * nq + blk] * sum;
+                acc += h2f(d[(size_t)n * nq + blk]) * sum;
             }
             out[(size_t)b * N + n] = acc;
         }
@@ -361,7 +386,7 @@ static void t2_scalar(const uint8_t *qs, const float *d, const int8_t *xq, const
 
 #ifdef KEENLM_X86
 T512 static inline __attribute__((always_inline)) void t2_tile512(
-        const int R, const int C, const uint8_t *qs, const float *d, const int8_t *xq,
+        const int R, const int C, const uint8_t *qs, const half *d, const int8_t *xq,
         const float *xd, const float *xs, float *out, int N, int K, int n0, int b0) {
     const int nq = K / 256, nb = K / 32;
     const __m512i three = _mm512_set1_epi8(3);
@@ -377,7 +402,7 @@ T512 static inline __attribute__((always_inline)) void t2_tile512(
         __m512 dv[4];
         for (int r = 0; r < R; r++) {
             q[r] = _mm512_loadu_si512((const void *)(qs + (size_t)(n0 + r) * (K / 4) + 64 * blk));
-            dv[r] = _mm512_set1_ps(d[(size_t)(n0 + r) * nq + blk]);
+            dv[r] = _mm512_set1_ps(h2f(d[(size_t)(n0 + r) * nq + blk]));
         }
         for (int l = 0; l < 4; l++) {
             const __m512i idx = _mm512_set_epi32(4 + l, 4 + l, 4 + l, 4 + l, 4 + l, 4 + l, 4 + l,
@@ -405,7 +430,7 @@ T512 static inline __attribute__((always_inline)) void t2_tile512(
         for (int c = 0; c < C; c++) { /* the -1 of every code: d times the block's sum(x) */
             const float *xsb = xs + (size_t)(b0 + c) * nb + 8 * blk;
             const float xsum = xsb[0] + xsb[1] + xsb[2] + xsb[3] + xsb[4] + xsb[5] + xsb[6] + xsb[7];
-            for (int r = 0; r < R; r++) tail[r][c] += d[(size_t)(n0 + r) * nq + blk] * xsum;
+            for (int r = 0; r < R; r++) tail[r][c] += h2f(d[(size_t)(n0 + r) * nq + blk]) * xsum;
         }
     }
     for (int r = 0; r < R; r++)
@@ -413,7 +438,7 @@ T512 static inline __attribute__((always_inline)) void t2_tile512(
             out[(size_t)(b0 + c) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][c]) - tail[r][c];
 }
 
-T512 static void t2_vnni512(const uint8_t *qs, const float *d, const int8_t *xq, const float *xd,
+T512 static void t2_vnni512(const uint8_t *qs, const half *d, const int8_t *xq, const float *xd,
                             const float *xs, float *out, int N, int K, int B, int nstart,
                             int nend) {
     for (int n0 = nstart; n0 < nend; n0 += 4) {
@@ -439,13 +464,13 @@ T512 static void t2_vnni512(const uint8_t *qs, const float *d, const int8_t *xq,
 /* Q8_0 on AVX2 (llama.cpp's sign trick): |w| (unsigned) times x with w's sign, in int16 pairs
  * (127 * 127 * 2 fits), then to int32; one block of 32 per instruction. */
 __attribute__((target("avx2,fma")))
-static void q8_avx2(const int8_t *q8, const float *d, const int8_t *xq, const float *xd,
+static void q8_avx2(const int8_t *q8, const half *d, const int8_t *xq, const float *xd,
                     float *out, int N, int K, int B, int n0, int n1) {
     const int nb = K / 32;
     const __m256i ones = _mm256_set1_epi16(1);
     for (int n = n0; n < n1; n++) {
         const int8_t *wr = q8 + (size_t)n * K;
-        const float *dr = d + (size_t)n * nb;
+        const half *dr = d + (size_t)n * nb;
         for (int b = 0; b < B; b++) {
             const int8_t *x = xq + (size_t)b * K;
             const float *xdb = xd + (size_t)b * nb;
@@ -455,7 +480,7 @@ static void q8_avx2(const int8_t *q8, const float *d, const int8_t *xq, const fl
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * j));
                 const __m256i dot = _mm256_madd_epi16(
                     _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)), ones);
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dr[j] * xdb[j]), acc);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(h2f(dr[j]) * xdb[j]), acc);
             }
             out[(size_t)b * N + n] = hsum256(acc);
         }
@@ -466,7 +491,7 @@ static void q8_avx2(const int8_t *q8, const float *d, const int8_t *xq, const fl
 /* Q8_0 reference (llama.cpp's Q8_0: int8 codes in blocks of 32, one scale d each; w = d q):
  *   q8  int8 (N, K)   d float (N, K/32)
  * y[b, n] = sum_j d[n, j] xd[b, j] sum_i q xq. */
-static void q8_scalar(const int8_t *q8, const float *d, const int8_t *xq, const float *xd,
+static void q8_scalar(const int8_t *q8, const half *d, const int8_t *xq, const float *xd,
                       float *out, int N, int K, int B, int n0, int n1) {
     const int nb = K / 32;
     for (int n = n0; n < n1; n++)
@@ -476,7 +501,7 @@ static void q8_scalar(const int8_t *q8, const float *d, const int8_t *xq, const 
                 int isum = 0;
                 for (int i = 0; i < 32; i++)
                     isum += q8[(size_t)n * K + 32 * j + i] * xq[(size_t)b * K + 32 * j + i];
-                acc += d[(size_t)n * nb + j] * xd[(size_t)b * nb + j] * (float)isum;
+                acc += h2f(d[(size_t)n * nb + j]) * xd[(size_t)b * nb + j] * (float)isum;
             }
             out[(size_t)b * N + n] = acc;
         }
@@ -484,7 +509,7 @@ static void q8_scalar(const int8_t *q8, const float *d, const int8_t *xq, const 
 
 /* ------------------------------------------------------------------------------------------
  * Dispatch: one entry per weight format, the path chosen by the caller (tests force each). */
-static void q4_rows(int path, const uint8_t *qs, const float *d, const float *m,
+static void q4_rows(int path, const uint8_t *qs, const half *d, const half *m,
                     const int8_t *xq, const float *xd, const float *xs, float *out,
                     int N, int K, int B, int n0, int n1) {
 #ifdef KEENLM_X86
@@ -495,7 +520,7 @@ static void q4_rows(int path, const uint8_t *qs, const float *d, const float *m,
     rows_scalar(qs, d, m, xq, xd, xs, out, N, K, B, n0, n1);
 }
 
-static void q8_rows(int path, const int8_t *q8, const float *d, const int8_t *xq,
+static void q8_rows(int path, const int8_t *q8, const half *d, const int8_t *xq,
                     const float *xd, const float *xs, float *out, int N, int K, int B,
                     int n0, int n1) {
 #ifdef KEENLM_X86
@@ -505,7 +530,7 @@ static void q8_rows(int path, const int8_t *q8, const float *d, const int8_t *xq
     q8_scalar(q8, d, xq, xd, out, N, K, B, n0, n1);
 }
 
-static void t2_rows(int path, const uint8_t *qs, const float *d, const int8_t *xq,
+static void t2_rows(int path, const uint8_t *qs, const half *d, const int8_t *xq,
                     const float *xd, const float *xs, float *out, int N, int K, int B,
                     int n0, int n1) {
 #ifdef KEENLM_X86
@@ -526,7 +551,7 @@ static int path_ok(int path) {
 /* ------------------------------------------------------------------------------------------
  * Python entry points: one matrix product per call, rows shared among the pool's threads. */
 typedef struct {
-    const uint8_t *w; const float *d, *m; const int8_t *xq; const float *xd, *xs; float *out;
+    const uint8_t *w; const half *d, *m; const int8_t *xq; const float *xd, *xs; float *out;
     int N, K, B, path, kind; /* FMT_Q4, FMT_Q8 or FMT_T2 */
 } Job;
 
@@ -585,8 +610,8 @@ static PyObject *q4_linear(PyObject *self, PyObject *args) {
         return NULL;
     if (path == PATH_AUTO) path = cpu_path();
     if (!check_shape("q4_linear", N, K, B, path)) return NULL;
-    const Job w = {(const uint8_t *)(uintptr_t)pqs, (const float *)(uintptr_t)pd,
-                   (const float *)(uintptr_t)pm, NULL, NULL, NULL, (float *)(uintptr_t)pout,
+    const Job w = {(const uint8_t *)(uintptr_t)pqs, (const half *)(uintptr_t)pd,
+                   (const half *)(uintptr_t)pm, NULL, NULL, NULL, (float *)(uintptr_t)pout,
                    N, K, B, path, FMT_Q4};
     return run_job(w, (const float *)(uintptr_t)px, threads);
 }
@@ -599,7 +624,7 @@ static PyObject *q8_linear(PyObject *self, PyObject *args) {
         return NULL;
     if (path == PATH_AUTO) path = cpu_path();
     if (!check_shape("q8_linear", N, K, B, path)) return NULL;
-    const Job w = {(const uint8_t *)(uintptr_t)pq, (const float *)(uintptr_t)pd, NULL, NULL,
+    const Job w = {(const uint8_t *)(uintptr_t)pq, (const half *)(uintptr_t)pd, NULL, NULL,
                    NULL, NULL, (float *)(uintptr_t)pout, N, K, B, path, FMT_Q8};
     return run_job(w, (const float *)(uintptr_t)px, threads);
 }
@@ -617,7 +642,7 @@ static PyObject *t2_linear(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "t2_linear: K=%d is not a multiple of 256", K);
         return NULL;
     }
-    const Job w = {(const uint8_t *)(uintptr_t)pq, (const float *)(uintptr_t)pd, NULL, NULL,
+    const Job w = {(const uint8_t *)(uintptr_t)pq, (const half *)(uintptr_t)pd, NULL, NULL,
                    NULL, NULL, (float *)(uintptr_t)pout, N, K, B, path, FMT_T2};
     return run_job(w, (const float *)(uintptr_t)px, threads);
 }
@@ -632,7 +657,7 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-typedef struct { const uint8_t *w; const float *d, *m; uint16_t *out; int N, K, kind; } Deq;
+typedef struct { const uint8_t *w; const half *d, *m; uint16_t *out; int N, K, kind; } Deq;
 
 static void deq_share(void *ctx, int ith, int nth) {
     const Deq *j = ctx;
@@ -644,7 +669,7 @@ static void deq_share(void *ctx, int ith, int nth) {
         if (j->kind == FMT_T2) { /* w = d (q - 1), weight 256 blk + 128 c + 32 l + i */
             for (int blk = 0; blk < j->K / 256; blk++) {
                 const uint8_t *q = j->w + (size_t)n * (j->K / 4) + 64 * blk;
-                const float d = j->d[(size_t)n * (j->K / 256) + blk];
+                const float d = h2f(j->d[(size_t)n * (j->K / 256) + blk]);
                 for (int c = 0; c < 2; c++)
                     for (int l = 0; l < 4; l++)
                         for (int i = 0; i < 32; i++)
@@ -654,13 +679,13 @@ static void deq_share(void *ctx, int ith, int nth) {
             continue;
         }
         for (int b = 0; b < nb; b++) {
-            const float d = j->d[(size_t)n * nb + b];
+            const float d = h2f(j->d[(size_t)n * nb + b]);
             if (j->kind == FMT_Q8) {
                 const int8_t *q = (const int8_t *)j->w + (size_t)n * j->K + 32 * b;
                 for (int i = 0; i < 32; i++) o[32 * b + i] = to_bf16(d * (float)q[i]);
             } else {
                 const uint8_t *q = j->w + (size_t)n * (j->K / 2) + 16 * b;
-                const float m = j->m[(size_t)n * nb + b];
+                const float m = h2f(j->m[(size_t)n * nb + b]);
                 for (int i = 0; i < 16; i++) {
                     o[32 * b + i] = to_bf16(d * (float)(q[i] & 15) + m);
                     o[32 * b + 16 + i] = to_bf16(d * (float)(q[i] >> 4) + m);
@@ -682,8 +707,8 @@ static PyObject *dequantize_bf16(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "dequantize_bf16: N=%d, K=%d, format %d", N, K, kind);
         return NULL;
     }
-    Deq j = {(const uint8_t *)(uintptr_t)pw, (const float *)(uintptr_t)pd,
-             (const float *)(uintptr_t)pm, (uint16_t *)(uintptr_t)pout, N, K, kind};
+    Deq j = {(const uint8_t *)(uintptr_t)pw, (const half *)(uintptr_t)pd,
+             (const half *)(uintptr_t)pm, (uint16_t *)(uintptr_t)pout, N, K, kind};
     Py_BEGIN_ALLOW_THREADS
     pool_run_once(deq_share, &j, threads);
     Py_END_ALLOW_THREADS
