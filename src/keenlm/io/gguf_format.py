@@ -16,6 +16,7 @@ where, never with a half-read table. Tensor data are zero-copy ``np.memmap`` sli
 """
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 
@@ -145,6 +146,20 @@ def read(path) -> tuple[dict, list[TensorInfo], np.memmap]:
             raise FormatError(f"truncated: tensor {t.name} needs bytes up to "
                               f"{t.offset + t.n_bytes:,} but the file has {len(data):,}")
     return meta, infos, data
+
+
+def release(data: np.memmap, start: int = 0, length: int | None = None) -> None:
+    """Drop the pages of a range already read from this process's resident memory (they stay
+    in the OS page cache and come back from the file if read again): a loader that copies a
+    file's tensors into another layout then holds them once, not twice. A no-op where the
+    platform has no madvise."""
+    mm = getattr(data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    end = len(data) if length is None else min(len(data), start + length)
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > first:
+        mm.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
 def tensor_bytes(data: np.memmap, t: TensorInfo) -> np.ndarray:

@@ -90,9 +90,20 @@ class _Reader:
             return self.cfg.n_head
         return self.cfg.kv_heads if kname.endswith("k_proj.weight") else 0
 
+    def done(self, kname) -> None:
+        """The tensor has been copied out: its file pages leave this process's memory."""
+        t = self.by_name[self.gguf_of[kname]]
+        gguf_format.release(self.reader.data, t.offset, t.n_bytes)
+
     def q4(self, kname):
         """A projection as Q4 blocks, ("q4", codes, d, m), or as ternary TQ2_0 blocks,
         ("t2", codes, d): taken as stored when the file has them, else rounded to Q4."""
+        try:
+            return self._q4(kname)
+        finally:
+            self.done(kname)
+
+    def _q4(self, kname):
         gname, t, tname = self.info(kname)
         raw = gguf_format.tensor_bytes(self.reader.data, t)
         heads = self._heads(kname)
@@ -122,6 +133,13 @@ class _Reader:
     def q8(self, kname):
         """A large matrix (embedding, head) as Q8_0 blocks: as stored when the file has them,
         else rounded EMBED_CHUNK rows at a time."""
+        try:
+            return self._q8(kname)
+        finally:
+            self.done(kname)
+
+    def _q8(self, kname):
+        """``q8`` before the file pages are dropped."""
         gname, t, tname = self.info(kname)
         if tname == "Q8_0":
             raw = gguf_format.tensor_bytes(self.reader.data, t)
@@ -184,5 +202,6 @@ def load_gguf_q4(path, device: str = "cpu") -> Loaded:
     left = [n for n, t in list(net.named_parameters()) + list(net.named_buffers()) if t.is_meta]
     if left:  # every tensor the model reads must have come from the file
         raise GGUFError(path, f"not filled from the file: {left[:5]}")
+    gguf_format.release(reader.data)  # everything was copied out (metadata included)
     net.to(torch.device(device)).eval()
     return Loaded(net, tokenizer, RunConfig(model=cfg))

@@ -12,27 +12,24 @@ numba is said in one line and the reference is used.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import torch
-
-try:
-    import numba
-    from numba import njit, prange
-except ImportError:  # optional: pip install 'keenlm[lowbit]' (numba)
-    numba = None
 
 _warned = False
 
 
 def available() -> bool:
-    return numba is not None
+    """numba is installed (imported only when the kernel first runs: ~65 MB of memory)."""
+    return importlib.util.find_spec("numba") is not None
 
 
 def usable(current: torch.Tensor) -> bool:
     """The kernel applies: numba present, a CPU tensor in fp32 or fp64. Says once per process
     when numba is missing."""
     global _warned
-    if numba is None:
+    if not available():
         if not _warned:
             print("keenlm: numba is not installed; spiking layers use the slower tensor reference "
                   "(pip install numba)")
@@ -43,54 +40,17 @@ def usable(current: torch.Tensor) -> bool:
 
 BLOCK = 2048  # neurons per task: their state (4 arrays) stays in L1/L2 for all T steps
 
-if numba is not None:
-
-    @njit(parallel=True, cache=False)
-    def _window(cur, steps, beta, zero_reset, slope, want_sens, count, sens):  # pragma: no cover
-        one = cur.dtype.type(1.0)
-        zero = cur.dtype.type(0.0)
-        n = cur.shape[0]
-        for b in prange((n + BLOCK - 1) // BLOCK):
-            lo = b * BLOCK
-            hi = min(n, lo + BLOCK)
-            m = hi - lo
-            x = cur[lo:hi]
-            v = np.zeros(m, cur.dtype)
-            c = np.zeros(m, cur.dtype)
-            d = np.zeros(m, cur.dtype)
-            acc = np.zeros(m, cur.dtype)
-            keep = np.ones(m, cur.dtype)
-            for _ in range(steps):  # branch-free inner loops, so they vectorize
-                if want_sens:
-                    for j in range(m):
-                        d[j] = d[j] * keep[j] * beta + one
-                for j in range(m):
-                    vj = v[j] * beta + x[j]
-                    s = one if vj > one else zero
-                    if want_sens:
-                        q = abs(vj - one) * slope + one
-                        g = d[j] / (q * q)
-                        acc[j] += g if g == g else zero  # NaN (v was NaN): no gradient
-                    c[j] += s
-                    if zero_reset:
-                        keep[j] = one - s
-                        v[j] = zero if vj > one else vj
-                    else:
-                        v[j] = vj - s
-            count[lo:hi] = c
-            if want_sens:
-                sens[lo:hi] = acc
-
-
 def rate_code_kernel(current: torch.Tensor, steps: int, beta: float, reset: str, slope: float,
                      want_sens: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(spike counts, d count / d current or None) of neurons with threshold 1 driven by
     ``current`` for ``steps`` steps: the same results as ``spiking._rate_code_torch``."""
     flat = current.detach().contiguous().reshape(-1).numpy()
     t = flat.dtype.type
+    from keenlm.spiking.rate_numba import rate_window  # numba: heavy, on first use only
+
     count = np.empty_like(flat)
     sens = np.empty_like(flat) if want_sens else np.empty(1, flat.dtype)
-    _window(flat, steps, t(beta), reset == "zero", t(slope), want_sens, count, sens)
+    rate_window(flat, steps, t(beta), reset == "zero", t(slope), want_sens, count, sens, BLOCK)
     shape = current.shape
     return (torch.from_numpy(count).view(shape),
             torch.from_numpy(sens).view(shape) if want_sens else None)
