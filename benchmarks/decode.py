@@ -3,7 +3,9 @@
 What is compared, each contender in its own process (so peak RSS is its own), 2 threads:
   - load time of the GGUF file (keenlm.load vs transformers' from_pretrained(gguf_file=...)),
   - prefill tokens/s: one forward pass over a 256-token prompt (best of 3),
-  - batch-1 greedy decode tokens/s: 128 new tokens after that prompt (prefill time excluded),
+  - batch-1 greedy decode tokens/s: 128 new tokens after that prompt, the decode steps alone
+    (keenlm: from the first sampled token to the last; llama.cpp: its token loop; transformers:
+    generation minus its own prefill),
   - peak resident memory,
 for keenlm fp32, keenlm int8 and int4 weight-only (keenlm.quant.int8 / int4), keenlm q4 (the
 GGUF's Q4 blocks read as stored, on keenlm's 4-bit x int8 kernel: keenlm.quant.q4), and
@@ -56,6 +58,19 @@ def prompt_ids(tokenize) -> list[int]:
     return tokenize(text)
 
 
+def keenlm_decode_rate(net, rows: list[list[int]], tokens: int) -> float:
+    """Aggregate greedy decode tokens/s of keenlm's ``generate_tokens``: the time between the
+    first and the last sampled token of row 0 (the decode steps alone; taking a separately timed
+    prefill off the whole call was off by the prefill's own variance)."""
+    from keenlm.config import GenerateConfig
+    from keenlm.infer import generate_tokens
+
+    stamps: list[float] = []
+    generate_tokens(net, rows, GenerateConfig(max_new_tokens=tokens, temperature=0),
+                    on_token=lambda r, t: stamps.append(time.perf_counter()) if r == 0 else None)
+    return len(rows) * (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+
+
 def worker(kind: str, new_tokens: int, ppl_windows: int) -> dict:
     import torch
 
@@ -91,20 +106,25 @@ def worker(kind: str, new_tokens: int, ppl_windows: int) -> dict:
         load_s = time.perf_counter() - t0
         ids = prompt_ids(km.tokenizer.encode)
         forward = km.net
-        forward_last = lambda x: km.net(x, cache=km.net.new_cache(  # noqa: E731  (as generate)
-            1, x.shape[1] + new_tokens), last_only=True)
         cfg = GenerateConfig(max_new_tokens=new_tokens, temperature=0)
 
         def decode(prompt):
             return generate_tokens(km.net, [prompt], cfg)
+
+        keenlm_rate = lambda prompt: keenlm_decode_rate(km.net, [prompt], new_tokens)  # noqa: E731
 
     prompt = ids[:256]
     with torch.no_grad():
         forward(torch.tensor([prompt[:32]]))  # warm-up
         prefill = best_of(lambda: forward(torch.tensor([prompt])), 3, warmup=0)
         # decode time: generation minus its own prefill (last position's logits only)
-        prefill_last = best_of(lambda: forward_last(torch.tensor([prompt])), 3, warmup=0)
-        total = best_of(lambda: decode(prompt), 1, warmup=0)
+        if kind == "transformers":  # no per-token hook here: generation minus its prefill
+            prefill_last = best_of(lambda: forward_last(torch.tensor([prompt])), 3, warmup=0)
+            rate = new_tokens / max(best_of(lambda: decode(prompt), 1, warmup=0) - prefill_last,
+                                    1e-9)
+        else:
+            decode(prompt[:32])  # warm-up
+            rate = keenlm_rate(prompt)
         nll, n = 0.0, 0
         for w in range(ppl_windows):
             x = torch.tensor([ids[w * 512:(w + 1) * 512]])
@@ -112,7 +132,7 @@ def worker(kind: str, new_tokens: int, ppl_windows: int) -> dict:
             nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             n += 511
     out = {"kind": kind, "load_s": load_s, "prefill_tok_s": 256 / prefill,
-           "decode_tok_s": new_tokens / max(total - prefill_last, 1e-9),
+           "decode_tok_s": rate,
            "perplexity": math.exp(nll / n) if n else None,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if kind == "keenlm-q4":
@@ -124,23 +144,10 @@ def engine_figures(km, ids, new_tokens) -> dict:
     """The q4 engine at 1 thread, and batched: aggregate decode tokens/s per row count."""
     import torch
 
-    from keenlm.config import GenerateConfig
-    from keenlm.infer import generate_tokens
-
-    def decode_rate(rows: list[list[int]], tokens: int) -> float:
-        cfg = GenerateConfig(max_new_tokens=tokens, temperature=0)
-        with torch.no_grad():  # the same prefill alone, taken off the total
-            pre = best_of(lambda: km.net(torch.tensor(rows), cache=km.net.new_cache(
-                len(rows), len(rows[0]) + tokens), last_only=True), 1, warmup=0)
-            t0 = time.perf_counter()
-            got = generate_tokens(km.net, rows, cfg)
-            total = time.perf_counter() - t0
-        return sum(len(g) for g in got) / max(total - pre, 1e-9)
-
     torch.set_num_threads(1)
-    one = decode_rate([ids[:256]], new_tokens)
+    one = keenlm_decode_rate(km.net, [ids[:256]], new_tokens)
     torch.set_num_threads(2)
-    batched = {b: decode_rate([ids[300 * i:300 * i + 128] for i in range(b)], 64)
+    batched = {b: keenlm_decode_rate(km.net, [ids[300 * i:300 * i + 128] for i in range(b)], 64)
                for b in (1, 2, 4, 8, 16)}
     return {"decode_1t_tok_s": one, "batched_tok_s": batched}
 
@@ -212,20 +219,21 @@ def ternary_worker(kind: str, path: Path, new_tokens: int) -> dict:
             llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, verbose=False)
             prompt = llm.tokenize(text.encode(), add_bos=False, special=False)[:128]
 
-            def run(tokens: int):
+            def run(tokens: int) -> float:
                 llm.reset()
                 llm.eval(prompt)
+                t0 = time.perf_counter()
                 for _ in range(tokens):
                     llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+                return time.perf_counter() - t0
 
-            pre = best_of(lambda: run(0), 1, warmup=1)
-            rates[threads] = new_tokens / max(best_of(lambda: run(new_tokens), 1, warmup=0) - pre, 1e-9)
+            run(8)  # warm-up
+            rates[threads] = new_tokens / run(new_tokens)
         return {"kind": kind, "decode_tok_s": rates[2], "decode_1t_tok_s": rates[1]}
     import torch
 
     import keenlm
-    from keenlm.config import GenerateConfig
-    from keenlm.infer import engine, generate_tokens
+    from keenlm.infer import engine
     from keenlm.quant.q4 import quantize_q4_model
 
     km = keenlm.load(path, quant="q4") if kind == "t2" else keenlm.load(path)
@@ -233,15 +241,11 @@ def ternary_worker(kind: str, path: Path, new_tokens: int) -> dict:
         quantize_q4_model(km.net)
     assert engine.unsupported(km.net) is None, engine.unsupported(km.net)
     prompt = km.tokenizer.encode(text)[:128]
-    cfg = GenerateConfig(max_new_tokens=new_tokens, temperature=0)
     rates = {}
     for threads in (2, 1):
         torch.set_num_threads(threads)
-        with torch.no_grad():
-            pre = best_of(lambda: km.net(torch.tensor([prompt]), cache=km.net.new_cache(
-                1, 128 + new_tokens), last_only=True), 3)
-            total = best_of(lambda: generate_tokens(km.net, [prompt], cfg), 1)
-        rates[threads] = new_tokens / max(total - pre, 1e-9)
+        keenlm_decode_rate(km.net, [prompt[:32]], 8)  # warm-up
+        rates[threads] = keenlm_decode_rate(km.net, [prompt], new_tokens)
     return {"kind": kind, "decode_tok_s": rates[2], "decode_1t_tok_s": rates[1]}
 
 
@@ -321,14 +325,17 @@ def llama_cpp_worker(path, ids, new_tokens, ppl_windows) -> dict:
         gen = Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=threads,
                     verbose=False)
 
-        def run(tokens: int):
+        def run(tokens: int) -> float:
+            """Seconds of ``tokens`` greedy steps after the prompt (the steps alone)."""
             gen.reset()
             gen.eval(prompt)
+            t0 = time.perf_counter()
             for _ in range(tokens):
                 gen.eval([int(np.argmax(gen.scores[gen.n_tokens - 1]))])
+            return time.perf_counter() - t0
 
-        pre_ = best_of(lambda: run(0), 1, warmup=1)
-        return new_tokens / max(best_of(lambda: run(new_tokens), 1, warmup=0) - pre_, 1e-9)
+        run(8)  # warm-up
+        return new_tokens / run(new_tokens)
 
     two, one = decode_rate(2), decode_rate(1)
     nll, n = 0.0, 0
