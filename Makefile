@@ -15,7 +15,11 @@ DEV := $(VENV)/.keenlm-dev
 
 .PHONY: demo test bench bench-quick install clean
 
-$(CORE): pyproject.toml Makefile
+$(CORE): pyproject.toml Makefile setup.py
+	@# keenlm's decode kernels are C, built by pip below; without a compiler keenlm still installs
+	@# and runs, on the (slower) reference path
+	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || command -v clang >/dev/null 2>&1 || \
+		echo "keenlm: no C compiler found: the decode kernels will not be built (Debian/Ubuntu: apt install gcc; macOS: xcode-select --install)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
 	$(BIN)/pip install -e .
@@ -38,7 +42,8 @@ test: $(DEV)
 	$(BIN)/python -m pytest -q
 
 $(VENV)/.keenlm-bench: $(DEV)
-	$(BIN)/pip install -e ".[dev,bench]"
+	# llama-cpp-python (decode.py's peer) builds from source: ~10 min once, for this CPU
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -e ".[dev,bench]"
 	touch $@
 
 bench: $(VENV)/.keenlm-bench

@@ -1,6 +1,5 @@
-"""The Q4 x int8 matrix-vector kernel (keenlm.quant.q4) against the layers decoding uses today
-(issue: an inference engine that beats llama.cpp; this is its first part, not yet in the
-decode path).
+"""The Q4 x int8 matrix-vector kernel (keenlm.quant.q4) alone, against PyTorch's kernels (issue:
+the inference engine; the whole decode step is measured by benchmarks/decode.py).
 
 What is compared, for one activation row (batch-1 decode) at SmolLM2-135M's projection shapes
 (qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536): fp32 ``F.linear``, PyTorch's int4
@@ -9,9 +8,9 @@ path of the Q4 kernel (AVX2; AVX-512 VNNI at 256 and 512 bits where the CPU has 
 are streamed from memory as in decoding: each shape is held in enough copies to exceed the
 last-level cache, and the calls cycle through them. Microseconds per call, the mean of a
 cycle, at 1 and 2 threads: torch's kernels on torch's threads, the Q4 kernel on as many threads
-of its own pool with torch on one meanwhile (as keenlm.quant.q4.decode_threads decodes; beside
-torch's own two spinning threads the two pools starve each other on 2 cores, and the 2-thread
-figure swung from 0.18x to 1.42x between runs).
+of its own pool with torch on one meanwhile (as keenlm.quant.q4.decode_threads decodes when
+the C decode step cannot run a model: beside torch's own threads the two pools would starve
+each other on 2 cores).
 
 Usage: python benchmarks/q4_kernel.py [--quick]
 Ends with one line per target: BENCH <name> <value> target <op><target> PASS|MISS

@@ -57,9 +57,11 @@ def load(path: str | Path, device: str = "cpu", quant: str = "none") -> KeenMode
     executed.
 
     quant: "int8" or "int4" converts the linear layers to weight-only quantized ones for fast
-    CPU generation (keenlm.quant.int8 / int4); "q4" runs the block projections on keenlm's
-    4-bit x int8 kernel (keenlm.quant.q4), and reads a GGUF file's Q4 blocks as stored, without
-    an fp32 copy of the model (keenlm.io.gguf_q4). The model is then for inference only."""
+    CPU generation (keenlm.quant.int8 / int4); "q4" puts the block projections in Q4 blocks
+    (keenlm.quant.q4; a GGUF file's Q4_0/Q4_1 blocks, and its ternary TQ2_0 ones, read as stored
+    without an fp32 copy of the model: keenlm.io.gguf_q4) and the embedding and head in Q8_0,
+    which generation decodes with the C engine (keenlm.infer.engine). The model is then for
+    inference only."""
     if quant not in QUANT:
         raise ValueError(f"quant={quant!r}: allowed {' | '.join(QUANT)}")
     path = Path(path)
