@@ -167,3 +167,35 @@ def test_bad_inputs_are_clear_errors():
         eng.step(torch.tensor([1]), torch.tensor([t]), cache, mask)
     with pytest.raises(ValueError, match="KV cache full"):
         eng.step(torch.tensor([1]), torch.tensor([4]), cache, mask)
+
+
+@needs_step
+def test_rows_at_different_lengths_in_any_cache_rows_decode_as_if_alone():
+    # an invariance (continuous batching): two sequences of different lengths, in cache rows 2
+    # and 0 of a 3-row pool, stepped together, against each stepped alone in its own cache
+    net = q4_model(9)
+    eng = DecodeEngine(net)
+    seqs, slots = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3]], [2, 0]
+    L, Hk, D = net.cfg.n_layer, net.cfg.kv_heads, net.cfg.head_dim
+    pool_k, pool_v = torch.zeros(L, 3, Hk, 16, D), torch.zeros(L, 3, Hk, 16, D)
+    alone, caches = [], []
+    with torch.no_grad():
+        for seq, slot in zip(seqs, slots):
+            c = net.new_cache(1, 16)
+            net(torch.tensor([seq[:-1]]), cache=c)  # prefill all but the last token
+            n = len(seq) - 1
+            pool_k[:, slot, :, :n], pool_v[:, slot, :, :n] = c.k[:, 0, :, :n], c.v[:, 0, :, :n]
+            alone.append(eng.step(torch.tensor(seq[-1:]), torch.tensor([n]), c,
+                                  torch.ones(1, 16, dtype=torch.bool))[0])
+            caches.append(c)
+        lengths = torch.tensor([len(s) - 1 for s in seqs])
+        got = eng.step_rows(torch.tensor([s[-1] for s in seqs]), lengths, lengths,
+                            torch.tensor(slots), pool_k, pool_v, torch.ones(2, 16, dtype=torch.bool))
+    for r in range(2):
+        torch.testing.assert_close(got[r], alone[r], rtol=1e-5, atol=1e-5)  # same arithmetic
+        n = int(lengths[r]) + 1
+        torch.testing.assert_close(pool_k[:, slots[r], :, :n], caches[r].k[:, 0, :, :n])
+    assert pool_k[:, 1].abs().sum() == 0  # the unused row is untouched
+    with pytest.raises(ValueError, match="share cache row"):
+        eng.step_rows(torch.tensor([1, 2]), lengths, lengths, torch.tensor([0, 0]), pool_k,
+                      pool_v, torch.ones(2, 16, dtype=torch.bool))

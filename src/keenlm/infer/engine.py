@@ -130,29 +130,45 @@ class DecodeEngine:
         """Logits (B, V) of the next token after ``tokens`` (B,) at rotary ``positions`` (B,);
         writes their keys and values at ``cache.length`` and advances it. ``key_mask`` (B, W)
         bool, W > cache.length: the cache positions each row may attend to (its own is one)."""
+        B = tokens.shape[0]
+        if cache.length >= cache.max_len:
+            raise ValueError(f"KV cache full: {cache.length + 1} positions > max_len {cache.max_len}")
+        lengths = torch.full((B,), cache.length, dtype=torch.int64)
+        logits = self.step_rows(tokens, positions, lengths, torch.arange(B), cache.k, cache.v,
+                                key_mask, threads)
+        cache.extend(1)
+        return logits
+
+    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                  slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  key_mask: torch.Tensor, threads: int = 1) -> torch.Tensor:
+        """The step for rows at different lengths (continuous batching): row b writes cache row
+        ``slots[b]`` of ``k``, ``v`` (L, R, Hk, S, D) at position ``lengths[b]`` and attends to
+        its positions up to there that ``key_mask[b]`` allows. Returns logits (B, V)."""
         cfg, B = self.cfg, tokens.shape[0]
-        L, S = cfg.n_layer, cache.max_len
-        want = (L, B, cfg.kv_heads, S, cfg.head_dim)
-        for t in (cache.k, cache.v):
-            if t.dtype != torch.float32 or tuple(t.shape) != want or not t.is_contiguous():
+        L, Hk, D = cfg.n_layer, cfg.kv_heads, cfg.head_dim
+        for t in (k, v):
+            if (t.dtype != torch.float32 or t.dim() != 5 or tuple(t.shape[::2]) != (L, Hk, D)
+                    or t.shape != k.shape or not t.is_contiguous()):
                 raise ValueError(f"decode engine: cache {t.dtype} {tuple(t.shape)}, expected "
-                                 f"float32 {want}, contiguous")
-        if not 1 <= B <= MAX_ROWS or positions.shape != (B,):
-            raise ValueError(f"decode engine: {B} rows (1..{MAX_ROWS}), positions "
-                             f"{tuple(positions.shape)}")
-        if key_mask.dtype != torch.bool or key_mask.shape[0] != B or key_mask.dim() != 2:
+                                 f"float32 ({L}, rows, {Hk}, positions, {D}), contiguous")
+        if not 1 <= B <= MAX_ROWS:
+            raise ValueError(f"decode engine: {B} rows (1..{MAX_ROWS})")
+        for name, t in (("positions", positions), ("lengths", lengths), ("slots", slots)):
+            if t.shape != (B,):
+                raise ValueError(f"decode engine: {name} {tuple(t.shape)}, expected ({B},)")
+        if key_mask.dtype != torch.bool or key_mask.dim() != 2 or key_mask.shape[0] != B:
             raise ValueError(f"decode engine: key mask {key_mask.dtype} "
                              f"{tuple(key_mask.shape)}, expected bool ({B}, width)")
-        if cache.length >= S:
-            raise ValueError(f"KV cache full: {cache.length + 1} positions > max_len {S}")
-        tokens = tokens.to(torch.int64).contiguous()
-        positions = positions.to(torch.int64).contiguous()
+        if int(lengths.max()) >= k.shape[3]:
+            raise ValueError(f"KV cache full: {int(lengths.max()) + 1} positions > max_len "
+                             f"{k.shape[3]}")
+        ints = [t.to(torch.int64).contiguous() for t in (tokens, positions, lengths, slots)]
         mask = key_mask.contiguous().view(torch.uint8)
         logits = torch.empty(B, cfg.vocab_size, dtype=torch.float32)
-        _step.step(self._model, tokens.data_ptr(), positions.data_ptr(), mask.data_ptr(),
-                   mask.shape[1], B, cache.length, cache.k.data_ptr(), cache.v.data_ptr(), S,
-                   logits.data_ptr(), threads, self.path)
-        cache.extend(1)
+        _step.step(self._model, *(t.data_ptr() for t in ints), mask.data_ptr(), mask.shape[1], B,
+                   k.data_ptr(), v.data_ptr(), k.shape[1], k.shape[3], logits.data_ptr(),
+                   threads, self.path)
         return logits
 
 

@@ -4,8 +4,9 @@
  * the per-op reference is the PyTorch model itself (keenlm.model.transformer), which the
  * tests hold this step to.
  *
- * One step, for rows b < B at cache position t (every row writes its key and value there and
- * attends to positions s <= t that its mask allows), rotary position pos[b]:
+ * One step, for rows b < B, each at its own cache position len[b] of its own cache row slot[b]
+ * (it writes its key and value there and attends to the positions s <= len[b] that its mask
+ * allows), rotary position pos[b]:
  *   x = embed(token)
  *   per layer: h = rmsnorm(x); [q | k | v] = Wqkv h; rope(q, k); cache[t] = k, v;
  *              a = softmax(q K^T / sqrt(D)) V per head (grouped-query: H / Hk heads per
@@ -224,10 +225,10 @@ T512 static int attend_group_fast(int nq, int D, const float *q, const float *k,
  * The step. */
 typedef struct {
     const Model *M;
-    const int64_t *tokens, *pos;
+    const int64_t *tokens, *pos, *len, *slot; /* per row: position written, cache row */
     const uint8_t *mask;
     int64_t mask_stride;
-    int B, t, S, path;
+    int B, R, S, tmax, path; /* R cache rows, S cache positions, tmax = max len */
     float *kc, *vc, *logits;
     /* scratch */
     float *x, *h, *qkv, *att, *o, *gu, *act, *xd, *xs, *p;
@@ -266,17 +267,17 @@ static void layer_step(Step *st, const Layer *ly, int l, int ith, int nth) {
         const float *sn = M->rope_sin + (size_t)st->pos[b] * half;
         rope(row, H + Hk, D, cs, sn);
         for (int g = 0; g < Hk; g++) {
-            const size_t at = ((((size_t)l * B + b) * Hk + g) * st->S + st->t) * D;
+            const size_t at = ((((size_t)l * st->R + st->slot[b]) * Hk + g) * st->S + st->len[b]) * D;
             memcpy(st->kc + at, row + (size_t)(H + g) * D, sizeof(float) * D);
             memcpy(st->vc + at, row + (size_t)(H + Hk + g) * D, sizeof(float) * D);
         }
     }
     q->pool_barrier(nth);
-    const int rep = H / Hk, S1 = st->t + 1;
-    float *p = st->p + (size_t)ith * rep * S1;
+    const int rep = H / Hk;
+    float *p = st->p + (size_t)ith * rep * (st->tmax + 1);
     for (int u = ith; u < B * Hk; u += nth) { /* a row's key/value head and its query heads */
-        const int b = u / Hk, g = u % Hk;
-        const size_t base = (((size_t)l * B + b) * Hk + g) * st->S * D;
+        const int b = u / Hk, g = u % Hk, S1 = (int)st->len[b] + 1;
+        const size_t base = (((size_t)l * st->R + st->slot[b]) * Hk + g) * st->S * D;
         const float *qg = st->qkv + (size_t)b * NQKV + (size_t)g * rep * D;
         const uint8_t *mask = st->mask + (size_t)b * st->mask_stride;
         float *og = st->att + (size_t)b * H * D + (size_t)g * rep * D;
@@ -415,31 +416,50 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     return cap;
 }
 
-/* step(model, tokens, pos, mask, mask_stride, B, t, kc, vc, S, logits, threads, path):
- * tokens, pos int64 (B); mask uint8 (B, mask_stride), 1 = visible; kc, vc float (L, B, Hk,
- * S, D); logits float (B, V) out. Writes the cache at position t. */
+/* step(model, tokens, pos, len, slot, mask, mask_stride, B, kc, vc, R, S, logits, threads,
+ * path): tokens, pos (rotary), len, slot int64 (B); mask uint8 (B, mask_stride), 1 = visible;
+ * kc, vc float (L, R, Hk, S, D); logits float (B, V) out. Row b writes cache row slot[b] at
+ * position len[b] and attends to its positions 0..len[b] that its mask allows: rows of one
+ * step may be at different lengths (continuous batching) and use any distinct cache rows. */
 static PyObject *step(PyObject *self, PyObject *args) {
     PyObject *cap;
-    unsigned long long ptok, ppos, pmask, pk, pv, plog;
+    unsigned long long ptok, ppos, plen, pslot, pmask, pk, pv, plog;
     long long stride;
-    int B, t, S, threads, path;
-    if (!PyArg_ParseTuple(args, "OKKKLiiKKiKii", &cap, &ptok, &ppos, &pmask, &stride, &B, &t,
-                          &pk, &pv, &S, &plog, &threads, &path))
+    int B, R, S, threads, path;
+    if (!PyArg_ParseTuple(args, "OKKKKKLiKKiiKii", &cap, &ptok, &ppos, &plen, &pslot, &pmask,
+                          &stride, &B, &pk, &pv, &R, &S, &plog, &threads, &path))
         return NULL;
     const Model *M = PyCapsule_GetPointer(cap, CAPSULE);
     if (!M) return NULL;
-    if (B < 1 || B > MAX_ROWS || t < 0 || t >= S || stride < t + 1) {
-        PyErr_Format(PyExc_ValueError, "step: B=%d (1..%d), position %d in a cache of %d, mask "
-                     "width %lld", B, MAX_ROWS, t, S, stride);
+    if (B < 1 || B > MAX_ROWS || R < B || S < 1) {
+        PyErr_Format(PyExc_ValueError, "step: B=%d rows (1..%d) in a cache of %d rows and %d "
+                     "positions", B, MAX_ROWS, R, S);
         return NULL;
+    }
+    const int64_t *len = (const int64_t *)(uintptr_t)plen, *slot = (const int64_t *)(uintptr_t)pslot;
+    int tmax = 0;
+    for (int b = 0; b < B; b++) {
+        if (len[b] < 0 || len[b] >= S || stride < len[b] + 1 || slot[b] < 0 || slot[b] >= R) {
+            PyErr_Format(PyExc_ValueError, "step: row %d at position %lld of cache row %lld (a "
+                         "cache of %d rows, %d positions; mask width %lld)", b,
+                         (long long)len[b], (long long)slot[b], R, S, stride);
+            return NULL;
+        }
+        for (int c = 0; c < b; c++)
+            if (slot[c] == slot[b]) {
+                PyErr_Format(PyExc_ValueError, "step: rows %d and %d share cache row %lld", c,
+                             b, (long long)slot[b]);
+                return NULL;
+            }
+        tmax = len[b] > tmax ? (int)len[b] : tmax;
     }
     if (path == PATH_AUTO) path = q->cpu_path();
     if (path < PATH_SCALAR || path > q->cpu_path()) {
         PyErr_Format(PyExc_ValueError, "step: path %d is not available on this CPU", path);
         return NULL;
     }
-    Step st = {M, (const int64_t *)(uintptr_t)ptok, (const int64_t *)(uintptr_t)ppos,
-               (const uint8_t *)(uintptr_t)pmask, stride, B, t, S, path,
+    Step st = {M, (const int64_t *)(uintptr_t)ptok, (const int64_t *)(uintptr_t)ppos, len, slot,
+               (const uint8_t *)(uintptr_t)pmask, stride, B, R, S, tmax, path,
                (float *)(uintptr_t)pk, (float *)(uintptr_t)pv, (float *)(uintptr_t)plog};
     for (int b = 0; b < B; b++)
         if (st.tokens[b] < 0 || st.tokens[b] >= M->V || st.pos[b] < 0
@@ -454,7 +474,7 @@ static PyObject *step(PyObject *self, PyObject *args) {
     kmax = kmax > M->F ? kmax : M->F;
     threads = threads < 1 ? 1 : threads > QDOT_MAX_THREADS ? QDOT_MAX_THREADS : threads;
     const size_t floats = (size_t)B * (3 * M->C + NQKV + HD + 3 * M->F + 2 * (kmax / 32))
-                          + (size_t)threads * (M->H / M->Hk) * (t + 1);
+                          + (size_t)threads * (M->H / M->Hk) * (tmax + 1);
     float *buf = malloc(sizeof(float) * floats);
     int8_t *xq = malloc((size_t)B * kmax);
     if (!buf || !xq) {
