@@ -16,7 +16,7 @@ import os
 import sys
 
 from keenlm.cli import (chat, convert, demo, evaluate, generate, info, quantize, report, reward, rl,
-                        scale, solve, spike, study, train)
+                        scale, serve, solve, spike, study, train)
 from keenlm.cli.options import config_from_args  # noqa: F401  (part of this package's API)
 from keenlm.config import ConfigError
 
@@ -33,6 +33,7 @@ COMMANDS = {
     "quantize": quantize,
     "study": study,
     "chat": chat,
+    "serve": serve,
     "scale": scale,
     "report": report,
     "demo": demo,

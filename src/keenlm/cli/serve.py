@@ -1,0 +1,31 @@
+"""``keenlm serve MODEL``: an OpenAI-compatible HTTP server (keenlm.serve)."""
+from __future__ import annotations
+
+from keenlm.cli.options import add_model_source, model_path
+
+
+def add_parser(sub, fmt):
+    s = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching",
+                       formatter_class=fmt)
+    add_model_source(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--quant", default="q4", choices=("none", "int8", "int4", "q4"),
+                   help="weights as keenlm.load takes them (q4: the C decode engine)")
+    s.add_argument("--device", default="cpu", help="cpu | cuda")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded at once (KV slots, 1-16)")
+    s.add_argument("--max-len", type=int, default=1024,
+                   help="positions per slot (prompt + output); the KV pool is max-batch x max-len")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    s.add_argument("--name", default=None, help="the model id clients send (default: the file name)")
+    return s
+
+
+def run(args) -> int:
+    from keenlm.serve.run import serve  # the serve extra: fastapi, uvicorn, sse-starlette
+
+    serve(model_path(args), host=args.host, port=args.port, quant=args.quant, device=args.device,
+          max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
+          api_key=args.api_key, name=args.name)
+    return 0

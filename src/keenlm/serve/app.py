@@ -1,0 +1,348 @@
+"""The OpenAI-compatible HTTP API over keenlm.serve.scheduler: FastAPI for routing and request
+validation, uvicorn as the server (keenlm.serve.run), sse-starlette for streamed responses,
+prometheus-client for ``/metrics``. No HTTP is parsed by hand.
+
+    GET  /health                    liveness (no key needed)
+    GET  /v1/models                 the one model served
+    POST /v1/completions            prompt (text or token ids) -> n continuations; stream
+    POST /v1/chat/completions       messages through the model's chat template; stream
+    POST /tokenize, /detokenize     text <-> token ids
+    GET  /metrics                   Prometheus: requests, tokens, queue, batch, KV pool, TTFT, ITL
+
+Request fields follow OpenAI's API (``max_tokens``, ``temperature``, ``top_p``, ``n``,
+``stream``, ``stop``, ``seed``, ``user``) plus ``top_k``; a field OpenAI does not define is
+refused, as OpenAI refuses it. Every error is OpenAI's error object with a 4xx status: bad JSON
+or types and out-of-range values 400, a missing or wrong key 401, an unknown model or route 404,
+a full queue 429 with ``Retry-After``. Fields this server does not implement yet (``logprobs``,
+``echo``, penalties) are refused with a 400 that says so, never silently ignored.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Optional, Union
+
+from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from keenlm.serve.scheduler import QueueFull, Request, Scheduler
+
+MAX_N = 16
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, kind: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class _Sampling(BaseModel):
+    """The fields completions and chat share."""
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: Optional[int] = Field(default=None, gt=0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # extension
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: Optional[dict] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[int]]
+    logprobs: Optional[int] = None
+    echo: bool = False
+    suffix: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str
+    content: str
+    name: Optional[str] = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    max_completion_tokens: Optional[int] = Field(default=None, gt=0)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[int]
+
+
+class Metrics:
+    def __init__(self, sched: Scheduler):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("keenlm_requests", "requests accepted", registry=r)
+        self.tokens_in = Counter("keenlm_prompt_tokens", "prompt tokens", registry=r)
+        self.tokens_out = Counter("keenlm_generated_tokens", "generated tokens", registry=r)
+        self.errors = Counter("keenlm_request_errors", "requests answered with an error", registry=r)
+        self.ttft = Histogram("keenlm_time_to_first_token_seconds", "time to first token", registry=r,
+                              buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.itl = Histogram("keenlm_inter_token_latency_seconds", "time between tokens", registry=r,
+                             buckets=(.002, .005, .01, .02, .05, .1, .25, .5, 1))
+        Gauge("keenlm_queue_depth", "requests waiting", registry=r).set_function(sched.queue_depth)
+        Gauge("keenlm_running_sequences", "sequences in the batch",
+              registry=r).set_function(lambda: len(sched.running))
+        Gauge("keenlm_kv_pool_slots_used", "KV-cache slots in use",
+              registry=r).set_function(lambda: sched.max_batch - len(sched.free))
+        Gauge("keenlm_kv_pool_slots", "KV-cache slots", registry=r).set(sched.max_batch)
+        Gauge("keenlm_kv_pool_bytes", "KV-cache pool size", registry=r).set(sched.pool_bytes)
+
+
+def _stops(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > 4 or any(not s for s in stops):
+        raise APIError(400, "stop: up to 4 non-empty strings", param="stop")
+    return stops
+
+
+def _cut(text: str, stops) -> str:
+    cuts = [text.find(s) for s in stops if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None) -> FastAPI:
+    """The FastAPI application serving ``sched``'s model under ``model_name``."""
+    app = FastAPI(title="keenlm", docs_url=None, redoc_url=None)
+    metrics = Metrics(sched)
+    tok = sched.tokenizer
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        metrics.errors.inc()
+        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status,
+                            headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        metrics.errors.inc()
+        first = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        msg = f"{loc}: {first.get('msg')}" if loc else str(first.get("msg", "invalid request"))
+        return JSONResponse(error_body(msg, "invalid_request_error", loc), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    def authorized(request: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "a valid API key is needed (Authorization: Bearer KEY)",
+                           kind="authentication_error", code="invalid_api_key")
+
+    guard = [Depends(authorized)]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=guard)
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "keenlm"}]}
+
+    @app.get("/metrics", dependencies=guard)
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize", dependencies=guard)
+    async def tokenize(body: TokenizeRequest):
+        return {"tokens": tok.encode(body.prompt)}
+
+    @app.post("/detokenize", dependencies=guard)
+    async def detokenize(body: DetokenizeRequest):
+        if any(t < 0 or t >= sched.model.cfg.vocab_size for t in body.tokens):
+            raise APIError(400, "a token id is outside the vocabulary", param="tokens")
+        return {"prompt": tok.decode(body.tokens)}
+
+    def check(body: _Sampling) -> None:
+        if body.model != model_name:
+            raise APIError(404, f"model {body.model!r} is not served here (this server: "
+                                f"{model_name!r})", kind="not_found_error", param="model",
+                           code="model_not_found")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, name):
+                raise APIError(400, f"{name} is not supported by this server yet", param=name)
+
+    def start(body: _Sampling, prompt: list[int], max_tokens: int):
+        """Submit; returns (request, asyncio queue of (choice, token, finish) events)."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        req = Request(prompt=prompt, max_tokens=max_tokens, temperature=body.temperature,
+                      top_p=body.top_p, top_k=body.top_k, n=body.n, seed=body.seed,
+                      stop=_stops(body.stop),
+                      on_event=lambda i, t, f: loop.call_soon_threadsafe(events.put_nowait, (i, t, f)))
+        if max_tokens + len(prompt) > sched.max_len:
+            raise APIError(400, f"the prompt ({len(prompt)} tokens) and max_tokens ({max_tokens}) "
+                                f"exceed the context ({sched.max_len})", param="max_tokens")
+        try:
+            sched.submit(req)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}", kind="rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        metrics.requests.inc()
+        metrics.tokens_in.inc(len(prompt))
+        return req, events
+
+    async def collect(req, events) -> tuple[list[list[int]], list[str]]:
+        outs, reasons, done = [[] for _ in range(req.n)], [None] * req.n, 0
+        first, last = None, None
+        try:
+            while done < req.n:
+                i, t, f = await events.get()
+                if t is not None:
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                        metrics.ttft.observe(now - req.submitted)
+                    elif last is not None:
+                        metrics.itl.observe(now - last)
+                    last = now
+                    outs[i].append(t)
+                    metrics.tokens_out.inc()
+                if f is not None:
+                    reasons[i], done = f, done + 1
+        finally:
+            req.cancelled = done < req.n  # the client went away: free the slots
+        return outs, reasons
+
+    def finish_reason(reason: str) -> str:
+        if reason.startswith("error"):
+            raise APIError(500, f"generation failed: {reason[7:]}", kind="server_error")
+        return "length" if reason == "length" else "stop"
+
+    def usage(prompt: list[int], outs) -> dict:
+        n_out = sum(len(o) for o in outs)
+        return {"prompt_tokens": len(prompt), "completion_tokens": n_out,
+                "total_tokens": len(prompt) + n_out}
+
+    @app.post("/v1/completions", dependencies=guard)
+    async def completions(body: CompletionRequest):
+        check(body)
+        for name in ("logprobs", "suffix"):
+            if getattr(body, name) is not None:
+                raise APIError(400, f"{name} is not supported by this server yet", param=name)
+        if body.echo:
+            raise APIError(400, "echo is not supported by this server yet", param="echo")
+        prompt = body.prompt if isinstance(body.prompt, list) else tok.encode_prompt(body.prompt)
+        if isinstance(body.prompt, str) and not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        req, events = start(body, prompt, body.max_tokens or 16)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return EventSourceResponse(stream(req, events, cid, created, chat=False),
+                                       ping=15, sep="\n")
+        outs, reasons = await collect(req, events)
+        choices = [{"index": i, "text": _cut(tok.decode(o), req.stop), "logprobs": None,
+                    "finish_reason": finish_reason(r)} for i, (o, r) in enumerate(zip(outs, reasons))]
+        return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": choices, "usage": usage(prompt, outs)}
+
+    @app.post("/v1/chat/completions", dependencies=guard)
+    async def chat(body: ChatRequest):
+        check(body)
+        if body.logprobs or body.top_logprobs is not None:
+            raise APIError(400, "logprobs are not supported by this server yet", param="logprobs")
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions",
+                           param="messages")
+        text = tok.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages],
+                                       add_generation_prompt=True)
+        prompt = tok.encode_prompt(text)
+        req, events = start(body, prompt, body.max_completion_tokens or body.max_tokens or
+                            max(1, sched.max_len - len(prompt) - 1))
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return EventSourceResponse(stream(req, events, cid, created, chat=True),
+                                       ping=15, sep="\n")
+        outs, reasons = await collect(req, events)
+        choices = [{"index": i, "message": {"role": "assistant",
+                                            "content": _cut(tok.decode(o), req.stop)},
+                    "logprobs": None, "finish_reason": finish_reason(r)}
+                   for i, (o, r) in enumerate(zip(outs, reasons))]
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": choices, "usage": usage(prompt, outs)}
+
+    async def stream(req, events, cid, created, chat: bool):
+        """Server-sent events: one chunk per new piece of text of a choice, then [DONE]. Text
+        that could begin a stop string, or an unfinished UTF-8 character, is held back."""
+        outs, sent, done = [[] for _ in range(req.n)], [0] * req.n, 0
+        hold = max((len(s) for s in req.stop), default=1) - 1
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(i, text, reason=None) -> str:
+            if chat:
+                delta = {"content": text} if text else {}
+                if sent[i] == 0 and text is not None:
+                    delta["role"] = "assistant"
+                choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
+            return json.dumps({"id": cid, "object": kind, "created": created, "model": model_name,
+                               "choices": [choice]})
+
+        try:
+            first = None
+            while done < req.n:
+                i, t, f = await events.get()
+                if t is not None:
+                    if first is None:
+                        first = time.perf_counter()
+                        metrics.ttft.observe(first - req.submitted)
+                    metrics.tokens_out.inc()
+                    outs[i].append(t)
+                    text = _cut(tok.decode(outs[i]), req.stop).rstrip("\ufffd")
+                    ready = len(text) - hold if req.stop else len(text)
+                    if ready > sent[i]:
+                        yield {"data": chunk(i, text[sent[i]:ready])}
+                        sent[i] = ready
+                if f is not None:
+                    done += 1
+                    text = _cut(tok.decode(outs[i]), req.stop)
+                    tail = text[sent[i]:]
+                    sent[i] = len(text)
+                    yield {"data": chunk(i, tail, "error" if f.startswith("error") else
+                                         ("length" if f == "length" else "stop"))}
+            yield {"data": "[DONE]"}
+        finally:
+            req.cancelled = done < req.n  # the client went away mid-stream: free its slots
+
+    return app
+

@@ -1,0 +1,204 @@
+"""keenlm serve: a live server on 127.0.0.1 (uvicorn in a thread) driven by the official openai
+client and by raw HTTP for the bad inputs; continuous batching against requests run alone."""
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'keenlm[serve]')")
+openai = pytest.importorskip("openai", reason="the openai client is not installed")
+httpx = pytest.importorskip("httpx")
+import uvicorn  # noqa: E402
+
+from keenlm.config import ModelConfig  # noqa: E402
+from keenlm.data import ByteTokenizer  # noqa: E402
+from keenlm.model import build_model  # noqa: E402
+from keenlm.quant.q4 import quantize_q4_model  # noqa: E402
+from keenlm.serve.app import create_app  # noqa: E402
+from keenlm.serve.scheduler import Request, Scheduler  # noqa: E402
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def tiny():
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(vocab_size=257, n_layer=2, d_model=128, n_head=4, n_kv_head=2,
+                                  d_ff=256, max_seq_len=256)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tok = ByteTokenizer()
+    tok.chat_template = TEMPLATE
+    return quantize_q4_model(net), tok
+
+
+class Live:
+    """uvicorn serving ``app`` on a free port of 127.0.0.1, in a thread."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                                    log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live():
+    net, tok = tiny()
+    sched = Scheduler(net, tok, max_batch=8, max_len=256, max_queue=32).start()
+    server = Live(create_app(sched, "tiny"))
+    yield server, sched
+    server.close()
+    sched.stop()
+
+
+def client(live):
+    return openai.OpenAI(base_url=live[0].url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_completions_with_the_openai_client_stream_and_not(live):
+    c = client(live)
+    out = c.completions.create(model="tiny", prompt="def add(a, b):", max_tokens=12,
+                               temperature=0, n=2)
+    assert len(out.choices) == 2 and out.choices[0].text == out.choices[1].text  # greedy
+    assert out.usage.prompt_tokens == len("def add(a, b):") and out.usage.completion_tokens > 0
+    pieces = [ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt="def add(a, b):", max_tokens=12, temperature=0, stream=True)]
+    assert "".join(pieces) == out.choices[0].text
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+
+
+def test_chat_and_seeded_sampling_are_reproducible(live):
+    c = client(live)
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10,
+               temperature=0.9, seed=7)
+    a, b = c.chat.completions.create(**ask), c.chat.completions.create(**ask)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.choices[0].message.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in
+                   c.chat.completions.create(**ask, stream=True))
+    assert text == a.choices[0].message.content
+
+
+def test_continuous_batching_admits_mid_generation_and_changes_no_token(live):
+    _, sched = live
+    assert sched.engine is not None  # the C decode step, rows at different lengths
+    long_ids, short_ids = list(b"def long_function(x):"), list(b"import os")
+
+    def run(prompt, n_tokens, log):
+        done = threading.Event()
+        out = []
+
+        def on(i, t, f):
+            if t is not None:
+                out.append(t)
+            if f is not None:
+                log.append((tuple(prompt), time.perf_counter()))
+                done.set()
+        sched.submit(Request(prompt=prompt, max_tokens=n_tokens, temperature=0, on_event=on))
+        return out, done
+
+    log = []
+    alone_long, d = run(long_ids, 60, log)
+    d.wait(30)
+    alone_short, d = run(short_ids, 4, log)
+    d.wait(30)
+    log.clear()
+    both_long, d_long = run(long_ids, 60, log)
+    while len(both_long) < 5:  # the long one is generating ...
+        time.sleep(0.001)
+    both_short, d_short = run(short_ids, 4, log)  # ... when the short one arrives
+    assert d_short.wait(30) and d_long.wait(30)
+    assert log[0][0] == tuple(short_ids)  # admitted mid-generation, finished first
+    assert both_long == alone_long and both_short == alone_short  # greedy, token for token
+
+
+def test_bad_inputs_get_openai_errors_and_a_good_request_still_completes(live):
+    url = live[0].url
+
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as h:
+            good = h.post("/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": 8,
+                                                   "temperature": 0})
+            bad = [
+                h.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
+                h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": "many"}),
+                h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "unknown_field": 1}),
+                h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0}),
+                h.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 300}),
+                h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10000}),
+                h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 99}),
+                h.post("/v1/completions", json={"model": "other", "prompt": "x"}),
+                h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "logprobs": 2}),
+                h.post("/v1/chat/completions", json={"model": "tiny", "messages": []}),
+                h.post("/v1/completions", json={"model": "tiny", "prompt": [999]}),
+                h.get("/v1/nothing"),
+            ]
+            return await good, await asyncio.gather(*bad)
+
+    good, bad = asyncio.run(go())
+    assert good.status_code == 200 and good.json()["choices"][0]["text"]
+    want = [400, 400, 400, 400, 400, 400, 400, 404, 400, 400, 400, 404]
+    assert [r.status_code for r in bad] == want
+    for r in bad:
+        err = r.json()["error"]
+        assert err["message"] and err["type"]  # OpenAI's error object
+
+
+def test_a_full_queue_is_429_and_a_key_guards_every_route_but_health():
+    net, tok = tiny()
+    sched = Scheduler(net, tok, max_batch=2, max_len=64, max_queue=0)  # not started: never drains
+    server = Live(create_app(sched, "tiny", api_key="s3cret"))
+    try:
+        h = httpx.Client(base_url=server.url, timeout=10)
+        assert h.get("/health").status_code == 200
+        assert h.get("/v1/models").status_code == 401
+        assert h.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        key = {"Authorization": "Bearer s3cret"}
+        assert h.get("/v1/models", headers=key).status_code == 200
+        r = h.post("/v1/completions", headers=key, json={"model": "tiny", "prompt": "x"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    finally:
+        server.close()
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_slot(live):
+    url, sched = live[0].url, live[1]
+    with httpx.Client(base_url=url, timeout=30) as h:
+        with h.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "loop",
+                                                       "max_tokens": 200, "stream": True}) as r:
+            lines = 0
+            for line in r.iter_lines():
+                lines += line.startswith("data:")
+                if lines >= 3:
+                    break  # leave mid-stream
+    deadline = time.time() + 10
+    while len(sched.free) < sched.max_batch:
+        assert time.time() < deadline, "the slot was not freed"
+        time.sleep(0.05)
+
+
+def test_metrics_health_and_tokenize(live):
+    url = live[0].url
+    h = httpx.Client(base_url=url, timeout=10)
+    assert h.get("/health").json() == {"status": "ok"}
+    ids = h.post("/tokenize", json={"prompt": "héllo"}).json()["tokens"]
+    assert h.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "héllo"
+    h.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 3})
+    text = h.get("/metrics").text
+    for name in ("keenlm_requests_total", "keenlm_generated_tokens_total", "keenlm_queue_depth",
+                 "keenlm_kv_pool_slots_used", "keenlm_time_to_first_token_seconds_bucket"):
+        assert name in text
