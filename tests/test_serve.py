@@ -81,6 +81,28 @@ def test_completions_with_the_openai_client_stream_and_not(live):
     assert [m.id for m in c.models.list().data] == ["tiny"]
 
 
+def test_echo_and_logprobs_score_the_prompt_as_the_model_does(live):
+    # against the reference: log_softmax of the PyTorch model's logits over the same prompt (as
+    # lm-evaluation-harness' local-completions asks for loglikelihood: max_tokens 0, echo)
+    c, sched = client(live), live[1]
+    text = "def add(a, b):"
+    out = c.completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=1,
+                               temperature=0)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == text and lp.token_logprobs[0] is None
+    ids = list(text.encode())
+    with torch.no_grad():
+        want = torch.log_softmax(sched.model(torch.tensor([ids]))[0].float(), -1)
+    for j in range(1, len(ids)):
+        assert abs(lp.token_logprobs[j] - float(want[j - 1, ids[j]])) < 1e-4
+        assert max(lp.top_logprobs[j].values()) >= lp.token_logprobs[j] - 1e-6
+    gen = c.completions.create(model="tiny", prompt=text, max_tokens=4, logprobs=2, temperature=0)
+    glp = gen.choices[0].logprobs
+    assert len(glp.token_logprobs) == len(glp.tokens) == 4
+    for lp_, top in zip(glp.token_logprobs, glp.top_logprobs):  # greedy: the most likely token
+        assert abs(lp_ - max(top.values())) < 1e-5 and len(top) <= 2
+
+
 def test_chat_and_seeded_sampling_are_reproducible(live):
     c = client(live)
     ask = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10,
@@ -142,7 +164,7 @@ def test_bad_inputs_get_openai_errors_and_a_good_request_still_completes(live):
                 h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10000}),
                 h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 99}),
                 h.post("/v1/completions", json={"model": "other", "prompt": "x"}),
-                h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "logprobs": 2}),
+                h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "suffix": "y"}),
                 h.post("/v1/chat/completions", json={"model": "tiny", "messages": []}),
                 h.post("/v1/completions", json={"model": "tiny", "prompt": [999]}),
                 h.get("/v1/nothing"),

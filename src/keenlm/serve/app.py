@@ -13,8 +13,14 @@ Request fields follow OpenAI's API (``max_tokens``, ``temperature``, ``top_p``, 
 ``stream``, ``stop``, ``seed``, ``user``) plus ``top_k``; a field OpenAI does not define is
 refused, as OpenAI refuses it. Every error is OpenAI's error object with a 4xx status: bad JSON
 or types and out-of-range values 400, a missing or wrong key 401, an unknown model or route 404,
-a full queue 429 with ``Retry-After``. Fields this server does not implement yet (``logprobs``,
-``echo``, penalties) are refused with a 400 that says so, never silently ignored.
+a full queue 429 with ``Retry-After``. Fields this server does not implement yet (chat
+``logprobs``, ``suffix``, penalties, logprobs or echo with ``stream``) are refused with a 400 that
+says so, never silently ignored.
+
+Completions take ``logprobs`` (0-5) and ``echo``: the log-probability of each generated token
+(and of each prompt token with ``echo``; ``max_tokens`` 0 then scores the prompt alone, what
+lm-evaluation-harness' ``local-completions`` asks for loglikelihood tasks), from the model's
+distribution before temperature, top-k and top-p, with the ``logprobs`` most likely tokens.
 """
 from __future__ import annotations
 
@@ -70,7 +76,8 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[int]]
-    logprobs: Optional[int] = None
+    max_tokens: Optional[int] = Field(default=None, ge=0)  # 0: with echo, the prompt's logprobs
+    logprobs: Optional[int] = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: Optional[str] = None
 
@@ -200,13 +207,16 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
             if getattr(body, name):
                 raise APIError(400, f"{name} is not supported by this server yet", param=name)
 
-    def start(body: _Sampling, prompt: list[int], max_tokens: int):
-        """Submit; returns (request, asyncio queue of (choice, token, finish) events)."""
+    def start(body: _Sampling, prompt: list[int], max_tokens: int, logprobs=None, echo=False):
+        """Submit; returns (request, asyncio queue of (choice, token, finish, logprob) events;
+        with echo, a ("prompt", entries) event first)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        put = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
         req = Request(prompt=prompt, max_tokens=max_tokens, temperature=body.temperature,
                       top_p=body.top_p, top_k=body.top_k, n=body.n, seed=body.seed,
-                      stop=_stops(body.stop),
-                      on_event=lambda i, t, f: loop.call_soon_threadsafe(events.put_nowait, (i, t, f)))
+                      stop=_stops(body.stop), logprobs=logprobs, echo=echo,
+                      on_event=lambda i, t, f, lp=None: put((i, t, f, lp)),
+                      on_prompt=lambda entries: put(("prompt", entries, None, None)))
         if max_tokens + len(prompt) > sched.max_len:
             raise APIError(400, f"the prompt ({len(prompt)} tokens) and max_tokens ({max_tokens}) "
                                 f"exceed the context ({sched.max_len})", param="max_tokens")
@@ -221,12 +231,19 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
         metrics.tokens_in.inc(len(prompt))
         return req, events
 
-    async def collect(req, events) -> tuple[list[list[int]], list[str]]:
+    async def collect(req, events):
+        """(token ids, finish reasons, logprob entries, prompt entries) of every choice."""
         outs, reasons, done = [[] for _ in range(req.n)], [None] * req.n, 0
+        lps, prompt_entries = [[] for _ in range(req.n)], []
         first, last = None, None
         try:
             while done < req.n:
-                i, t, f = await events.get()
+                i, t, f, lp = await events.get()
+                if i == "prompt":
+                    prompt_entries = t
+                    continue
+                if lp is not None:
+                    lps[i].append((t, lp[0], lp[1]))
                 if t is not None:
                     now = time.perf_counter()
                     if first is None:
@@ -241,7 +258,24 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
                     reasons[i], done = f, done + 1
         finally:
             req.cancelled = done < req.n  # the client went away: free the slots
-        return outs, reasons
+        return outs, reasons, lps, prompt_entries
+
+    def logprob_object(entries, k: int) -> dict:
+        """OpenAI's completions ``logprobs``: tokens, their log-probabilities, the top k of each
+        and each token's character offset in the text."""
+        obj = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
+        for t, lp, top in entries:
+            piece = tok.decode([t])
+            obj["tokens"].append(piece)
+            obj["token_logprobs"].append(lp)
+            tops: dict = {}
+            for i, v in top[:k]:  # most likely first; tokens that print alike keep the first
+                tops.setdefault(tok.decode([i]), v)
+            obj["top_logprobs"].append(None if lp is None else tops)
+            obj["text_offset"].append(offset)
+            offset += len(piece)
+        return obj
 
     def finish_reason(reason: str) -> str:
         if reason.startswith("error"):
@@ -256,22 +290,31 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
     @app.post("/v1/completions", dependencies=guard)
     async def completions(body: CompletionRequest):
         check(body)
-        for name in ("logprobs", "suffix"):
-            if getattr(body, name) is not None:
-                raise APIError(400, f"{name} is not supported by this server yet", param=name)
-        if body.echo:
-            raise APIError(400, "echo is not supported by this server yet", param="echo")
+        if body.suffix is not None:
+            raise APIError(400, "suffix is not supported by this server yet", param="suffix")
+        if body.stream and (body.echo or body.logprobs is not None):
+            raise APIError(400, "logprobs and echo are not supported with stream yet",
+                           param="stream")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 needs echo (to score the prompt)", param="max_tokens")
         prompt = body.prompt if isinstance(body.prompt, list) else tok.encode_prompt(body.prompt)
-        if isinstance(body.prompt, str) and not prompt:
+        if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
-        req, events = start(body, prompt, body.max_tokens or 16)
+        req, events = start(body, prompt, 16 if body.max_tokens is None else body.max_tokens,
+                            body.logprobs, body.echo)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return EventSourceResponse(stream(req, events, cid, created, chat=False),
                                        ping=15, sep="\n")
-        outs, reasons = await collect(req, events)
-        choices = [{"index": i, "text": _cut(tok.decode(o), req.stop), "logprobs": None,
-                    "finish_reason": finish_reason(r)} for i, (o, r) in enumerate(zip(outs, reasons))]
+        outs, reasons, lps, prompt_entries = await collect(req, events)
+        head = (body.prompt if isinstance(body.prompt, str) else tok.decode(prompt)) if body.echo else ""
+        choices = []
+        for i, (o, r) in enumerate(zip(outs, reasons)):
+            lp = None
+            if body.logprobs is not None:
+                lp = logprob_object((prompt_entries if body.echo else []) + lps[i], body.logprobs)
+            choices.append({"index": i, "text": head + _cut(tok.decode(o), req.stop),
+                            "logprobs": lp, "finish_reason": finish_reason(r)})
         return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": choices, "usage": usage(prompt, outs)}
 
@@ -292,7 +335,7 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
         if body.stream:
             return EventSourceResponse(stream(req, events, cid, created, chat=True),
                                        ping=15, sep="\n")
-        outs, reasons = await collect(req, events)
+        outs, reasons, _, _ = await collect(req, events)
         choices = [{"index": i, "message": {"role": "assistant",
                                             "content": _cut(tok.decode(o), req.stop)},
                     "logprobs": None, "finish_reason": finish_reason(r)}
@@ -321,7 +364,7 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
         try:
             first = None
             while done < req.n:
-                i, t, f = await events.get()
+                i, t, f, _ = await events.get()
                 if t is not None:
                     if first is None:
                         first = time.perf_counter()

@@ -49,9 +49,16 @@ class Request:
     n: int = 1
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
-    # on_event(sample index, token id or None, finish reason or None); finish reasons: "stop",
-    # "length", "cancelled", "error: ..."
-    on_event: Callable[[int, Optional[int], Optional[str]], None] = lambda i, t, f: None
+    # on_event(sample index, token id or None, finish reason or None[, logprobs]); finish
+    # reasons: "stop", "length", "cancelled", "error: ...". With ``logprobs`` = k >= 0 each
+    # token's event also carries (its log-probability, the k most likely (id, log-probability)),
+    # from the model's distribution before temperature and top-k/top-p.
+    on_event: Callable[..., None] = lambda i, t, f, lp=None: None
+    logprobs: Optional[int] = None
+    # with ``echo``: on_prompt(list of (id, log-probability or None, top k)) for the prompt's
+    # tokens (the first has none), once, before any other event; ``max_tokens`` may then be 0
+    echo: bool = False
+    on_prompt: Callable[[list], None] = lambda entries: None
     cancelled: bool = False
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -116,6 +123,8 @@ class Scheduler:
         """Queue a request; ValueError for one the model cannot take, QueueFull when full."""
         if not req.prompt:
             raise ValueError("the prompt has no tokens")
+        if req.max_tokens < (0 if req.echo else 1):
+            raise ValueError(f"max_tokens {req.max_tokens}: at least 1 (0 only with echo)")
         if req.n > self.max_batch:
             raise ValueError(f"n={req.n} is more than the server's {self.max_batch} slots")
         if len(req.prompt) + 1 > self.max_len:
@@ -169,8 +178,22 @@ class Scheduler:
         n_prompt = len(req.prompt)
         cache = KVCache(self.model.cfg.n_layer, 1, self.model.cfg.kv_heads, n_prompt,
                         self.model.cfg.head_dim, self.k.device, torch.float32)
-        logits = self.model(torch.tensor([req.prompt], device=self.k.device), cache=cache,
-                            last_only=True)[:, -1].float()
+        out = self.model(torch.tensor([req.prompt], device=self.k.device), cache=cache,
+                         last_only=not req.echo).float()
+        if req.echo:  # each prompt token's log-probability given the ones before it
+            lps = torch.log_softmax(out[0, :-1], dim=-1)
+            k = req.logprobs or 0
+            entries = [(req.prompt[0], None, [])]
+            for j, t in enumerate(req.prompt[1:]):
+                top = torch.topk(lps[j], k) if k else None
+                entries.append((t, float(lps[j, t]), list(zip(top.indices.tolist(), top.values.tolist()))
+                                if top is not None else []))
+            req.on_prompt(entries)
+        logits = out[:, -1]
+        if req.max_tokens == 0:  # the prompt's log-probabilities were all that was asked
+            for i in range(req.n):
+                req.on_event(i, None, "length")
+            return
         for i in range(req.n):
             slot = self.free.pop(0)
             self.k[:, slot, :, :n_prompt] = cache.k[:, 0]
@@ -223,7 +246,14 @@ class Scheduler:
         s.out.append(tok)
         s.last = tok
         self.stats["tokens_out"] += 1
-        r.on_event(s.index, tok, None)
+        if r.logprobs is None:
+            r.on_event(s.index, tok, None)
+        else:
+            lp = torch.log_softmax(logits[0].float(), dim=-1)
+            top = torch.topk(lp, r.logprobs) if r.logprobs else None
+            r.on_event(s.index, tok, None, (float(lp[tok]), list(zip(top.indices.tolist(),
+                                                                      top.values.tolist()))
+                                            if top is not None else []))
         if r.stop and any(x in self.tokenizer.decode(s.out[-64:]) for x in r.stop):
             return self._finish(s, "stop")
         if len(s.out) >= r.max_tokens or s.length + 1 >= self.max_len:
