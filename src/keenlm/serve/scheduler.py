@@ -220,9 +220,10 @@ class Scheduler:
                                            mask, self.threads)
         else:  # the PyTorch model, one sequence at a time on a view of its slot
             logits = torch.cat([self._torch_step(s) for s in seqs])
-        for s, row in zip(seqs, logits):
+        greedy = logits.argmax(-1).tolist()  # one call for every row that samples greedily
+        for s, row, g in zip(seqs, logits, greedy):
             s.length += 1
-            self._take(s, row[None].float())
+            self._take(s, row[None].float(), g if s.req.temperature == 0 else None)
         self.running = [s for s in seqs if s.slot >= 0]
 
     def _torch_step(self, s: _Seq) -> torch.Tensor:
@@ -233,13 +234,17 @@ class Scheduler:
         return self.model(torch.tensor([[s.last]], device=self.k.device), cache=cache,
                           positions=pos)[:, -1]
 
-    def _take(self, s: _Seq, logits: torch.Tensor) -> None:
-        """Sample the next token of ``s``, report it, and retire ``s`` if it is done."""
+    def _take(self, s: _Seq, logits: torch.Tensor, greedy: Optional[int] = None) -> None:
+        """Sample the next token of ``s`` (``greedy``: already chosen), report it, and retire
+        ``s`` if it is done."""
         r = s.req
-        cfg = GenerateConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                             max_new_tokens=r.max_tokens)
-        seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
-        tok = int(sample_next(logits, seen, cfg, s.gen)[0])
+        if greedy is not None:
+            tok = greedy
+        else:
+            cfg = GenerateConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                 max_new_tokens=r.max_tokens)
+            seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+            tok = int(sample_next(logits, seen, cfg, s.gen)[0])
         eos = self.tokenizer.eos_id
         if eos is not None and tok == eos:
             return self._finish(s, "stop")
