@@ -32,6 +32,7 @@ def tiny():
             p.add_(torch.randn_like(p) * 0.05)
     tok = ByteTokenizer()
     tok.chat_template = TEMPLATE
+    tok.eos_id = None  # a random model may emit end-of-text any time: lengths are max_tokens
     return quantize_q4_model(net), tok
 
 
@@ -144,6 +145,7 @@ def test_continuous_batching_admits_mid_generation_and_changes_no_token(live):
         time.sleep(0.001)
     both_short, d_short = run(short_ids, 4, log)  # ... when the short one arrives
     assert d_short.wait(30) and d_long.wait(30)
+    assert len(both_long) == 60 and len(both_short) == 4
     assert log[0][0] == tuple(short_ids)  # admitted mid-generation, finished first
     assert both_long == alone_long and both_short == alone_short  # greedy, token for token
 
