@@ -226,3 +226,26 @@ def test_metrics_health_and_tokenize(live):
     for name in ("keenlm_requests_total", "keenlm_generated_tokens_total", "keenlm_queue_depth",
                  "keenlm_kv_pool_slots_used", "keenlm_time_to_first_token_seconds_bucket"):
         assert name in text
+
+
+def test_a_strategy_runs_inside_the_server_on_its_n_samples(live):
+    # majority vote and best-of-N (the addition task's verifier) sample through the scheduler:
+    # n candidates, the chosen one among them, best-of-N's the best scored, compute reported
+    c = client(live)
+    out = c.completions.create(model="tiny", prompt="12+30=", max_tokens=8, temperature=0.8,
+                               n=4, seed=3, extra_body={"strategy": "majority"})
+    info = out.model_extra["keenlm"]
+    assert len(out.choices) == 1 and len(info["candidates"]) == 4
+    assert out.choices[0].text in [cand["text"] for cand in info["candidates"]]
+    assert info["compute"]["policy_tokens"] > 0 and info["compute"]["policy_flops"] > 0
+    assert out.usage.completion_tokens == info["compute"]["policy_tokens"]
+    from keenlm.data.tasks import get_task
+
+    problem = get_task("addition").problems("test", 1)[0].prompt
+    best = c.completions.create(model="tiny", prompt=problem, max_tokens=8, temperature=0.8,
+                                n=4, seed=3, extra_body={"strategy": "best_of_n", "task": "addition"})
+    cands = best.model_extra["keenlm"]["candidates"]
+    assert best.model_extra["keenlm"]["score"] == max(cand["score"] for cand in cands)
+    bad = httpx.post(live[0].url + "/v1/completions", json={
+        "model": "tiny", "prompt": "x", "strategy": "psychic"})
+    assert bad.status_code == 400 and "strategy" in bad.json()["error"]["message"]

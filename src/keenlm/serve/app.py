@@ -17,6 +17,12 @@ a full queue 429 with ``Retry-After``. Fields this server does not implement yet
 ``logprobs``, ``suffix``, penalties, logprobs or echo with ``stream``) are refused with a 400 that
 says so, never silently ignored.
 
+``strategy`` (and ``task``), extension fields: the request runs a test-time strategy of
+keenlm.infer.search (majority, weighted_majority, best_of_n, beam, dvts, budget_forcing) with
+``n`` as its sample budget, sampling through the same scheduler (keenlm.serve.strategies); the
+answer is the chosen completion and a ``keenlm`` field lists the candidates, their answers,
+votes and scores, and the compute spent.
+
 Completions take ``logprobs`` (0-5) and ``echo``: the log-probability of each generated token
 (and of each prompt token with ``echo``; ``max_tokens`` 0 then scores the prompt alone, what
 lm-evaluation-harness' ``local-completions`` asks for loglikelihood tasks), from the model's
@@ -39,7 +45,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from keenlm.infer.search import Budget
 from keenlm.serve.scheduler import QueueFull, Request, Scheduler
+from keenlm.serve.strategies import run_strategy
 
 MAX_N = 16
 
@@ -72,6 +80,9 @@ class _Sampling(BaseModel):
     user: Optional[str] = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # extensions (the openai client sends them through extra_body): test-time compute
+    strategy: Optional[str] = None  # a keenlm.infer.search strategy; n is its sample budget
+    task: Optional[str] = None  # a keenlm task: verifier for the scorer, answer key for votes
 
 
 class CompletionRequest(_Sampling):
@@ -282,6 +293,26 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
             raise APIError(500, f"generation failed: {reason[7:]}", kind="server_error")
         return "length" if reason == "length" else "stop"
 
+    async def strategy(body: _Sampling, prompt_text: str, max_tokens: int) -> dict:
+        """Run the request's strategy in a worker thread (it waits on the scheduler)."""
+        if body.stream:
+            raise APIError(400, "strategy does not stream yet", param="stream")
+        try:
+            budget = Budget(n=body.n, max_new_tokens=max_tokens, temperature=body.temperature,
+                            seed=body.seed or 0)
+            return await asyncio.to_thread(run_strategy, sched, body.strategy, prompt_text,
+                                           budget, body.task)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}", kind="rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+        except (ValueError, KeyError) as e:
+            raise APIError(400, f"strategy: {e}", param="strategy") from None
+
+    def strategy_usage(out: dict) -> dict:
+        c = out["compute"]
+        return {"prompt_tokens": c["policy_prefill_tokens"], "completion_tokens": c["policy_tokens"],
+                "total_tokens": c["policy_prefill_tokens"] + c["policy_tokens"]}
+
     def usage(prompt: list[int], outs) -> dict:
         n_out = sum(len(o) for o in outs)
         return {"prompt_tokens": len(prompt), "completion_tokens": n_out,
@@ -300,6 +331,14 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
         prompt = body.prompt if isinstance(body.prompt, list) else tok.encode_prompt(body.prompt)
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
+        if body.strategy is not None:
+            out = await strategy(body, body.prompt if isinstance(body.prompt, str)
+                                 else tok.decode(prompt), body.max_tokens or 64)
+            return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                    "created": int(time.time()), "model": model_name,
+                    "choices": [{"index": 0, "text": out["completion"], "logprobs": None,
+                                 "finish_reason": "stop"}],
+                    "usage": strategy_usage(out), "keenlm": out}
         req, events = start(body, prompt, 16 if body.max_tokens is None else body.max_tokens,
                             body.logprobs, body.echo)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -329,6 +368,14 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
         text = tok.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages],
                                        add_generation_prompt=True)
         prompt = tok.encode_prompt(text)
+        if body.strategy is not None:
+            out = await strategy(body, text, body.max_completion_tokens or body.max_tokens or 64)
+            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                    "created": int(time.time()), "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant",
+                                                         "content": out["completion"]},
+                                 "logprobs": None, "finish_reason": "stop"}],
+                    "usage": strategy_usage(out), "keenlm": out}
         req, events = start(body, prompt, body.max_completion_tokens or body.max_tokens or
                             max(1, sched.max_len - len(prompt) - 1))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
