@@ -13,7 +13,9 @@ FLAGS = dict(extra_compile_args=["-O3", "-std=c11", "-pthread", "-fopenmp-simd"]
              extra_link_args=["-pthread"], optional=True)
 
 setup(ext_modules=[
-    Extension("keenlm.quant._qdot", ["src/keenlm/quant/csrc/qdot.c",
+    Extension("keenlm.quant._qdot", ["src/keenlm/quant/csrc/module.c",
+                                     "src/keenlm/quant/csrc/qdot.c",
+                                     "src/keenlm/quant/csrc/tq2.c",
                                      "src/keenlm/quant/csrc/pool.c"],
               depends=["src/keenlm/quant/csrc/qdot.h"], **FLAGS),
     Extension("keenlm.infer._step", ["src/keenlm/infer/csrc/step.c"],

@@ -139,15 +139,13 @@ CLONES static void attend(const float *qh, const float *k, const float *v, const
     for (int i = 0; i < D; i++) out[i] *= inv;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define KEENLM_X86 1
-#define T512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+#if defined(KEENLM_X86) && defined(__GNUC__)
+#define ATT512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
 
 /* The NQ query heads that share one key/value head, at once (grouped-query attention), head
  * dim 16 NV: each key and value row is loaded once for all of them, the queries and outputs
  * stay in registers. The same arithmetic as ``attend`` per head, in another order. */
-T512 static inline __attribute__((always_inline)) void attend_group512(
+ATT512 static inline __attribute__((always_inline)) void attend_group512(
         const int NQ, const int NV, const float *q, const float *k, const float *v,
         const uint8_t *mask, int S, float *p, float *out) {
     const int D = 16 * NV;
@@ -208,7 +206,7 @@ T512 static inline __attribute__((always_inline)) void attend_group512(
 
 /* 1 when the grouped AVX-512 path took the group (head dims 64 and 128, up to 4 query heads
  * per key/value head), 0 for the per-head loop */
-T512 static int attend_group_fast(int nq, int D, const float *q, const float *k, const float *v,
+ATT512 static int attend_group_fast(int nq, int D, const float *q, const float *k, const float *v,
                                   const uint8_t *mask, int S, float *p, float *out) {
 #define AG(NQ, NV) attend_group512(NQ, NV, q, k, v, mask, S, p, out); return 1
     if (D == 64) {

@@ -1,7 +1,7 @@
 /* What keenlm's compiled kernels share among their files and with other extensions.
  *
- * keenlm.quant._qdot holds the quantized matrix-vector kernels (qdot.c) and one persistent
- * thread pool (pool.c). Other extensions (keenlm.infer._step, the decode step) reach them
+ * keenlm.quant._qdot holds the quantized matrix-vector kernels (qdot.c, tq2.c), one persistent
+ * thread pool (pool.c) and the Python module over them (module.c). Other extensions (keenlm.infer._step, the decode step) reach them
  * through a PyCapsule, ``keenlm.quant._qdot._C_API``, holding a QdotAPI: one pool per process,
  * and the kernels compiled once. */
 #ifndef KEENLM_QDOT_H
@@ -64,6 +64,24 @@ typedef struct {
     /* rows [n0, n1) of N that thread ith of nth takes: groups of 4 (the kernels' row tile) */
     void (*pool_share)(int N, int ith, int nth, int *n0, int *n1);
 } QdotAPI;
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define KEENLM_X86 1
+#endif
+#define T512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* qdot.c (Q4, Q8_0, activation rounding) and tq2.c (TQ2_0): the kernels, as the capsule holds
+ * them; module.c is the Python module over them */
+int cpu_path(void);
+int path_ok(int path);
+void quantize_rows(const float *x, int8_t *xq, float *xd, float *xs, int B, int K);
+void q4_rows(int path, const uint8_t *qs, const half *d, const half *m, const int8_t *xq,
+             const float *xd, const float *xs, float *out, int N, int K, int B, int n0, int n1);
+void q8_rows(int path, const int8_t *q8, const half *d, const int8_t *xq, const float *xd,
+             const float *xs, float *out, int N, int K, int B, int n0, int n1);
+void t2_rows(int path, const uint8_t *qs, const half *d, const int8_t *xq, const float *xd,
+             const float *xs, float *out, int N, int K, int B, int n0, int n1);
 
 /* pool.c */
 void pool_run(pool_fn fn, void *ctx, int nth);
