@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from keenlm.quant import q4
 from keenlm.quant.q4 import (Q4Linear, available_paths, dequantize_q4, q4_matmul,

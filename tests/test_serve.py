@@ -121,15 +121,19 @@ def test_continuous_batching_admits_mid_generation_and_changes_no_token(live):
     assert sched.engine is not None  # the C decode step, rows at different lengths
     long_ids, short_ids = list(b"def long_function(x):"), list(b"import os")
 
-    def run(prompt, n_tokens, log):
+    def run(prompt, n_tokens, log, at_token=None):
+        """Submit; ``at_token`` = (k, fn): fn() runs in the scheduler's callback once k tokens
+        are out (so the next request arrives mid-generation whatever the test thread's luck)."""
         done = threading.Event()
         out = []
 
-        def on(i, t, f):
+        def on(i, t, f, lp=None):
             if t is not None:
                 out.append(t)
+                if at_token is not None and len(out) == at_token[0]:
+                    at_token[1]()
             if f is not None:
-                log.append((tuple(prompt), time.perf_counter()))
+                log.append(tuple(prompt))
                 done.set()
         sched.submit(Request(prompt=prompt, max_tokens=n_tokens, temperature=0, on_event=on))
         return out, done
@@ -140,14 +144,13 @@ def test_continuous_batching_admits_mid_generation_and_changes_no_token(live):
     alone_short, d = run(short_ids, 4, log)
     d.wait(30)
     log.clear()
-    both_long, d_long = run(long_ids, 60, log)
-    while len(both_long) < 5:  # the long one is generating ...
-        time.sleep(0.001)
-    both_short, d_short = run(short_ids, 4, log)  # ... when the short one arrives
-    assert d_short.wait(30) and d_long.wait(30)
-    assert len(both_long) == 60 and len(both_short) == 4
-    assert log[0][0] == tuple(short_ids)  # admitted mid-generation, finished first
-    assert both_long == alone_long and both_short == alone_short  # greedy, token for token
+    short = {}
+    both_long, d_long = run(long_ids, 60, log, at_token=(  # 5 tokens into the long one ...
+        5, lambda: short.update(zip(("out", "done"), run(short_ids, 4, log)))))  # ... the short
+    assert d_long.wait(30) and short["done"].wait(30)
+    assert len(both_long) == 60 and len(short["out"]) == 4
+    assert log == [tuple(short_ids), tuple(long_ids)]  # admitted mid-generation, finished first
+    assert both_long == alone_long and short["out"] == alone_short  # greedy, token for token
 
 
 def test_bad_inputs_get_openai_errors_and_a_good_request_still_completes(live):

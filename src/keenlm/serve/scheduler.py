@@ -210,6 +210,19 @@ class Scheduler:
 
     @torch.no_grad()
     def _decode(self) -> None:
+        # the step's own pool holds the threads; torch's (sampling, small ops) take one
+        # meanwhile, as keenlm.quant.q4.decode_threads arranges for generate: two pools
+        # spinning on the same cores starve each other
+        if self.engine is None:  # the PyTorch model decodes: it keeps torch's threads
+            return self._decode_rows()
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self._decode_rows()
+        finally:
+            torch.set_num_threads(n)
+
+    def _decode_rows(self) -> None:
         seqs = self.running
         tokens = torch.tensor([s.last for s in seqs])
         lengths = torch.tensor([s.length for s in seqs])
