@@ -252,3 +252,54 @@ def test_a_strategy_runs_inside_the_server_on_its_n_samples(live):
     bad = httpx.post(live[0].url + "/v1/completions", json={
         "model": "tiny", "prompt": "x", "strategy": "psychic"})
     assert bad.status_code == 400 and "strategy" in bad.json()["error"]["message"]
+
+
+def test_sigterm_lets_open_requests_end_and_exits_0(tmp_path):
+    # the real command in its own process: a request in flight when SIGTERM arrives is answered
+    # (uvicorn's graceful shutdown waits for it; the scheduler keeps decoding meanwhile), and the
+    # server exits 0 within its deadline
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("gguf", reason="the gguf package is not installed")
+    from keenlm.io.gguf_export import export_gguf
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(vocab_size=257, n_layer=2, d_model=128, n_head=4, n_kv_head=2,
+                                  d_ff=256, max_seq_len=512)).eval()
+    path = export_gguf(net, ByteTokenizer(), tmp_path / "tiny.gguf", "f32")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "keenlm.cli", "serve", str(path), "--port",
+                             str(port), "--name", "tiny", "--max-len", "512"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        result = {}
+
+        def ask():
+            result["r"] = httpx.post(url + "/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": "a", "max_tokens": 480, "temperature": 0.9, "seed": 1})
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(0.3)  # the request is being decoded
+        os.kill(proc.pid, signal.SIGTERM)
+        t.join(60)
+        assert proc.wait(45) == 0
+        assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["text"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

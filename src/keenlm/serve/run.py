@@ -4,6 +4,7 @@ connections and waits for the open ones; the scheduler then finishes what it hol
 ``drain_s`` seconds and cancels the rest."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import uvicorn
@@ -31,8 +32,12 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, drain_s: flo
     print(f"keenlm serve: {model} on http://{host}:{port} ({sched.max_batch} slots of "
           f"{sched.max_len} positions, KV pool {sched.pool_bytes / 2**20:.0f} MB; decoding with "
           f"{engine})")
+    # uvicorn catches SIGTERM / SIGINT, drains, then raises the signal again under the handler
+    # it found: a handler of ours makes that a clean exit (status 0) instead of death by signal
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning",
                     timeout_graceful_shutdown=int(drain_s))
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sched.stop(drain_s)
