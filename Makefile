@@ -49,6 +49,7 @@ $(VENV)/.keenlm-bench: $(DEV)
 bench: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/lowbit.py
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/grpo.py
@@ -58,6 +59,7 @@ bench: $(VENV)/.keenlm-bench
 bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py --quick
 	$(BIN)/python benchmarks/decode.py --quick
+	$(BIN)/python benchmarks/serve.py --quick
 	$(BIN)/python benchmarks/lowbit.py --quick
 	$(BIN)/python benchmarks/attention.py --quick
 	$(BIN)/python benchmarks/grpo.py --quick
