@@ -104,6 +104,18 @@ def test_echo_and_logprobs_score_the_prompt_as_the_model_does(live):
         assert abs(lp_ - max(top.values())) < 1e-5 and len(top) <= 2
 
 
+def test_chat_logprobs_in_openai_shape(live):
+    c = client(live)
+    out = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                    max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert abs(entry.logprob - entry.top_logprobs[0].logprob) < 1e-5
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+
+
 def test_chat_and_seeded_sampling_are_reproducible(live):
     c = client(live)
     ask = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10,

@@ -13,9 +13,10 @@ Request fields follow OpenAI's API (``max_tokens``, ``temperature``, ``top_p``, 
 ``stream``, ``stop``, ``seed``, ``user``) plus ``top_k``; a field OpenAI does not define is
 refused, as OpenAI refuses it. Every error is OpenAI's error object with a 4xx status: bad JSON
 or types and out-of-range values 400, a missing or wrong key 401, an unknown model or route 404,
-a full queue 429 with ``Retry-After``. Fields this server does not implement yet (chat
-``logprobs``, ``suffix``, penalties, logprobs or echo with ``stream``) are refused with a 400 that
-says so, never silently ignored.
+a full queue 429 with ``Retry-After``. Fields this server does not implement yet (``suffix``,
+penalties, logprobs or echo with ``stream`` or a strategy) are refused with a 400 that says so,
+never silently ignored. Chat takes ``logprobs`` and ``top_logprobs`` (0-20) in OpenAI's chat
+shape.
 
 ``strategy`` (and ``task``), extension fields: the request runs a test-time strategy of
 keenlm.infer.search (majority, weighted_majority, best_of_n, beam, dvts, budget_forcing) with
@@ -103,7 +104,7 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     max_completion_tokens: Optional[int] = Field(default=None, gt=0)
 
 
@@ -271,6 +272,15 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
             req.cancelled = done < req.n  # the client went away: free the slots
         return outs, reasons, lps, prompt_entries
 
+    def chat_logprobs(entries) -> dict:
+        """OpenAI's chat ``logprobs``: per token its text, bytes, log-probability and the
+        most likely alternatives."""
+        def item(t, lp):
+            piece = tok.decode([t])
+            return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+        return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]}
+                            for t, lp, top in entries]}
+
     def logprob_object(entries, k: int) -> dict:
         """OpenAI's completions ``logprobs``: tokens, their log-probabilities, the top k of each
         and each token's character offset in the text."""
@@ -360,8 +370,11 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
     @app.post("/v1/chat/completions", dependencies=guard)
     async def chat(body: ChatRequest):
         check(body)
-        if body.logprobs or body.top_logprobs is not None:
-            raise APIError(400, "logprobs are not supported by this server yet", param="logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if body.logprobs and (body.stream or body.strategy is not None):
+            raise APIError(400, "logprobs are not supported with stream or strategy yet",
+                           param="logprobs")
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions",
                            param="messages")
@@ -377,15 +390,17 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
                                  "logprobs": None, "finish_reason": "stop"}],
                     "usage": strategy_usage(out), "keenlm": out}
         req, events = start(body, prompt, body.max_completion_tokens or body.max_tokens or
-                            max(1, sched.max_len - len(prompt) - 1))
+                            max(1, sched.max_len - len(prompt) - 1),
+                            logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return EventSourceResponse(stream(req, events, cid, created, chat=True),
                                        ping=15, sep="\n")
-        outs, reasons, _, _ = await collect(req, events)
+        outs, reasons, lps, _ = await collect(req, events)
         choices = [{"index": i, "message": {"role": "assistant",
                                             "content": _cut(tok.decode(o), req.stop)},
-                    "logprobs": None, "finish_reason": finish_reason(r)}
+                    "logprobs": chat_logprobs(lps[i]) if body.logprobs else None,
+                    "finish_reason": finish_reason(r)}
                    for i, (o, r) in enumerate(zip(outs, reasons))]
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": choices, "usage": usage(prompt, outs)}
