@@ -13,6 +13,7 @@ Peak memory is then about the packed model plus one tensor in fp32.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,17 @@ def q4_blocks(raw: np.ndarray, tname: str) -> tuple[torch.Tensor, torch.Tensor, 
     return torch.from_numpy(qs), torch.from_numpy(d), torch.from_numpy(m)
 
 
+def _releasing(read):
+    """A reader method after which its tensor's file pages leave this process's memory."""
+    @functools.wraps(read)
+    def wrapper(self, kname):
+        try:
+            return read(self, kname)
+        finally:
+            self.done(kname)
+    return wrapper
+
+
 class _Reader:
     """One GGUF file's tensors by keenlm name, checked, in raw or fp32 form."""
 
@@ -95,28 +107,26 @@ class _Reader:
         t = self.by_name[self.gguf_of[kname]]
         gguf_format.release(self.reader.data, t.offset, t.n_bytes)
 
+    def blocks(self, gname, t, tname, weights: int, size: int) -> np.ndarray:
+        """The tensor's raw rows, checked to hold whole blocks of ``weights`` in ``size`` bytes."""
+        raw = gguf_format.tensor_bytes(self.reader.data, t)
+        if raw.shape[-1] * weights != size * t.shape[-1]:
+            raise GGUFError(self.path, f"tensor {gname}: {raw.shape[-1]} bytes per row do not "
+                                       f"hold {t.shape[-1]} {tname} weights")
+        return raw
+
+    @_releasing
     def q4(self, kname):
         """A projection as Q4 blocks, ("q4", codes, d, m), or as ternary TQ2_0 blocks,
         ("t2", codes, d): taken as stored when the file has them, else rounded to Q4."""
-        try:
-            return self._q4(kname)
-        finally:
-            self.done(kname)
-
-    def _q4(self, kname):
         gname, t, tname = self.info(kname)
-        raw = gguf_format.tensor_bytes(self.reader.data, t)
         heads = self._heads(kname)
+        rows = (lambda raw: unpermute_qk(raw, heads)) if heads else (lambda raw: raw)
         if tname == "TQ2_0":
-            if raw.shape[-1] * 256 != TQ2_BYTES * t.shape[-1]:
-                raise GGUFError(self.path, f"tensor {gname}: {raw.shape[-1]} bytes per row do "
-                                           f"not hold {t.shape[-1]} TQ2_0 weights")
-            return ("t2", *tq2_blocks(unpermute_qk(raw, heads) if heads else raw))
+            return ("t2", *tq2_blocks(rows(self.blocks(gname, t, tname, 256, TQ2_BYTES))))
         if tname in BLOCK_BYTES:
-            if raw.shape[-1] * 32 != BLOCK_BYTES[tname] * t.shape[-1]:
-                raise GGUFError(self.path, f"tensor {gname}: {raw.shape[-1]} bytes per row do "
-                                           f"not hold {t.shape[-1]} {tname} weights")
-            return ("q4", *q4_blocks(unpermute_qk(raw, heads) if heads else raw, tname))
+            return ("q4", *q4_blocks(rows(self.blocks(gname, t, tname, 32, BLOCK_BYTES[tname])),
+                                     tname))
         return ("q4", *quantize_q4(self.fp32(kname)))
 
     def fp32(self, kname, rows: slice | None = None) -> torch.Tensor:
@@ -130,23 +140,13 @@ class _Reader:
         w = unpermute_qk(w, heads) if heads else w
         return torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
 
+    @_releasing
     def q8(self, kname):
         """A large matrix (embedding, head) as Q8_0 blocks: as stored when the file has them,
         else rounded EMBED_CHUNK rows at a time."""
-        try:
-            return self._q8(kname)
-        finally:
-            self.done(kname)
-
-    def _q8(self, kname):
-        """``q8`` before the file pages are dropped."""
         gname, t, tname = self.info(kname)
         if tname == "Q8_0":
-            raw = gguf_format.tensor_bytes(self.reader.data, t)
-            if raw.shape[-1] * 32 != 34 * t.shape[-1]:
-                raise GGUFError(self.path, f"tensor {gname}: {raw.shape[-1]} bytes per row do "
-                                           f"not hold {t.shape[-1]} Q8_0 weights")
-            return q8_blocks(raw)
+            return q8_blocks(self.blocks(gname, t, tname, 32, 34))
         q = torch.empty(tuple(t.shape), dtype=torch.int8)
         d = torch.empty(t.shape[0], t.shape[1] // 32, dtype=torch.float16)
         for i in range(0, t.shape[0], EMBED_CHUNK):
