@@ -2,6 +2,7 @@
 validation, uvicorn as the server (keenlm.serve.run), sse-starlette for streamed responses,
 prometheus-client for ``/metrics``. No HTTP is parsed by hand.
 
+    GET  /                          the playground page (static/playground.html)
     GET  /health                    liveness (no key needed)
     GET  /v1/models                 the one model served
     POST /v1/completions            prompt (text or token ids) -> n continuations; stream
@@ -36,11 +37,12 @@ import hmac
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Optional, Union
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
@@ -51,6 +53,7 @@ from keenlm.serve.scheduler import QueueFull, Request, Scheduler
 from keenlm.serve.strategies import run_strategy
 
 MAX_N = 16
+PAGE = Path(__file__).parent / "static" / "playground.html"  # GET /: chat and strategies
 
 
 class APIError(Exception):
@@ -87,7 +90,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int]]
+    # one prompt (text or token ids) or a batch of them; choice i*n + j is sample j of prompt i
+    prompt: Union[str, list[int], list[str], list[list[int]]]
     max_tokens: Optional[int] = Field(default=None, ge=0)  # 0: with echo, the prompt's logprobs
     logprobs: Optional[int] = Field(default=None, ge=0, le=5)
     echo: bool = False
@@ -111,6 +115,10 @@ class ChatRequest(_Sampling):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
+    # vLLM's field (lm-evaluation-harness sends it): keenlm's tokenizers add no BOS or other
+    # token to a prompt, so both values give the same ids; special tokens written in the
+    # text (<|im_end|>) are read as their ids, as /v1/completions reads a text prompt
+    add_special_tokens: bool = True
 
 
 class DetokenizeRequest(BaseModel):
@@ -191,6 +199,11 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
     async def health():
         return {"status": "ok"}
 
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        # the page holds no secret: with --api-key it asks for the key and sends it itself
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
     @app.get("/v1/models", dependencies=guard)
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
@@ -202,7 +215,16 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
 
     @app.post("/tokenize", dependencies=guard)
     async def tokenize(body: TokenizeRequest):
-        return {"tokens": tok.encode(body.prompt)}
+        return {"tokens": tok.encode_prompt(body.prompt)}
+
+    @app.get("/tokenizer_info", dependencies=guard)
+    async def tokenizer_info():
+        """vLLM's route: what a client needs to tokenize as the server does (lm-evaluation-
+        harness' remote tokenizer reads it)."""
+        eos = tok.decode([tok.eos_id]) if tok.eos_id is not None else None
+        return {"eos_token": eos, "bos_token": None, "pad_token": None,
+                "chat_template": getattr(tok, "chat_template", None),
+                "vocab_size": sched.model.cfg.vocab_size, "model_max_length": sched.max_len}
 
     @app.post("/detokenize", dependencies=guard)
     async def detokenize(body: DetokenizeRequest):
@@ -323,10 +345,38 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
         return {"prompt_tokens": c["policy_prefill_tokens"], "completion_tokens": c["policy_tokens"],
                 "total_tokens": c["policy_prefill_tokens"] + c["policy_tokens"]}
 
-    def usage(prompt: list[int], outs) -> dict:
+    def usage(n_prompt: int, outs) -> dict:
         n_out = sum(len(o) for o in outs)
-        return {"prompt_tokens": len(prompt), "completion_tokens": n_out,
-                "total_tokens": len(prompt) + n_out}
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                "total_tokens": n_prompt + n_out}
+
+    def prompts_of(body: CompletionRequest) -> list[tuple[str, list[int]]]:
+        """(text, token ids) of each prompt of the request."""
+        p = body.prompt
+        many = isinstance(p, list) and p and not isinstance(p[0], int)
+        items = p if many else [p]
+        if not items:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        out = []
+        for item in items:
+            ids = item if isinstance(item, list) else tok.encode_prompt(item)
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            if min(ids) < 0 or max(ids) >= sched.model.cfg.vocab_size:
+                raise APIError(400, "a prompt token id is outside the vocabulary", param="prompt")
+            out.append((item if isinstance(item, str) else tok.decode(ids), ids))
+        return out
+
+    def completion_choices(text: str, req, outs, reasons, lps, prompt_entries, body, first: int):
+        head = text if body.echo else ""
+        choices = []
+        for i, (o, r) in enumerate(zip(outs, reasons)):
+            lp = None
+            if body.logprobs is not None:
+                lp = logprob_object((prompt_entries if body.echo else []) + lps[i], body.logprobs)
+            choices.append({"index": first + i, "text": head + _cut(tok.decode(o), req.stop),
+                            "logprobs": lp, "finish_reason": finish_reason(r)})
+        return choices
 
     @app.post("/v1/completions", dependencies=guard)
     async def completions(body: CompletionRequest):
@@ -338,34 +388,43 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
                            param="stream")
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens 0 needs echo (to score the prompt)", param="max_tokens")
-        prompt = body.prompt if isinstance(body.prompt, list) else tok.encode_prompt(body.prompt)
-        if not prompt:
-            raise APIError(400, "the prompt is empty", param="prompt")
+        prompts = prompts_of(body)
+        if len(prompts) > 1 and (body.stream or body.strategy is not None):
+            raise APIError(400, "several prompts in one request are not supported with stream "
+                                "or strategy yet", param="prompt")
+        if len(prompts) * body.n > MAX_N * 4:
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n}: at most {MAX_N * 4} "
+                                "completions per request", param="prompt")
         if body.strategy is not None:
-            out = await strategy(body, body.prompt if isinstance(body.prompt, str)
-                                 else tok.decode(prompt), body.max_tokens or 64)
+            out = await strategy(body, prompts[0][0], body.max_tokens or 64)
             return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                     "created": int(time.time()), "model": model_name,
                     "choices": [{"index": 0, "text": out["completion"], "logprobs": None,
                                  "finish_reason": "stop"}],
                     "usage": strategy_usage(out), "keenlm": out}
-        req, events = start(body, prompt, 16 if body.max_tokens is None else body.max_tokens,
-                            body.logprobs, body.echo)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        started = []
+        try:  # every prompt is queued before any is awaited: they decode in the same batches
+            for _, ids in prompts:
+                started.append(start(body, ids, max_tokens, body.logprobs, body.echo))
+        except APIError:
+            for req, _ in started:
+                req.cancelled = True
+            raise
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
+            req, events = started[0]
             return EventSourceResponse(stream(req, events, cid, created, chat=False),
                                        ping=15, sep="\n")
-        outs, reasons, lps, prompt_entries = await collect(req, events)
-        head = (body.prompt if isinstance(body.prompt, str) else tok.decode(prompt)) if body.echo else ""
-        choices = []
-        for i, (o, r) in enumerate(zip(outs, reasons)):
-            lp = None
-            if body.logprobs is not None:
-                lp = logprob_object((prompt_entries if body.echo else []) + lps[i], body.logprobs)
-            choices.append({"index": i, "text": head + _cut(tok.decode(o), req.stop),
-                            "logprobs": lp, "finish_reason": finish_reason(r)})
+        results = await asyncio.gather(*(collect(req, events) for req, events in started))
+        choices, n_in, outs_all = [], 0, []
+        for k, ((text, ids), (req, _), (outs, reasons, lps, entries)) in enumerate(
+                zip(prompts, started, results)):
+            choices += completion_choices(text, req, outs, reasons, lps, entries, body, k * body.n)
+            n_in += len(ids)
+            outs_all += outs
         return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage(prompt, outs)}
+                "choices": choices, "usage": usage(n_in, outs_all)}
 
     @app.post("/v1/chat/completions", dependencies=guard)
     async def chat(body: ChatRequest):
@@ -403,7 +462,7 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
                     "finish_reason": finish_reason(r)}
                    for i, (o, r) in enumerate(zip(outs, reasons))]
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage(prompt, outs)}
+                "choices": choices, "usage": usage(len(prompt), outs)}
 
     async def stream(req, events, cid, created, chat: bool):
         """Server-sent events: one chunk per new piece of text of a choice, then [DONE]. Text

@@ -1,0 +1,150 @@
+"""lm-evaluation-harness' model interface over a keenlm model: ``lm_eval --model keenlm
+--model_args pretrained=PATH[,quant=q4,batch_size=8,max_length=N]``, or
+``KeenLM(model=keenlm.load(...))`` from Python.
+
+Scoring follows the harness' own API models (``TemplateLM``): a context and continuation are
+encoded whole and split where the context's ids end; an empty context is conditioned on the
+end-of-text token; a rolling log-likelihood scores disjoint windows of ``max_length`` tokens.
+Tokenization is the one ``keenlm serve`` applies to a text prompt (``encode_prompt``: special
+tokens written in the text are read as their ids), so this class and the harness'
+``local-completions`` client against ``keenlm serve`` see the same ids and give the same
+figures.
+
+``generate_until`` decodes greedily (or samples, when the task asks for ``do_sample``) with
+keenlm's generation loop, the C decode step for q4 models; ``batch_size`` rows at a time. Rows
+of one batch are left-padded, which can change a near-tie of the argmax against a row decoded
+alone; ``batch_size=1`` decodes each request exactly as the server does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import lm_eval.models  # noqa: F401  (the harness fills its registry only while it is empty)
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from keenlm.api import load
+from keenlm.config import GenerateConfig
+from keenlm.infer.generate import generate_tokens, stop_check
+
+
+def _cut(text: str, until) -> str:
+    cuts = [text.find(s) for s in until if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+@register_model("keenlm")
+class KeenLM(TemplateLM):
+    def __init__(self, pretrained: Optional[str] = None, quant: str = "none", device: str = "cpu",
+                 batch_size: int | str = 8, max_length: Optional[int] = None,
+                 max_gen_toks: int = 256, model=None, **unused):
+        super().__init__()
+        if unused:
+            raise ValueError(f"keenlm model: unknown arguments {sorted(unused)} (known: "
+                             "pretrained, quant, device, batch_size, max_length, max_gen_toks)")
+        if model is None:
+            if pretrained is None:
+                raise ValueError("keenlm model: give pretrained=PATH (run folder, quantized "
+                                 "folder, GGUF file or Hugging Face folder)")
+            model = load(pretrained, device=device, quant=quant)
+        self.net, self.tok = model.net.eval(), model.tokenizer
+        self._device = next(self.net.parameters()).device
+        self.batch = int(batch_size) if str(batch_size) != "auto" else 8
+        cap = self.net.cfg.max_seq_len
+        self.max_length = min(int(max_length), cap) if max_length else cap
+        self.max_gen_toks = int(max_gen_toks)
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def eot_token_id(self) -> int:
+        if self.tok.eos_id is None:
+            raise ValueError("this model's tokenizer has no end-of-text token to condition an "
+                             "empty context on")
+        return self.tok.eos_id
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+        return self.tok.encode_prompt(string)
+
+    def tok_decode(self, ids) -> str:
+        return self.tok.decode(ids)
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Log-probability of each continuation given its context, and whether greedy decoding
+        would produce it; one forward pass per row batch (right-padded: causal attention keeps
+        the padding out of every real position)."""
+        inputs = []
+        for ctx, cont in rows:
+            if not cont:
+                raise ValueError("an empty continuation cannot be scored")
+            whole = (ctx + cont)[-(self.max_length + 1):]
+            inputs.append((whole[:-1], len(cont)))
+        width = max(len(x) for x, _ in inputs)
+        idx = torch.zeros(len(inputs), width, dtype=torch.long, device=self._device)
+        for i, (x, _) in enumerate(inputs):
+            idx[i, :len(x)] = torch.tensor(x)
+        logp = torch.log_softmax(self.net(idx).float(), dim=-1)
+        out = []
+        for i, ((x, n), (_, cont)) in enumerate(zip(inputs, rows)):
+            lp = logp[i, len(x) - n:len(x)]
+            target = torch.tensor(cont, device=self._device)
+            out.append((float(lp.gather(1, target[:, None]).sum()),
+                        bool((lp.argmax(-1) == target).all())))
+        return out
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        results: list = [None] * len(requests)
+        for start in range(0, len(order), self.batch):
+            chunk = order[start:start + self.batch]
+            scored = self._score([(requests[i][1], requests[i][2]) for i in chunk])
+            for i, r in zip(chunk, scored):
+                results[i] = r
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for (string,) in [r.args for r in requests]:
+            windows = [(None,) + make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length - 1, context_len=1)]
+            total = sum(lp for lp, _ in self._loglikelihood_tokens(windows))
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+            out.append(total)
+        return out
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results: list = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):  # one generation setting per batch
+            groups.setdefault(repr(sorted(r.args[1].items())), []).append(i)
+        for members in groups.values():
+            kwargs = dict(requests[members[0]].args[1])
+            until = kwargs.pop("until", None) or []
+            until = [u for u in ([until] if isinstance(until, str) else until) if u]
+            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            sample = bool(kwargs.pop("do_sample", False))
+            temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
+            cfg = GenerateConfig(max_new_tokens=max_new, temperature=temperature,
+                                 top_p=float(kwargs.pop("top_p", 1.0)), top_k=0,
+                                 seed=int(kwargs.pop("seed", 0)), stop=tuple(until))
+            room = self.max_length - max_new
+            if room < 1:
+                raise ValueError(f"max_gen_toks {max_new} leaves no room for a prompt in "
+                                 f"{self.max_length} positions")
+            for start in range(0, len(members), self.batch):
+                chunk = members[start:start + self.batch]
+                prompts = [self.tok_encode(requests[i].args[0])[-room:] for i in chunk]
+                outs = generate_tokens(self.net, prompts, cfg, eos_id=self.tok.eos_id,
+                                       should_stop=stop_check(self.tok, until))
+                for i, o in zip(chunk, outs):
+                    text = _cut(self.tok.decode(o), until)
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return results
