@@ -165,6 +165,72 @@ def test_continuous_batching_admits_mid_generation_and_changes_no_token(live):
     assert both_long == alone_long and short["out"] == alone_short  # greedy, token for token
 
 
+def greedy(sched, prompt, n_tokens, on_token=None):
+    """Submit a greedy request; (its tokens, an Event set when it ends)."""
+    out, done = [], threading.Event()
+
+    def on(i, t, f, lp=None):
+        if t is not None:
+            out.append(t)
+            if on_token is not None:
+                on_token(len(out))
+        if f is not None:
+            done.set()
+    sched.submit(Request(prompt=prompt, max_tokens=n_tokens, temperature=0, on_event=on))
+    return out, done
+
+
+def test_chunked_prefill_interleaves_with_decoding_and_changes_no_token():
+    net, tok = tiny()
+    # alone: each request on a scheduler of its own (nothing reused, nothing else running)
+    ref = Scheduler(net, tok, max_batch=4, max_len=256, prefill_chunk=8).start()
+    sched = Scheduler(net, tok, max_batch=4, max_len=256, prefill_chunk=8).start()
+    try:
+        running_ids, long_ids = list(b"x = 1"), list(b"def a_long_prompt(with_many, arguments):\n    pass\n")
+        alone_running, d = greedy(ref, running_ids, 40)
+        assert d.wait(30)
+        alone_long, d = greedy(ref, long_ids, 6)
+        assert d.wait(30)
+        events, late = [], {}
+
+        def arrive(k):
+            events.append(("running", k))
+            if k == 3:  # the long prompt arrives while the first request decodes
+                late["out"], late["done"] = greedy(sched, long_ids, 6,
+                                                   lambda j: events.append(("long", j)))
+        both_running, d = greedy(sched, running_ids, 40, arrive)
+        assert d.wait(30) and late["done"].wait(30)
+        first_long = events.index(("long", 1))
+        # its 7 chunks of 8 positions went in between decode steps of the running request
+        assert sum(1 for e in events[:first_long] if e[0] == "running") >= 3 + 6
+        assert both_running == alone_running and late["out"] == alone_long  # token for token
+        assert sched.stats["tokens_reused"] == 0
+    finally:
+        ref.stop()
+        sched.stop()
+
+
+def test_a_repeated_prompt_prefix_is_reused_and_changes_no_token():
+    net, tok = tiny()
+    system = list(b"<system>You answer in one word, always.\n")
+    a, b = system + list(b"<user>first?"), system + list(b"<user>second?")
+    fresh = Scheduler(net, tok, max_batch=2, max_len=256, prefill_chunk=8).start()
+    sched = Scheduler(net, tok, max_batch=2, max_len=256, prefill_chunk=8).start()
+    try:
+        want, d = greedy(fresh, b, 8)
+        assert d.wait(30) and fresh.stats["tokens_reused"] == 0
+        _, d = greedy(sched, a, 8)
+        assert d.wait(30) and sched.stats["tokens_reused"] == 0
+        got, d = greedy(sched, b, 8)
+        assert d.wait(30)
+        common = len(system) + len(b"<user>")
+        assert sched.stats["tokens_reused"] == common // 8 * 8 > 0  # whole chunks of the prefix
+        assert got == want  # the reused keys and values are the ones a fresh prefill computes
+    finally:
+        fresh.stop()
+        sched.stop()
+
+
 def test_bad_inputs_get_openai_errors_and_a_good_request_still_completes(live):
     url = live[0].url
 

@@ -4,16 +4,31 @@ step and retires them as they finish.
 The model's keys and values live in one pool allocated at start-up: ``max_batch`` rows (slots)
 of ``max_len`` positions each, (L, max_batch, Hk, max_len, D) for keys and again for values, so
 memory is bounded and known (``pool_bytes``). A request of ``n`` samples takes ``n`` slots: its
-prompt is prefilled once (the PyTorch model, one forward pass) and the prompt's keys and values
-are copied into each of its slots. Every loop iteration then
+prompt is prefilled once, straight into its first slot (the PyTorch model on a view of the
+slot), and the prompt's keys and values are copied into its other slots. Every loop iteration
 
-    1. admits queued requests while slots are free (prefill, first token of each sample),
-    2. runs one decode step for every running sequence at once, each at its own length in its
+    1. admits the next queued request when its slots are free and no prefill is under way,
+    2. prefills one chunk of ``prefill_chunk`` prompt positions of the request being admitted
+       (all of its chunks when nothing is decoding); after the last chunk each sample's first
+       token is sampled and the samples join the batch,
+    3. runs one decode step for every running sequence at once, each at its own length in its
        own slot (keenlm.infer.engine's ``step_rows``: the C step, for models it runs; otherwise
        each sequence steps alone through the PyTorch model),
-    3. samples each sequence's next token with its own settings and generator, and retires the
+    4. samples each sequence's next token with its own settings and generator, and retires the
        sequences that hit end-of-text, a stop string, ``max_tokens`` or the context, or whose
        client went away; their slots are free at the next admission.
+
+Chunked prefill: a long prompt no longer stops every running sequence for its whole prefill;
+each decode step waits for one chunk at most. Chunks always start at multiples of
+``prefill_chunk`` (not where the load happens to cut), so a prompt's keys and values, and the
+greedy output, are the same whether it was admitted alone or under load.
+
+Prompt reuse: a slot keeps the keys and values of the prompt it last held (``slot_prompt``).
+A new request takes the free slot whose prompt shares the longest prefix with its own and
+prefills only from there, rounded down to a chunk boundary so the reused positions are exactly
+the ones a fresh prefill would compute. A repeated system prompt, or a conversation's earlier
+turns, cost no prefill. Requests that ask for the prompt's log-probabilities (``echo``) are
+prefilled whole.
 
 Events reach each request's consumer (the HTTP handlers of keenlm.serve.app) through a
 callback the request carries; the scheduler never blocks on a client. A request the model
@@ -64,6 +79,16 @@ class Request:
 
 
 @dataclasses.dataclass
+class _Prefill:
+    """The request being admitted: its slots, and how far its prompt is in ``slots[0]``."""
+    req: Request
+    slots: list[int]
+    done: int  # prompt positions whose keys and values are in slots[0]
+    entries: list  # with echo: (id, log-probability, top k) of each prompt token so far
+    logits: Optional[torch.Tensor] = None  # the last position's, once the prompt is in
+
+
+@dataclasses.dataclass
 class _Seq:
     req: Request
     index: int  # which of the request's n samples
@@ -82,10 +107,13 @@ class Scheduler:
     """Continuous batching over one model (see the module docstring)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int = 0,
-                 max_queue: int = 64, threads: int = 0):
+                 max_queue: int = 64, threads: int = 0, prefill_chunk: int = 64):
         cfg = model.cfg
         if not 1 <= max_batch <= 16:
             raise ValueError(f"max_batch {max_batch}: 1 to 16 (the decode step's rows)")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk {prefill_chunk}: at least 1 position")
+        self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
@@ -97,8 +125,10 @@ class Scheduler:
         self.engine = DecodeEngine(model) if unsupported(model) is None else None
         self.pending: "queue.Queue[Request]" = queue.Queue()
         self.running: list[_Seq] = []
+        self.prefilling: Optional[_Prefill] = None
         self.free = list(range(max_batch))
-        self.stats = {"requests": 0, "tokens_in": 0, "tokens_out": 0}
+        self.slot_prompt: list[list[int]] = [[] for _ in range(max_batch)]  # reusable positions
+        self.stats = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "tokens_reused": 0}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="keenlm-scheduler", daemon=True)
@@ -145,9 +175,16 @@ class Scheduler:
         while not self._stop.is_set():
             self._admit()
             self.running = [s for s in self.running if not self._retire_if_cancelled(s)]
+            if self.prefilling is not None:
+                p = self.prefilling
+                try:  # a chunk per decode step; the whole prompt when nothing else waits on it
+                    self._prefill(p, whole=not self.running)
+                except Exception as e:  # noqa: BLE001 - a bad request ends alone
+                    self._abandon(p, f"error: {e}")
             if not self.running:
-                self._wake.wait(0.05)
-                self._wake.clear()
+                if self.prefilling is None:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
                 continue
             try:
                 self._decode()
@@ -157,56 +194,100 @@ class Scheduler:
                 self.running = []
 
     def _admit(self) -> None:
-        while self.pending.qsize() and len(self.free) >= self._peek_n():
+        """Start the prefill of the next queued request whose slots are free."""
+        while self.prefilling is None and self.pending.qsize() and len(self.free) >= self._peek_n():
             req = self.pending.get_nowait()
             if req.cancelled:
                 continue
-            try:
-                self._prefill(req)
-            except Exception as e:  # noqa: BLE001 - a bad request ends alone
-                for i in range(req.n):
-                    req.on_event(i, None, f"error: {e}")
+            reuse, first = 0, self.free[0]
+            if not req.echo:  # the free slot holding the longest prefix of this prompt
+                for slot in self.free:
+                    n = _common(self.slot_prompt[slot], req.prompt)
+                    if n > reuse:
+                        reuse, first = n, slot
+                # whole chunks only, and at least the last prompt position is computed anew
+                reuse = min(reuse, len(req.prompt) - 1) // self.prefill_chunk * self.prefill_chunk
+            slots = [first] + [x for x in self.free if x != first][:req.n - 1]
+            self.free = [x for x in self.free if x not in slots]
+            for x in slots:
+                self.slot_prompt[x] = req.prompt[:reuse] if x == first else []
+            self.stats["tokens_reused"] += reuse
+            self.prefilling = _Prefill(req, slots, reuse,
+                                       [(req.prompt[0], None, [])] if req.echo else [])
 
     def _peek_n(self) -> int:
         with self.pending.mutex:
             return self.pending.queue[0].n if self.pending.queue else 1
 
+    def _slot_cache(self, slot: int, length: int) -> KVCache:
+        """A KVCache that reads and writes one slot of the pool in place (a view, no copy)."""
+        cache = KVCache.__new__(KVCache)
+        cache.k, cache.v = self.k[:, slot:slot + 1], self.v[:, slot:slot + 1]
+        cache.max_len, cache.length, cache._pending = self.max_len, length, 0
+        return cache
+
     @torch.no_grad()
-    def _prefill(self, req: Request) -> None:
-        """The prompt once, its keys and values copied into each sample's slot, the first
-        token of each sample sampled from the prompt's last logits."""
-        n_prompt = len(req.prompt)
-        cache = KVCache(self.model.cfg.n_layer, 1, self.model.cfg.kv_heads, n_prompt,
-                        self.model.cfg.head_dim, self.k.device, torch.float32)
-        out = self.model(torch.tensor([req.prompt], device=self.k.device), cache=cache,
-                         last_only=not req.echo).float()
-        if req.echo:  # each prompt token's log-probability given the ones before it
-            lps = torch.log_softmax(out[0, :-1], dim=-1)
-            k = req.logprobs or 0
-            entries = [(req.prompt[0], None, [])]
-            for j, t in enumerate(req.prompt[1:]):
-                top = torch.topk(lps[j], k) if k else None
-                entries.append((t, float(lps[j, t]), list(zip(top.indices.tolist(), top.values.tolist()))
-                                if top is not None else []))
-            req.on_prompt(entries)
-        logits = out[:, -1]
+    def _prefill(self, p: _Prefill, whole: bool) -> None:
+        """The next chunk of ``p``'s prompt (every chunk left if ``whole``) into its first slot;
+        once the prompt is in, its other slots get a copy and every sample its first token."""
+        req, n_prompt = p.req, len(p.req.prompt)
+        if req.cancelled:
+            return self._abandon(p, "cancelled")
+        while p.done < n_prompt:
+            end = min(n_prompt, (p.done // self.prefill_chunk + 1) * self.prefill_chunk)
+            ids = torch.tensor([req.prompt[p.done:end]], device=self.k.device)
+            out = self.model(ids, cache=self._slot_cache(p.slots[0], p.done),
+                             last_only=not req.echo).float()
+            if req.echo:  # each prompt token's log-probability given the ones before it
+                self._echo(p, out[0], end)
+            p.done, p.logits = end, out[:, -1]
+            self.slot_prompt[p.slots[0]] = req.prompt[:end]
+            if not whole:
+                break
+        if p.done < n_prompt:
+            return
+        self.prefilling = None
+        if req.echo:
+            req.on_prompt(p.entries)
         if req.max_tokens == 0:  # the prompt's log-probabilities were all that was asked
+            self.free += p.slots
             for i in range(req.n):
                 req.on_event(i, None, "length")
             return
-        for i in range(req.n):
-            slot = self.free.pop(0)
-            self.k[:, slot, :, :n_prompt] = cache.k[:, 0]
-            self.v[:, slot, :, :n_prompt] = cache.v[:, 0]
+        first = p.slots[0]
+        for i, slot in enumerate(p.slots):
+            if slot != first:
+                self.k[:, slot, :, :n_prompt] = self.k[:, first, :, :n_prompt]
+                self.v[:, slot, :, :n_prompt] = self.v[:, first, :, :n_prompt]
+                self.slot_prompt[slot] = req.prompt
             gen = None
             if req.temperature > 0:
                 gen = torch.Generator(device=self.k.device)
                 gen.manual_seed((req.seed if req.seed is not None else
                                  int(torch.randint(0, 2**62, (1,)))) + i)
             seq = _Seq(req, i, slot, n_prompt, -1, [], gen)
-            self._take(seq, logits)
+            self._take(seq, p.logits)
             if seq.slot >= 0:
                 self.running.append(seq)
+
+    def _echo(self, p: _Prefill, logits: torch.Tensor, end: int) -> None:
+        prompt, k = p.req.prompt, p.req.logprobs or 0
+        lps = torch.log_softmax(logits, dim=-1)
+        for j, pos in enumerate(range(p.done, min(end, len(prompt) - 1))):
+            t = prompt[pos + 1]
+            top = torch.topk(lps[j], k) if k else None
+            p.entries.append((t, float(lps[j, t]), list(zip(top.indices.tolist(),
+                                                             top.values.tolist()))
+                              if top is not None else []))
+
+    def _abandon(self, p: _Prefill, reason: str) -> None:
+        """End a request whose prefill failed or whose client went away; free its slots."""
+        self.prefilling = None
+        for slot in p.slots:
+            self.slot_prompt[slot] = []
+        self.free += p.slots
+        for i in range(p.req.n):
+            p.req.on_event(i, None, reason)
 
     @torch.no_grad()
     def _decode(self) -> None:
@@ -240,12 +321,8 @@ class Scheduler:
         self.running = [s for s in seqs if s.slot >= 0]
 
     def _torch_step(self, s: _Seq) -> torch.Tensor:
-        cache = KVCache.__new__(KVCache)  # a view of the slot's rows, no copy
-        cache.k, cache.v = self.k[:, s.slot:s.slot + 1], self.v[:, s.slot:s.slot + 1]
-        cache.max_len, cache.length, cache._pending = self.max_len, s.length, 0
-        pos = torch.tensor([[s.length]], device=self.k.device)
-        return self.model(torch.tensor([[s.last]], device=self.k.device), cache=cache,
-                          positions=pos)[:, -1]
+        return self.model(torch.tensor([[s.last]], device=self.k.device),
+                          cache=self._slot_cache(s.slot, s.length))[:, -1]
 
     def _take(self, s: _Seq, logits: torch.Tensor, greedy: Optional[int] = None) -> None:
         """Sample the next token of ``s`` (``greedy``: already chosen), report it, and retire
@@ -285,6 +362,17 @@ class Scheduler:
 
     def _finish(self, s: _Seq, reason: str) -> None:
         if s.slot >= 0:
+            if reason.startswith("error"):
+                self.slot_prompt[s.slot] = []
             self.free.append(s.slot)
             s.slot = -1
         s.req.on_event(s.index, None, reason)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,102 @@
+"""lm-evaluation-harness on SmolLM2-135M: keenlm's model class in-process against the harness'
+own ``local-completions`` client talking to ``keenlm serve`` (its process, 127.0.0.1), on
+keenlm's local tasks (keenlm/harness/tasks: stdlib next line, two-digit addition, stdlib
+perplexity). Both read the same GGUF (Q4_1, the C decode engine); the in-process model scores
+and decodes one request at a time (batch_size=1), as the server prefills each request alone.
+
+Prints each task's figures from both and the largest per-sample difference, and the wall time
+of each run (the server's includes HTTP and JSON).
+
+Usage: python benchmarks/harness.py [--quick]      (--quick: 40 items per task)
+Ends with one line per target: BENCH <name> <value> target <op><target> PASS|MISS
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from common import bench_line  # noqa: E402
+from decode import gguf_path  # noqa: E402
+from serve import free_port, start  # noqa: E402
+
+METRICS = ("acc,none", "acc_norm,none", "exact_match,first-number", "word_perplexity,none",
+           "byte_perplexity,none", "bits_per_byte,none")
+
+
+def evaluate(model, model_args: str | None, limit: int):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from keenlm.harness import TASK_NAMES, TASKS
+
+    t = time.perf_counter()
+    out = simple_evaluate(model=model, model_args=model_args, tasks=list(TASK_NAMES), limit=limit,
+                          task_manager=TaskManager(include_path=str(TASKS)), log_samples=True)
+    return out, time.perf_counter() - t
+
+
+def first(r):
+    """One response: a log-likelihood (the first of (log-likelihood, is greedy)) or a text."""
+    r = r[0] if isinstance(r, list) and len(r) == 1 else r
+    return r[0] if isinstance(r, (list, tuple)) else r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    limit = 40 if args.quick else None
+    path = gguf_path()
+    import torch
+
+    torch.set_num_threads(2)
+    import keenlm.harness.model  # noqa: F401  (registers "keenlm" in the harness)
+
+    print(f"# lm-evaluation-harness: {path.name}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, {'quick' if args.quick else 'full'} run")
+    mine, t_mine = evaluate("keenlm", f"pretrained={path},quant=q4,batch_size=1,max_length=512", limit)
+    port = free_port()
+    proc = start("keenlm", path, port)
+    try:
+        theirs, t_theirs = evaluate(
+            "local-completions", f"base_url=http://127.0.0.1:{port}/v1/completions,model=smol,"
+            "tokenizer_backend=remote,max_length=513,num_concurrent=4,max_retries=1", limit)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    worst_metric, worst_ll, same_text, n_text = 0.0, 0.0, 0, 0
+    print("\n| task | metric | keenlm in-process | local-completions -> keenlm serve |")
+    print("|---|---|---|---|")
+    for task, ra in mine["results"].items():
+        rb = theirs["results"][task]
+        for m in METRICS:
+            if m in ra:
+                print(f"| {task} | {m} | {ra[m]:.6f} | {rb[m]:.6f} |")
+                worst_metric = max(worst_metric, abs(ra[m] - rb[m]) / max(1.0, abs(ra[m])))
+        a = sorted(mine["samples"][task], key=lambda s: s["doc_id"])
+        b = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
+        for x, y in zip(a, b):  # a document: one response per choice (or one text)
+            for rx, ry in zip(x["resps"], y["resps"]):
+                fx, fy = first(rx), first(ry)
+                if isinstance(fx, str):
+                    n_text += 1
+                    same_text += fx == fy
+                else:
+                    worst_ll = max(worst_ll, abs(fx - fy) / max(1.0, abs(fx)))
+    print(f"\nlargest per-sample log-likelihood difference {worst_ll:.2e} (relative); generations identical "
+          f"{same_text}/{n_text}; wall time in-process {t_mine:.1f} s, through the server "
+          f"{t_theirs:.1f} s")
+    print(bench_line("harness_metric_rel_diff", worst_metric, "<=", 1e-4))
+    print(bench_line("harness_generations_identical", same_text / max(1, n_text), ">=", 1.0))
+
+
+if __name__ == "__main__":
+    main()
