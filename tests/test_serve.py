@@ -332,6 +332,38 @@ def test_a_strategy_runs_inside_the_server_on_its_n_samples(live):
     assert bad.status_code == 400 and "strategy" in bad.json()["error"]["message"]
 
 
+def test_a_reward_model_loaded_at_start_up_scores_best_of_n(live):
+    from keenlm.infer.reward import RewardModel, RewardScorer
+    from keenlm.serve.strategies import SharedScorer
+
+    net, tok = tiny()
+    torch.manual_seed(1)
+    rm = RewardModel(build_model(ModelConfig(vocab_size=257, n_layer=1, d_model=64, n_head=2,
+                                             d_ff=128, max_seq_len=256))).eval()
+    torch.nn.init.normal_(rm.score.weight, std=0.5)  # a random but not constant score
+    sched = Scheduler(net, tok, max_batch=4, max_len=256).start()
+    server = Live(create_app(sched, "tiny", reward=SharedScorer(RewardScorer(rm, tok, "orm"))))
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        out = c.completions.create(model="tiny", prompt="Q: 2+2?", max_tokens=8, temperature=0.9,
+                                   n=4, seed=5, extra_body={"strategy": "best_of_n"})
+        info = out.model_extra["keenlm"]
+        assert info["scorer"] == "reward_model"
+        scores = [cand["score"] for cand in info["candidates"]]
+        assert len(set(scores)) > 1 and info["score"] == max(scores)
+        assert out.choices[0].text == info["candidates"][scores.index(max(scores))]["text"]
+        # each candidate scored twice (the choice, the listing): prompt + text tokens each time
+        tokens = sum(len(tok.encode_prompt("Q: 2+2?" + cand["text"])) for cand in info["candidates"])
+        assert info["compute"]["scorer_tokens"] == 2 * tokens and info["compute"]["scorer_flops"] > 0
+    finally:
+        server.close()
+        sched.stop()
+    # without a reward model the server says what is missing
+    bad = httpx.post(live[0].url + "/v1/completions", json={
+        "model": "tiny", "prompt": "x", "strategy": "best_of_n", "scorer": "reward_model"})
+    assert bad.status_code == 400 and "--reward-model" in bad.json()["error"]["message"]
+
+
 def test_sigterm_lets_open_requests_end_and_exits_0(tmp_path):
     # the real command in its own process: a request in flight when SIGTERM arrives is answered
     # (uvicorn's graceful shutdown waits for it; the scheduler keeps decoding meanwhile), and the

@@ -19,13 +19,27 @@ def add_parser(sub, fmt):
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     s.add_argument("--name", default=None, help="the model id clients send (default: the file name)")
+    s.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt positions prefilled per decode step while others decode")
+    s.add_argument("--reward-model", default=None, metavar="DIR",
+                   help="a reward model folder (keenlm train-reward) for the strategies' scorer")
+    s.add_argument("--replicas", type=int, default=1,
+                   help="copies of the server behind one endpoint (more than 1: Ray Serve, "
+                        "pip install 'ray[serve]'; the cores are split between them)")
     return s
 
 
 def run(args) -> int:
-    from keenlm.serve.run import serve  # the serve extra: fastapi, uvicorn, sse-starlette
+    # the serve extra (fastapi, uvicorn, sse-starlette), and Ray Serve for replicas
+    from keenlm.serve.replicas import serve_replicas
+    from keenlm.serve.run import serve
 
-    serve(model_path(args), host=args.host, port=args.port, quant=args.quant, device=args.device,
-          max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
-          api_key=args.api_key, name=args.name)
+    options = dict(host=args.host, port=args.port, quant=args.quant, device=args.device,
+                   max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
+                   api_key=args.api_key, name=args.name, prefill_chunk=args.prefill_chunk,
+                   reward_model=args.reward_model)
+    if args.replicas == 1:
+        serve(model_path(args), **options)
+    else:
+        serve_replicas(model_path(args), replicas=args.replicas, **options)
     return 0

@@ -12,6 +12,6 @@ import keenlm.harness.model  # noqa: F401  (registers the keenlm model)
 from keenlm.harness import TASKS
 
 if __name__ == "__main__":
-    if "--include_path" not in sys.argv and len(sys.argv) > 1:
+    if sys.argv[1:2] == ["run"] and "--include_path" not in sys.argv:
         sys.argv += ["--include_path", str(TASKS)]
     cli_evaluate()

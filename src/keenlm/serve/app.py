@@ -19,7 +19,7 @@ penalties, logprobs or echo with ``stream`` or a strategy) are refused with a 40
 never silently ignored. Chat takes ``logprobs`` and ``top_logprobs`` (0-20) in OpenAI's chat
 shape.
 
-``strategy`` (and ``task``), extension fields: the request runs a test-time strategy of
+``strategy`` (with ``task`` and ``scorer``), extension fields: the request runs a test-time strategy of
 keenlm.infer.search (majority, weighted_majority, best_of_n, beam, dvts, budget_forcing) with
 ``n`` as its sample budget, sampling through the same scheduler (keenlm.serve.strategies); the
 answer is the chosen completion and a ``keenlm`` field lists the candidates, their answers,
@@ -50,7 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keenlm.infer.search import Budget
 from keenlm.serve.scheduler import QueueFull, Request, Scheduler
-from keenlm.serve.strategies import run_strategy
+from keenlm.serve.strategies import SharedScorer, run_strategy
 
 MAX_N = 16
 PAGE = Path(__file__).parent / "static" / "playground.html"  # GET /: chat and strategies
@@ -87,6 +87,7 @@ class _Sampling(BaseModel):
     # extensions (the openai client sends them through extra_body): test-time compute
     strategy: Optional[str] = None  # a keenlm.infer.search strategy; n is its sample budget
     task: Optional[str] = None  # a keenlm task: verifier for the scorer, answer key for votes
+    scorer: Optional[str] = None  # verifier | reward_model (default: the reward model if loaded)
 
 
 class CompletionRequest(_Sampling):
@@ -144,6 +145,9 @@ class Metrics:
               registry=r).set_function(lambda: sched.max_batch - len(sched.free))
         Gauge("keenlm_kv_pool_slots", "KV-cache slots", registry=r).set(sched.max_batch)
         Gauge("keenlm_kv_pool_bytes", "KV-cache pool size", registry=r).set(sched.pool_bytes)
+        Gauge("keenlm_prompt_tokens_reused", "prompt positions taken from a slot's earlier "
+              "prompt instead of prefilled", registry=r).set_function(
+            lambda: sched.stats["tokens_reused"])
 
 
 def _stops(stop) -> tuple[str, ...]:
@@ -160,8 +164,10 @@ def _cut(text: str, stops) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None) -> FastAPI:
-    """The FastAPI application serving ``sched``'s model under ``model_name``."""
+def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None,
+               reward: Optional[SharedScorer] = None) -> FastAPI:
+    """The FastAPI application serving ``sched``'s model under ``model_name``; ``reward``: the
+    reward model that strategies may score with."""
     app = FastAPI(title="keenlm", docs_url=None, redoc_url=None)
     metrics = Metrics(sched)
     tok = sched.tokenizer
@@ -333,7 +339,7 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None)
             budget = Budget(n=body.n, max_new_tokens=max_tokens, temperature=body.temperature,
                             seed=body.seed or 0)
             return await asyncio.to_thread(run_strategy, sched, body.strategy, prompt_text,
-                                           budget, body.task)
+                                           budget, body.task, body.scorer, reward)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}", kind="rate_limit_error",
                            headers={"Retry-After": "1"}) from None

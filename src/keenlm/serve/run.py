@@ -10,18 +10,24 @@ from pathlib import Path
 import uvicorn
 
 from keenlm.api import load
+from keenlm.infer.reward import load_reward_model
 from keenlm.serve.app import create_app
 from keenlm.serve.scheduler import Scheduler
+from keenlm.serve.strategies import SharedScorer
 
 
 def build(model: str, *, quant: str = "q4", device: str = "cpu", max_batch: int = 8,
           max_len: int = 1024, max_queue: int = 64, api_key: str | None = None,
-          name: str | None = None):
-    """(FastAPI app, scheduler) for ``model``; the scheduler is started."""
+          name: str | None = None, threads: int = 0, prefill_chunk: int = 64,
+          reward_model: str | None = None):
+    """(FastAPI app, scheduler) for ``model``; the scheduler is started. ``threads``: the decode
+    step's threads (0: torch's thread count); ``reward_model``: a reward model folder
+    (keenlm train-reward) that strategies may score with."""
+    reward = SharedScorer(load_reward_model(reward_model, device=device)) if reward_model else None
     km = load(model, device=device, quant=quant)
     sched = Scheduler(km.net, km.tokenizer, max_batch=max_batch, max_len=max_len,
-                      max_queue=max_queue).start()
-    app = create_app(sched, name or Path(model).name, api_key=api_key)
+                      max_queue=max_queue, threads=threads, prefill_chunk=prefill_chunk).start()
+    app = create_app(sched, name or Path(model).name, api_key=api_key, reward=reward)
     return app, sched
 
 

@@ -7,12 +7,17 @@ samples are requests to the running scheduler: the ``n`` samples of one prefix a
 batches as every other client's requests. So majority vote, best-of-N, beam search, DVTS and
 budget forcing run unchanged inside the server, and the prompt is never sent N times.
 
-A request names ``strategy`` (a key of ``search.STRATEGIES``) and optionally ``task`` (a keenlm
-task: its verifier scores best-of-N / weighted majority / beam, its answer key compares votes).
-As in keenlm.infer.search, answers are read from ``<answer>...</answer>`` tags.
+A request names ``strategy`` (a key of ``search.STRATEGIES``), optionally ``task`` (a keenlm
+task: its answer key compares votes, its verifier can score) and ``scorer``: ``verifier`` (the
+task's exact reward) or ``reward_model`` (the reward model the server loaded at start-up,
+``keenlm serve --reward-model DIR``); by default the reward model when there is one, else the
+task's verifier. Requests share the one reward model and take turns on it (``SharedScorer``);
+each counts its own scorer tokens and FLOPs. As in keenlm.infer.search, answers are read from
+``<answer>...</answer>`` tags.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Optional, Sequence
 
@@ -73,24 +78,75 @@ class ServedPolicy(search.Policy):
         return texts
 
 
+class SharedScorer:
+    """A reward model (keenlm.infer.reward.RewardScorer) that every request uses: one call at a
+    time; ``for_request()`` gives a scorer that counts only its own request's compute."""
+
+    def __init__(self, scorer):
+        self.scorer, self.lock = scorer, threading.Lock()
+
+    def for_request(self) -> "_RequestScorer":
+        return _RequestScorer(self)
+
+
+class _RequestScorer:
+    def __init__(self, shared: SharedScorer):
+        self.shared, self.compute = shared, search.Compute()
+
+    def __call__(self, prompt: str, texts: Sequence[str]) -> list[float]:
+        inner = self.shared.scorer
+        with self.shared.lock:
+            before = dataclasses.replace(inner.compute)
+            out = inner(prompt, texts)
+            spent = inner.compute - before
+        self.compute.scorer_tokens += spent.scorer_tokens
+        self.compute.scorer_flops += spent.scorer_flops
+        return out
+
+
+SCORERS = ("verifier", "reward_model")
+
+
+def pick_scorer(kind: Optional[str], task, reward: Optional[SharedScorer]):
+    """The request's scorer (see the module docstring); ValueError naming what is missing."""
+    if kind is not None and kind not in SCORERS:
+        raise ValueError(f"scorer {kind!r}: one of {', '.join(SCORERS)}")
+    if kind == "reward_model" or (kind is None and reward is not None):
+        if reward is None:
+            raise ValueError("scorer reward_model: this server has no reward model "
+                             "(keenlm serve --reward-model DIR)")
+        return reward.for_request()
+    if kind == "verifier" and task is None:
+        raise ValueError("scorer verifier: name the task whose verifier scores (task)")
+    return search.verifier(task) if task is not None else None
+
+
 def run_strategy(sched: Scheduler, name: str, prompt: str, budget: search.Budget,
-                 task: Optional[str] = None) -> dict:
+                 task: Optional[str] = None, scorer: Optional[str] = None,
+                 reward: Optional[SharedScorer] = None) -> dict:
     """Run ``name`` on ``prompt``; the chosen completion and what it took (the response's
-    ``keenlm`` field)."""
+    ``keenlm`` field). The candidates' scores are the scorer's (a reward model scores them
+    once more for the listing, and that compute is counted too)."""
     if name not in search.STRATEGIES:
         raise ValueError(f"strategy {name!r}: one of {', '.join(search.STRATEGIES)}")
     t = get_task(task) if task else None
-    scorer = search.verifier(t) if t is not None else None
+    scorer_fn = pick_scorer(scorer, t, reward)
     key = t.answer_key if t is not None else search.text_key
     policy = ServedPolicy(sched)
-    result = search.STRATEGIES[name](policy, scorer, prompt, budget, key=key)
+    result = search.STRATEGIES[name](policy, scorer_fn, prompt, budget, key=key)
     answers = [extract_answer(c) for c in policy.samples]
     keys = [None if a is None else key(prompt, a) for a in answers]  # what the votes compare
-    scores = scorer(prompt, policy.samples) if scorer is not None and policy.samples else None
+    listed = getattr(scorer_fn, "compute", search.Compute())
+    before = dataclasses.replace(listed)
+    scores = scorer_fn(prompt, policy.samples) if scorer_fn is not None and policy.samples else None
     c = result.compute
+    c.scorer_tokens += listed.scorer_tokens - before.scorer_tokens
+    c.scorer_flops += listed.scorer_flops - before.scorer_flops
     return {
         "completion": result.completion, "answer": result.answer, "score": result.score,
         "strategy": name, "task": task,
+        "scorer": None if scorer_fn is None else ("reward_model" if isinstance(
+            scorer_fn, _RequestScorer) else "verifier"),
         "candidates": [{"text": s, "answer": a, "score": None if scores is None else scores[i],
                         "votes": sum(k is not None and k == other for other in keys)}
                        for i, (s, a, k) in enumerate(zip(policy.samples, answers, keys))],
