@@ -19,7 +19,7 @@ def add_parser(sub, fmt):
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     s.add_argument("--name", default=None, help="the model id clients send (default: the file name)")
-    s.add_argument("--prefill-chunk", type=int, default=64,
+    s.add_argument("--prefill-chunk", type=int, default=128,
                    help="prompt positions prefilled per decode step while others decode")
     s.add_argument("--reward-model", default=None, metavar="DIR",
                    help="a reward model folder (keenlm train-reward) for the strategies' scorer")

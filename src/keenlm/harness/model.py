@@ -80,8 +80,9 @@ class KeenLM(TemplateLM):
         for ctx, cont in rows:
             if not cont:
                 raise ValueError("an empty continuation cannot be scored")
-            whole = (ctx + cont)[-(self.max_length + 1):]
-            inputs.append((whole[:-1], len(cont)))
+            # the whole sequence goes in, its last token too (its logits are not used): the
+            # forward pass a server runs on the same ids, so both round alike
+            inputs.append(((ctx + cont)[-self.max_length:], len(cont)))
         width = max(len(x) for x, _ in inputs)
         idx = torch.zeros(len(inputs), width, dtype=torch.long, device=self._device)
         for i, (x, _) in enumerate(inputs):
@@ -89,7 +90,7 @@ class KeenLM(TemplateLM):
         logp = torch.log_softmax(self.net(idx).float(), dim=-1)
         out = []
         for i, ((x, n), (_, cont)) in enumerate(zip(inputs, rows)):
-            lp = logp[i, len(x) - n:len(x)]
+            lp = logp[i, len(x) - 1 - n:len(x) - 1]
             target = torch.tensor(cont, device=self._device)
             out.append((float(lp.gather(1, target[:, None]).sum()),
                         bool((lp.argmax(-1) == target).all())))

@@ -18,7 +18,7 @@ from keenlm.serve.strategies import SharedScorer
 
 def build(model: str, *, quant: str = "q4", device: str = "cpu", max_batch: int = 8,
           max_len: int = 1024, max_queue: int = 64, api_key: str | None = None,
-          name: str | None = None, threads: int = 0, prefill_chunk: int = 64,
+          name: str | None = None, threads: int = 0, prefill_chunk: int = 128,
           reward_model: str | None = None):
     """(FastAPI app, scheduler) for ``model``; the scheduler is started. ``threads``: the decode
     step's threads (0: torch's thread count); ``reward_model``: a reward model folder

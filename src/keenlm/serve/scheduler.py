@@ -28,7 +28,8 @@ A new request takes the free slot whose prompt shares the longest prefix with it
 prefills only from there, rounded down to a chunk boundary so the reused positions are exactly
 the ones a fresh prefill would compute. A repeated system prompt, or a conversation's earlier
 turns, cost no prefill. Requests that ask for the prompt's log-probabilities (``echo``) are
-prefilled whole.
+prefilled whole, in one forward pass, as an evaluation scores a sequence (so their figures do not
+depend on the chunk size).
 
 Events reach each request's consumer (the HTTP handlers of keenlm.serve.app) through a
 callback the request carries; the scheduler never blocks on a client. A request the model
@@ -107,7 +108,7 @@ class Scheduler:
     """Continuous batching over one model (see the module docstring)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int = 0,
-                 max_queue: int = 64, threads: int = 0, prefill_chunk: int = 64):
+                 max_queue: int = 64, threads: int = 0, prefill_chunk: int = 128):
         cfg = model.cfg
         if not 1 <= max_batch <= 16:
             raise ValueError(f"max_batch {max_batch}: 1 to 16 (the decode step's rows)")
@@ -235,6 +236,8 @@ class Scheduler:
             return self._abandon(p, "cancelled")
         while p.done < n_prompt:
             end = min(n_prompt, (p.done // self.prefill_chunk + 1) * self.prefill_chunk)
+            if req.echo:  # scored prompts go in whole: the log-probabilities of one forward pass
+                end = n_prompt
             ids = torch.tensor([req.prompt[p.done:end]], device=self.k.device)
             out = self.model(ids, cache=self._slot_cache(p.slots[0], p.done),
                              last_only=not req.echo).float()
