@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -110,22 +111,28 @@ def environment() -> dict:
 # checkpoints
 
 
-def _step_dir(step: int) -> str:
+def step_dir(step: int) -> str:
     return f"step-{step:07d}"
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under ``folder`` on disk (before a rename makes the folder visible)."""
+    for f in Path(folder).rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def save_checkpoint(run_dir, step: int, model_state: dict, trainer_state: dict, keep: int = 2) -> Path:
     """Write model + trainer state for ``step`` atomically; keep the newest ``keep``."""
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
-    final = ckdir / _step_dir(step)
+    final = ckdir / step_dir(step)
     tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=".tmp-"))
     try:
         save_file(model_state, str(tmp / "model.safetensors"))
         torch.save(trainer_state, tmp / "trainer_state.pt")
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -133,11 +140,11 @@ def save_checkpoint(run_dir, step: int, model_state: dict, trainer_state: dict, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(ckdir / "latest", final.name + "\n")
-    _prune(ckdir, keep, final.name)
+    prune(ckdir, keep, final.name)
     return final
 
 
-def _prune(ckdir: Path, keep: int, current: str) -> None:
+def prune(ckdir: Path, keep: int, current: str) -> None:
     steps = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for p in steps[:-keep]:
         if p.name != current:
@@ -151,9 +158,49 @@ def latest_checkpoint(run_dir) -> Path | None:
     if not pointer.exists():
         return None
     path = pointer.parent / pointer.read_text().strip()
-    if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which has no model.safetensors")
+    if not (path / "model.safetensors").exists() and not is_dcp(path):
+        raise FileNotFoundError(f"{pointer} names {path.name}, which has no model.safetensors "
+                                "(nor a distributed checkpoint, dcp/)")
     return path
+
+
+def is_dcp(ckpt: Path) -> bool:
+    """A checkpoint of a distributed run (keenlm.train.distributed): DCP shards in dcp/."""
+    return (Path(ckpt) / "dcp").is_dir()
+
+
+def distinct_tensors(flat: dict) -> dict:
+    """``flat`` without entries that share memory with an earlier one (a tied LM head and its
+    embedding): safetensors stores each tensor once, and loading the first fills both."""
+    seen, out = set(), {}
+    for k, v in flat.items():
+        local = v.to_local() if hasattr(v, "to_local") else v
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+        if local.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def read_dcp(ckpt: Path, flat: dict, partial: bool = False) -> set[str]:
+    """Fill ``flat``'s tensors in place (this rank's shards of them, when they are DTensors)
+    from a distributed checkpoint, resharding as needed; returns the keys the checkpoint holds.
+    DCP's safetensors storage: JSON metadata in each file's header, nothing unpickled."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    reader = HuggingFaceStorageReader(str(Path(ckpt) / "dcp"))
+    try:
+        held = set(reader.read_metadata().state_dict_metadata)
+        with warnings.catch_warnings():  # "... assuming ... a single process": that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(flat, storage_reader=reader,
+                     planner=DefaultLoadPlanner(allow_partial_load=partial))
+    except Exception as e:  # noqa: BLE001 - safetensors and DCP raise many kinds for damage
+        raise ValueError(f"cannot read the distributed checkpoint {ckpt}: {e}") from None
+    return held
 
 
 def load_model_state(ckpt: Path) -> dict:

@@ -158,9 +158,11 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the model (first steps slower)
     loss_kernel: str = "fused"  # fused (chunked LM head + cross-entropy) | reference
     threads: int = 0  # 0: torch default
+    dist_timeout_s: float = 300.0  # train.parallel: a collective waiting longer ends the job (a hung rank)
 
     def __post_init__(self):
         p = "train.runtime."
+        check(self.dist_timeout_s > 0, p + "dist_timeout_s", self.dist_timeout_s, "seconds > 0")
         check(valid_device(self.device), p + "device", self.device, DEVICE_HELP)
         check(self.dtype in ("fp32", "bf16", "auto"), p + "dtype", self.dtype, "fp32 | bf16 | auto")
         check(self.loss_kernel in ("fused", "reference"), p + "loss_kernel", self.loss_kernel,
@@ -173,7 +175,7 @@ class TrainConfig:
     """The optimization loop: what every run sets, and its parts."""
 
     steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 16  # sequences per micro-batch (the global batch: split over the ranks of train.parallel)
     seq_len: int = 256  # tokens per training sequence
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 1337  # model init and batch order
@@ -181,6 +183,7 @@ class TrainConfig:
     progress: bool = True  # live progress bar (plain lines when not a terminal)
     out_dir: str = "runs/latest"  # run folder
     init_from: str = ""  # start from this model (run folder, .gguf, HF folder): its shape and tokenizer; model.linear etc. still apply
+    parallel: str = "auto"  # none | ddp | fsdp | auto (ddp under torchrun with several processes, else none); keenlm.train.distributed
     optim: OptimConfig = field(default_factory=OptimConfig)  # train.optim.*
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # train.schedule.*
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # train.checkpoint.*
@@ -195,6 +198,8 @@ class TrainConfig:
             check(v >= 1, p + name, v, "an integer >= 1")
         check(self.time_budget_s >= 0, p + "time_budget_s", self.time_budget_s, "a number >= 0")
         check(bool(self.out_dir), p + "out_dir", self.out_dir, "a folder path")
+        check(self.parallel in ("none", "ddp", "fsdp", "auto"), p + "parallel", self.parallel,
+              "none | ddp | fsdp | auto")
 
 
 @dataclass(frozen=True)

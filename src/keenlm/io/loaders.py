@@ -94,7 +94,11 @@ def load_run(path: Path, device: str = "cpu") -> Loaded:
     if ckpt is None:
         raise FileNotFoundError(f"{path} has no checkpoint yet (checkpoints/latest missing)")
     net = build_model(cfg.model)
-    load_model_state(net, runs.load_model_state(ckpt))
+    if runs.is_dcp(ckpt):  # a distributed run's shards, gathered into this one model
+        runs.read_dcp(ckpt, runs.distinct_tensors({f"model/{k}": v
+                                                   for k, v in net.state_dict().items()}))
+    else:
+        load_model_state(net, runs.load_model_state(ckpt))
     net.to(torch.device(device)).eval()
     return Loaded(net, load_tokenizer(path / "tokenizer"), cfg, path)
 

@@ -47,6 +47,8 @@ import dataclasses
 import math
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -148,6 +150,10 @@ class MoE(nn.Module):
         if self.training:
             if torch.is_grad_enabled():
                 self._losses(logits, probs, counts)
+                if _data_parallel():  # DDP and FSDP2 reduce gradients in buckets that must match
+                    # across ranks, and an expert no token of this rank chose has none: give every
+                    # expert a zero one (the trainer drops those of experts the whole batch left)
+                    out = out + sum(p.reshape(-1)[:1].sum() for p in self.experts.parameters()) * 0
             self._record(probs, counts, idx.numel() - int(kept.sum()))
         return out.reshape(shape).to(x.dtype)
 
@@ -213,8 +219,12 @@ class MoE(nn.Module):
     def _losses(self, logits, probs, counts):
         aux = {}
         if self.cfg.balance == "aux" and self.cfg.aux_coef > 0:
-            f = counts.float() / counts.sum()
-            aux["aux_loss"] = self.cfg.aux_coef * self.E * (f * probs.mean(0)).sum()
+            # the whole batch's shares, over every data-parallel rank
+            counts = ranks_sum(counts.float())
+            f = counts / counts.sum()
+            n = ranks_sum(torch.tensor(float(probs.shape[0]), device=probs.device))
+            aux["aux_loss"] = self.cfg.aux_coef * self.E * (f * ranks_sum(probs.sum(0), grad=True)
+                                                            / n).sum()
         if self.cfg.z_coef > 0:
             aux["z_loss"] = self.cfg.z_coef * torch.logsumexp(logits, -1).pow(2).mean()
         self._aux = aux
@@ -237,11 +247,25 @@ class MoE(nn.Module):
         self._entropy += float(ent.sum())
         self._tokens += probs.shape[0]
 
+    def unused_params(self) -> list[nn.Parameter]:
+        """Parameters of the routed experts that no token of this step's whole batch (every
+        rank's) chose. Across ranks they hold zero gradients (see ``forward``); the trainer drops
+        those before the optimizer step, so that, as in one process, they are not updated."""
+        counts = ranks_sum(self._counts.to(self.expert_bias.device)).cpu()
+        return [p for e, expert in enumerate(self.experts) if counts[e] == 0
+                for p in expert.parameters()]
+
     def end_step(self) -> dict | None:
         """The routing statistics since the last call (None if no tokens passed); with bias
         balancing, move each expert's bias toward balance. Call once per optimizer step."""
         if not self._tokens:
             return None
+        if dist.is_available() and dist.is_initialized():  # the job's counts, every rank's
+            total = ranks_sum(torch.cat([self._counts, torch.tensor(
+                [self._dropped, self._assigned, self._entropy, self._tokens],
+                dtype=torch.float64)]).to(self.expert_bias.device)).cpu()
+            self._counts = total[:self.E]
+            self._dropped, self._assigned, self._entropy, self._tokens = total[self.E:].tolist()
         load = self._counts / self._counts.mean()  # 1.0 = the mean load
         if self.cfg.balance == "bias" and self.training:
             step = self.cfg.bias_rate * torch.sign(1.0 - load).to(self.expert_bias)
@@ -267,6 +291,38 @@ class MoE(nn.Module):
         """Weights of the routed experts a token does not use: (E - k) of E experts."""
         per_expert = sum(p.numel() for p in self.experts[0].parameters())
         return (self.E - self.k) * per_expert
+
+
+def _data_parallel() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def ranks_sum(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """``t`` summed over the data-parallel ranks of keenlm.train.distributed (``t`` itself in
+    one process): the routing statistics of a step are the whole batch's. ``grad``: the sum
+    passes gradients back to every rank's part."""
+    if not _data_parallel():
+        return t
+    group = _stats_group()
+    if grad:
+        return dist_nn.all_reduce(t, group=group)
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+_GROUP: dict = {}
+
+
+def _stats_group():
+    """A process group of its own for the routing statistics: their all-reduce runs inside the
+    backward pass, where the order against DDP's or FSDP's gradient collectives differs from
+    rank to rank (each rank's experts see different tokens); one group per kind keeps each
+    group's order the same everywhere. Created by every rank at its first use, together."""
+    world = dist.group.WORLD
+    if world not in _GROUP:
+        _GROUP[world] = dist.new_group()
+    return _GROUP[world]
 
 
 def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:

@@ -172,14 +172,18 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, cache: Optional[KVCache] = None,
                 positions: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, hidden: bool = False) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V), or (B, 1, V) with ``last_only``.
 
         cache:     a KVCache to read and extend (generation).
         positions: (B, T) rotary positions per row (left-padded batches); default start..start+T.
         key_mask:  (B, S) bool, False for padding keys; S = cache length + T.
+        hidden:    the final hidden states instead (what a fused loss reads); through
+                   ``forward``, so hooks on the model (FSDP's) run around it.
         """
         x = self.hidden_states(idx, cache=cache, positions=positions, key_mask=key_mask)
+        if hidden:
+            return x
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)
@@ -237,6 +241,15 @@ class Transformer(nn.Module):
                 for k, v in pop().items():
                     out[f"{name}.{k}" if name else k] = v
         return out
+
+    def drop_unused_grads(self) -> None:
+        """Gradients of parameters this step did not use, set to None (parts that report them:
+        MoE experts no token chose), so the optimizer leaves them alone as it does in one
+        process where they never get one."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "unused_params"):
+                for p in m.unused_params():
+                    p.grad = None
 
     def end_step(self) -> dict:
         """Once per optimizer step: parts that keep per-step state (MoE routing statistics,

@@ -64,6 +64,7 @@ class LoopShell:
     record_kind = "train"
     eval_at_start = False
     keep = 2
+    is_main = True  # the process that writes metrics (rank 0 of a distributed job)
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
@@ -113,6 +114,10 @@ class LoopShell:
     def step_info(self, rec: dict) -> str | None:
         return None
 
+    def agree(self, flag: bool) -> bool:
+        """The job's decision on a stop flag (a distributed job takes rank 0's)."""
+        return flag
+
     def eval_note(self, ev: dict) -> str:
         return f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()
                                                  if isinstance(v, float))
@@ -127,8 +132,9 @@ class LoopShell:
         metrics = self.run_dir / "metrics.jsonl"
 
         def log_eval(ev, at_start=False):
-            runs.append_jsonl(metrics, {"kind": "eval", "step": self.step,
-                                        **self.eval_fields(at_start), **ev})
+            if self.is_main:
+                runs.append_jsonl(metrics, {"kind": "eval", "step": self.step,
+                                            **self.eval_fields(at_start), **ev})
 
         start_eval = None
         if self.eval_at_start:
@@ -138,11 +144,12 @@ class LoopShell:
         with sigint_stops(self._stop), progress:
             if start_eval is not None:
                 progress.note(self.eval_note(start_eval))
-            while self.step < self.planned_steps and not self._stop.is_set():
+            while self.step < self.planned_steps and not self.agree(self._stop.is_set()):
                 rec = self.train_step()
                 self.after_step(first)
                 progress.update(rec, total=self.planned_steps, info=self.step_info(rec))
-                if self.step % self.log_every == 0 or self.step == self.planned_steps:
+                if self.is_main and (self.step % self.log_every == 0
+                                     or self.step == self.planned_steps):
                     runs.append_jsonl(metrics, {"kind": self.record_kind, **rec})
                 if self.eval_every and self.step % self.eval_every == 0 \
                         and self.step < self.planned_steps:
@@ -151,7 +158,8 @@ class LoopShell:
                     progress.note(self.eval_note(ev))
                 if self.save_every and self.step % self.save_every == 0:
                     self.save()
-                if self.time_budget_s and time.perf_counter() - self.started > self.time_budget_s:
+                if self.time_budget_s and self.agree(
+                        time.perf_counter() - self.started > self.time_budget_s):
                     progress.note(f"time budget of {self.time_budget_s:.0f} s reached")
                     break
         final = self.evaluate()

@@ -39,6 +39,7 @@ from keenlm.model.attention import check_backend
 from keenlm.model.loss import LOSSES
 from keenlm.presets import resolve
 from keenlm.runs import default_cache_dir
+from keenlm.train import distributed
 from keenlm.train.converters import converters_for, hooks_for
 from keenlm.train.loop import LoopShell, pick_device
 from keenlm.train.optim import build_optimizer, init_base_lr, lr_multiplier, set_lr
@@ -106,24 +107,31 @@ class Trainer(LoopShell):
         if t.runtime.threads:
             torch.set_num_threads(t.runtime.threads)
         self.device = pick_device(t.runtime.device)
+        self.dist = distributed.setup(t.parallel, self.device, t.runtime.dist_timeout_s)
+        distributed.check(self.dist, cfg)
+        self.is_main = self.dist.main  # only rank 0 writes the run files, metrics and progress
         check_backend(cfg.model.attention, self.device)
         self.amp = autocast_dtype(t.runtime.dtype, self.device)
-        log = print if t.progress else None
+        log = print if t.progress and self.is_main else None
         self.converters = converters_for(cfg, None if init is None else init.config)
-        if init is None:
-            self.tokenizer, self.data = prepare_data(cfg.data, log=log)
-            cfg = resolve(cfg, self.tokenizer.vocab_size)
-        else:
-            cfg = self._adopt(cfg, init, log)
+        with self.dist.rank0_first():  # one rank builds the tokenizer and token cache
+            if init is None:
+                self.tokenizer, self.data = prepare_data(cfg.data, log=log)
+                cfg = resolve(cfg, self.tokenizer.vocab_size)
+            else:
+                cfg = self._adopt(cfg, init, log)
         self.data = limit_train(self.data, cfg.data.train_tokens)
         self.cfg = self._resolve_against_run(cfg)
         torch.manual_seed(t.seed)
         self.model = (init.net if init is not None else build_model(self.cfg.model)).to(self.device)
+        self.loss_fn = LOSSES[t.runtime.loss_kernel]
+        # the step's forward pass (hidden states, then the head's loss) as one module, under
+        # DDP or FSDP2 when distributed; FSDP2 shards the parameters in place, so the optimizer
+        # comes after
+        self.step_module = distributed.wrap(self.dist, distributed.LossModule(
+            self.model, self.loss_fn, self.amp, compile=t.runtime.compile))
         self.opt = build_optimizer(self.model, self.cfg.train.optim, self.device.type)
         init_base_lr(self.opt)
-        hidden = self.model.hidden_states
-        self.hidden = torch.compile(hidden) if t.runtime.compile else hidden
-        self.loss_fn = LOSSES[t.runtime.loss_kernel]
         self.hooks = hooks_for(self.cfg, self.tokenizer, self.amp, self.device, hooks)
         self.ledger = Ledger.for_model(self.model, t.seq_len)
         self._extra: dict[str, float] = {}  # auxiliary losses of the step, for its metrics line
@@ -131,10 +139,11 @@ class Trainer(LoopShell):
         self.planned_steps = t.steps
         self.log_every, self.eval_every = t.eval.log_every, t.eval.every
         self.save_every, self.keep = t.checkpoint.every, t.checkpoint.keep
-        self.time_budget_s, self.progress = t.time_budget_s, t.progress
+        self.time_budget_s, self.progress = t.time_budget_s, t.progress and self.is_main
         if t.checkpoint.resume:
             self.resume()
-        self._write_run_files()
+        if self.is_main:
+            self._write_run_files()
 
     # --------------------------------------------------------------------------- set-up
 
@@ -179,7 +188,40 @@ class Trainer(LoopShell):
         self.ledger = Ledger.from_dict({**self.ledger.to_dict(), **state["ledger"]})
 
     def after_save(self) -> None:
-        self.ledger.save(self.run_dir / "ledger.json")
+        if self.is_main:
+            self.ledger.save(self.run_dir / "ledger.json")
+
+    # --------------------------------------------------------------------------- across ranks
+
+    def save(self):
+        if not self.dist.active:
+            return super().save()
+        state = {"step": self.step, **self.extra_state()}
+        distributed.save(self.dist, self.run_dir, self.step, self.model, self.opt, state, self.keep)
+        self.after_save()
+
+    def resume(self, label: str = "step") -> bool:
+        ckpt = runs.latest_checkpoint(self.run_dir)
+        if ckpt is None or not (self.dist.active or runs.is_dcp(ckpt)):
+            return super().resume(label)
+        if runs.is_dcp(ckpt):
+            state = distributed.load(ckpt, self.model, self.opt)
+        else:  # a one-process checkpoint spread over the ranks
+            state = distributed.load_full(ckpt, self.model, self.opt, self._plain_copy)
+        self.step = int(state["step"])
+        self.load_extra_state(state)
+        if self.is_main:
+            print(f"resuming {self.run_dir} from {label} {self.step}")
+        return True
+
+    def _plain_copy(self):
+        """A model and optimizer like this run's, in this process only (to read a one-process
+        checkpoint before spreading it over the ranks)."""
+        model = build_model(self.cfg.model).to(self.device)
+        return model, build_optimizer(model, self.cfg.train.optim, self.device.type)
+
+    def agree(self, flag: bool) -> bool:
+        return bool(self.dist.decide(flag))
 
     def _write_run_files(self):
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,31 +231,30 @@ class Trainer(LoopShell):
 
     # --------------------------------------------------------------------------- one step
 
-    def _micro_step(self, index: int) -> tuple[float, int, int, int]:
-        """One micro-batch: (loss, tokens drawn, tokens forwarded, tokens backpropagated)."""
+    def _micro_step(self, index: int, last: bool = True) -> tuple[float, int, int, int]:
+        """One micro-batch (this rank's rows of it): (loss, tokens drawn, tokens forwarded,
+        tokens backpropagated). ``last``: the step's last micro-batch (DDP syncs gradients)."""
         t = self.cfg.train
         x, y = get_batch(self.data.train, t.batch_size, t.seq_len, t.seed, index)
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = self.dist.shard(x.to(self.device), y.to(self.device))
         drawn, scored = x.numel(), 0
         weights = None
         for hook in self.hooks:
             if hasattr(hook, "choose_batch"):
                 x, y, weights = hook.choose_batch(x, y, self.model)
                 scored += getattr(hook, "forward_tokens", 0)  # a scoring pass of its own
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            h = self.hidden(x)
         B, T = y.shape
-        loss, per_token = self.loss_fn(h.reshape(B * T, -1), self.model.lm_head.weight,
-                                       y.reshape(-1), None if weights is None else weights.reshape(-1))
-        extra = {}
-        for hook in self.hooks:
-            if hasattr(hook, "extra_losses"):
-                extra.update(hook.extra_losses(self.model, x, y, per_token.view(B, T)))
-        for name, aux in self.model.aux_losses().items():  # per layer: summed by kind
-            kind = name.rsplit(".", 1)[-1]
-            extra[kind] = extra.get(kind, 0.0) + aux
-        total = loss + sum(extra.values()) if extra else loss
-        (total / t.grad_accum).backward()
+        with distributed.no_sync(self.dist, self.step_module, last):
+            loss, per_token = self.step_module(x, y, weights)
+            extra = {}
+            for hook in self.hooks:
+                if hasattr(hook, "extra_losses"):
+                    extra.update(hook.extra_losses(self.model, x, y, per_token.view(B, T)))
+            for name, aux in self.model.aux_losses().items():  # per layer: summed by kind
+                kind = name.rsplit(".", 1)[-1]
+                extra[kind] = extra.get(kind, 0.0) + aux
+            total = loss + sum(extra.values()) if extra else loss
+            (total / t.grad_accum).backward()
         for k, v in extra.items():
             v = float(v.detach()) if torch.is_tensor(v) else float(v)
             self._extra[k] = self._extra.get(k, 0.0) + v / t.grad_accum
@@ -233,9 +274,16 @@ class Trainer(LoopShell):
             if hasattr(hook, "begin_step"):
                 hook.begin_step(self.step, self.planned_steps)
         for m in range(t.grad_accum):
-            loss, tok, fwd, bwd = self._micro_step(self.step * t.grad_accum + m)
+            loss, tok, fwd, bwd = self._micro_step(self.step * t.grad_accum + m,
+                                                   last=m == t.grad_accum - 1)
             losses.append(loss)
             n_tok, n_fwd, n_bwd = n_tok + tok, n_fwd + fwd, n_bwd + bwd
+        if self.dist.active:  # the job's figures: every rank's rows
+            mean, n_tok, n_fwd, n_bwd = self.dist.sum([sum(losses) / len(losses), n_tok, n_fwd,
+                                                       n_bwd])
+            losses, n_tok, n_fwd, n_bwd = [mean / self.dist.world], int(n_tok), int(n_fwd), int(n_bwd)
+        if self.dist.active:  # unused experts got zero gradients to keep the ranks in step
+            self.model.drop_unused_grads()
         grad_norm = None
         if t.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -291,7 +339,7 @@ class Trainer(LoopShell):
             left = t.time_budget_s - (time.perf_counter() - self.started)
             # keep ~4% of the budget for the periodic evaluations and the final checkpoint
             fit = self.step + int(0.96 * left / per_step)
-            self.planned_steps = max(self.step + 1, min(t.steps, fit))
+            self.planned_steps = self.dist.decide(max(self.step + 1, min(t.steps, fit)))
 
     def eval_fields(self, at_start: bool = False) -> dict:
         """Where the run stands, for an evaluation's metrics line: training seconds (the

@@ -1,0 +1,217 @@
+"""Data-parallel training with real processes: torchrun, gloo, world size 2, one thread per rank.
+DDP and FSDP2 against the one-process run of the same global batch (losses and final weights),
+for a dense, an MoE and a ternary-QAT model; resuming across world sizes; a killed rank."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import keenlm
+from keenlm import runs
+from keenlm.config import from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+
+MODELS = {
+    "dense": {},
+    "moe": {"ffn": "moe", "moe": {"experts": 4, "top_k": 2}},
+    "ternary": {"linear": "ternary"},
+}
+
+
+def config(corpus, cache, out, parallel="none", model=None, steps=20, every=0):
+    return {"data": {"corpus": str(corpus), "tokenizer": "byte", "cache_dir": str(cache)},
+            "model": {"n_layer": 2, "d_model": 64, "n_head": 2, "max_seq_len": 32, **(model or {})},
+            "train": {"steps": steps, "batch_size": 4, "seq_len": 32, "parallel": parallel,
+                      "out_dir": str(out), "progress": False,
+                      "optim": {"lr": 3e-3},
+                      "eval": {"every": 0, "batches": 2, "log_every": 1},
+                      "checkpoint": {"every": every, "keep": 3},
+                      "runtime": {"threads": 1}}}
+
+
+def torchrun(cfgs, tmp, nproc=2, extra=(), timeout=180):
+    """Train each config under torchrun (one launch); (exit status, output)."""
+    spec = tmp / f"cfgs-{time.monotonic_ns()}.json"
+    spec.write_text(json.dumps(cfgs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={nproc}", *extra, str(ROOT / "tests" / "dist_worker.py"),
+                           str(spec)], env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def losses(run):
+    return [r["loss"] for r in runs.read_jsonl(Path(run) / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def weights(run):
+    return {k: v.clone() for k, v in keenlm.load(run).net.state_dict().items()}
+
+
+def assert_same(a, b, what):
+    assert len(losses(a)) == len(losses(b)) > 0
+    assert losses(a) == pytest.approx(losses(b), abs=TOL), what
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst <= TOL, f"{what}: final weights differ by {worst:.2e}"
+
+
+@pytest.fixture(scope="module")
+def reference(small_corpus, tmp_path_factory):
+    """The one-process runs (1 thread), one per model."""
+    tmp = tmp_path_factory.mktemp("dist")
+    torch.set_num_threads(1)
+    try:
+        for name, model in MODELS.items():
+            keenlm.train(config(small_corpus, tmp / "cache", tmp / f"one-{name}", model=model,
+                                every=10))
+    finally:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return tmp
+
+
+def test_ddp_and_fsdp_train_the_one_process_model(small_corpus, reference):
+    tmp = reference
+    cfgs = [config(small_corpus, tmp / "cache", tmp / f"{mode}-{name}", mode, model)
+            for mode in ("ddp", "fsdp") for name, model in MODELS.items()]
+    code, out = torchrun(cfgs, tmp)
+    assert code == 0, out[-3000:]
+    for mode in ("ddp", "fsdp"):
+        for name in MODELS:
+            run = tmp / f"{mode}-{name}"
+            assert_same(run, tmp / f"one-{name}", f"{mode}, {name}")
+            ck = runs.latest_checkpoint(run)
+            assert runs.is_dcp(ck) and len(list((ck / "dcp").glob("*.safetensors"))) >= 1
+            # only rank 0 wrote the metrics: one line per step
+            assert len(losses(run)) == 20
+
+
+def test_resume_across_world_sizes(small_corpus, reference):
+    """Save at step 10 with 2 ranks, resume with 1; and 1 -> 2 (FSDP): steps 11-20 and the final
+    weights are those of the run that never stopped."""
+    tmp = reference
+    one = tmp / "one-dense"
+
+    def cut_at_10(src, dst):  # the run as it stood after its step-10 checkpoint
+        shutil.copytree(src, dst)
+        ck = dst / "checkpoints"
+        for p in ck.iterdir():
+            if p.name.startswith("step-") and p.name != "step-0000010":
+                shutil.rmtree(p)
+        (ck / "latest").write_text("step-0000010\n")
+        rows = [r for r in runs.read_jsonl(dst / "metrics.jsonl") if r.get("step", 0) <= 10
+                and r["kind"] == "train"]
+        (dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    code, out = torchrun([config(small_corpus, tmp / "cache", tmp / "two-10", "ddp", every=10)], tmp)
+    assert code == 0, out[-3000:]
+    cut_at_10(tmp / "two-10", tmp / "two-then-one")
+    keenlm.train(config(small_corpus, tmp / "cache", tmp / "two-then-one", "none", every=10))
+    assert_same(tmp / "two-then-one", one, "2 ranks -> 1")
+
+    cut_at_10(one, tmp / "one-then-two")
+    code, out = torchrun([config(small_corpus, tmp / "cache", tmp / "one-then-two", "fsdp",
+                                 every=10)], tmp)
+    assert code == 0, out[-3000:]
+    assert_same(tmp / "one-then-two", one, "1 -> 2 ranks (FSDP)")
+
+
+def test_refusals_name_the_reason(small_corpus, tmp_path):
+    from keenlm.train import distributed
+
+    d = distributed.Dist("fsdp", 0, 2)
+    cfg = from_dict(config(small_corpus, tmp_path, tmp_path / "r", "fsdp"))
+    distributed.check(d, cfg)  # the plain case passes
+    for change, words in [({"train": {"batch_size": 3}}, "split evenly"),
+                          ({"train": {"optim": {"name": "muon"}}}, "Muon"),
+                          ({"model": {"ffn": "moe", "moe": {"capacity_factor": 1.25}}}, "dropless")]:
+        raw = config(small_corpus, tmp_path, tmp_path / "r", "fsdp")
+        for section, fields in change.items():
+            for k, v in fields.items():
+                raw[section][k] = {**raw[section].get(k, {}), **v} if isinstance(v, dict) else v
+        with pytest.raises(ValueError, match=words):
+            distributed.check(d, from_dict(raw))
+    with pytest.raises(ValueError, match="needs torchrun"):
+        distributed.setup("ddp", torch.device("cpu"))
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of the worker torchrun started as ``rank`` (read from its environment)."""
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "dist_worker" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_a_killed_rank_ends_the_job_and_the_run_resumes_exactly(small_corpus, reference):
+    """kill -9 of rank 1 mid-run: torchrun exits non-zero within 60 s naming the rank; latest
+    is a complete checkpoint; resuming reaches the step-20 weights of a run that never
+    stopped."""
+    pytest.importorskip("psutil")
+    tmp = reference
+    cfg = config(small_corpus, tmp / "cache", tmp / "killed", "ddp", every=5)
+    spec = tmp / "killed.json"
+    spec.write_text(json.dumps([cfg]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc-per-node=2", str(ROOT / "tests" / "dist_worker.py"),
+                                 str(spec)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    latest = tmp / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not latest.exists():
+        time.sleep(0.002)
+    pid = _rank_pid(launcher, 1)
+    assert pid is not None and launcher.poll() is None, "the run ended before it could be killed"
+    killed_at = time.time()
+    os.kill(pid, signal.SIGKILL)
+    out, _ = launcher.communicate(timeout=90)
+    assert launcher.returncode != 0 and time.time() - killed_at < 60
+    assert "rank      : 1" in out, out[-2000:]  # torchrun's report names the rank
+    ck = runs.latest_checkpoint(tmp / "killed")
+    assert runs.is_dcp(ck) and (ck / "trainer_state.pt").exists()
+    stopped = max(r["step"] for r in runs.read_jsonl(tmp / "killed" / "metrics.jsonl"))
+    assert stopped < 20, "the kill came after the last step"
+    code, out = torchrun([cfg], tmp)  # resume from the last complete checkpoint
+    assert code == 0, out[-3000:]
+    wa, wb = weights(tmp / "killed"), weights(tmp / "one-dense")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= TOL
+
+
+def test_two_nodes_rendezvous_on_loopback(small_corpus, reference):
+    """Two torchrun launches of one process each, --nnodes 2 with c10d rendezvous on 127.0.0.1:
+    the job trains the one-process model."""
+    import socket
+
+    tmp = reference
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config(small_corpus, tmp / "cache", tmp / "two-nodes", "ddp")
+    spec = tmp / "nodes.json"
+    spec.write_text(json.dumps([cfg]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                               f"--node-rank={i}", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=keenlm-test",
+                               "--master-addr=127.0.0.1", str(ROOT / "tests" / "dist_worker.py"),
+                               str(spec)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=180)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert_same(tmp / "two-nodes", tmp / "one-dense", "two nodes")
