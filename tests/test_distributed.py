@@ -215,3 +215,29 @@ def test_two_nodes_rendezvous_on_loopback(small_corpus, reference):
     outs = [p.communicate(timeout=180)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert_same(tmp / "two-nodes", tmp / "one-dense", "two nodes")
+
+
+def test_ctrl_c_on_the_launcher_saves_once_and_exits(small_corpus, tmp_path):
+    """keenlm train --nproc 2, interrupted: every rank finishes its step, the checkpoint is
+    written once (by all ranks together) and the launcher ends with 130."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "keenlm.cli", "train", "--nproc", "2",
+           "--data.corpus", str(small_corpus), "--data.tokenizer", "byte",
+           "--data.cache_dir", str(tmp_path / "cache"), "--model.n_layer", "2",
+           "--model.d_model", "64", "--model.n_head", "2", "--model.max_seq_len", "32",
+           "--train.steps", "100000", "--train.batch_size", "4", "--train.seq_len", "32",
+           "--train.eval.every", "0", "--train.eval.batches", "2", "--train.progress", "false",
+           "--train.eval.log_every", "1", "--train.out_dir", str(out), "--train.parallel", "ddp"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 130, text[-2000:]
+    stopped = max(r["step"] for r in runs.read_jsonl(metrics) if r["kind"] == "train")
+    ck = runs.latest_checkpoint(out)
+    assert runs.is_dcp(ck) and ck.name == runs.step_dir(stopped)  # saved at the step it reached
+    assert text.count("stopped at step") == 1  # rank 0 reports

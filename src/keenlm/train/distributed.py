@@ -301,7 +301,12 @@ def load_full(ckpt: Path, model: nn.Module, opt, build_plain) -> dict:
 
 def launch(nproc: int, argv: list[str]) -> int:
     """``keenlm train --nproc N ARGS``: torchrun runs ``keenlm train ARGS`` in N processes on
-    this machine, each with cores / N threads; its exit status (torchrun names a failed rank)."""
+    this machine, each with cores / N threads; its exit status (torchrun names a failed rank).
+
+    Ctrl-C: torchrun runs in a session of its own, so the terminal's signal reaches only this
+    launcher, which passes one SIGINT on: torchrun hands it to every worker once, and they
+    finish the step, save and exit. A second Ctrl-C ends torchrun (and its workers) at once."""
+    import signal
     import subprocess
     import sys
 
@@ -309,4 +314,17 @@ def launch(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "keenlm.cli", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    asked = []
+
+    def forward(signum, frame):
+        proc.send_signal(signal.SIGINT if not asked else signal.SIGTERM)
+        asked.append(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+        return 130 if asked else code  # interrupted (torchrun itself reports the signal as 1)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -33,8 +33,8 @@ def pick_device(name: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def sigint_stops(event: threading.Event):
-    """First Ctrl-C: stop after this step and save. Second: abort."""
+def sigint_stops(event: threading.Event, signals=(signal.SIGINT,)):
+    """First Ctrl-C (or another of ``signals``): stop after this step and save. Second: abort."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -45,11 +45,12 @@ def sigint_stops(event: threading.Event):
         event.set()
         print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
-    old = signal.signal(signal.SIGINT, handler)
+    old = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 class LoopShell:
@@ -65,6 +66,9 @@ class LoopShell:
     eval_at_start = False
     keep = 2
     is_main = True  # the process that writes metrics (rank 0 of a distributed job)
+    # signals that stop the loop after the current step, with a checkpoint (torchrun passes
+    # Ctrl-C on to its workers as SIGTERM: a distributed trainer adds it)
+    stop_signals = (signal.SIGINT,)
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
@@ -141,7 +145,7 @@ class LoopShell:
             start_eval = self.evaluate()
             log_eval(start_eval, at_start=True)
         progress = Progress(self.planned_steps, enabled=self.progress, start_step=self.step)
-        with sigint_stops(self._stop), progress:
+        with sigint_stops(self._stop, self.stop_signals), progress:
             if start_eval is not None:
                 progress.note(self.eval_note(start_eval))
             while self.step < self.planned_steps and not self.agree(self._stop.is_set()):

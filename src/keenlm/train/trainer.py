@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -110,6 +111,8 @@ class Trainer(LoopShell):
         self.dist = distributed.setup(t.parallel, self.device, t.runtime.dist_timeout_s)
         distributed.check(self.dist, cfg)
         self.is_main = self.dist.main  # only rank 0 writes the run files, metrics and progress
+        if self.dist.active:  # torchrun hands Ctrl-C to its workers as SIGTERM
+            self.stop_signals = (signal.SIGINT, signal.SIGTERM)
         check_backend(cfg.model.attention, self.device)
         self.amp = autocast_dtype(t.runtime.dtype, self.device)
         log = print if t.progress and self.is_main else None
