@@ -51,6 +51,7 @@ bench: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/harness.py
+	$(BIN)/python benchmarks/distributed.py
 	$(BIN)/python benchmarks/lowbit.py
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/grpo.py
@@ -62,6 +63,7 @@ bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/decode.py --quick
 	$(BIN)/python benchmarks/serve.py --quick
 	$(BIN)/python benchmarks/harness.py --quick
+	$(BIN)/python benchmarks/distributed.py --quick
 	$(BIN)/python benchmarks/lowbit.py --quick
 	$(BIN)/python benchmarks/attention.py --quick
 	$(BIN)/python benchmarks/grpo.py --quick

@@ -29,7 +29,7 @@ MODELS = {
 
 def config(corpus, cache, out, parallel="none", model=None, steps=20, every=0):
     return {"data": {"corpus": str(corpus), "tokenizer": "byte", "cache_dir": str(cache)},
-            "model": {"n_layer": 2, "d_model": 64, "n_head": 2, "max_seq_len": 32, **(model or {})},
+            "model": {"n_layer": 2, "d_model": 64, "n_head": 2, "max_seq_len": 96, **(model or {})},
             "train": {"steps": steps, "batch_size": 4, "seq_len": 32, "parallel": parallel,
                       "out_dir": str(out), "progress": False,
                       "optim": {"lr": 3e-3},
@@ -241,3 +241,56 @@ def test_ctrl_c_on_the_launcher_saves_once_and_exits(small_corpus, tmp_path):
     ck = runs.latest_checkpoint(out)
     assert runs.is_dcp(ck) and ck.name == runs.step_dir(stopped)  # saved at the step it reached
     assert text.count("stopped at step") == 1  # rank 0 reports
+
+
+def test_the_sizing_plan_adds_up():
+    from keenlm.config import ModelConfig
+    from keenlm.ledger import count_params
+    from keenlm.model import build_model
+    from keenlm.train.distributed import plan
+
+    cfg = ModelConfig(vocab_size=1000, n_layer=4, d_model=128, n_head=4, d_ff=352, max_seq_len=256)
+    P = count_params(build_model(cfg))["total"]
+    block = sum(p.numel() for p in build_model(cfg).layers[0].parameters())
+    ddp, fsdp = plan(cfg, 8, "ddp", 4, 256), plan(cfg, 8, "fsdp", 4, 256)
+    assert ddp["params"] == P and ddp["state_bytes"] == 16 * P
+    assert fsdp["state_bytes"] == 16 * P / 8 + 8 * block < ddp["state_bytes"]
+    assert ddp["comm_bytes"] == fsdp["comm_bytes"] == 7 / 8 * 8 * P
+    assert ddp["activation_bytes"] == 34 * 256 * 4 * 128 * 4
+    assert plan(cfg, 64, "fsdp", 4, 256)["state_bytes"] < fsdp["state_bytes"]
+    from keenlm.cli import main
+
+    assert main(["info", "--plan", "small", "--gpus", "8"]) == 0
+
+
+def test_rl_under_ddp_matches_one_process(reference):
+    """GRPO with the step's prompts split over 2 ranks: the same rollouts (rewards, step by step)
+    as one process with the same seed, the same losses and final weights."""
+    tmp = reference
+    policy = tmp / "one-dense"
+
+    def rl_cfg(out, parallel):
+        return {"prompts": 4, "group": 4, "max_new_tokens": 4, "steps": 4, "lr": 3e-3,
+                "temperature": 1.0, "eval_n": 2, "eval_every": 0, "progress": False,
+                "out_dir": str(out), "parallel": parallel, "threads": 1}
+
+    from keenlm.config import rl_config
+    from keenlm.train.grpo import RLTrainer
+
+    even = lambda prompts, comps: [1.0 if c and c[0].encode()[0] % 2 == 0 else 0.0  # noqa: E731
+                                   for c in comps]
+    torch.set_num_threads(1)
+    try:
+        RLTrainer(keenlm.load(policy), rl_config(rl_cfg(tmp / "rl-one", "none")), reward=even).fit()
+    finally:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    code, out = torchrun([{"rl": rl_cfg(tmp / "rl-two", "ddp"), "policy": str(policy)}], tmp)
+    assert code == 0, out[-3000:]
+    rec = lambda run: [r for r in runs.read_jsonl(run / "metrics.jsonl") if r["kind"] == "rl"]  # noqa: E731
+    one, two = rec(tmp / "rl-one"), rec(tmp / "rl-two")
+    assert len(one) == len(two) == 4
+    assert [r["reward_mean"] for r in one] == [r["reward_mean"] for r in two]  # the same rollouts
+    assert 0 < sum(r["rows_trained"] for r in one)  # something was learned from
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], abs=TOL)
+    wa, wb = weights(tmp / "rl-one"), weights(tmp / "rl-two")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= TOL

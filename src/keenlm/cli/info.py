@@ -13,14 +13,50 @@ from keenlm.quant.packing import PackedLinear
 def add_parser(sub, fmt):
     i = sub.add_parser("info", help="describe a run: config, parameters, ledger, files",
                        formatter_class=fmt)
-    i.add_argument("run", help="run folder")
+    i.add_argument("run", nargs="?", help="run folder")
     i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--plan", metavar="PRESET", help="instead: memory per GPU and communication per "
+                   "step of training PRESET (or a YAML file) under DDP and FSDP2")
+    i.add_argument("--gpus", default="8,16,32,64", help="--plan: world sizes")
+    i.add_argument("--micro-batch", type=int, default=8, help="--plan: sequences per GPU per micro-step")
+    i.add_argument("--vocab", type=int, default=32000, help="--plan: vocabulary size")
     return i
 
 
 def run(args) -> int:
+    if args.plan:
+        print(plan_table(args.plan, [int(g) for g in args.gpus.split(",")], args.micro_batch,
+                         args.vocab, as_json=args.json))
+        return 0
+    if not args.run:
+        raise ValueError("keenlm info: give a run folder, or --plan PRESET")
     print(run_info(Path(args.run), as_json=args.json))
     return 0
+
+
+def plan_table(preset: str, gpus: list[int], micro_batch: int, vocab: int,
+               as_json: bool = False) -> str:
+    """What training ``preset`` costs each GPU under DDP and FSDP2 (keenlm.train.distributed.plan)."""
+    from keenlm.config import from_dict
+    from keenlm.presets import preset_dict, resolve
+    from keenlm.train.distributed import plan
+
+    cfg = resolve(from_dict(preset_dict(preset)), vocab)
+    seq = cfg.train.seq_len
+    rows = [{"gpus": w, "mode": m, **plan(cfg.model, w, m, micro_batch, seq)}
+            for w in gpus for m in ("ddp", "fsdp")]
+    if as_json:
+        return json.dumps(rows, indent=2)
+    gb = 2 ** 30
+    out = [f"{preset}: {rows[0]['params'] / 1e6:.0f}M parameters, {micro_batch} x {seq} tokens "
+           f"per GPU per micro-step, vocabulary {vocab}, bf16 autocast, AdamW",
+           "| GPUs | mode | weights+grads+Adam per GPU | activations | total | sent per step |",
+           "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        out.append(f"| {r['gpus']} | {r['mode']} | {r['state_bytes'] / gb:.2f} GiB | "
+                   f"{r['activation_bytes'] / gb:.2f} GiB | {r['total_bytes'] / gb:.2f} GiB | "
+                   f"{r['comm_bytes'] / gb:.2f} GiB |")
+    return "\n".join(out)
 
 
 def _size(path: Path) -> int:

@@ -54,9 +54,12 @@ class RLRunConfig:
     out_dir: str = "runs/rl"  # run folder (a keenlm run: keenlm generate|eval OUT work on it)
     resume: bool = True  # continue from out_dir's latest checkpoint when it exists
     progress: bool = True  # live progress bar (plain lines when not a terminal)
+    parallel: str = "auto"  # none | ddp | auto (ddp under torchrun with several processes): prompts split over the ranks
 
     def __post_init__(self):
         p = "rl."
+        check(self.parallel in ("none", "ddp", "auto"), p + "parallel", self.parallel,
+              "none | ddp | auto")
         check(self.eval_n >= 1, p + "eval_n", self.eval_n, "an integer >= 1")
         for name in ("eval_every", "save_every", "threads"):
             v = getattr(self, name)

@@ -98,12 +98,15 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
                     *, eos_id: Optional[int] = None,
                     should_stop: Optional[Callable[[int, list[int]], bool]] = None,
                     on_token: Optional[Callable[[int, int], None]] = None,
-                    repeat: int = 1) -> list[list[int]]:
+                    repeat: int = 1, seeds: Optional[Sequence[int]] = None) -> list[list[int]]:
     """Generate continuations of token-id prompts; returns the new ids of each row.
 
     should_stop(row, new_ids) -> True ends that row (stop strings); on_token(row, id) streams.
     repeat: each prompt fills ``repeat`` consecutive rows (several samples of one prompt, as
     GRPO draws them): its prefill runs once and the rows share a copy of its KV cache.
+    seeds: one sampling seed per prompt (instead of ``cfg.seed`` for the batch): a prompt's
+    samples then do not depend on the other prompts of the batch, so prompts split over
+    processes sample what one process would.
     """
     if repeat < 1:
         raise ValueError(f"repeat {repeat}: an integer >= 1")
@@ -117,6 +120,11 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    gens = None
+    if seeds is not None and cfg.temperature > 0:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        gens = [torch.Generator(device=device).manual_seed(int(x)) for x in seeds]
     positions = (key_mask.long().cumsum(-1) - 1).clamp_min(0)
     cache = model.new_cache(P, total)
     logits = model(idx, cache=cache, positions=positions, key_mask=key_mask, last_only=True)[:, -1]
@@ -138,7 +146,12 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], cfg: GenerateConfig
     try:
         with decode_threads(model):  # the q4 path's kernels take the threads while decoding
             for _ in range(cfg.max_new_tokens):
-                tok = sample_next(logits.float(), seen, cfg, gen)
+                if gens is None:
+                    tok = sample_next(logits.float(), seen, cfg, gen)
+                else:  # each prompt's rows from its own generator
+                    tok = torch.cat([sample_next(logits[i * repeat:(i + 1) * repeat].float(),
+                                                 seen[i * repeat:(i + 1) * repeat], cfg, g)
+                                     for i, g in enumerate(gens)])
                 _take(tok.tolist(), out, done, eos_id, should_stop, on_token)
                 if all(done):
                     break

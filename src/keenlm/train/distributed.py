@@ -119,7 +119,8 @@ def setup(parallel: str, device: torch.device, timeout_s: float = 60.0) -> Dist:
     if not under_torchrun:
         raise ValueError(f"train.parallel={mode} needs torchrun: keenlm train --nproc N ..., "
                          "or torchrun --nproc-per-node N -m keenlm train ...")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # on GPUs, NCCL for CUDA tensors and gloo beside it for the few CPU ones (flags, counts)
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     d = Dist(mode, dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
@@ -295,6 +296,41 @@ def load_full(ckpt: Path, model: nn.Module, opt, build_plain) -> dict:
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True))
     return state
+
+
+# ------------------------------------------------------------------------------ sizing
+
+def plan(model_cfg, world: int, mode: str, micro_batch: int, seq_len: int) -> dict:
+    """Memory per rank and bytes each rank sends per optimizer step, on GPUs in bf16 autocast
+    with fp32 weights and AdamW (the estimate ``keenlm info --plan`` prints).
+
+    weights, gradients, Adam's two moments: 4 + 4 + 8 bytes per parameter; under FSDP2 a rank
+    holds 1/world of them, plus two blocks' weights gathered in bf16 (the current one and the
+    prefetched next) and one block's fp32 gradients before its reduce-scatter. Activations: 34
+    bytes per token, layer and unit of width in 16-bit (Korthikanti et al. 2022, "Reducing
+    Activation Recomputation in Large Transformer Models", with FlashAttention: no
+    seq_len^2 term), for the rank's micro-batch. Communication (ring algorithms, per rank):
+    DDP all-reduces fp32 gradients, 2 (W-1)/W x 4P; FSDP2 all-gathers bf16 weights in the
+    forward and backward passes and reduce-scatters fp32 gradients, (W-1)/W x (2P + 2P + 4P)."""
+    from keenlm.ledger import count_params
+    from keenlm.model import build_model
+
+    with torch.device("meta"):
+        net = build_model(model_cfg)
+    P = count_params(net)["total"]
+    block = sum(p.numel() for p in net.layers[0].parameters())
+    state = 16 * P
+    acts = 34 * seq_len * micro_batch * model_cfg.d_model * model_cfg.n_layer
+    share = (world - 1) / world
+    if mode == "ddp":
+        held, comm = state, share * 2 * 4 * P
+    elif mode == "fsdp":
+        held, comm = state / world + 2 * 2 * block + 4 * block, share * 8 * P
+    else:
+        raise ValueError(f"mode {mode!r}: ddp | fsdp")
+    return {"params": P, "block_params": block, "state_bytes": held, "activation_bytes": acts,
+            "total_bytes": held + acts, "comm_bytes": comm,
+            "tokens_per_step": world * micro_batch * seq_len}
 
 
 # ------------------------------------------------------------------------------ launching

@@ -58,6 +58,7 @@ import copy
 import dataclasses
 import json
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -72,6 +73,7 @@ from keenlm.infer.generate import generate_tokens, stop_check
 from keenlm.io.loaders import load_any
 from keenlm.plot import line_chart
 from keenlm.train.logprobs import completion_mask, shared_prefix_logprobs
+from keenlm.train import distributed
 from keenlm.train.loop import LoopShell, pick_device
 from keenlm.train.optim import build_optimizer, init_base_lr, set_lr
 
@@ -195,7 +197,7 @@ ALGORITHMS = {"grpo": (grpo_targets, clipped_objective), "rft": (rft_targets, li
 
 def sample_group(model, tokenizer, prompts: list[str], group: int, *, temperature: float,
                  max_new_tokens: int, seed: int, stop: Optional[str] = "</answer>",
-                 stop_at_eos: bool = True):
+                 stop_at_eos: bool = True, seeds: Optional[list[int]] = None):
     """``group`` completions of each prompt in one batched, KV-cached generate call (each
     prompt prefilled once): (prompt ids, completion ids per row, completion texts). Row r
     continues prompt r // group. The same seed gives the same samples. With ``stop=None`` and
@@ -203,7 +205,8 @@ def sample_group(model, tokenizer, prompts: list[str], group: int, *, temperatur
     prompt_ids = [tokenizer.encode_prompt(p) for p in prompts]
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     outs = generate_tokens(model, prompt_ids, cfg, eos_id=tokenizer.eos_id if stop_at_eos else None,
-                           should_stop=stop_check(tokenizer, (stop,) if stop else ()), repeat=group)
+                           should_stop=stop_check(tokenizer, (stop,) if stop else ()), repeat=group,
+                           seeds=seeds)
     return prompt_ids, outs, [tokenizer.decode(o) for o in outs]
 
 
@@ -239,6 +242,20 @@ class RLTrainer(LoopShell):
             raise ValueError("RL needs a full-precision model (not a quantized one)")
         self.cfg, self.km = cfg, policy
         self.device = pick_device(run.device)
+        # across processes: each rank samples and trains on its share of the step's prompts,
+        # gradients are summed over the ranks (keenlm.train.distributed)
+        self.dist = distributed.setup(run.parallel, self.device)
+        self.is_main = self.dist.main
+        if self.dist.active:
+            self.stop_signals = (signal.SIGINT, signal.SIGTERM)
+            if cfg.prompts % self.dist.world:
+                raise ValueError(f"rl.prompts={cfg.prompts} must split evenly over "
+                                 f"{self.dist.world} ranks")
+            if cfg.minibatches != 1:
+                raise ValueError("rl.minibatches > 1 with rl.run.parallel: minibatches are drawn "
+                                 "from the whole batch; use 1")
+            if policy.config.model.ffn == "moe":
+                raise ValueError("an MoE policy with rl.run.parallel: not supported yet")
         self.model = policy.net.to(self.device)
         self.tokenizer = policy.tokenizer
         self.task = task or get_task(cfg.task, cfg.difficulty, cfg.scratchpad)
@@ -262,10 +279,12 @@ class RLTrainer(LoopShell):
         self.train_problems = self.task.problems("train", 5000)
         self.planned_steps = cfg.steps
         self.eval_every, self.save_every = run.eval_every, run.save_every
-        self.time_budget_s, self.progress = run.time_budget_s, run.progress
+        self.time_budget_s, self.progress = run.time_budget_s, run.progress and self.is_main
         if run.resume:
             self.resume(label="RL step")
-        self._write_run_files()
+        if self.is_main:
+            self._write_run_files()
+        self.dist.barrier()
 
     # --------------------------------------------------------------------------- run files
 
@@ -281,6 +300,15 @@ class RLTrainer(LoopShell):
     def extra_state(self) -> dict:
         return {"updates": self.updates}
 
+    def save(self):
+        """Every rank holds the same weights: rank 0 writes them, the others wait."""
+        if self.is_main:
+            super().save()
+        self.dist.barrier()
+
+    def agree(self, flag: bool) -> bool:
+        return bool(self.dist.decide(flag))
+
     def load_extra_state(self, state: dict) -> None:
         self.updates = int(state["updates"])
 
@@ -293,25 +321,45 @@ class RLTrainer(LoopShell):
     def rl_step(self) -> dict:
         cfg = self.cfg
         prompts = self.prompts_for(self.step)
+        n = cfg.prompts // self.dist.world  # this rank's prompts: [first, first + n)
+        first = self.dist.rank * n
+        mine = prompts[first:first + n]
         t0 = time.perf_counter()
-        prompt_ids, comps, texts = sample_group(self.model, self.tokenizer, prompts, cfg.group,
+        # a seed per prompt: its samples are the same whichever rank draws them
+        seeds = [(cfg.seed * 1_000_003 + self.step) * 1_009 + first + i for i in range(n)]
+        prompt_ids, comps, texts = sample_group(self.model, self.tokenizer, mine, cfg.group,
                                                 temperature=cfg.temperature,
                                                 max_new_tokens=cfg.max_new_tokens,
                                                 seed=cfg.seed * 1_000_003 + self.step,
-                                                stop=self.stop, stop_at_eos=self.stop_at_eos)
+                                                stop=self.stop, stop_at_eos=self.stop_at_eos,
+                                                seeds=seeds)
         t_gen = time.perf_counter() - t0
-        row_prompts = [p for p in prompts for _ in range(cfg.group)]
-        rewards = torch.tensor(self.reward(row_prompts, texts), dtype=torch.float32)
+        row_prompts = [p for p in mine for _ in range(cfg.group)]
+        mine_rewards = self.reward(row_prompts, texts)
+        # advantages and token weights are the whole batch's: every rank's rewards and completions
+        all_rewards, all_comps = mine_rewards, comps
+        if self.dist.active:
+            parts = [None] * self.dist.world
+            torch.distributed.all_gather_object(parts, (mine_rewards, comps))
+            all_rewards = [r for part in parts for r in part[0]]
+            all_comps = [c for part in parts for c in part[1]]
+        rewards = torch.tensor(all_rewards, dtype=torch.float32)
         grouped = rewards.view(cfg.prompts, cfg.group)
-        mask = completion_mask(comps)
-        adv, weights = self.targets(grouped, mask, self.variant, cfg.max_new_tokens, comps)
+        mask = completion_mask(all_comps)
+        adv, weights = self.targets(grouped, mask, self.variant, cfg.max_new_tokens, all_comps)
+        rows_mine = slice(first * cfg.group, (first + n) * cfg.group)
+        adv, weights = adv[rows_mine], weights[rows_mine]
+        comps = all_comps[rows_mine]
         t1 = time.perf_counter()
-        rows = torch.arange(len(prompts)).repeat_interleave(cfg.group)
+        rows = torch.arange(len(mine)).repeat_interleave(cfg.group)
         stats = self._update(prompt_ids, rows, comps, adv, weights)
         t_train = time.perf_counter() - t1
         self.step += 1
         gen_tokens = sum(len(c) for c in comps)
         train_tokens = stats.pop("train_tokens")
+        if self.dist.active:  # the job's figures
+            gen_tokens, train_tokens = (int(v) for v in self.dist.sum([gen_tokens, train_tokens]))
+            comps = all_comps
         return {"step": self.step, "reward_mean": float(rewards.mean()),
                 "reward_std": float(rewards.std()), "success": float((rewards == 1.0).float().mean()),
                 "zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
@@ -331,8 +379,15 @@ class RLTrainer(LoopShell):
         completions; adv (R,), weights (R, W) from the algorithm."""
         cfg, kl_coef = self.cfg, self.cfg.optim.kl_coef
         live = ((weights.sum(dim=1) > 0) & ((adv != 0) | (kl_coef > 0))).nonzero().flatten()
-        if len(live) == 0:
+        n_live = int(self.dist.sum([len(live)])[0])
+        if n_live == 0:
             return {"loss": 0.0, "clip_frac": 0.0, "kl": None, "rows_trained": 0, "train_tokens": 0}
+        if len(live) == 0:  # other ranks train: take part in their gradient sums with nothing
+            for _ in range(cfg.epochs):
+                self._optimizer_step(None)
+            loss_sum = self.dist.sum([0.0])[0]
+            return {"loss": loss_sum / cfg.epochs, "clip_frac": 0.0, "kl": None,
+                    "rows_trained": n_live, "train_tokens": 0}
         dev = self.device
         rows, comps = rows[live], [comps[i] for i in live.tolist()]
         W = max(len(c) for c in comps)
@@ -368,8 +423,9 @@ class RLTrainer(LoopShell):
                     kls.append(st["kl"])
                 tokens += sum(len(comps[i]) for i in part.tolist()) + \
                     sum(len(prompt_ids[i]) for i in rows[part].unique().tolist())
-        return {"loss": sum(losses) / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
-                "kl": sum(kls) / len(kls) if kls else None, "rows_trained": len(live),
+        loss_sum = self.dist.sum([sum(losses)])[0]  # the batch's loss: every rank's part
+        return {"loss": loss_sum / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
+                "kl": sum(kls) / len(kls) if kls else None, "rows_trained": n_live,
                 "train_tokens": tokens}
 
     def _optimizer_step(self, loss):
@@ -377,7 +433,14 @@ class RLTrainer(LoopShell):
         warm = min(1.0, (self.updates + 1) / opt.warmup_steps) if opt.warmup_steps else 1.0
         set_lr(self.opt, warm)
         aux = self.model.aux_losses()  # auxiliary losses of the model's parts in this forward
-        (loss + sum(aux.values()) if aux else loss).backward()
+        if loss is not None:
+            (loss + sum(aux.values()) if aux else loss).backward()
+        if self.dist.active:  # the batch's loss is the sum of the ranks' parts: so is its gradient
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad)
         if opt.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), opt.grad_clip)
         self.opt.step()
