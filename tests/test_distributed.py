@@ -1,6 +1,7 @@
 """Data-parallel training with real processes: torchrun, gloo, world size 2, one thread per rank.
 DDP and FSDP2 against the one-process run of the same global batch (losses and final weights),
-for a dense, an MoE and a ternary-QAT model; resuming across world sizes; a killed rank."""
+for a dense, an MoE, a ternary-QAT, a neural-memory and a spiking model; resuming across world
+sizes; a killed rank; two nodes; Ctrl-C; RL."""
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ MODELS = {
     "dense": {},
     "moe": {"ffn": "moe", "moe": {"experts": 4, "top_k": 2}},
     "ternary": {"linear": "ternary"},
+    "memory": {"memory": {"kind": "mag"}},
+    "spiking": {"spike": {"steps": 4}},
 }
 
 
@@ -57,13 +60,13 @@ def weights(run):
     return {k: v.clone() for k, v in keenlm.load(run).net.state_dict().items()}
 
 
-def assert_same(a, b, what):
+def assert_same(a, b, what, tol=TOL):
     assert len(losses(a)) == len(losses(b)) > 0
-    assert losses(a) == pytest.approx(losses(b), abs=TOL), what
+    assert losses(a) == pytest.approx(losses(b), abs=tol), what
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    assert worst <= TOL, f"{what}: final weights differ by {worst:.2e}"
+    assert worst <= tol, f"{what}: final weights differ by {worst:.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +92,20 @@ def test_ddp_and_fsdp_train_the_one_process_model(small_corpus, reference):
     for mode in ("ddp", "fsdp"):
         for name in MODELS:
             run = tmp / f"{mode}-{name}"
-            assert_same(run, tmp / f"one-{name}", f"{mode}, {name}")
+            # spikes are thresholds: a last-bit difference in a membrane can flip one, so the
+            # spiking model agrees less closely (seen: 4e-5 in the loss)
+            assert_same(run, tmp / f"one-{name}", f"{mode}, {name}",
+                        tol=1e-3 if name == "spiking" else TOL)
             ck = runs.latest_checkpoint(run)
             assert runs.is_dcp(ck) and len(list((ck / "dcp").glob("*.safetensors"))) >= 1
             # only rank 0 wrote the metrics: one line per step
             assert len(losses(run)) == 20
+    # a sharded checkpoint exports like any run: gathered into one Hugging Face folder
+    from keenlm.cli import main
+
+    assert main(["convert", str(tmp / "fsdp-dense"), str(tmp / "hf"), "--to", "hf"]) == 0
+    wa, wb = weights(tmp / "hf"), weights(tmp / "fsdp-dense")
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)
 
 
 def test_resume_across_world_sizes(small_corpus, reference):
