@@ -5,7 +5,9 @@ perplexity). Both read the same GGUF (Q4_1, the C decode engine); the in-process
 and decodes one request at a time (batch_size=1), as the server prefills each request alone.
 
 Prints each task's figures from both and the largest per-sample difference, and the wall time
-of each run (the server's includes HTTP and JSON).
+of each run (the server's includes HTTP and JSON). Then keenlm's class on the fp32 model against
+the harness' own ``hf`` backend (transformers) on the same model exported to a Hugging Face
+folder: the figures to 4 decimals, and the wall times (batch 8 both).
 
 Usage: python benchmarks/harness.py [--quick]      (--quick: 40 items per task)
 Ends with one line per target: BENCH <name> <value> target <op><target> PASS|MISS
@@ -13,6 +15,7 @@ Ends with one line per target: BENCH <name> <value> target <op><target> PASS|MIS
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import sys
@@ -49,9 +52,39 @@ def first(r):
     return r[0] if isinstance(r, (list, tuple)) else r
 
 
+def against_hf(path: Path, limit) -> None:
+    """keenlm's class (fp32) against the harness' own ``hf`` backend (transformers) on the same
+    model exported to a Hugging Face folder: figures to 4 decimals, and wall time."""
+    import tempfile
+
+    from keenlm.io.hf import export_hf
+    import keenlm
+
+    km = keenlm.load(path)  # fp32, as the exported folder holds it
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_hf(km.net, km.tokenizer, Path(tmp) / "hf")
+        theirs, t_theirs = evaluate("hf", f"pretrained={folder},dtype=float32,device=cpu,"
+                                          "batch_size=8", limit)
+    mine, t_mine = evaluate("keenlm", f"pretrained={path},batch_size=8", limit)
+    worst = 0.0
+    print("\n| task | metric | keenlm (fp32) | hf backend (transformers, fp32) |")
+    print("|---|---|---|---|")
+    for task, ra in mine["results"].items():
+        for m in METRICS:
+            if m in ra:
+                rb = theirs["results"][task][m]
+                print(f"| {task} | {m} | {ra[m]:.6f} | {rb:.6f} |")
+                worst = max(worst, abs(round(ra[m], 4) - round(rb, 4)))
+    print(f"\nwall time: keenlm {t_mine:.1f} s, hf backend {t_theirs:.1f} s "
+          f"({t_mine / t_theirs:.2f}x)")
+    print(bench_line("harness_vs_hf_backend_4_decimals_max_diff", worst, "<=", 0.0))
+    print(bench_line("harness_vs_hf_backend_wall_time", t_mine / t_theirs, "<=", 0.5))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only-hf", action="store_true", help="only the comparison with the hf backend")
     args = ap.parse_args()
     limit = 40 if args.quick else None
     path = gguf_path()
@@ -59,6 +92,9 @@ def main() -> None:
 
     torch.set_num_threads(2)
     import keenlm.harness.model  # noqa: F401  (registers "keenlm" in the harness)
+
+    if args.only_hf:
+        return against_hf(path, limit)
 
     print(f"# lm-evaluation-harness: {path.name}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, {'quick' if args.quick else 'full'} run")
@@ -96,6 +132,8 @@ def main() -> None:
           f"{t_theirs:.1f} s")
     print(bench_line("harness_metric_rel_diff", worst_metric, "<=", 1e-4))
     print(bench_line("harness_generations_identical", same_text / max(1, n_text), ">=", 1.0))
+    if importlib.util.find_spec("transformers") is not None:
+        against_hf(path, limit)
 
 
 if __name__ == "__main__":

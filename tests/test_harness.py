@@ -36,7 +36,7 @@ def fp32(small_corpus):
     tok = train_bpe([p.read_text() for p in sorted(small_corpus.iterdir())], 400)
     torch.manual_seed(0)
     net = build_model(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=128, n_head=4,
-                                  n_kv_head=2, d_ff=256, max_seq_len=512)).eval()
+                                  n_kv_head=2, d_ff=256, max_seq_len=1024)).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -130,3 +130,38 @@ def test_the_shipped_task_files():
     assert min(labels.count(k) for k in range(4)) > 20
     text = [json.loads(line) for line in (TASKS / "stdlib_text.jsonl").read_text().splitlines()]
     assert len(text) == 40 and all(len(r["text"]) >= 500 for r in text)
+
+
+def test_the_keenlm_class_equals_the_harness_hf_backend(fp32, tmp_path, capsys):
+    """The same fp32 model, exported to a Hugging Face folder and read by the harness' own
+    ``hf`` backend (transformers), against keenlm's class: the same figures to 4 decimals."""
+    pytest.importorskip("transformers")
+    from keenlm.io.hf import export_hf
+
+    folder = export_hf(fp32.net, fp32.tokenizer, tmp_path / "hf")
+    mine = run(KeenLM(model=fp32, batch_size=4), TASK_NAMES, limit=8)
+    theirs = run("hf", TASK_NAMES, limit=8,
+                 model_args=f"pretrained={folder},dtype=float32,device=cpu,batch_size=4")
+    for task in TASK_NAMES:
+        ra, rb = mine["results"][task], theirs["results"][task]
+        for metric, value in ra.items():
+            if "," in metric and "stderr" not in metric and isinstance(value, float):
+                assert round(value, 4) == round(rb[metric], 4) or value == pytest.approx(
+                    rb[metric], rel=1e-6), (task, metric, value, rb[metric])
+        a = sorted(mine["samples"][task], key=lambda s: s["doc_id"])
+        b = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
+        for x, y in zip(a, b):
+            if task == "keenlm_addition":
+                assert x["resps"] == y["resps"]
+            else:
+                lx = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in x["resps"]]
+                ly = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in y["resps"]]
+                assert lx == pytest.approx(ly, rel=1e-4, abs=1e-4)
+    # the command line gives the same figures: keenlm eval MODEL --harness TASKS
+    from keenlm.cli import main
+
+    assert main(["eval", str(folder), "--harness", "keenlm_nextline", "--limit", "8",
+                 "--batch-size", "4", "--json"]) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.rindex("\n{\n") + 1:] if "\n{\n" in out else out)
+    assert printed["keenlm_nextline"]["acc"] == mine["results"]["keenlm_nextline"]["acc,none"]

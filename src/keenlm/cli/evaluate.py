@@ -32,11 +32,18 @@ def add_parser(sub, fmt):
     tk.add_argument("--k", default="1,4,8", help="k values for pass@k and maj@k")
     tk.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     tk.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
+    hk = e.add_argument_group("lm-evaluation-harness (instead of the loss; the eval extra)")
+    hk.add_argument("--harness", metavar="TASKS",
+                    help="comma-separated harness tasks: keenlm's local ones (keenlm_nextline, "
+                         "keenlm_addition, keenlm_stdlib_text) or any the harness has offline")
+    hk.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     return e
 
 
 def run(args) -> int:
     km = keenlm.load(model_path(args), device=args.device, quant=args.quant)
+    if args.harness:
+        return _harness_eval(km, args)
     if args.task:
         return _task_eval(km, args)
     res = km.evaluate(args.corpus, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -44,6 +51,19 @@ def run(args) -> int:
     print(json.dumps(res, indent=2) if args.json else
           f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
           f"bits/byte {res['bits_per_byte']:.4f}  ({res['tokens']} tokens, {res['bytes']} bytes)")
+    return 0
+
+
+def _harness_eval(km, args) -> int:
+    from keenlm.harness.model import run_harness, summary  # optional: lm-evaluation-harness
+
+    tasks = [t for t in args.harness.split(",") if t]
+    res = summary(run_harness(km, tasks, limit=args.limit, batch_size=args.batch_size))
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    for task, metrics in res.items():
+        print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
 
 

@@ -4,7 +4,8 @@
 
 Scoring follows the harness' own API models (``TemplateLM``): a context and continuation are
 encoded whole and split where the context's ids end; an empty context is conditioned on the
-end-of-text token; a rolling log-likelihood scores disjoint windows of ``max_length`` tokens.
+beginning-of-text token (the end-of-text one without it); a rolling log-likelihood scores
+disjoint windows of ``max_length`` tokens.
 Tokenization is the one ``keenlm serve`` applies to a text prompt (``encode_prompt``: special
 tokens written in the text are read as their ids), so this class and the harness'
 ``local-completions`` client against ``keenlm serve`` see the same ids and give the same
@@ -64,6 +65,13 @@ class KeenLM(TemplateLM):
                              "empty context on")
         return self.tok.eos_id
 
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is conditioned on: the beginning-of-text token where the
+        tokenizer has one, else the end-of-text token (as the harness' hf backend does)."""
+        bos = getattr(self.tok, "bos_token", None)
+        return self.tok.token_to_id(bos) if bos else self.eot_token_id
+
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
         return self.tok.encode_prompt(string)
 
@@ -87,10 +95,20 @@ class KeenLM(TemplateLM):
         idx = torch.zeros(len(inputs), width, dtype=torch.long, device=self._device)
         for i, (x, _) in enumerate(inputs):
             idx[i, :len(x)] = torch.tensor(x)
-        logp = torch.log_softmax(self.net(idx).float(), dim=-1)
-        out = []
-        for i, ((x, n), (_, cont)) in enumerate(zip(inputs, rows)):
-            lp = logp[i, len(x) - 1 - n:len(x) - 1]
+        if type(self.net.lm_head) is torch.nn.Linear:
+            # the LM head only where a continuation token is predicted: the context's positions
+            # need no logits (the head is a fifth of SmolLM2's weights, its softmax 49152 wide)
+            h = self.net(idx, hidden=True)
+            picked = [h[i, len(x) - 1 - n:len(x) - 1] for i, (x, n) in enumerate(inputs)]
+            logps = torch.log_softmax(self.net.lm_head(torch.cat(picked)).float(), dim=-1)
+        else:  # a quantized head rounds by its row count: all positions, as a server computes
+            logits = self.net(idx).float()
+            logps = torch.log_softmax(torch.cat([logits[i, len(x) - 1 - n:len(x) - 1]
+                                                 for i, (x, n) in enumerate(inputs)]), dim=-1)
+        out, at = [], 0
+        for (x, n), (_, cont) in zip(inputs, rows):
+            lp = logps[at:at + n]
+            at += n
             target = torch.tensor(cont, device=self._device)
             out.append((float(lp.gather(1, target[:, None]).sum()),
                         bool((lp.argmax(-1) == target).all())))
@@ -149,3 +167,27 @@ class KeenLM(TemplateLM):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return results
+
+
+def run_harness(model, tasks, *, limit=None, batch_size: int = 8, max_length=None,
+                log_samples: bool = False) -> dict:
+    """lm-evaluation-harness' ``simple_evaluate`` on a loaded keenlm model (``keenlm.load``) with
+    keenlm's local tasks on the include path; its result dict."""
+    import os
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from keenlm.harness import TASKS
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local tasks only: never a download
+    lm = KeenLM(model=model, batch_size=batch_size, max_length=max_length)
+    return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=log_samples,
+                           task_manager=TaskManager(include_path=str(TASKS)))
+
+
+def summary(results: dict) -> dict[str, dict[str, float]]:
+    """task -> {metric: value} of a harness result, without the standard errors."""
+    return {task: {k.split(",")[0]: v for k, v in r.items()
+                   if "," in k and "stderr" not in k and isinstance(v, (int, float))}
+            for task, r in results["results"].items()}

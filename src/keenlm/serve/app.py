@@ -228,7 +228,8 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None,
         """vLLM's route: what a client needs to tokenize as the server does (lm-evaluation-
         harness' remote tokenizer reads it)."""
         eos = tok.decode([tok.eos_id]) if tok.eos_id is not None else None
-        return {"eos_token": eos, "bos_token": None, "pad_token": None,
+        return {"eos_token": eos, "bos_token": getattr(tok, "bos_token", None) or None,
+                "pad_token": None,
                 "chat_template": getattr(tok, "chat_template", None),
                 "vocab_size": sched.model.cfg.vocab_size, "model_max_length": sched.max_len}
 
