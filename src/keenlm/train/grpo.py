@@ -3,7 +3,9 @@
 Each RL step:
   1. draw ``prompts`` training problems of the task (a pure function of the seed and the step);
   2. sample ``group`` completions of each, all rows in one batched, KV-cached generate call
-     (``keenlm.infer.generate_tokens``), at ``temperature``, ending at ``</answer>``;
+     (``keenlm.infer.generate_tokens``), at ``temperature``, ending at ``</answer>``, each
+     prompt's rows from a generator of its own seed (so ranks that split the prompts, under
+     ``rl.run.parallel``, draw what one process draws);
   3. score them with the task's exact reward (0 / 0.1 / 1.0, keenlm.data.tasks);
   4. turn rewards into per-row advantages and per-token weights (the algorithm and its loss
      variant), then take ``epochs`` x ``minibatches`` optimizer steps on that batch.
