@@ -8,7 +8,8 @@ and inter-token latency (p50, p99) from the streamed chunks, and errors. keenlm 
 ``--max-batch 16`` (continuous batching on the C decode step); llama_cpp.server with its defaults
 (one sequence at a time). Every run is capped in requests and seconds and stops by itself.
 
-Then majority vote through keenlm's server: N=8 against N=1 wall time for the same prompts, and
+Then the prefill cost of a 256-token prompt by chunk size (the whole prompt in one pass as the
+baseline), and majority vote through keenlm's server: N=8 against N=1 wall time for the same prompts, and
 its accuracy beside greedy on held-out one-digit additions (40 problems; 10 with --quick).
 
 Usage: python benchmarks/serve.py [--quick]      (--quick: 16 requests, concurrency 1 and 8)
@@ -165,6 +166,34 @@ def strategy_run(port: int, n_problems: int) -> dict:
             "acc": {k: v / len(problems) for k, v in right.items()}, "n": len(problems)}
 
 
+def chunk_costs(path: Path, chunks=(256, 128, 64, 32, 16), n: int = 256) -> dict[int, float]:
+    """Seconds to prefill an n-token prompt of SmolLM2 (q4) in chunks of each size, the way the
+    scheduler does (each chunk one forward pass into the KV cache); best of 3. The baseline is
+    the whole prompt in one pass (chunk n): why keenlm serve's --prefill-chunk is 128."""
+    import torch
+
+    from keenlm.api import load
+    from keenlm.model.attention import KVCache
+
+    net = load(path, quant="q4").net
+    cfg = net.cfg
+    ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+
+    def run(chunk):
+        cache = KVCache(cfg.n_layer, 1, cfg.kv_heads, n, cfg.head_dim, "cpu", torch.float32)
+        t = time.perf_counter()
+        with torch.no_grad():
+            for a in range(0, n, chunk):
+                net(ids[:, a:a + chunk], cache=cache, last_only=True)
+        return time.perf_counter() - t
+
+    out = {}
+    for c in chunks:
+        run(c)
+        out[c] = min(run(c) for _ in range(3))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 requests, concurrency 1 and 8")
@@ -201,6 +230,10 @@ def main() -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    costs = chunk_costs(path)
+    whole = costs[max(costs)]
+    print("  keenlm    prefill of 256 tokens by chunk size: " + ", ".join(
+        f"{c}: {t * 1e3:.0f} ms ({t / whole:.2f}x)" for c, t in costs.items()))
     k1, k8 = res[("keenlm", 1)], res[("keenlm", 8)]
     print()
     print(bench_line("serve_keenlm_c8_vs_c1", k8["tok_s"] / k1["tok_s"], ">=", 4.0))

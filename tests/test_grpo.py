@@ -12,8 +12,9 @@ from keenlm.data.tasks import get_task, majority, pass_at_k
 from keenlm.data.tokenizer import ByteTokenizer
 from keenlm.model import build_model
 from keenlm.presets import resolve
-from keenlm.train.grpo import (LOSSES, RLTrainer, clipped_objective, group_advantages,
-                               likelihood_objective, rft_targets, sample_group)
+from keenlm.train.grpo import RLTrainer, sample_group
+from keenlm.train.rl_objective import (LOSSES, clipped_objective, group_advantages,
+                                       likelihood_objective, rft_targets)
 from keenlm.train.logprobs import reference_logprobs, shared_prefix_logprobs
 
 

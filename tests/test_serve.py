@@ -18,6 +18,7 @@ from keenlm.model import build_model  # noqa: E402
 from keenlm.quant.q4 import quantize_q4_model  # noqa: E402
 from keenlm.serve.app import create_app  # noqa: E402
 from keenlm.serve.scheduler import Request, Scheduler  # noqa: E402
+from serve_helpers import greedy  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -163,21 +164,6 @@ def test_continuous_batching_admits_mid_generation_and_changes_no_token(live):
     assert len(both_long) == 60 and len(short["out"]) == 4
     assert log == [tuple(short_ids), tuple(long_ids)]  # admitted mid-generation, finished first
     assert both_long == alone_long and short["out"] == alone_short  # greedy, token for token
-
-
-def greedy(sched, prompt, n_tokens, on_token=None):
-    """Submit a greedy request; (its tokens, an Event set when it ends)."""
-    out, done = [], threading.Event()
-
-    def on(i, t, f, lp=None):
-        if t is not None:
-            out.append(t)
-            if on_token is not None:
-                on_token(len(out))
-        if f is not None:
-            done.set()
-    sched.submit(Request(prompt=prompt, max_tokens=n_tokens, temperature=0, on_event=on))
-    return out, done
 
 
 def test_chunked_prefill_interleaves_with_decoding_and_changes_no_token():

@@ -127,11 +127,22 @@ def save_checkpoint(run_dir, step: int, model_state: dict, trainer_state: dict, 
     """Write model + trainer state for ``step`` atomically; keep the newest ``keep``."""
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
-    final = ckdir / step_dir(step)
-    tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=".tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(model_state, str(tmp / "model.safetensors"))
         torch.save(trainer_state, tmp / "trainer_state.pt")
+    return publish_checkpoint(Path(tempfile.mkdtemp(dir=ckdir, prefix=".tmp-")), step, keep, write)
+
+
+def publish_checkpoint(tmp: Path, step: int, keep: int, write: Callable[[Path], None]) -> Path:
+    """Finish the temporary folder ``tmp`` (inside checkpoints/) as the checkpoint of ``step``:
+    ``write(tmp)`` adds the last files, everything goes to disk, one rename makes it
+    ``step-N``, then ``latest`` points at it and checkpoints beyond the newest ``keep`` go. A
+    failure removes ``tmp`` and leaves ``latest`` where it was."""
+    ckdir = tmp.parent
+    final = ckdir / step_dir(step)
+    try:
+        write(tmp)
         fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

@@ -19,7 +19,8 @@ from keenlm.config import ModelConfig  # noqa: E402
 from keenlm.data import ByteTokenizer  # noqa: E402
 from keenlm.model import build_model  # noqa: E402
 from keenlm.serve.app import create_app  # noqa: E402
-from keenlm.serve.scheduler import Request, Scheduler  # noqa: E402
+from keenlm.serve.scheduler import Scheduler  # noqa: E402
+from serve_helpers import greedy  # noqa: E402
 
 
 def tiny_cuda():
@@ -29,18 +30,6 @@ def tiny_cuda():
     tok = ByteTokenizer()
     tok.eos_id = None
     return net, tok
-
-
-def greedy(sched, prompt, n):
-    out, done = [], threading.Event()
-
-    def on(i, t, f, lp=None):
-        if t is not None:
-            out.append(t)
-        if f is not None:
-            done.set()
-    sched.submit(Request(prompt=prompt, max_tokens=n, temperature=0, on_event=on))
-    return out, done
 
 
 def test_batching_on_cuda_changes_no_token():

@@ -5,6 +5,7 @@
                    retired as they finish, the C decode step for the rows
     strategies.py  test-time strategies (keenlm.infer.search) as a request option, sampling
                    through the scheduler; scored by a task's verifier or a shared reward model
+    schema.py      the request bodies (pydantic) and OpenAI's error object
     app.py         the HTTP API (FastAPI, sse-starlette, prometheus-client): completions, chat,
                    models, tokenize, health, metrics, the playground page; OpenAI-shaped errors
     static/        playground.html, the page at GET /

@@ -38,93 +38,22 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keenlm.infer.search import Budget
 from keenlm.serve.scheduler import QueueFull, Request, Scheduler
+from keenlm.serve.schema import (MAX_N, APIError, ChatRequest, CompletionRequest,
+                                 DetokenizeRequest, Sampling, TokenizeRequest, error_body)
 from keenlm.serve.strategies import SharedScorer, run_strategy
 
-MAX_N = 16
 PAGE = Path(__file__).parent / "static" / "playground.html"  # GET /: chat and strategies
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-        self.headers = headers or {}
-
-
-def error_body(message: str, kind: str, param=None, code=None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-class _Sampling(BaseModel):
-    """The fields completions and chat share."""
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    max_tokens: Optional[int] = Field(default=None, gt=0)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # extension
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: Optional[dict] = None
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    user: Optional[str] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # extensions (the openai client sends them through extra_body): test-time compute
-    strategy: Optional[str] = None  # a keenlm.infer.search strategy; n is its sample budget
-    task: Optional[str] = None  # a keenlm task: verifier for the scorer, answer key for votes
-    scorer: Optional[str] = None  # verifier | reward_model (default: the reward model if loaded)
-
-
-class CompletionRequest(_Sampling):
-    # one prompt (text or token ids) or a batch of them; choice i*n + j is sample j of prompt i
-    prompt: Union[str, list[int], list[str], list[list[int]]]
-    max_tokens: Optional[int] = Field(default=None, ge=0)  # 0: with echo, the prompt's logprobs
-    logprobs: Optional[int] = Field(default=None, ge=0, le=5)
-    echo: bool = False
-    suffix: Optional[str] = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: str
-    content: str
-    name: Optional[str] = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
-    max_completion_tokens: Optional[int] = Field(default=None, gt=0)
-
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
-    # vLLM's field (lm-evaluation-harness sends it): keenlm's tokenizers add no BOS or other
-    # token to a prompt, so both values give the same ids; special tokens written in the
-    # text (<|im_end|>) are read as their ids, as /v1/completions reads a text prompt
-    add_special_tokens: bool = True
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    tokens: list[int]
 
 
 class Metrics:
@@ -239,7 +168,7 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None,
             raise APIError(400, "a token id is outside the vocabulary", param="tokens")
         return {"prompt": tok.decode(body.tokens)}
 
-    def check(body: _Sampling) -> None:
+    def check(body: Sampling) -> None:
         if body.model != model_name:
             raise APIError(404, f"model {body.model!r} is not served here (this server: "
                                 f"{model_name!r})", kind="not_found_error", param="model",
@@ -248,7 +177,7 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None,
             if getattr(body, name):
                 raise APIError(400, f"{name} is not supported by this server yet", param=name)
 
-    def start(body: _Sampling, prompt: list[int], max_tokens: int, logprobs=None, echo=False):
+    def start(body: Sampling, prompt: list[int], max_tokens: int, logprobs=None, echo=False):
         """Submit; returns (request, asyncio queue of (choice, token, finish, logprob) events;
         with echo, a ("prompt", entries) event first)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -332,7 +261,7 @@ def create_app(sched: Scheduler, model_name: str, api_key: Optional[str] = None,
             raise APIError(500, f"generation failed: {reason[7:]}", kind="server_error")
         return "length" if reason == "length" else "stop"
 
-    async def strategy(body: _Sampling, prompt_text: str, max_tokens: int) -> dict:
+    async def strategy(body: Sampling, prompt_text: str, max_tokens: int) -> dict:
         """Run the request's strategy in a worker thread (it waits on the scheduler)."""
         if body.stream:
             raise APIError(400, "strategy does not stream yet", param="stream")

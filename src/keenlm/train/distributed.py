@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import datetime
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -242,18 +241,9 @@ def save(d: Dist, run_dir: Path, step: int, model: nn.Module, opt, trainer_state
     d.barrier()  # every rank's part is on disk
     final = ckdir / runs.step_dir(step)
     if d.main:
-        try:
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
-            torch.save({**trainer_state, "optim_param_groups": groups}, tmp / "trainer_state.pt")
-            runs.fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        runs.atomic_write_text(ckdir / "latest", final.name + "\n")
-        runs.prune(ckdir, keep, final.name)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
+        runs.publish_checkpoint(tmp, step, keep, lambda folder: torch.save(
+            {**trainer_state, "optim_param_groups": groups}, folder / "trainer_state.pt"))
     d.barrier()
     return final
 
