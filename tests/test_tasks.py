@@ -87,3 +87,39 @@ def test_supervised_warm_up_gives_nonzero_success(tmp_path):
     km = keenlm.load(tr.fit().run_dir)
     after = evaluate_policy(km.net, km.tokenizer, task, n=64)
     assert before["success"] == 0.0 and after["format"] > 0.5 and after["success"] > 0.0
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("kind,difficulty", [("addition", 2), ("countdown", 2)])
+def test_chat_rendering_scores_the_asked_problem_not_the_examples(kind, difficulty):
+    from keenlm.config import rl as rl_config_module
+    from keenlm.data import ByteTokenizer
+    from keenlm.data.tasks import TEMPLATES
+
+    assert rl_config_module.TEMPLATES == TEMPLATES
+    tok = ByteTokenizer()
+    tok.chat_template = CHATML
+    plain = get_task(kind, difficulty)
+    chat = get_task(kind, difficulty, template="chat", tokenizer=tok, shots=2)
+    test, chat_test = plain.problems("test", 20), chat.problems("test", 20)
+    assert [p.answer for p in chat_test] == [p.answer for p in test]  # the same problems
+    p = chat_test[0]
+    assert p.prompt.count("<|im_start|>user") == 3 and p.prompt.endswith("<|im_start|>assistant\n")
+    assert test[0].prompt.strip() in p.prompt.split("<|im_start|>user")[-1]
+    # the two worked examples come first; a demonstration's answer scores only its own problem
+    assert chat.reward([q.prompt for q in chat_test], [q.demonstration for q in chat_test]) == [1.0] * 20
+    examples = re.findall(r"<\|im_start\|>assistant\n(.*?)<\|im_end\|>", p.prompt, re.S)
+    assert len(examples) == 2 and chat.reward([p.prompt], [examples[0]]) != [1.0]
+    train = chat.problems("train", 50)
+    shown = set(re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", p.prompt, re.S)[:2])
+    assert not {q.prompt for q in train} & {q.prompt for q in chat_test}
+    assert not shown & {q.prompt.strip() for q in test}  # examples never come from the test split
+    with pytest.raises(ValueError, match="tokenizer"):
+        get_task(kind, difficulty, template="chat")
+    with pytest.raises(ValueError, match="shots"):
+        get_task(kind, difficulty, shots=2)
+    with pytest.raises(ValueError, match="no chat template"):
+        get_task(kind, difficulty, template="chat", tokenizer=ByteTokenizer())

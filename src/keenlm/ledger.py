@@ -5,7 +5,13 @@ number. FLOPs are counted per token, for a training sequence of T positions:
 
     forward  = 2 * P_matmul                      # every weight matrix, LM head included
              + n_layer * 4 * T * n_head * head_dim   # q k^T and probs v, full T x T
-    backward = 2 * forward                       # grad wrt inputs + grad wrt weights
+    backward = 2 * P_matmul + 2 * attention      # grad wrt inputs (attention: wrt q, k and v)
+             + 2 * P_trainable                   # + grad wrt the weights that train
+                                                 # (= 2 * forward when all train)
+
+With adapters (LoRA) only the adapters' weights train: their backward is about half of full
+fine-tuning's, and ``params["trainable"]`` with ``optimizer_bytes`` (AdamW's two fp32 moments
+per trainable number) record the memory the optimizer needs.
 
 P_matmul counts the weights used by matrix multiplies per token (the embedding lookup is a
 gather, not a matmul; a tied LM head is a matmul). Attention is counted as the full T x T score
@@ -39,8 +45,12 @@ def count_params(model: nn.Module) -> dict[str, int]:
     head = model.lm_head.weight
     untied_head = head.numel() if head is not model.embed_tokens.weight else 0
     non_embedding = total - embed - untied_head
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()
+                                        if p.requires_grad}.values())
     return {
         "total": total,
+        "trainable": trainable,
+        "optimizer_bytes": 8 * trainable,  # AdamW: two fp32 moments per trainable number
         "embedding": embed + untied_head,
         "non_embedding": non_embedding,
         # weights a token's forward pass multiplies by: every block weight it uses (not the
@@ -61,12 +71,20 @@ def matmul_params(model: nn.Module) -> int:
         idle_params(model)
 
 
+def trainable_matmul_params(model: nn.Module) -> int:
+    """Weights of matrix multiplies that train (all of them unless parts are frozen)."""
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Linear) and m.weight.requires_grad) - \
+        (idle_params(model) if all(p.requires_grad for p in model.parameters()) else 0)
+
+
 def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:
     cfg = model.cfg
     linear = 2 * matmul_params(model)
     attn = cfg.n_layer * 4 * seq_len * cfg.n_head * cfg.head_dim
     fwd = linear + attn
-    return {"forward": float(fwd), "backward": float(2 * fwd), "train": float(3 * fwd),
+    bwd = linear + 2 * attn + 2 * trainable_matmul_params(model)
+    return {"forward": float(fwd), "backward": float(bwd), "train": float(fwd + bwd),
             "attn_forward": float(attn), "attn_flops_causal": float(attn) / 2}
 
 

@@ -1,10 +1,12 @@
 """``keenlm convert SRC DST --to hf|gguf``: a run, GGUF file or HF folder written as an HF
-folder or a GGUF file."""
+folder or a GGUF file; LoRA adapters kept apart (peft's format) or merged into the weights."""
 from __future__ import annotations
 
 import keenlm
 from keenlm.io.gguf_export import QTYPES, export_gguf
 from keenlm.io.hf import export_hf
+from keenlm.io.peft import load_adapter
+from keenlm.model.lora import lora_layers, merge_lora
 
 
 def add_parser(sub, fmt):
@@ -16,12 +18,27 @@ def add_parser(sub, fmt):
     c.add_argument("--type", default="f32", choices=QTYPES,
                    help="GGUF weight type: q8_0 8.5 bits per weight; for ternary models only, "
                         "tq1_0 1.69 or tq2_0 2.06")
+    c.add_argument("--adapter", default="",
+                   help="a peft LoRA adapter folder to apply to SRC first")
+    c.add_argument("--merge-lora", action="store_true",
+                   help="fold LoRA adapters into the weights (W + alpha/r B A); without it an HF "
+                        "folder keeps them apart in adapter/ (peft's format)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing HF folder")
     return c
 
 
 def run(args) -> int:
     km = keenlm.load(args.src)
+    if args.adapter:
+        load_adapter(km.net, args.adapter)
+    if lora_layers(km.net):
+        if args.merge_lora:
+            merge_lora(km.net)
+        elif args.to == "gguf":
+            raise ValueError("a GGUF file holds one set of weights: add --merge-lora to fold the "
+                             "LoRA adapters into them")
+    elif args.merge_lora:
+        raise ValueError(f"{args.src} has no LoRA adapters to merge")
     if args.to == "hf":
         out = export_hf(km.net, km.tokenizer, args.dst, overwrite=args.overwrite)
     else:

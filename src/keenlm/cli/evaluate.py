@@ -26,6 +26,10 @@ def add_parser(sub, fmt):
     tk.add_argument("--difficulty", type=int, default=2, help="digits per operand / numbers on offer")
     tk.add_argument("--scratchpad", action="store_true",
                     help="answers worked step by step (arithmetic, countdown)")
+    tk.add_argument("--template", default="plain", choices=("plain", "chat"),
+                    help="chat: prompts rendered by the model's chat template")
+    tk.add_argument("--shots", type=int, default=0,
+                    help="with --template chat: worked examples shown as earlier turns")
     tk.add_argument("--n", type=int, default=100, help="held-out problems")
     tk.add_argument("--samples", type=int, default=0,
                     help="sampled answers per problem for pass@k and maj@k (0: greedy only)")
@@ -73,7 +77,7 @@ def _task_eval(km, args) -> int:
     ks = tuple(int(k) for k in args.k.split(",") if k)
     if any(k < 1 for k in ks):
         raise ValueError(f"--k {args.k!r}: a list of integers >= 1")
-    task = task_of(args)
+    task = task_of(args, km.tokenizer)
     res = evaluate_task(km.net, km.tokenizer, task, n=args.n, samples=args.samples, ks=ks,
                         temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     if args.json:

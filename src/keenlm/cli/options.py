@@ -115,8 +115,9 @@ def add_dataclass_options(parser, cls, flags: bool = False) -> None:
             kw = {"choices": typing.get_args(typ)}
         elif flags and typ is bool and default is False:
             kw = {"action": "store_true"}
+        own_name = name.removeprefix(getattr(owner, "flat_prefix", ""))
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
-                            help=_help(comments[owner].get(name, ""), default), **kw)
+                            help=_help(comments[owner].get(own_name, ""), default), **kw)
 
 
 def given(args, cls) -> dict:
@@ -185,13 +186,20 @@ def add_task_options(parser) -> None:
     parser.add_argument("--difficulty", type=int, default=2, help="digits / numbers on offer")
     parser.add_argument("--scratchpad", action="store_true",
                         help="answers worked step by step, one line per step")
+    parser.add_argument("--template", default="plain", choices=("plain", "chat"),
+                        help="chat: prompts rendered by the model's chat template (pretrained "
+                             "chat models such as SmolLM2-Instruct)")
+    parser.add_argument("--shots", type=int, default=0,
+                        help="with --template chat: worked examples shown as earlier turns")
     parser.add_argument("--max-new-tokens", type=int, default=64,
                         help="tokens per sample (per step in search)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
-def task_of(args):
-    return get_task(args.task, args.difficulty, args.scratchpad)
+def task_of(args, tokenizer=None):
+    """The task the options name; ``tokenizer`` renders chat prompts (--template chat)."""
+    return get_task(args.task, args.difficulty, args.scratchpad, template=args.template,
+                    tokenizer=tokenizer, shots=args.shots)
 
 
 def int_list(text: str, option: str) -> list[int]:

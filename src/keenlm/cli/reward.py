@@ -2,6 +2,7 @@
 policy's own rollouts (keenlm.infer.reward)."""
 from __future__ import annotations
 
+import keenlm
 from keenlm.cli.options import add_task_options, task_of
 from keenlm.infer.reward import train_reward
 
@@ -23,7 +24,8 @@ def add_parser(sub, fmt):
 
 
 def run(args) -> int:
-    info = train_reward(args.policy, args.kind, task_of(args), args.out, problems=args.problems,
+    tokenizer = keenlm.load(args.policy).tokenizer if args.template == "chat" else None
+    info = train_reward(args.policy, args.kind, task_of(args, tokenizer), args.out, problems=args.problems,
                         samples=args.samples, rollouts=args.rollouts, steps=args.steps, lr=args.lr,
                         max_new_tokens=args.max_new_tokens, seed=args.seed)
     print(f"wrote {args.out}: {info['kind']} on {info['examples']} rollouts ({info['labels']} labels, "

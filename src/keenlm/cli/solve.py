@@ -33,8 +33,8 @@ def add_parser(sub, fmt):
 def run(args) -> int:
     if args.problems < 1:
         raise ValueError(f"--problems {args.problems}: an integer >= 1")
-    task = task_of(args)
     km = keenlm.load(args.model, device=args.device)
+    task = task_of(args, km.tokenizer)
     base = Budget(expand=args.expand, max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, step=args.step.replace("\\n", "\n").replace("\\t", "\t"),
                   seed=args.seed)

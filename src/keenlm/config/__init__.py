@@ -28,7 +28,8 @@ from typing import Any
 from keenlm.config.base import (ConfigError, check, coerce, field_types, flat_fields, nest_flat,
                                 section_from_dict)
 from keenlm.config.model import (ATTENTION_BACKENDS, FFN_KINDS, LINEAR_KINDS, MEMORY_KINDS,
-                                 MOE_BALANCE, MemoryConfig, ModelConfig, MoEConfig)
+                                 MOE_BALANCE, LoRAConfig, MemoryConfig, ModelConfig,
+                                 MoEConfig)
 from keenlm.config.rl import RL_ALGOS, RL_LOSSES, RL_TASKS, RLConfig, RLOptimConfig, RLRunConfig
 from keenlm.config.train import (SELECT_METHODS, CheckpointConfig, DataConfig, EvalConfig,
                                  GenerateConfig, OptimConfig, RuntimeConfig, ScheduleConfig,
@@ -41,7 +42,7 @@ __all__ = [
     "ATTENTION_BACKENDS", "FFN_KINDS", "LINEAR_KINDS", "MEMORY_KINDS", "MOE_BALANCE", "QUANT_BITS",
     "QUANT_METHODS", "RL_ALGOS", "RL_LOSSES", "RL_TASKS", "SECTIONS", "SELECT_METHODS",
     "SPIKE_RESETS", "STORE_KINDS", "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig",
-    "GenerateConfig", "LowBitConfig", "MemoryConfig", "MoEConfig", "ModelConfig", "OptimConfig",
+    "GenerateConfig", "LoRAConfig", "LowBitConfig", "MemoryConfig", "MoEConfig", "ModelConfig", "OptimConfig",
     "QuantConfig", "RLConfig", "RLOptimConfig", "RLRunConfig", "RunConfig", "RuntimeConfig",
     "ScheduleConfig", "SelectConfig", "SpikeConfig", "TrainConfig", "check", "coerce",
     "field_types", "flat_fields", "from_dict", "load_file", "merge", "nest_flat",

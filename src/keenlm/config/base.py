@@ -107,23 +107,29 @@ def nest_flat(cls, flat: dict) -> dict:
     homes = {}
     for f, typ in field_types(cls).items():
         if dataclasses.is_dataclass(typ):
-            homes.update({g: f for g in field_types(typ)})
+            prefix = getattr(typ, "flat_prefix", "")
+            homes.update({prefix + g: (f, g) for g in field_types(typ)})
         else:
             homes[f] = None
     for k, v in flat.items():
         home = homes.get(k)
-        (out.setdefault(home, {}) if home else out)[k] = v
+        if home:
+            out.setdefault(home[0], {})[home[1]] = v
+        else:
+            out[k] = v
     return out
 
 
-def flat_fields(cls) -> list[tuple[str, Any, Any, type]]:
-    """(name, type, default, owning class) of every leaf field of ``cls``, nested parts opened."""
+def flat_fields(cls, prefix: str = "") -> list[tuple[str, Any, Any, type]]:
+    """(name, type, default, owning class) of every leaf field of ``cls``, nested parts opened.
+    A part whose class sets ``flat_prefix`` (model.lora's "lora_") prefixes its names, where
+    bare ones would read ambiguously on a flat command line (``--lora-rank``, not ``--rank``)."""
     out = []
     for f in fields(cls):
         typ = field_types(cls)[f.name]
         if dataclasses.is_dataclass(typ):
-            out += flat_fields(typ)
+            out += flat_fields(typ, prefix + getattr(typ, "flat_prefix", ""))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append((f.name, typ, default, cls))
+            out.append((prefix + f.name, typ, default, cls))
     return out

@@ -47,6 +47,35 @@ class MoEConfig:
             check(v >= 0, p + name, v, "a number >= 0")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (``model.lora``, keenlm.model.lora): the named linear layers get a
+    trainable update s * B A of rank ``rank`` and everything else is frozen. Part of the model
+    (a run folder rebuilds its adapters); ``keenlm rl`` spells the fields ``--lora-rank`` etc."""
+
+    flat_prefix = "lora_"  # flat command lines (keenlm rl): --lora-rank, --lora-alpha, ...
+
+    rank: int = 0  # adapter rank r; 0: no adapters (full fine-tuning)
+    alpha: float = 0.0  # the update is scaled by alpha / rank; 0: 2 x rank
+    dropout: float = 0.0  # dropout on the adapters' input in training
+    targets: tuple[str, ...] = LORA_TARGETS  # module names that get adapters (Hugging Face Llama names)
+
+    def __post_init__(self):
+        p = "model.lora."
+        check(self.rank >= 0, p + "rank", self.rank, "an integer >= 0 (0 = off)")
+        check(self.alpha >= 0, p + "alpha", self.alpha, "a number >= 0 (0 = 2 x rank)")
+        check(0 <= self.dropout < 1, p + "dropout", self.dropout, "a number in [0, 1)")
+        check(bool(self.targets) and all(t in LORA_TARGETS for t in self.targets), p + "targets",
+              self.targets, "a comma list of " + ", ".join(LORA_TARGETS))
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha or 2.0 * self.rank
+
+
 MEMORY_KINDS = ("none", "mal", "mag")
 
 
@@ -103,6 +132,7 @@ class ModelConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)  # neural long-term memory (model.memory.*)
     spike: SpikeConfig = field(default_factory=SpikeConfig)  # spiking feed-forward layers (model.spike.*)
     lowbit: LowBitConfig = field(default_factory=LowBitConfig)  # low-bit linears (model.lowbit.*)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters (model.lora.*)
 
     def __post_init__(self):
         p = "model."

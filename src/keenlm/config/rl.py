@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from keenlm.config.base import check
+from keenlm.config.model import LoRAConfig
 from keenlm.config.train import DEVICE_HELP, valid_device
 
 RL_TASKS = ("addition", "multiplication", "countdown")
+TEMPLATES = ("plain", "chat")  # keenlm.data.tasks.TEMPLATES (config sits below data; a test keeps them equal)
 RL_ALGOS = ("grpo", "rft")
 RL_LOSSES = ("grpo", "dapo", "dr_grpo")
 
@@ -76,6 +78,8 @@ class RLConfig:
     task: str = "addition"  # addition | multiplication | countdown
     difficulty: int = 2  # digits per operand (arithmetic) or numbers on offer (countdown)
     scratchpad: bool = False  # answers worked step by step before the answer tag
+    template: str = "plain"  # plain | chat: prompts rendered by the model's chat template (a pretrained chat model)
+    shots: int = 0  # with template chat: worked examples shown as earlier turns
     algo: str = "grpo"  # grpo | rft (rejection-sampling fine-tuning: train on the correct samples)
     loss: str = "dr_grpo"  # grpo | dapo | dr_grpo: advantage scaling and token normalization
     group: int = 8  # completions sampled per prompt (G)
@@ -86,12 +90,17 @@ class RLConfig:
     temperature: float = 1.0  # sampling temperature (log-probabilities are taken at it too)
     max_new_tokens: int = 32  # completion length limit
     seed: int = 0  # prompt order and sampling
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters on the policy (--lora-rank > 0; rl.lora)
     optim: RLOptimConfig = field(default_factory=RLOptimConfig)  # the update (rl.optim)
     run: RLRunConfig = field(default_factory=RLRunConfig)  # run folder, evaluation, budget (rl.run)
 
     def __post_init__(self):
         p = "rl."
         check(self.task in RL_TASKS, p + "task", self.task, " | ".join(RL_TASKS))
+        check(self.template in TEMPLATES, p + "template", self.template, " | ".join(TEMPLATES))
+        check(self.shots >= 0, p + "shots", self.shots, "an integer >= 0")
+        check(self.template == "chat" or self.shots == 0, p + "shots", self.shots,
+              "0 with template plain (the worked examples are earlier chat turns)")
         check(self.algo in RL_ALGOS, p + "algo", self.algo, " | ".join(RL_ALGOS))
         check(self.loss in RL_LOSSES, p + "loss", self.loss, " | ".join(RL_LOSSES))
         for name in ("difficulty", "prompts", "steps", "epochs", "minibatches", "max_new_tokens"):

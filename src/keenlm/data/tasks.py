@@ -21,12 +21,16 @@ right. ``format_reward`` alone gives 1 for a well-formed answer tag.
   numbers not on offer (or used twice), values beyond 10^9 and expressions over 200
   characters. Nothing is ever ``eval``-ed.
 
+For a pretrained chat model, ``chat_task`` renders the same prompts through the model's chat
+template, after a few worked examples as earlier turns (``template: chat``, ``shots``).
+
 Splits are deterministic: problem i of a split comes from a generator seeded by (task,
 difficulty, split, i), and the train split skips every prompt the test split holds.
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import random
@@ -103,12 +107,21 @@ def arithmetic_problem(op: str, digits: int, scratchpad: bool, rng: random.Rando
     return Problem(prompt, str(result), demo, {"a": a, "b": b, "op": op})
 
 
+def last_match(pattern: re.Pattern, prompt: str) -> re.Match | None:
+    """The problem a prompt asks last: a prompt rendered for a chat model may show worked
+    examples (earlier turns) before the question it asks."""
+    m = None
+    for m in pattern.finditer(prompt):
+        pass
+    return m
+
+
 def _rewards(prompts, completions, pattern: re.Pattern, name: str, is_right) -> list[float]:
     """Tiered rewards: each prompt parsed by ``pattern``, each answer judged by
     ``is_right(match, answer)``."""
     out = []
     for p, c in zip(prompts, completions):
-        m = pattern.search(p)
+        m = last_match(pattern, p)
         if m is None:
             raise ValueError(f"not a {name} prompt: {p[:60]!r}")
         ans = extract_answer(c)
@@ -222,7 +235,7 @@ def _number_key(prompt: str, ans: str):
 
 def _countdown_key(prompt: str, ans: str):
     """Expressions vote by their value: two correct expressions agree."""
-    m = COUNTDOWN.search(prompt)
+    m = last_match(COUNTDOWN, prompt)
     try:
         return evaluate_expression(ans, [int(x) for x in m.group(1).split(",")])
     except InvalidExpression:
@@ -242,6 +255,7 @@ class Task:
     make: Callable[[random.Random], Problem]
     reward: Callable[[list[str], list[str]], list[float]]
     answer_key: Callable[[str, str], object]  # (prompt, answer) -> what majority votes compare
+    stream: str = ""  # names the random streams problems are drawn from ("": the name)
 
     def problems(self, split: str, n: int, test_size: int = 200) -> list[Problem]:
         """``n`` problems of a split; train never repeats a test prompt."""
@@ -255,7 +269,7 @@ class Task:
     def _draw(self, split: str, n: int, skip=frozenset()) -> list[Problem]:
         out, i = [], 0
         while len(out) < n:
-            p = self.make(random.Random(f"{self.name}|{split}|{i}"))
+            p = self.make(random.Random(f"{self.stream or self.name}|{split}|{i}"))
             i += 1
             if p.prompt not in skip:
                 out.append(p)
@@ -264,8 +278,22 @@ class Task:
         return out
 
 
-def get_task(kind: str, difficulty: int = 2, scratchpad: bool = False) -> Task:
-    """addition | multiplication (difficulty = digits per operand) | countdown (= numbers)."""
+def get_task(kind: str, difficulty: int = 2, scratchpad: bool = False, *,
+             template: str = "plain", tokenizer=None, shots: int = 0) -> Task:
+    """addition | multiplication (difficulty = digits per operand) | countdown (= numbers);
+    ``template`` "chat" renders its prompts for a chat model (``chat_task``)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template {template!r}: {' | '.join(TEMPLATES)}")
+    if template == "plain":
+        if shots:
+            raise ValueError("shots > 0 needs template chat (the examples are earlier turns)")
+        return _plain_task(kind, difficulty, scratchpad)
+    if tokenizer is None:
+        raise ValueError("template chat needs the model's tokenizer")
+    return chat_task(_plain_task(kind, difficulty, scratchpad), tokenizer, shots)
+
+
+def _plain_task(kind: str, difficulty: int, scratchpad: bool) -> Task:
     if difficulty < 1:
         raise ValueError(f"difficulty {difficulty}: an integer >= 1")
     if kind in ("addition", "multiplication"):
@@ -280,6 +308,38 @@ def get_task(kind: str, difficulty: int = 2, scratchpad: bool = False) -> Task:
                     lambda rng: countdown_problem(difficulty, rng, scratchpad=scratchpad),
                     countdown_reward, _countdown_key)
     raise ValueError(f"task {kind!r}: addition | multiplication | countdown")
+
+
+TEMPLATES = ("plain", "chat")
+
+
+def chat_task(task: Task, tokenizer, shots: int = 0) -> Task:
+    """The task as a chat model is asked it: each prompt rendered through the tokenizer's chat
+    template as the user's turn, after ``shots`` worked examples (user: a problem, assistant:
+    its demonstration) as earlier turns -- the few-shot prompting that teaches a pretrained
+    model the answer format. The examples are the same for every prompt, drawn from a stream
+    of their own that skips the test split. Rewards and answer keys read the last problem in
+    a prompt, so they score rendered prompts unchanged; demonstrations stay completions."""
+    if shots < 0:
+        raise ValueError(f"shots {shots}: an integer >= 0")
+    held = {p.prompt for p in task._draw("test", 200)}
+    examples = task._draw("shots", shots, held) if shots else []
+    turns = []
+    for ex in examples:
+        turns += [{"role": "user", "content": ex.prompt.strip()},
+                  {"role": "assistant", "content": ex.demonstration}]
+
+    def render(prompt: str) -> str:
+        return tokenizer.apply_chat_template(turns + [{"role": "user", "content": prompt.strip()}])
+
+    render(examples[0].prompt if examples else "1")  # no chat template: fail here, not mid-run
+
+    def make(rng: random.Random) -> Problem:
+        p = task.make(rng)
+        return dataclasses.replace(p, prompt=render(p.prompt))
+
+    return Task(f"{task.name}-chat{shots}", make, task.reward, task.answer_key,
+                stream=task.stream or task.name)  # the plain task's problems, asked another way
 
 
 # ------------------------------------------------------------------------------ warm-up and evaluation

@@ -43,6 +43,8 @@ from keenlm.config import ModelConfig, RunConfig
 from keenlm.data.tokenizer import META_FILE, BPETokenizer, load_tokenizer
 from keenlm.io.loaders import Loaded, assemble, register
 from keenlm.model import build_model, model_state
+from keenlm.io.peft import save_adapter
+from keenlm.model.lora import lora_layers
 from keenlm.model.moe import expert_width
 from keenlm.runs import atomic_folder
 
@@ -50,6 +52,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 ARCH = "LlamaForCausalLM"
+ADAPTER_DIR = "adapter"  # a LoRA model's adapters, in peft's format (keenlm.io.peft)
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # anything else (int8, fp8) is quantized: refused
 
 
@@ -93,13 +96,17 @@ def _mixtral(cfg: ModelConfig) -> dict:
 
 
 def hf_state(net) -> dict[str, torch.Tensor]:
-    """keenlm weights under Hugging Face names, fp32, tied LM head omitted; an MoE layer's
+    """keenlm weights under Hugging Face names, fp32, tied LM head omitted, LoRA adapters
+    left out (the base weights only: keenlm.io.peft writes the adapters); an MoE layer's
     parts under Mixtral's names (block_sparse_moe.gate, experts.j.w1 = gate, w3 = up,
     w2 = down)."""
     out = {}
     for k, v in model_state(net).items():
         if k.endswith("mlp.expert_bias"):  # zero for every exportable model (checked above)
             continue
+        if ".lora_A." in k or ".lora_B." in k:  # adapters go to their own folder (io/peft)
+            continue
+        k = k.replace(".base_layer.", ".")
         if ".mlp.gate." in k or ".mlp.experts." in k:
             k = k.replace(".mlp.", ".block_sparse_moe.")
             for ours, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
@@ -133,13 +140,18 @@ def _check_exportable(net, tokenizer) -> None:
                             "(Mixtral's router has none)")
         if problems:
             raise ValueError("cannot export this mixture of experts as Mixtral: " + "; ".join(problems))
+    if any(type(m.base_layer) is not torch.nn.Linear for m in lora_layers(net).values()):
+        raise ValueError("cannot export to Hugging Face: the LoRA adapters sit on a quantized "
+                         "base; merge them first (keenlm convert --merge-lora)")
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"cannot export: the tokenizer has {tokenizer.vocab_size} tokens but the "
                          f"model's embedding only {cfg.vocab_size}")
 
 
 def export_hf(net, tokenizer, out_dir, *, overwrite: bool = False) -> Path:
-    """Write ``net`` and ``tokenizer`` as a Hugging Face Llama folder; return its path.
+    """Write ``net`` and ``tokenizer`` as a Hugging Face Llama folder; return its path. A model
+    with LoRA adapters is written as its base weights, with the adapters in peft's format in
+    the subfolder ``adapter`` (or merge them first: keenlm.model.lora.merge_lora).
 
     ``out_dir`` must not exist (or be empty) unless ``overwrite``: the folder is replaced whole.
     """
@@ -157,7 +169,11 @@ def export_hf(net, tokenizer, out_dir, *, overwrite: bool = False) -> Path:
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n",
                                                     encoding="utf-8")
         tokenizer.save(tmp)
+        if lora_layers(net):  # the base above, the adapters in peft's format beside it
+            save_adapter(net, tmp / ADAPTER_DIR, base=str(out))
         for f in tmp.iterdir():  # data on disk before the rename makes the folder visible
+            if f.is_dir():
+                continue
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     return out

@@ -33,6 +33,7 @@ from torch import nn
 from keenlm.config import ModelConfig
 from keenlm.model.attention import ATTENTION, Attention, KVCache
 from keenlm.model.layers import RMSNorm, SwiGLU, dense_linear, rope_tables
+from keenlm.model.lora import apply_lora
 from keenlm.model.memory import NeuralMemory
 from keenlm.model.moe import MoE
 from keenlm.quant.qat import qat_linear_factory
@@ -116,6 +117,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_buffers()
         self.reset_parameters()
+        if cfg.lora.rank:  # low-rank adapters around the named linears, the rest frozen
+            apply_lora(self, cfg.lora.rank, cfg.lora.scale_alpha, cfg.lora.dropout,
+                       cfg.lora.targets)
 
     @staticmethod
     def linear_factory(cfg: ModelConfig):

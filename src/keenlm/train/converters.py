@@ -16,12 +16,13 @@ A **hook** shapes the loss of a step (keenlm.train.trainer.TrainHook): selective
 
 Each implementation lives with its technique; this table is the one place that names them.
 The order matters: upcycling and spiking conversion see the dense model, quantization-aware
-linears wrap the result. (torchtitan's model converters are the model for this.)
+linears wrap the result, and adapters wrap those. (torchtitan's model converters are the model for this.)
 """
 from __future__ import annotations
 
 from typing import Protocol
 
+from keenlm.model.lora import LoRAConversion
 from keenlm.model.moe import MoEUpcycle
 from keenlm.quant.qat import QATConversion
 from keenlm.spiking.converter import SpikingConversion
@@ -44,7 +45,7 @@ class ModelConverter(Protocol):
         ...
 
 
-CONVERTERS = (MoEUpcycle, SpikingConversion, QATConversion)
+CONVERTERS = (MoEUpcycle, SpikingConversion, QATConversion, LoRAConversion)
 HOOKS = (build_hook,)  # (cfg, tokenizer, amp, device) -> a TrainHook or None
 
 

@@ -45,6 +45,7 @@ from keenlm.data.tasks import Task, get_task
 from keenlm.infer.task_eval import evaluate_policy
 from keenlm.infer.generate import generate_tokens, stop_check
 from keenlm.io.loaders import load_any
+from keenlm.model.lora import add_adapters
 from keenlm.plot import line_chart
 from keenlm.train.logprobs import completion_mask, shared_prefix_logprobs
 from keenlm.train import distributed
@@ -98,8 +99,12 @@ class RLTrainer(LoopShell):
         super().__init__(run.out_dir)
         if run.threads:
             torch.set_num_threads(run.threads)
-        if any(p.dtype != torch.float32 or not p.requires_grad for p in policy.net.parameters()):
-            raise ValueError("RL needs a full-precision model (not a quantized one)")
+        if cfg.lora.rank:  # adapters on the policy; the base stays frozen (keenlm.model.lora)
+            adapt(policy, cfg.lora)
+        trainable = [p for p in policy.net.parameters() if p.requires_grad]
+        if not trainable or any(p.dtype != torch.float32 for p in trainable):
+            raise ValueError("RL needs a model with full-precision weights to train: a quantized "
+                             "policy trains through LoRA adapters (--lora-rank)")
         self.cfg, self.km = cfg, policy
         self.device = pick_device(run.device)
         # across processes: each rank samples and trains on its share of the step's prompts,
@@ -118,7 +123,9 @@ class RLTrainer(LoopShell):
                 raise ValueError("an MoE policy with rl.run.parallel: not supported yet")
         self.model = policy.net.to(self.device)
         self.tokenizer = policy.tokenizer
-        self.task = task or get_task(cfg.task, cfg.difficulty, cfg.scratchpad)
+        self.task = task or get_task(cfg.task, cfg.difficulty, cfg.scratchpad,
+                                     template=cfg.template, tokenizer=self.tokenizer,
+                                     shots=cfg.shots)
         self.reward = reward or self.task.reward
         self.stop, self.stop_at_eos = stop, stop_at_eos
         self.logprobs = shared_prefix_logprobs  # reference_logprobs gives the same numbers
@@ -330,6 +337,17 @@ class RLTrainer(LoopShell):
         start_eval, final, interrupted = self.run_loop()
         write_curves(self.run_dir)
         return RLResult(self.run_dir, self.step, start_eval, final, interrupted)
+
+
+def adapt(policy, lora) -> None:
+    """Give a loaded policy LoRA adapters (in place; its config records them, so the run
+    folder rebuilds them)."""
+    if policy.config.model.lora.rank:
+        raise ValueError("the policy already has LoRA adapters: train them on without "
+                         "--lora-rank, or merge them first (keenlm convert --merge-lora)")
+    add_adapters(policy.net, lora)
+    policy.config = dataclasses.replace(
+        policy.config, model=dataclasses.replace(policy.config.model, lora=lora))
 
 
 def rl(policy, cfg: RLConfig | dict) -> RLResult:
