@@ -14,6 +14,7 @@ from keenlm.data import ByteTokenizer, train_bpe  # noqa: E402
 from keenlm.io import gguf as G  # noqa: E402
 from keenlm.io.gguf_export import _add_metadata, _tensors, export_gguf  # noqa: E402
 from keenlm.model import build_model  # noqa: E402
+from keenlm.quant.packing import PackedLinear  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
@@ -354,3 +355,49 @@ def test_a_tq2_0_file_loads_as_ternary_blocks_and_decodes_in_the_engine(tmp_path
                                     tmp_path / "m.gguf", "tq2_0"), quant="q4")
     assert isinstance(mixed.net.layers[0].mlp.down_proj, T2Linear)
     assert isinstance(mixed.net.layers[0].self_attn.qkv_proj, Q4Linear)  # F16 rows of 64
+
+
+def packed_int4_model(vocab=257):
+    from keenlm.quant.ptq import quantize_rtn
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(vocab_size=vocab, n_layer=2, d_model=32, n_head=4, n_kv_head=2,
+                                  d_ff=64, max_seq_len=64)).eval()
+    with torch.no_grad():  # weights of O(1/sqrt(in)): rounding errors show in the logits
+        for name, p in net.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, p.shape[-1] ** -0.5 if "embed" not in name else 1.0)
+    return quantize_rtn(net, "int4", group=32)
+
+
+def test_q4_1_export_of_a_4bit_model_is_lossless(tmp_path):
+    """keenlm's 4-bit codes with fp16 scale and offset per 32 inputs are Q4_1 blocks as they
+    stand: the file's weights are the model's (the embedding goes to Q8_0)."""
+    net = packed_int4_model()
+    path = export_gguf(net, ByteTokenizer(), tmp_path / "m.gguf", "q4_1")
+    reader = G.open_reader(path)
+    kinds = {t.name: reader.type_name(t) for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q4_1" and kinds["token_embd.weight"] == "Q8_0"
+    km = keenlm.load(path)
+    for name, m in net.named_modules():
+        if isinstance(m, PackedLinear):  # every projection, bit for bit (q/k permuted back)
+            torch.testing.assert_close(km.net.get_submodule(name).weight, m.weight(), rtol=0, atol=0)
+    q4_0 = keenlm.load(export_gguf(net, ByteTokenizer(), tmp_path / "r.gguf", "q4_0"))
+    w = net.layers[0].mlp.down_proj.weight()
+    err = (q4_0.net.layers[0].mlp.down_proj.weight - w).abs().max()
+    assert 0 < err < 0.5 * w.abs().max()  # q4_0 rounds the weights again: close, not equal
+
+
+def test_llama_cpp_runs_our_q4_1_export_like_keenlm(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    bpe = train_bpe(["def add(a, b):\n    return a + b\n" * 60], 300)
+    net = packed_int4_model(bpe.vocab_size)
+    path = export_gguf(net, bpe, tmp_path / "m.gguf", "q4_1")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True,
+                          verbose=False)
+    ids = bpe.encode("def add(a, b):\n    return a + b")
+    llm.eval(ids)
+    theirs = torch.tensor(np.asarray(llm.scores[: len(ids)]))
+    ours = logits(keenlm.load(path).net, ids)[0]
+    # llama.cpp multiplies Q4_1 blocks by 8-bit-quantized activations (Q8_1): close, not exact
+    assert (theirs - ours).abs().max() < 0.05 * ours.abs().max()

@@ -198,13 +198,17 @@ def stop_check(tokenizer, stop: Sequence[str]) -> Optional[Callable[[int, list[i
 
 
 def generate(model, tokenizer, prompts: str | Sequence[str], cfg: GenerateConfig = GenerateConfig(),
-             *, stream: Optional[Callable[[str], None]] = None) -> str | list[str]:
-    """Text in, text out (stop strings cut off). ``stream`` receives row 0's text as it comes."""
+             *, stream: Optional[Callable[[str], None]] = None, repeat: int = 1) -> str | list[str]:
+    """Text in, text out (stop strings cut off). ``stream`` receives row 0's text as it comes.
+    ``repeat``: that many samples of each prompt, in consecutive rows, each prompt prefilled once."""
     single = isinstance(prompts, str)
+    if single and repeat != 1:
+        raise ValueError("repeat > 1 returns several texts: pass a list of prompts")
     texts = [prompts] if single else list(prompts)
     ids = [tokenizer.encode_prompt(t) for t in texts]
     outs = generate_tokens(model, ids, cfg, eos_id=tokenizer.eos_id,
                            should_stop=stop_check(tokenizer, cfg.stop),
-                           on_token=_TextStream(tokenizer, stream) if stream else None)
+                           on_token=_TextStream(tokenizer, stream) if stream else None,
+                           repeat=repeat)
     results = [_cut_at_stop(tokenizer.decode(o), cfg.stop) for o in outs]
     return results[0] if single else results

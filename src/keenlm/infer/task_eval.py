@@ -12,14 +12,17 @@ from keenlm.infer.generate import generate
 
 
 def complete(model, tokenizer, prompts: list[str], *, temperature: float = 0.0,
-             max_new_tokens: int = 64, seed: int = 0, batch: int = 64) -> list[str]:
-    """Task completions, ``batch`` rows per generate call, each ending at its answer tag
-    (the closing tag is kept, so rewards can check the format)."""
+             max_new_tokens: int = 64, seed: int = 0, batch: int = 64,
+             repeat: int = 1) -> list[str]:
+    """Task completions, about ``batch`` rows per generate call, each ending at its answer tag
+    (the closing tag is kept, so rewards can check the format). ``repeat``: that many samples
+    of each prompt (consecutive rows), each prompt prefilled once."""
     out = []
-    for i in range(0, len(prompts), batch):
+    step = max(1, batch // repeat)  # prompts per call
+    for i in range(0, len(prompts), step):
         cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                             stop=("</answer>",), seed=seed + i)
-        out += generate(model, tokenizer, prompts[i:i + batch], cfg)
+                             stop=("</answer>",), seed=seed + i * repeat)
+        out += generate(model, tokenizer, prompts[i:i + step], cfg, repeat=repeat)
     return [c + "</answer>" if "<answer>" in c and "</answer>" not in c else c for c in out]
 
 
@@ -48,8 +51,8 @@ def evaluate_task(model, tokenizer, task: Task, n: int = 100, samples: int = 0,
     ks = tuple(k for k in ks if k <= samples)
     problems = task.problems("test", n)
     rows = [p.prompt for p in problems for _ in range(samples)]
-    comps = complete(model, tokenizer, rows, temperature=temperature,
-                     max_new_tokens=max_new_tokens, seed=seed, batch=batch)
+    comps = complete(model, tokenizer, [p.prompt for p in problems], temperature=temperature,
+                     max_new_tokens=max_new_tokens, seed=seed, batch=batch, repeat=samples)
     rewards = task.reward(rows, comps)
     for k in ks:
         pk = mk = 0.0

@@ -5,6 +5,12 @@ Written with the ``gguf`` package's ``GGUFWriter`` in llama.cpp's "llama" layout
 interleaved RoPE layout, 1-D norm gains always F32 (as llama.cpp's converter writes them), the
 rest as F32, F16 or a block type quantized by ``gguf.quants.quantize``:
 - Q8_0: blocks of 32 int8 with one fp16 scale, 8.5 bits per weight;
+- Q4_0 / Q4_1: blocks of 32 4-bit codes with an fp16 scale (Q4_0: w = (q - 8) d) or an fp16
+  scale and minimum (Q4_1: w = q d + m), 4.5 / 5 bits per weight, for the block projections (the
+  embedding and output matrix go in Q8_0, as in llama.cpp's own Q4 files). A keenlm 4-bit model
+  with groups of 32 (``keenlm quantize --bits 4 --group 32``: codes, fp16 scale, fp16 offset) is
+  written as Q4_1 blocks straight from its codes -- lossless, so llama.cpp computes with the
+  weights keenlm computes with; anything else is rounded to the block type;
 - for ternary models only (BitNet b1.58, https://arxiv.org/abs/2402.17764), llama.cpp's TQ1_0
   (1.6875 bits per weight: base-3 digits packed five to a byte) or TQ2_0 (2.0625 bits per
   weight: 2 bits each), both blocks of 256 weights with one fp16 scale (llama.cpp PR #8151).
@@ -34,8 +40,9 @@ from keenlm.io.gguf import GGUF_TO_KEENLM, GLOBAL_NAMES, permute_qk
 from keenlm.quant.int8 import FusedSlice, Int8Embedding, Int8Linear
 from keenlm.quant.packing import PackedLinear
 
-QTYPES = ("f32", "f16", "q8_0", "tq1_0", "tq2_0")
+QTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "tq1_0", "tq2_0")
 TERNARY_QTYPES = ("tq1_0", "tq2_0")  # only for models whose linears are ternary
+Q4_TYPES = ("q4_0", "q4_1")  # block projections in 4 bits; embedding and output in Q8_0
 
 
 def _vocab_and_merges(tokenizer):
@@ -96,6 +103,8 @@ def _encode_tensor(name: str, arr: np.ndarray, qtype: str):
         return arr.astype(np.float32), None
     if qtype in TERNARY_QTYPES and not name.startswith("blk."):
         return arr.astype(np.float16), None  # embedding / output are not ternary
+    if qtype in Q4_TYPES and not name.startswith("blk."):
+        qtype = "q8_0"  # embedding / output: 8 bits, as llama.cpp's own Q4 files hold them
     if qtype != "f16":  # a block type: q8_0, tq1_0, tq2_0
         gtype = GGMLQuantizationType[qtype.upper()]
         block = GGML_QUANT_SIZES[gtype][0]  # weights per block
@@ -140,6 +149,44 @@ def is_ternary(net) -> bool:
         m.bits == 2 and torch.equal(m.offset, -m.scale) and int(m.codes().max()) <= 2 for m in packed)
 
 
+def q4_1_blocks(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Q4_1 bytes of a matrix held as 4-bit codes (rows, n) with one fp16 (scale, offset) per
+    32 inputs: per block d, m (fp16) then 16 bytes, code j in the low nibble of byte j and code
+    j + 16 in the high one (ggml's block_q4_1). The values are exactly code * d + m."""
+    rows, n = codes.shape
+    if n % 32 or scale.shape != (rows, n // 32) or offset.shape != scale.shape:
+        raise ValueError(f"Q4_1 needs groups of 32: codes {codes.shape}, scale {scale.shape}")
+    if codes.max(initial=0) > 15:
+        raise ValueError("Q4_1 holds 4-bit codes; these do not fit")
+    c = codes.reshape(rows, n // 32, 32).astype(np.uint8)
+    qs = (c[..., :16] | (c[..., 16:] << 4)).astype(np.uint8)  # (rows, blocks, 16)
+    d = scale.astype(np.float16).reshape(rows, n // 32, 1).view(np.uint8)  # 2 bytes each
+    m = offset.astype(np.float16).reshape(rows, n // 32, 1).view(np.uint8)
+    return np.concatenate([d, m, qs], axis=-1).reshape(rows, -1)
+
+
+def _packed_groups_of_32(net, weight_name: str):
+    """(codes, scale, offset) of a 4-bit packed projection with groups of 32 (a fused one's
+    rows of it), else None."""
+    module = net.get_submodule(weight_name.rsplit(".", 1)[0])
+    rows = slice(None)
+    if isinstance(module, FusedSlice):
+        module, rows = module._fused[0], slice(module.start, module.end)
+    if not (isinstance(module, PackedLinear) and module.bits <= 4 and module.group == 32):
+        return None
+    return (module.codes()[rows].numpy(), module.scale[rows].float().numpy(),
+            module.offset[rows].float().numpy())
+
+
+def _q4_1_exact(net, name: str, key: str, permute: int):
+    src = _packed_groups_of_32(net, key)
+    if src is None:
+        return None
+    if permute:  # q/k rows in llama.cpp's interleaved RoPE order: the same rows, moved
+        src = tuple(permute_qk(a, permute) for a in src)
+    return q4_1_blocks(*src)
+
+
 def _tensors(net):
     """(gguf name, fp32 numpy array) in llama.cpp's layout."""
     cfg = net.cfg
@@ -159,10 +206,25 @@ def _tensors(net):
             yield g, arr
 
 
+def _exact_q4_1(net) -> dict[str, np.ndarray]:
+    """gguf name -> Q4_1 bytes for every block projection held as 4-bit codes in groups of 32."""
+    cfg, out = net.cfg, {}
+    for i in range(cfg.n_layer):
+        for g, k in GGUF_TO_KEENLM.items():
+            g, k = g.format(i=i), k.format(i=i)
+            if g.endswith("_norm.weight"):
+                continue
+            permute = cfg.n_head if ".attn_q." in g else cfg.kv_heads if ".attn_k." in g else 0
+            blocks = _q4_1_exact(net, g, k, permute)
+            if blocks is not None:
+                out[g] = blocks
+    return out
+
+
 def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
     """Write ``net`` + ``tokenizer`` as a GGUF file of weight type f32 | f16 | q8_0, or
     tq1_0 | tq2_0 for ternary models. Low-bit models are written with their quantized weights."""
-    from gguf import GGUFWriter, LlamaFileType  # optional extra: keenlm[io]
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType  # optional extra: keenlm[io]
 
     if qtype not in QTYPES:
         raise ValueError(f"GGUF export type {qtype!r} is not supported ({' | '.join(QTYPES)})")
@@ -180,15 +242,20 @@ def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-                 "q8_0": LlamaFileType.MOSTLY_Q8_0, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
+                 "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0,
+                 "q4_1": LlamaFileType.MOSTLY_Q4_1, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
                  "tq2_0": LlamaFileType.MOSTLY_TQ2_0}[qtype]
+    exact = _exact_q4_1(net) if qtype == "q4_1" else {}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         w = GGUFWriter(tmp, "llama")
         _add_metadata(w, net, tokenizer, int(file_type))
         for name, arr in _tensors(net):
-            data, raw_dtype = _encode_tensor(name, arr, qtype)
+            if name in exact:  # the stored 4-bit codes, not re-rounded
+                data, raw_dtype = exact[name], GGMLQuantizationType.Q4_1
+            else:
+                data, raw_dtype = _encode_tensor(name, arr, qtype)
             w.add_tensor(name, data, raw_dtype=raw_dtype)  # quantized: shape from the bytes
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -101,6 +101,9 @@ class RLTrainer(LoopShell):
             torch.set_num_threads(run.threads)
         if cfg.lora.rank:  # adapters on the policy; the base stays frozen (keenlm.model.lora)
             adapt(policy, cfg.lora)
+        if any(b.dtype == torch.uint8 for b in policy.net.buffers()):
+            raise ValueError("RL on a packed low-bit policy (QLoRA) writes no run folder that "
+                             "reloads yet: start from the full-precision model with --lora-rank")
         trainable = [p for p in policy.net.parameters() if p.requires_grad]
         if not trainable or any(p.dtype != torch.float32 for p in trainable):
             raise ValueError("RL needs a model with full-precision weights to train: a quantized "
