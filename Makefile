@@ -53,6 +53,7 @@ bench: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/harness.py
 	$(BIN)/python benchmarks/distributed.py
 	$(BIN)/python benchmarks/lowbit.py
+	$(BIN)/python benchmarks/smarter_faster.py
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/grpo.py
 	$(BIN)/python benchmarks/moe.py
@@ -65,6 +66,7 @@ bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/harness.py --quick
 	$(BIN)/python benchmarks/distributed.py --quick
 	$(BIN)/python benchmarks/lowbit.py --quick
+	$(BIN)/python benchmarks/smarter_faster.py --quick
 	$(BIN)/python benchmarks/attention.py --quick
 	$(BIN)/python benchmarks/grpo.py --quick
 	$(BIN)/python benchmarks/moe.py --quick

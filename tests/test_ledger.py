@@ -24,10 +24,15 @@ def _cpu_sdpa_mapping():
             aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
 
 
-@pytest.mark.parametrize("backend,tie,kv", [("naive", True, 4), ("sdpa", True, 2), ("sdpa", False, 1)])
-def test_ledger_flops_match_counted(backend, tie, kv):
+@pytest.mark.parametrize("backend,tie,kv,lora", [("naive", True, 4, 0), ("sdpa", True, 2, 0),
+                                                ("sdpa", False, 1, 0), ("sdpa", True, 2, 8)])
+def test_ledger_flops_match_counted(backend, tie, kv, lora):
+    """With LoRA adapters (lora > 0) only the adapters' weight gradients are computed."""
+    from keenlm.config import LoRAConfig
+
     cfg = ModelConfig(vocab_size=300, n_layer=3, d_model=64, n_head=4, n_kv_head=kv, d_ff=160,
-                      max_seq_len=128, attention=backend, tie_embeddings=tie)
+                      max_seq_len=128, attention=backend, tie_embeddings=tie,
+                      lora=LoRAConfig(rank=lora))
     model = build_model(cfg)
     B, T = 2, 96
     x = torch.randint(0, 300, (B, T))

@@ -123,3 +123,25 @@ def test_chat_rendering_scores_the_asked_problem_not_the_examples(kind, difficul
         get_task(kind, difficulty, shots=2)
     with pytest.raises(ValueError, match="no chat template"):
         get_task(kind, difficulty, template="chat", tokenizer=ByteTokenizer())
+
+
+def test_equation_examples_restate_the_problem_before_the_answer():
+    from keenlm.data import ByteTokenizer
+    from keenlm.data.tasks import equation_demonstration
+
+    tok = ByteTokenizer()
+    tok.chat_template = CHATML
+    for kind in ("addition", "countdown"):
+        task = get_task(kind, 2, template="chat", tokenizer=tok, shots=2, examples="equation")
+        assert task.name.endswith("-chat2e")
+        p = task.problems("test", 1)[0]
+        shown = re.findall(r"<\|im_start\|>assistant\n(.*?)<\|im_end\|>", p.prompt, re.S)
+        assert len(shown) == 2 and all(" = " in s.split("\n")[0] for s in shown)
+        plain = get_task(kind, 2).problems("test", 1)[0]
+        demo = equation_demonstration(plain)
+        assert task.reward([p.prompt], [demo]) == [1.0]  # the equation line does not confuse it
+    q = get_task("addition", 2).problems("test", 1)[0]
+    assert equation_demonstration(q) == (f"{q.meta['a']} + {q.meta['b']} = {q.answer}\n"
+                                         f"<answer>{q.answer}</answer>")
+    with pytest.raises(ValueError, match="examples"):
+        get_task("addition", 2, template="chat", tokenizer=tok, shots=2, examples="essay")

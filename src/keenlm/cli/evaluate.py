@@ -30,6 +30,9 @@ def add_parser(sub, fmt):
                     help="chat: prompts rendered by the model's chat template")
     tk.add_argument("--shots", type=int, default=0,
                     help="with --template chat: worked examples shown as earlier turns")
+    tk.add_argument("--examples", default="demonstration", choices=("demonstration", "equation"),
+                    help="what the examples show before the answer: the task's demonstration, "
+                         "or the problem restated as an equation with its result")
     tk.add_argument("--n", type=int, default=100, help="held-out problems")
     tk.add_argument("--samples", type=int, default=0,
                     help="sampled answers per problem for pass@k and maj@k (0: greedy only)")

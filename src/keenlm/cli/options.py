@@ -191,6 +191,9 @@ def add_task_options(parser) -> None:
                              "chat models such as SmolLM2-Instruct)")
     parser.add_argument("--shots", type=int, default=0,
                         help="with --template chat: worked examples shown as earlier turns")
+    parser.add_argument("--examples", default="demonstration", choices=("demonstration", "equation"),
+                        help="what the examples show before the answer: the task's demonstration, "
+                             "or the problem restated as an equation with its result")
     parser.add_argument("--max-new-tokens", type=int, default=64,
                         help="tokens per sample (per step in search)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -199,7 +202,7 @@ def add_task_options(parser) -> None:
 def task_of(args, tokenizer=None):
     """The task the options name; ``tokenizer`` renders chat prompts (--template chat)."""
     return get_task(args.task, args.difficulty, args.scratchpad, template=args.template,
-                    tokenizer=tokenizer, shots=args.shots)
+                    tokenizer=tokenizer, shots=args.shots, examples=args.examples)
 
 
 def int_list(text: str, option: str) -> list[int]:

@@ -13,6 +13,7 @@ from keenlm.config.model import LoRAConfig
 from keenlm.config.train import DEVICE_HELP, valid_device
 
 RL_TASKS = ("addition", "multiplication", "countdown")
+EXAMPLES = ("demonstration", "equation")  # keenlm.data.tasks.EXAMPLES
 TEMPLATES = ("plain", "chat")  # keenlm.data.tasks.TEMPLATES (config sits below data; a test keeps them equal)
 RL_ALGOS = ("grpo", "rft")
 RL_LOSSES = ("grpo", "dapo", "dr_grpo")
@@ -80,6 +81,7 @@ class RLConfig:
     scratchpad: bool = False  # answers worked step by step before the answer tag
     template: str = "plain"  # plain | chat: prompts rendered by the model's chat template (a pretrained chat model)
     shots: int = 0  # with template chat: worked examples shown as earlier turns
+    examples: str = "demonstration"  # what the examples show: demonstration (the task's own) | equation (the problem restated with its result, then the answer)
     algo: str = "grpo"  # grpo | rft (rejection-sampling fine-tuning: train on the correct samples)
     loss: str = "dr_grpo"  # grpo | dapo | dr_grpo: advantage scaling and token normalization
     group: int = 8  # completions sampled per prompt (G)
@@ -99,6 +101,7 @@ class RLConfig:
         check(self.task in RL_TASKS, p + "task", self.task, " | ".join(RL_TASKS))
         check(self.template in TEMPLATES, p + "template", self.template, " | ".join(TEMPLATES))
         check(self.shots >= 0, p + "shots", self.shots, "an integer >= 0")
+        check(self.examples in EXAMPLES, p + "examples", self.examples, " | ".join(EXAMPLES))
         check(self.template == "chat" or self.shots == 0, p + "shots", self.shots,
               "0 with template plain (the worked examples are earlier chat turns)")
         check(self.algo in RL_ALGOS, p + "algo", self.algo, " | ".join(RL_ALGOS))

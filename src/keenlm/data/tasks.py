@@ -279,7 +279,8 @@ class Task:
 
 
 def get_task(kind: str, difficulty: int = 2, scratchpad: bool = False, *,
-             template: str = "plain", tokenizer=None, shots: int = 0) -> Task:
+             template: str = "plain", tokenizer=None, shots: int = 0,
+             examples: str = "demonstration") -> Task:
     """addition | multiplication (difficulty = digits per operand) | countdown (= numbers);
     ``template`` "chat" renders its prompts for a chat model (``chat_task``)."""
     if template not in TEMPLATES:
@@ -290,7 +291,7 @@ def get_task(kind: str, difficulty: int = 2, scratchpad: bool = False, *,
         return _plain_task(kind, difficulty, scratchpad)
     if tokenizer is None:
         raise ValueError("template chat needs the model's tokenizer")
-    return chat_task(_plain_task(kind, difficulty, scratchpad), tokenizer, shots)
+    return chat_task(_plain_task(kind, difficulty, scratchpad), tokenizer, shots, examples)
 
 
 def _plain_task(kind: str, difficulty: int, scratchpad: bool) -> Task:
@@ -311,34 +312,49 @@ def _plain_task(kind: str, difficulty: int, scratchpad: bool) -> Task:
 
 
 TEMPLATES = ("plain", "chat")
+EXAMPLES = ("demonstration", "equation")
 
 
-def chat_task(task: Task, tokenizer, shots: int = 0) -> Task:
+def equation_demonstration(p: Problem) -> str:
+    """The problem restated as an equation with its result, then the tagged answer -- the one
+    worked line a chat model writes unprompted ("24 + 86 = 110"): arithmetic "a op b = c",
+    Countdown "expression = target"."""
+    if "op" in p.meta:
+        return f"{p.meta['a']} {p.meta['op']} {p.meta['b']} = {p.answer}\n<answer>{p.answer}</answer>"
+    return f"{p.answer} = {p.meta['target']}\n<answer>{p.answer}</answer>"
+
+
+def chat_task(task: Task, tokenizer, shots: int = 0, examples: str = "demonstration") -> Task:
     """The task as a chat model is asked it: each prompt rendered through the tokenizer's chat
     template as the user's turn, after ``shots`` worked examples (user: a problem, assistant:
-    its demonstration) as earlier turns -- the few-shot prompting that teaches a pretrained
+    its demonstration, or with ``examples`` "equation" the problem restated as an equation
+    before the answer) as earlier turns -- the few-shot prompting that teaches a pretrained
     model the answer format. The examples are the same for every prompt, drawn from a stream
     of their own that skips the test split. Rewards and answer keys read the last problem in
     a prompt, so they score rendered prompts unchanged; demonstrations stay completions."""
     if shots < 0:
         raise ValueError(f"shots {shots}: an integer >= 0")
+    if examples not in EXAMPLES:
+        raise ValueError(f"examples {examples!r}: {' | '.join(EXAMPLES)}")
+    show = equation_demonstration if examples == "equation" else (lambda p: p.demonstration)
     held = {p.prompt for p in task._draw("test", 200)}
-    examples = task._draw("shots", shots, held) if shots else []
+    worked = task._draw("shots", shots, held) if shots else []
     turns = []
-    for ex in examples:
+    for ex in worked:
         turns += [{"role": "user", "content": ex.prompt.strip()},
-                  {"role": "assistant", "content": ex.demonstration}]
+                  {"role": "assistant", "content": show(ex)}]
 
     def render(prompt: str) -> str:
         return tokenizer.apply_chat_template(turns + [{"role": "user", "content": prompt.strip()}])
 
-    render(examples[0].prompt if examples else "1")  # no chat template: fail here, not mid-run
+    render(worked[0].prompt if worked else "1")  # no chat template: fail here, not mid-run
 
     def make(rng: random.Random) -> Problem:
         p = task.make(rng)
         return dataclasses.replace(p, prompt=render(p.prompt))
 
-    return Task(f"{task.name}-chat{shots}", make, task.reward, task.answer_key,
+    style = "e" if examples == "equation" else ""
+    return Task(f"{task.name}-chat{shots}{style}", make, task.reward, task.answer_key,
                 stream=task.stream or task.name)  # the plain task's problems, asked another way
 
 

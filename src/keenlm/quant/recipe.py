@@ -27,6 +27,7 @@ from keenlm.api import load
 from keenlm.config import (CheckpointConfig, DataConfig, EvalConfig, OptimConfig, RunConfig,
                            ScheduleConfig, TrainConfig)
 from keenlm.data import get_batch, load_corpus, tokenize_corpus
+from keenlm.model.lora import lora_layers, merge_lora
 from keenlm.quant import ptq
 from keenlm.quant.config import QuantConfig
 # re-exported beside quantize(): keenlm quantize's whole surface in one module
@@ -39,8 +40,11 @@ from keenlm.train import Trainer
 
 def _calibration(km, q: QuantConfig, log) -> torch.Tensor:
     """(calib_seqs, calib_len) token windows from the training split of the model's corpus
-    (a keenlm run's own data; stdlib for imported models), drawn with ``q.seed``."""
-    data_cfg = km.config.data if km.run_dir is not None else DataConfig(max_bytes=4_000_000)
+    (a keenlm run's own data; stdlib for imported models), at most its first 4 MB (64 x 256
+    tokens need far less; a whole corpus would be tokenized for nothing), drawn with ``q.seed``."""
+    data_cfg = km.config.data if km.run_dir is not None else DataConfig()
+    if not data_cfg.max_bytes or data_cfg.max_bytes > 4_000_000:
+        data_cfg = dataclasses.replace(data_cfg, max_bytes=4_000_000)
     data = tokenize_corpus(load_corpus(data_cfg), km.tokenizer, default_cache_dir(data_cfg.cache_dir),
                            log=log)
     T = min(q.calib_len, km.config.model.max_seq_len)
@@ -110,6 +114,11 @@ def quantize(model, q: QuantConfig, *, log: Callable[[str], None] | None = print
     km = load(model) if isinstance(model, (str, Path)) else model
     if any(isinstance(m, PackedLinear) for m in km.net.modules()):
         raise ValueError("the model is already quantized")
+    if lora_layers(km.net):  # one set of weights to round: the adapters folded in first
+        if log:
+            log("merging the LoRA adapters into the weights before quantizing")
+        merge_lora(km.net)
+        km.config = dataclasses.replace(km.config, model=km.net.cfg)
     group = _fit_group(km.net, q, log)
     km.net.eval()
     if q.method == "rtn":

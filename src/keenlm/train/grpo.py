@@ -128,7 +128,7 @@ class RLTrainer(LoopShell):
         self.tokenizer = policy.tokenizer
         self.task = task or get_task(cfg.task, cfg.difficulty, cfg.scratchpad,
                                      template=cfg.template, tokenizer=self.tokenizer,
-                                     shots=cfg.shots)
+                                     shots=cfg.shots, examples=cfg.examples)
         self.reward = reward or self.task.reward
         self.stop, self.stop_at_eos = stop, stop_at_eos
         self.logprobs = shared_prefix_logprobs  # reference_logprobs gives the same numbers
