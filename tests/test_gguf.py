@@ -401,3 +401,50 @@ def test_llama_cpp_runs_our_q4_1_export_like_keenlm(tmp_path):
     ours = logits(keenlm.load(path).net, ids)[0]
     # llama.cpp multiplies Q4_1 blocks by 8-bit-quantized activations (Q8_1): close, not exact
     assert (theirs - ours).abs().max() < 0.05 * ours.abs().max()
+
+
+def test_qlora_model_exports_as_its_q4_base_and_a_llama_cpp_lora_file(tmp_path):
+    """A QLoRA model (adapters over Q4 blocks) goes to GGUF as two files: the base's Q4_1
+    blocks as stored (keenlm reads them back bit for bit) and the adapters in llama.cpp's LoRA
+    GGUF, with which llama.cpp computes the adapted model's logits."""
+    from gguf import GGUFReader
+
+    from keenlm.config import LoRAConfig
+    from keenlm.io.gguf_export import export_gguf_lora
+    from keenlm.model.lora import add_adapters, lora_layers, merge_lora
+
+    bpe = train_bpe(["def add(a, b):\n    return a + b\n" * 60], 300)
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(vocab_size=bpe.vocab_size, n_layer=2, d_model=32, n_head=4,
+                                  n_kv_head=2, d_ff=64, max_seq_len=64)).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() == 2 and "embed" not in name else 1.0)
+    add_adapters(net, LoRAConfig(rank=4, alpha=8.0, base="q4"))
+    with torch.no_grad():
+        for m in lora_layers(net).values():
+            m.lora_B.weight.normal_(0, 0.3)
+    with pytest.raises(ValueError, match="one set of weights"):
+        export_gguf(net, bpe, tmp_path / "x.gguf", "q4_1")
+    base, adapters = export_gguf_lora(net, bpe, tmp_path / "m.gguf", "q4_1")
+    assert adapters.name == "m.lora.gguf"
+    back = keenlm.load(base)
+    for name, m in lora_layers(net).items():
+        torch.testing.assert_close(back.net.get_submodule(name).weight,
+                                   m.base_layer.dequantized(), rtol=0, atol=0)
+    r = GGUFReader(str(adapters))
+    shapes = {t.name: tuple(t.data.shape) for t in r.tensors}
+    assert shapes["blk.1.attn_k.weight.lora_a"] == (4, 32)
+    assert shapes["blk.1.attn_k.weight.lora_b"] == (16, 4) and len(shapes) == 2 * 7 * 2
+    ids = bpe.encode("def add(a, b):\n    return a + b")
+    adapted = logits(merge_lora(net), ids)[0]
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    scores = {}
+    for lora in (None, str(adapters)):
+        llm = llama_cpp.Llama(model_path=str(base), lora_path=lora, n_ctx=64, n_threads=1,
+                              logits_all=True, verbose=False)
+        llm.eval(ids)
+        scores[lora] = torch.tensor(np.asarray(llm.scores[: len(ids)]))
+    err = (scores[str(adapters)] - adapted).abs().max()
+    assert err < 0.05 * adapted.abs().max()
+    assert (scores[None] - adapted).abs().max() > 4 * err  # the adapters are what made it close

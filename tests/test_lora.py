@@ -9,6 +9,7 @@ file and the field. All models are tiny and seeded.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -29,6 +30,7 @@ from keenlm.model import build_model
 from keenlm.model.lora import LoRALinear, add_adapters, lora_layers, merge_lora
 from keenlm.quant.packing import PackedLinear, from_codes
 from keenlm.quant.ptq import rtn
+from keenlm.quant.q4 import Q4Linear, dequantize_q4, quantize_q4, quantize_q4_model
 from keenlm.quant.qat import QATLinear
 from tests.test_hf import random_net, tiny_cfg, token_batch
 
@@ -49,7 +51,7 @@ def packed_int4(w: torch.Tensor) -> PackedLinear:
     return from_codes(*rtn(w, "int4", 32), 4, 32)
 
 
-@pytest.mark.parametrize("kind", ["dense", "qat_int4", "packed_int4"])
+@pytest.mark.parametrize("kind", ["dense", "qat_int4", "packed_int4", "q4"])
 def test_adapter_path_equals_merged_weight(kind):
     torch.manual_seed(0)
     w = torch.randn(48, 64) / 8
@@ -59,6 +61,8 @@ def test_adapter_path_equals_merged_weight(kind):
     elif kind == "qat_int4":
         base = QATLinear(64, 48, "int4", group=32)
         base.weight.data.copy_(w)
+    elif kind == "q4":
+        base = Q4Linear.from_float(w)
     else:
         base = packed_int4(w)
     layer = LoRALinear(base, rank=4, alpha=8.0)
@@ -200,7 +204,49 @@ def test_qlora_on_packed_int4_base_trains_and_merges():
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
 
 
-def test_rl_with_lora_trains_only_adapters_and_the_run_reloads(tmp_path):
+def test_q4_base_keeps_a_q4_files_codes_and_serves_with_the_adapters():
+    """lora.base = "q4": weights that came from Q4_1 blocks (a GGUF file) round back to the
+    same codes, scales and offsets, so the frozen base is the file's 4-bit weights; loading
+    the model with quant="q4" keeps the adapters in full precision over Q4 bases, and its
+    outputs are the adapted model's (to the int8 rounding of the activations)."""
+    net = random_net()
+    codes = {}
+    with torch.no_grad():  # put every projection on a Q4_1 grid, as a GGUF file's weights are
+        for name, m in net.named_modules():
+            if type(m) is nn.Linear and name != "lm_head":
+                codes[name] = quantize_q4(m.weight)
+                m.weight.copy_(dequantize_q4(*codes[name]))
+    add_adapters(net, dataclasses.replace(LORA, base="q4"))
+    random_adapters(net)
+    for name, layer in lora_layers(net).items():
+        assert isinstance(layer.base_layer, Q4Linear)
+        for got, want in zip((layer.base_layer.qs, layer.base_layer.d, layer.base_layer.m),
+                             codes[name]):
+            assert torch.equal(got, want), name
+    assert all(not b.requires_grad for b in net.buffers())
+    x = token_batch()
+    net.eval()
+    with torch.no_grad():
+        merged_ref = merge_lora(copy.deepcopy(net))(x)
+        served = quantize_q4_model(copy.deepcopy(net))
+        assert lora_layers(served) and all(
+            type(m.lora_A) is nn.Linear and type(m.lora_B) is nn.Linear
+            for m in lora_layers(served).values())  # adapters kept in fp32 over Q4 bases
+        out = served(x)
+    assert (out - merged_ref).abs().max() < 0.05 * merged_ref.abs().max()
+    assert (merged_ref.argmax(-1) == out.argmax(-1)).float().mean() > 0.9
+
+
+def test_lora_base_q4_refuses_widths_off_the_block():
+    net = random_net(d_model=48, n_head=4)
+    with pytest.raises(ValueError, match="multiple of the Q4 block"):
+        add_adapters(net, dataclasses.replace(LORA, base="q4"))
+    with pytest.raises(Exception, match="model.lora.base"):
+        LoRAConfig(rank=4, base="nf4")
+
+
+@pytest.mark.parametrize("base", ["model", "q4"])
+def test_rl_with_lora_trains_only_adapters_and_the_run_reloads(tmp_path, base):
     from keenlm.data.tasks import get_task
     from keenlm.train.grpo import RLTrainer
     from tests.test_grpo import tiny_policy
@@ -208,17 +254,23 @@ def test_rl_with_lora_trains_only_adapters_and_the_run_reloads(tmp_path):
     km = tiny_policy()
     before = {k: v.clone() for k, v in km.net.state_dict().items()}
     cfg = rl_config({"steps": 2, "prompts": 2, "group": 4, "max_new_tokens": 8, "lora_rank": 4,
-                     "eval_n": 4, "out_dir": str(tmp_path / "rl"), "progress": False,
-                     "task": "addition", "difficulty": 1})
+                     "lora_base": base, "eval_n": 4, "out_dir": str(tmp_path / "rl"),
+                     "progress": False, "task": "addition", "difficulty": 1})
     res = RLTrainer(km, cfg, reward=lambda p, c: [float(len(x) % 2) for x in c]).fit()
     state = km.net.state_dict()
-    base = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
-    assert base.keys() == before.keys()
-    assert all(torch.equal(v, before[k]) for k, v in base.items())  # no base tensor moved
+    kept = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    if base == "q4":  # the frozen bases are Q4 blocks of the starting weights
+        for name, m in lora_layers(km.net).items():
+            assert isinstance(m.base_layer, Q4Linear)
+            assert torch.equal(m.base_layer.qs, quantize_q4(before[name + ".weight"])[0])
+        kept = {k: v for k, v in kept.items() if k in before}
+    assert kept.keys() == before.keys() - (
+        {n + ".weight" for n in lora_layers(km.net)} if base == "q4" else set())
+    assert all(torch.equal(v, before[k]) for k, v in kept.items())  # no base tensor moved
     moved = [k for k in state if ".lora_B." in k and state[k].abs().sum() > 0]
     assert moved
     again = keenlm.load(res.run_dir)
-    assert again.config.model.lora.rank == 4
+    assert again.config.model.lora.rank == 4 and again.config.model.lora.base == base
     x = token_batch(vocab=km.net.cfg.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(again.net(x), km.net.eval()(x), rtol=0, atol=0)

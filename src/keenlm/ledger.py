@@ -64,17 +64,28 @@ def idle_params(model: nn.Module) -> int:
     return sum(m.idle_params() for m in model.modules() if hasattr(m, "idle_params"))
 
 
+def _matmuls(model: nn.Module):
+    """(weights, trains) of every matrix multiply: nn.Linear layers, and the packed or
+    quantized linear layers (keenlm.quant: leaf modules with integer ``in_features`` and
+    ``out_features`` holding codes, never trained) -- a QLoRA base multiplies as many weights
+    as a dense one."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            yield m.weight.numel(), m.weight.requires_grad
+        elif next(m.children(), None) is None and isinstance(getattr(m, "in_features", None), int) \
+                and isinstance(getattr(m, "out_features", None), int):
+            yield m.in_features * m.out_features, False
+
+
 def matmul_params(model: nn.Module) -> int:
-    """Weights used in matrix multiplies per token: all nn.Linear weights incl. the LM head and
+    """Weights used in matrix multiplies per token: all linear weights incl. the LM head and
     an MoE router, less the experts a token is not routed to."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) - \
-        idle_params(model)
+    return sum(n for n, _ in _matmuls(model)) - idle_params(model)
 
 
 def trainable_matmul_params(model: nn.Module) -> int:
     """Weights of matrix multiplies that train (all of them unless parts are frozen)."""
-    return sum(m.weight.numel() for m in model.modules()
-               if isinstance(m, nn.Linear) and m.weight.requires_grad) - \
+    return sum(n for n, trains in _matmuls(model) if trains) - \
         (idle_params(model) if all(p.requires_grad for p in model.parameters()) else 0)
 
 

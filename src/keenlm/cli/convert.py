@@ -1,9 +1,10 @@
 """``keenlm convert SRC DST --to hf|gguf``: a run, GGUF file or HF folder written as an HF
-folder or a GGUF file; LoRA adapters kept apart (peft's format) or merged into the weights."""
+folder or a GGUF file; LoRA adapters kept apart (peft's format beside an HF folder; llama.cpp's
+LoRA GGUF beside a GGUF file, DST with .lora.gguf) or merged into the weights."""
 from __future__ import annotations
 
 import keenlm
-from keenlm.io.gguf_export import QTYPES, export_gguf
+from keenlm.io.gguf_export import QTYPES, export_gguf, export_gguf_lora
 from keenlm.io.hf import export_hf
 from keenlm.io.peft import load_adapter
 from keenlm.model.lora import lora_layers, merge_lora
@@ -22,7 +23,8 @@ def add_parser(sub, fmt):
                    help="a peft LoRA adapter folder to apply to SRC first")
     c.add_argument("--merge-lora", action="store_true",
                    help="fold LoRA adapters into the weights (W + alpha/r B A); without it an HF "
-                        "folder keeps them apart in adapter/ (peft's format)")
+                        "folder keeps them apart in adapter/ (peft's format) and a GGUF file "
+                        "gets them beside it in llama.cpp's LoRA GGUF (DST.lora.gguf)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing HF folder")
     return c
 
@@ -34,13 +36,13 @@ def run(args) -> int:
     if lora_layers(km.net):
         if args.merge_lora:
             merge_lora(km.net)
-        elif args.to == "gguf":
-            raise ValueError("a GGUF file holds one set of weights: add --merge-lora to fold the "
-                             "LoRA adapters into them")
     elif args.merge_lora:
         raise ValueError(f"{args.src} has no LoRA adapters to merge")
     if args.to == "hf":
         out = export_hf(km.net, km.tokenizer, args.dst, overwrite=args.overwrite)
+    elif lora_layers(km.net):
+        base, adapters = export_gguf_lora(km.net, km.tokenizer, args.dst, args.type)
+        out = f"{base} and its LoRA adapters {adapters}"
     else:
         out = export_gguf(km.net, km.tokenizer, args.dst, args.type)
     print(f"wrote {out}")

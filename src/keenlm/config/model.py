@@ -48,6 +48,7 @@ class MoEConfig:
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_BASES = ("model", "q4")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class LoRAConfig:
     alpha: float = 0.0  # the update is scaled by alpha / rank; 0: 2 x rank
     dropout: float = 0.0  # dropout on the adapters' input in training
     targets: tuple[str, ...] = LORA_TARGETS  # module names that get adapters (Hugging Face Llama names)
+    # "q4": QLoRA, the base held in Q4_1 blocks of 32 (a Q4_1 GGUF's own 4-bit weights, read
+    # losslessly), so the adapters train against the weights that will be served
+    base: str = "model"  # the frozen base: model (its own linear layers) | q4 (QLoRA)
 
     def __post_init__(self):
         p = "model.lora."
@@ -70,6 +74,7 @@ class LoRAConfig:
         check(0 <= self.dropout < 1, p + "dropout", self.dropout, "a number in [0, 1)")
         check(bool(self.targets) and all(t in LORA_TARGETS for t in self.targets), p + "targets",
               self.targets, "a comma list of " + ", ".join(LORA_TARGETS))
+        check(self.base in LORA_BASES, p + "base", self.base, " | ".join(LORA_BASES))
 
     @property
     def scale_alpha(self) -> float:

@@ -28,7 +28,7 @@ not bit for bit. ``ENABLED = False`` forces the PyTorch step.
 Models it refuses (a one-line reason from ``unsupported``; generation then uses PyTorch):
 anything but dense SwiGLU blocks with Q4 projections (or ternary ones in TQ2_0 blocks,
 keenlm.quant.tq2: each projection in its own format), a Q8_0 embedding and head, full causal
-attention (no window, no memory layer, no spiking), on the CPU.
+attention (no window, no memory layer, no spiking), no LoRA adapters, on the CPU.
 
 Legend: B rows, L layers, Hk key/value heads, S cache length, D head dim, V vocabulary.
 """
@@ -59,6 +59,8 @@ def unsupported(net) -> Optional[str]:
     cfg = getattr(net, "cfg", None)
     if cfg is None or not hasattr(net, "layers"):
         return "not a keenlm Transformer"
+    if cfg.lora.rank:
+        return "LoRA adapters decode in PyTorch (the C step has no adapter path)"
     if cfg.attn_window or cfg.memory.kind != "none" or cfg.spike.steps or cfg.ffn != "dense":
         return "attention window, memory layers, spiking and MoE blocks decode in PyTorch"
     if not isinstance(net.embed_tokens, Q8Embedding) or not isinstance(net.lm_head, Q8Linear):

@@ -18,6 +18,11 @@ rest as F32, F16 or a block type quantized by ``gguf.quants.quantize``:
   the fp16 rounding of the scale -- so TQ1_0 is the smaller file and TQ2_0 the simpler decode.
   The embedding and output matrices are not ternary and stay F16.
 A matrix whose rows are not a multiple of the block size is kept F16 and the exporter says so.
+A model with LoRA adapters (keenlm.model.lora) is written as two files, as llama.cpp takes
+them: its base (a QLoRA model's Q4 blocks as stored) and its adapters in llama.cpp's LoRA GGUF
+(``general.type = adapter``, ``adapter.lora.alpha``, ``blk.N.attn_q.weight.lora_a`` (rank, in)
+and ``.lora_b`` (out, rank), B's q/k rows permuted as the base's), which llama.cpp adds to the
+base at run time (``llama-cli --lora``, llama-cpp-python's ``lora_path``).
 The byte-level BPE vocabulary, merges, special tokens, BOS/EOS, pre-tokenizer name and chat
 template go into the ``tokenizer.*`` metadata keys.
 
@@ -26,6 +31,8 @@ never leaves a partial file under the final name.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import sys
@@ -38,7 +45,9 @@ import torch
 from keenlm.data.tokenizer import bytes_to_unicode
 from keenlm.io.gguf import GGUF_TO_KEENLM, GLOBAL_NAMES, permute_qk
 from keenlm.quant.int8 import FusedSlice, Int8Embedding, Int8Linear
+from keenlm.model.lora import LoRALinear, lora_layers
 from keenlm.quant.packing import PackedLinear
+from keenlm.quant.q4 import Q4Linear, unpack_q4
 
 QTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "tq1_0", "tq2_0")
 TERNARY_QTYPES = ("tq1_0", "tq2_0")  # only for models whose linears are ternary
@@ -136,6 +145,8 @@ def _dequantized(m):
         return m.weight()
     if isinstance(m, (Int8Linear, Int8Embedding)):
         return m.weight_int8.float() * m.scale[:, None]
+    if isinstance(m, Q4Linear):
+        return m.dequantized()
     return None
 
 
@@ -172,6 +183,9 @@ def _packed_groups_of_32(net, weight_name: str):
     rows = slice(None)
     if isinstance(module, FusedSlice):
         module, rows = module._fused[0], slice(module.start, module.end)
+    if isinstance(module, Q4Linear):  # Q4_1 blocks already (a QLoRA base)
+        return (unpack_q4(module.qs)[rows].numpy(), module.d[rows].float().numpy(),
+                module.m[rows].float().numpy())
     if not (isinstance(module, PackedLinear) and module.bits <= 4 and module.group == 32):
         return None
     return (module.codes()[rows].numpy(), module.scale[rows].float().numpy(),
@@ -228,6 +242,9 @@ def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
 
     if qtype not in QTYPES:
         raise ValueError(f"GGUF export type {qtype!r} is not supported ({' | '.join(QTYPES)})")
+    if lora_layers(net):
+        raise ValueError("a GGUF file holds one set of weights: write the base and the LoRA "
+                         "adapters apart (export_gguf_lora) or merge them first")
     cfg = net.cfg
     if cfg.memory.kind != "none" or cfg.attn_window:
         raise ValueError("model.memory and model.attn_window have no counterpart in GGUF's Llama")
@@ -267,3 +284,72 @@ def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def adapter_path(path) -> Path:
+    """Where export_gguf_lora writes the adapters of a base written to ``path``."""
+    path = Path(path)
+    return path.with_name(path.name[:-5] + ".lora.gguf" if path.name.endswith(".gguf")
+                          else path.name + ".lora.gguf")
+
+
+def without_adapters(net):
+    """A copy of ``net`` with every LoRA wrapper replaced by its frozen base."""
+    base = copy.deepcopy(net)
+    for parent in list(base.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.base_layer)
+    base.cfg = dataclasses.replace(net.cfg, lora=type(net.cfg.lora)())
+    return base
+
+
+def _adapter_tensors(net):
+    """(gguf name, fp32 array) of every adapter: ``NAME.lora_a`` (rank, in), ``NAME.lora_b``
+    (out, rank), q/k rows of B permuted to llama.cpp's RoPE order as the base's are."""
+    cfg = net.cfg
+    to_gguf = {k.format(i=i)[:-len(".weight")]: g.format(i=i)
+               for i in range(cfg.n_layer) for g, k in GGUF_TO_KEENLM.items()}
+    for name, m in lora_layers(net).items():
+        g = to_gguf[name]
+        a = m.lora_A.weight.detach().float().cpu().numpy()
+        b = m.lora_B.weight.detach().float().cpu().numpy()
+        if ".attn_q." in g:
+            b = permute_qk(b, cfg.n_head)
+        elif ".attn_k." in g:
+            b = permute_qk(b, cfg.kv_heads)
+        yield g + ".lora_a", a
+        yield g + ".lora_b", b
+
+
+def export_gguf_lora(net, tokenizer, path, qtype: str = "f32") -> tuple[Path, Path]:
+    """A model with LoRA adapters as two llama.cpp files: its base at ``path`` (as
+    ``export_gguf`` writes it; a Q4 base as its blocks) and its adapters at
+    ``adapter_path(path)`` in llama.cpp's LoRA GGUF (F32). One rank and alpha for all layers
+    (keenlm's ``model.lora``); llama.cpp scales the update by alpha / rank, as keenlm does."""
+    from gguf import GGUFWriter, Keys  # optional extra: keenlm[io]
+
+    if not lora_layers(net):
+        raise ValueError("the model has no LoRA adapters: export_gguf writes it")
+    base = export_gguf(without_adapters(net), tokenizer, path, qtype)
+    out = adapter_path(path)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w = GGUFWriter(tmp, "llama")
+        w.add_type("adapter")
+        w.add_name("keenlm LoRA")
+        w.add_string(Keys.Adapter.TYPE, "lora")
+        w.add_float32(Keys.Adapter.LORA_ALPHA, float(net.cfg.lora.scale_alpha))
+        for name, arr in _adapter_tensors(net):
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return base, out

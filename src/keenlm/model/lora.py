@@ -7,9 +7,15 @@ so the adapted model starts equal to its base. Only A and B train: the optimizer
 2 x r x (in + out) numbers per layer instead of 2 x in x out.
 
 QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314): the frozen base stays in its
-packed low-bit form (keenlm's ``PackedLinear``: int4 GPTQ/RTN, 2-bit, ternary; here groupwise
-int4, not the paper's NF4), dequantized layer by layer in the forward pass; gradients reach
-the adapters through it.
+packed low-bit form (keenlm's ``PackedLinear``: int4 GPTQ/RTN, 2-bit, ternary; or, with
+``model.lora.base = "q4"``, ``Q4Linear``: llama.cpp's Q4_1 blocks of 32, not the paper's NF4),
+dequantized layer by layer in the forward pass; gradients reach the adapters through it. A
+model read from a Q4_1 GGUF file holds weights that round back to the file's own codes, so
+its "q4" base is the file's 4-bit weights exactly: the adapters learn against the weights that
+will be served, and the served model is that base plus the adapters (``keenlm.load(RUN,
+quant="q4")``). Folding the adapters into the weights and rounding again to 4 bits is another
+matter: a fine-tune's change per weight is usually far below one 4-bit step, and rounding
+returns the base (docs/real-model.md measures it).
 
 The wrapper works on any linear module of the registry (dense ``nn.Linear``, quantization-aware
 ``QATLinear``, ``PackedLinear``, ``Int4Linear``), and is applied by name: ``targets`` are the
@@ -32,10 +38,11 @@ from torch import nn
 
 from keenlm.quant.int4 import Int4Linear
 from keenlm.quant.packing import PackedLinear
+from keenlm.quant.q4 import BLOCK, Q4Linear
 from keenlm.quant.qat import QATLinear
 
 
-LINEAR_KINDS = (nn.Linear, PackedLinear, Int4Linear)  # QATLinear is an nn.Linear
+LINEAR_KINDS = (nn.Linear, PackedLinear, Int4Linear, Q4Linear)  # QATLinear is an nn.Linear
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
@@ -44,7 +51,7 @@ def base_weight(base: nn.Module) -> torch.Tensor:
         return base.quantized_weight().detach()
     if isinstance(base, PackedLinear):
         return base.weight()
-    if isinstance(base, Int4Linear):
+    if isinstance(base, (Int4Linear, Q4Linear)):
         return base.dequantized()
     if isinstance(base, nn.Linear):
         if base.bias is not None:
@@ -96,10 +103,22 @@ def lora_layers(net: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in net.named_modules() if isinstance(m, LoRALinear)}
 
 
+def quantize_bases(net: nn.Module) -> None:
+    """Every adapter's dense base (``nn.Linear``) into Q4_1 blocks (``Q4Linear``): the QLoRA
+    base of ``model.lora.base = "q4"``. In place; the adapters stay as they are."""
+    for name, m in lora_layers(net).items():
+        if type(m.base_layer) is nn.Linear:
+            if m.in_features % BLOCK:
+                raise ValueError(f"LoRA base q4: {name} has input width {m.in_features}, not a "
+                                 f"multiple of the Q4 block of {BLOCK}")
+            m.base_layer = Q4Linear.from_float(m.base_layer.weight)
+
+
 def apply_lora(net: nn.Module, rank: int, alpha: float, dropout: float,
-               targets: tuple[str, ...]) -> list[str]:
+               targets: tuple[str, ...], base: str = "model") -> list[str]:
     """Wrap every linear module whose name ends in one of ``targets``; freeze everything else
-    in ``net``. In place; returns the wrapped modules' names. Already-wrapped layers stay."""
+    in ``net``; with ``base="q4"`` hold the wrapped dense weights in Q4_1 blocks. In place;
+    returns the wrapped modules' names."""
     if lora_layers(net):
         raise ValueError("this model already has LoRA adapters")
     wrapped = []
@@ -113,6 +132,10 @@ def apply_lora(net: nn.Module, rank: int, alpha: float, dropout: float,
                 wrapped.append(f"{parent_name}.{name}" if parent_name else name)
     if not wrapped:
         raise ValueError(f"LoRA targets {list(targets)} name no linear layer of this model")
+    if base == "q4":
+        quantize_bases(net)
+    elif base != "model":
+        raise ValueError(f"LoRA base {base!r}: model | q4")
     for pname, p in net.named_parameters():
         p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
     return wrapped
@@ -120,7 +143,7 @@ def apply_lora(net: nn.Module, rank: int, alpha: float, dropout: float,
 
 def add_adapters(net: nn.Module, lora) -> list[str]:
     """``apply_lora`` with a LoRAConfig, recorded in ``net.cfg`` (a keenlm Transformer)."""
-    names = apply_lora(net, lora.rank, lora.scale_alpha, lora.dropout, lora.targets)
+    names = apply_lora(net, lora.rank, lora.scale_alpha, lora.dropout, lora.targets, lora.base)
     net.cfg = dataclasses.replace(net.cfg, lora=lora)
     return names
 

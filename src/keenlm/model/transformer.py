@@ -119,7 +119,7 @@ class Transformer(nn.Module):
         self.reset_parameters()
         if cfg.lora.rank:  # low-rank adapters around the named linears, the rest frozen
             apply_lora(self, cfg.lora.rank, cfg.lora.scale_alpha, cfg.lora.dropout,
-                       cfg.lora.targets)
+                       cfg.lora.targets, cfg.lora.base)
 
     @staticmethod
     def linear_factory(cfg: ModelConfig):

@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - the install builds it wherever gcc or 
     _qdot = None
 
 BLOCK = 32
+LORA_ADAPTERS = ("lora_A", "lora_B")  # the names of keenlm.model.lora's adapter layers
 MAX_ROWS = 16  # rows (batch x positions) the kernel takes per call; more: the GEMM path
 # The kernel's threads. 1 by default: its pool spins between calls, and beside torch's own
 # OpenMP threads on a 2-core CPU the two pools starve each other (SmolLM2 decoding fell from 56
@@ -335,7 +336,9 @@ def quantize_q4_model(net: nn.Module) -> nn.Module:
             net.lm_head = Q8Linear(q8, d)
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.bias is None:
+            # a LoRA wrapper's adapters (keenlm.model.lora) stay in full precision: its base
+            # becomes Q4 blocks and the adapters add their small update on top
+            if type(child) is nn.Linear and child.bias is None and name not in LORA_ADAPTERS:
                 make = Q8Linear.from_float if name == "lm_head" else Q4Linear.from_float
                 setattr(parent, name, make(child.weight))
     return net

@@ -14,6 +14,7 @@ second scaling law in training (``epochs`` and ``group``):
     select     selective backprop vs full backprop, time to a target loss
     memory     long-context recall with and without the neural memory
     spike      a model converted to spiking feed-forward layers and fine-tuned
+    real       a pretrained model (SmolLM2) through test-time search, RL, 4 bits and llama.cpp
 
 ``STUDIES`` names each study's options (a frozen dataclass: ``keenlm study NAME --help`` is
 generated from it), the function that runs it, and its summary. From Python:
@@ -23,7 +24,7 @@ generated from it), the function that runs it, and its summary. From Python:
 
 The library never imports this package: studies use techniques, techniques do not know them.
 """
-from keenlm.studies import frontier, law2, memory, moe, ptq, rl, select, spike, tts
+from keenlm.studies import frontier, law2, memory, moe, ptq, real, rl, select, spike, tts
 from keenlm.studies.common import Study
 
 STUDIES: dict[str, Study] = {
@@ -37,6 +38,7 @@ STUDIES: dict[str, Study] = {
     "select": Study(select.Options, select.run, select.summary),
     "memory": Study(memory.Options, memory.run, memory.summary),
     "spike": Study(spike.Options, spike.run, spike.summary),
+    "real": Study(real.Options, real.run, real.summary),
 }
 
 __all__ = ["STUDIES", "Study"]

@@ -45,6 +45,7 @@ from keenlm.data.tasks import Task, get_task
 from keenlm.infer.task_eval import evaluate_policy
 from keenlm.infer.generate import generate_tokens, stop_check
 from keenlm.io.loaders import load_any
+from keenlm.ledger import flops_per_token, generation_flops
 from keenlm.model.lora import add_adapters
 from keenlm.plot import line_chart
 from keenlm.train.logprobs import completion_mask, shared_prefix_logprobs
@@ -101,9 +102,10 @@ class RLTrainer(LoopShell):
             torch.set_num_threads(run.threads)
         if cfg.lora.rank:  # adapters on the policy; the base stays frozen (keenlm.model.lora)
             adapt(policy, cfg.lora)
-        if any(b.dtype == torch.uint8 for b in policy.net.buffers()):
-            raise ValueError("RL on a packed low-bit policy (QLoRA) writes no run folder that "
-                             "reloads yet: start from the full-precision model with --lora-rank")
+        if policy.config.model.lora.base != "q4" and any(b.dtype == torch.uint8
+                                                         for b in policy.net.buffers()):
+            raise ValueError("RL on a packed low-bit policy: load it in full precision and train "
+                             "adapters over a 4-bit base (QLoRA: --lora-rank R --lora-base q4)")
         trainable = [p for p in policy.net.parameters() if p.requires_grad]
         if not trainable or any(p.dtype != torch.float32 for p in trainable):
             raise ValueError("RL needs a model with full-precision weights to train: a quantized "
@@ -204,6 +206,10 @@ class RLTrainer(LoopShell):
                                                 stop=self.stop, stop_at_eos=self.stop_at_eos,
                                                 seeds=seeds)
         t_gen = time.perf_counter() - t0
+        g = cfg.group  # sampling FLOPs: each prompt prefilled once for its group (keenlm.ledger)
+        gen_flops = sum(generation_flops(self.model, len(prompt_ids[i]),
+                                         [len(c) for c in comps[i * g:(i + 1) * g]])
+                        for i in range(len(mine)))
         row_prompts = [p for p in mine for _ in range(cfg.group)]
         mine_rewards = self.reward(row_prompts, texts)
         # advantages and token weights are the whole batch's: every rank's rewards and completions
@@ -226,9 +232,13 @@ class RLTrainer(LoopShell):
         t_train = time.perf_counter() - t1
         self.step += 1
         gen_tokens = sum(len(c) for c in comps)
-        train_tokens = stats.pop("train_tokens")
+        train_tokens, forward_tokens = stats.pop("train_tokens"), stats.pop("forward_tokens")
+        seq = sum(len(p) for p in prompt_ids) / max(1, len(prompt_ids)) + gen_tokens / len(comps)
+        per = flops_per_token(self.model, max(1, round(seq)))
+        flops = gen_flops + train_tokens * per["train"] + forward_tokens * per["forward"]
         if self.dist.active:  # the job's figures
-            gen_tokens, train_tokens = (int(v) for v in self.dist.sum([gen_tokens, train_tokens]))
+            gen_tokens, train_tokens, flops = self.dist.sum([gen_tokens, train_tokens, flops])
+            gen_tokens, train_tokens = int(gen_tokens), int(train_tokens)
             comps = all_comps
         return {"step": self.step, "reward_mean": float(rewards.mean()),
                 "reward_std": float(rewards.std()), "success": float((rewards == 1.0).float().mean()),
@@ -236,7 +246,7 @@ class RLTrainer(LoopShell):
                 "completion_len": gen_tokens / len(comps), **stats,
                 "gen_tokens_per_s": gen_tokens / t_gen, "gen_s": t_gen, "train_s": t_train,
                 "train_tokens_per_s": train_tokens / t_train if t_train > 0 else 0.0,
-                "elapsed_s": time.perf_counter() - self.started}
+                "flops": float(flops), "elapsed_s": time.perf_counter() - self.started}
 
     def train_step(self) -> dict:
         self._last = self.rl_step()
@@ -251,13 +261,14 @@ class RLTrainer(LoopShell):
         live = ((weights.sum(dim=1) > 0) & ((adv != 0) | (kl_coef > 0))).nonzero().flatten()
         n_live = int(self.dist.sum([len(live)])[0])
         if n_live == 0:
-            return {"loss": 0.0, "clip_frac": 0.0, "kl": None, "rows_trained": 0, "train_tokens": 0}
+            return {"loss": 0.0, "clip_frac": 0.0, "kl": None, "rows_trained": 0, "train_tokens": 0,
+                    "forward_tokens": 0}
         if len(live) == 0:  # other ranks train: take part in their gradient sums with nothing
             for _ in range(cfg.epochs):
                 self._optimizer_step(None)
             loss_sum = self.dist.sum([0.0])[0]
             return {"loss": loss_sum / cfg.epochs, "clip_frac": 0.0, "kl": None,
-                    "rows_trained": n_live, "train_tokens": 0}
+                    "rows_trained": n_live, "train_tokens": 0, "forward_tokens": 0}
         dev = self.device
         rows, comps = rows[live], [comps[i] for i in live.tolist()]
         W = max(len(c) for c in comps)
@@ -294,9 +305,11 @@ class RLTrainer(LoopShell):
                 tokens += sum(len(comps[i]) for i in part.tolist()) + \
                     sum(len(prompt_ids[i]) for i in rows[part].unique().tolist())
         loss_sum = self.dist.sum([sum(losses)])[0]  # the batch's loss: every rank's part
+        # tokens through the no-grad passes (old policy, reference), for the FLOP count
+        once = sum(len(c) for c in comps) + sum(len(prompt_ids[i]) for i in rows.unique().tolist())
         return {"loss": loss_sum / len(losses), "clip_frac": sum(clip_fracs) / len(clip_fracs),
                 "kl": sum(kls) / len(kls) if kls else None, "rows_trained": n_live,
-                "train_tokens": tokens}
+                "train_tokens": tokens, "forward_tokens": once * ((old is not None) + (ref is not None))}
 
     def _optimizer_step(self, loss):
         opt = self.cfg.optim
