@@ -123,6 +123,72 @@ def test_ternary_projections_decode_like_the_pytorch_model():
     assert (errs < 1e-5).float().mean() >= 0.8 and errs.max() < 0.05, errs
 
 
+def qlora_model(targets, seed=11):
+    """A QLoRA model as keenlm.load(RUN, quant="q4") serves it: adapters (random B, so they
+    matter) over Q4 bases, Q8_0 embedding and head; projections without adapters fused."""
+    from keenlm.config import LoRAConfig
+    from keenlm.model.lora import add_adapters, lora_layers
+
+    torch.manual_seed(seed)
+    net = build_model(ModelConfig(vocab_size=300, n_layer=2, d_model=128, n_head=4, n_kv_head=2,
+                                  d_ff=256, max_seq_len=64)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    add_adapters(net, LoRAConfig(rank=4, alpha=8.0, base="q4", targets=targets))
+    with torch.no_grad():
+        for m in lora_layers(net).values():
+            m.lora_B.weight.normal_(0, 0.05)
+    return quantize_q4_model(net)
+
+
+@needs_step
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj"), ("q_proj", "v_proj", "up_proj")])
+def test_lora_adapters_over_q4_bases_decode_like_the_pytorch_model(targets):
+    # the adapters in the step (a group's projections joined, zeros where one has none)
+    # against the PyTorch model with the same LoRALinear layers; tolerance as above
+    net = qlora_model(targets)
+    assert unsupported(net) is None
+    idx, km = left_pad([[1, 2, 3, 4], [5, 6]], "cpu")
+    pos = (km.long().cumsum(-1) - 1).clamp_min(0)
+    full = torch.ones(2, 16, dtype=torch.bool)
+    full[:, :4] = km
+    g = torch.Generator().manual_seed(5)
+    errs, lora_effect = [], []
+    for path in available_paths():
+        for lin in net.modules():
+            if hasattr(lin, "path"):
+                lin.path = path
+        for threads in (1, 2):
+            with torch.no_grad():
+                ref_cache = net.new_cache(2, 16)
+                net(idx, cache=ref_cache, positions=pos, key_mask=km)
+                cache = copy.deepcopy(ref_cache)
+                eng, tok, npos = DecodeEngine(net, path), torch.randint(0, 300, (2,), generator=g), pos[:, -1] + 1
+                for _ in range(4):
+                    ref = net(tok[:, None], cache=ref_cache, positions=npos[:, None],
+                              key_mask=full[:, :ref_cache.length + 1])[:, -1]
+                    errs += rel_err(eng.step(tok, npos, cache, full, threads), ref)
+                    tok, npos = ref.argmax(-1), npos + 1
+    errs = torch.tensor(errs)
+    assert (errs < 1e-5).float().mean() >= 0.8 and errs.max() < 0.05, errs
+    # and the adapters matter: the same model without them gives other logits
+    from keenlm.model.lora import lora_layers
+
+    def first_step():
+        with torch.no_grad():
+            cache = net.new_cache(2, 16)
+            net(idx, cache=cache, positions=pos, key_mask=km)
+            return DecodeEngine(net).step(tok, pos[:, -1] + 1, cache, full, 1)
+
+    adapted = first_step()
+    with torch.no_grad():
+        for m in lora_layers(net).values():
+            m.lora_B.weight.zero_()
+    assert min(rel_err(first_step(), adapted)) > 0.05
+
+
 @needs_step
 def test_generation_is_the_same_with_and_without_the_engine(monkeypatch):
     # an invariance: greedy tokens (padded rows, several samples per prompt) and seeded sampling

@@ -25,10 +25,14 @@ tokens of SmolLM2 to it. The step rounds the activations to int8 blocks exactly 
 layers do; softmax and SiLU use a polynomial exp (~1 ulp), so logits agree to float rounding,
 not bit for bit. ``ENABLED = False`` forces the PyTorch step.
 
+LoRA adapters over Q4 bases (a QLoRA model, keenlm.model.lora, loaded with quant="q4") run in
+the step too: the bases of q/k/v and of gate/up are joined into one Q4 matrix each (their rows
+concatenated: the same blocks), and each group adds B (A x) from fp32 adapters (step.c).
+
 Models it refuses (a one-line reason from ``unsupported``; generation then uses PyTorch):
 anything but dense SwiGLU blocks with Q4 projections (or ternary ones in TQ2_0 blocks,
-keenlm.quant.tq2: each projection in its own format), a Q8_0 embedding and head, full causal
-attention (no window, no memory layer, no spiking), no LoRA adapters, on the CPU.
+keenlm.quant.tq2: each projection in its own format; adapters only over Q4), a Q8_0 embedding
+and head, full causal attention (no window, no memory layer, no spiking), on the CPU.
 
 Legend: B rows, L layers, Hk key/value heads, S cache length, D head dim, V vocabulary.
 """
@@ -39,6 +43,7 @@ from typing import Optional
 import torch
 
 from keenlm.model.attention import KVCache
+from keenlm.model.lora import LoRALinear
 from keenlm.quant.q4 import PATHS, Q4Linear, Q8Embedding, Q8Linear
 from keenlm.quant.tq2 import T2Linear
 
@@ -52,6 +57,29 @@ MAX_ROWS = 16
 _said = set()
 
 
+# a block's four projection groups: (submodule, fused slot, the projections it joins)
+GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+          ("self_attn", "o_proj", ("o_proj",)),
+          ("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
+          ("mlp", "down_proj", ("down_proj",)))
+
+
+def groups(layer) -> list[tuple[list, list]]:
+    """Per projection group of a block: (its base modules: one fused module, or one per
+    projection; the LoRALinear of each projection, or None)."""
+    out = []
+    for sub, slot, parts in GROUPS:
+        mod = getattr(layer, sub)
+        fused = getattr(mod, slot, None)
+        if len(parts) > 1 and fused is not None:
+            out.append(([fused], [None] * len(parts)))
+            continue
+        mods = [getattr(mod, p) for p in parts]
+        out.append(([m.base_layer if isinstance(m, LoRALinear) else m for m in mods],
+                    [m if isinstance(m, LoRALinear) else None for m in mods]))
+    return out
+
+
 def unsupported(net) -> Optional[str]:
     """Why the engine cannot run ``net``'s decode step, or None when it can."""
     if _step is None:
@@ -59,17 +87,19 @@ def unsupported(net) -> Optional[str]:
     cfg = getattr(net, "cfg", None)
     if cfg is None or not hasattr(net, "layers"):
         return "not a keenlm Transformer"
-    if cfg.lora.rank:
-        return "LoRA adapters decode in PyTorch (the C step has no adapter path)"
     if cfg.attn_window or cfg.memory.kind != "none" or cfg.spike.steps or cfg.ffn != "dense":
         return "attention window, memory layers, spiking and MoE blocks decode in PyTorch"
     if not isinstance(net.embed_tokens, Q8Embedding) or not isinstance(net.lm_head, Q8Linear):
         return "the embedding and LM head are not Q8_0 blocks (keenlm.quant.q4)"
     for i, layer in enumerate(net.layers):
-        parts = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                 layer.mlp.down_proj)
-        if not all(isinstance(p, (Q4Linear, T2Linear)) for p in parts):
-            return f"layer {i}'s projections are not all Q4 or TQ2_0 blocks (keenlm.quant)"
+        for bases, adapters in groups(layer):
+            if not all(isinstance(b, (Q4Linear, T2Linear)) for b in bases) or (
+                    len(bases) > 1 or any(adapters)) and not all(isinstance(b, Q4Linear)
+                                                                 for b in bases):
+                return (f"layer {i}'s projections are not all Q4 or TQ2_0 blocks (keenlm.quant; "
+                        "LoRA adapters only over Q4 blocks)")
+            if any(a is not None and a.rank != cfg.lora.rank for a in adapters):
+                return f"layer {i}'s LoRA adapters differ in rank from model.lora.rank"
     if net.norm.weight.device.type != "cpu":
         return "the engine runs on the CPU"
     return None
@@ -95,10 +125,17 @@ class DecodeEngine:
 
         C, H, Hk, D, F = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.d_ff
         kinds = []  # each projection's format: 0 Q4, 2 TQ2_0 (keenlm/quant/csrc/qdot.h)
+        r = cfg.lora.rank if any(isinstance(x, LoRALinear) for x in net.modules()) else 0
+        lora: list[torch.Tensor] = []  # per layer: A and scaled B of each group (step.c)
         for layer in net.layers:
-            a, m = layer.self_attn, layer.mlp
-            for lin, n, k in ((a.qkv_proj, (H + 2 * Hk) * D, C), (a.o_proj, C, H * D),
-                              (m.gate_up_proj, 2 * F, C), (m.down_proj, C, F)):
+            shapes = (((H + 2 * Hk) * D, C), (C, H * D), (2 * F, C), (C, F))
+            for (bases, adapters), (n, k) in zip(groups(layer), shapes):
+                if r:
+                    lora += self.adapters(adapters, bases, r, k)
+                lin = bases[0]
+                if len(bases) > 1:  # joined rows of Q4 blocks: the same blocks, one matrix
+                    lin = Q4Linear(torch.cat([b.qs for b in bases]), torch.cat([b.d for b in bases]),
+                                   torch.cat([b.m for b in bases]))
                 if isinstance(lin, T2Linear):
                     add(lin.qs, torch.uint8, (n, k // 4))
                     add(lin.d, torch.float16, (n, k // 256))
@@ -119,13 +156,30 @@ class DecodeEngine:
         add(net.norm.weight.detach(), torch.float32, (C,))
         add(net.rope_cos, torch.float32, (cfg.max_seq_len, D // 2))
         add(net.rope_sin, torch.float32, (cfg.max_seq_len, D // 2))
+        keep += lora
         self._keep = keep
         self._ptrs = torch.tensor([t.data_ptr() if t.numel() else 0 for t in keep],
                                   dtype=torch.int64)
         self._kinds = torch.tensor(kinds, dtype=torch.int32)
         self._model = _step.new_model(self._ptrs.data_ptr(), len(keep), self._kinds.data_ptr(),
                                       cfg.n_layer, C, H, Hk, D, F, V, cfg.max_seq_len,
-                                      float(cfg.norm_eps))
+                                      float(cfg.norm_eps), r)
+
+    @staticmethod
+    def adapters(adapters, bases, r: int, k: int) -> list[torch.Tensor]:
+        """A (rank x projections, k) and B scaled by alpha / rank (rows, rank) of one group,
+        fp32; a projection without adapters contributes zeros."""
+        if not any(adapters):  # (a fused base never has adapters)
+            return [torch.zeros(r * len(adapters), k), torch.zeros(sum(b.out_features for b in bases), r)]
+        A, B = [], []
+        for a, b in zip(adapters, bases):
+            if a is None:
+                A.append(torch.zeros(r, k))
+                B.append(torch.zeros(b.out_features, r))
+            else:
+                A.append(a.lora_A.weight.detach().float())
+                B.append(a.lora_B.weight.detach().float() * a.scaling)
+        return [torch.cat(A).contiguous(), torch.cat(B).contiguous()]
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
              key_mask: torch.Tensor, threads: int = 1) -> torch.Tensor:

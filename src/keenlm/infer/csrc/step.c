@@ -14,6 +14,13 @@
  *              x += Wdown (silu(g) u)
  *   logits = Whead rmsnorm(x)
  *
+ * LoRA adapters (keenlm.model.lora), when the model has them: each projection group (qkv, o,
+ * gate_up, down) also holds A (rank rows per projection of the group, fp32) and B (its output
+ * rows x rank, fp32, scaled by alpha / rank), and adds B (A x) to the base's output, with x
+ * the group's input in fp32 (not its int8 rounding), as the PyTorch layer does. A x is
+ * computed by the thread that owns the row b (beside its rounding of x); B's rows go with the
+ * base's rows a thread computes, so the adapters add no barrier.
+ *
  * Threads: the whole step is one job of keenlm's pool (quant/csrc/pool.c, reached through
  * _qdot's capsule): every thread runs this same sequence, takes its share of each matrix's
  * rows, of the rows b in the element-wise parts and of the (row, head) pairs of attention,
@@ -33,6 +40,7 @@
 #define MAX_ROWS 16
 #define PTRS_PER_LAYER 14
 #define PTRS_GLOBAL 7
+#define LORA_PTRS_PER_LAYER 8
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 /* the element-wise loops compiled for AVX-512, AVX2 and baseline x86-64, chosen at load */
@@ -49,10 +57,11 @@ typedef struct { int kind; const uint8_t *qs; const half *d, *m; } W;
 typedef struct {
     W qkv, o, gu, down;
     const float *norm_in, *norm_post;
+    const float *la[4], *lb[4]; /* LoRA A and scaled B of qkv, o, gate_up, down (or null) */
 } Layer;
 
 typedef struct {
-    int L, C, H, Hk, D, F, V, rope_len;
+    int L, C, H, Hk, D, F, V, rope_len, rank; /* rank 0: no adapters */
     float eps;
     const int8_t *emb_q; const half *emb_d;
     const int8_t *head_q; const half *head_d;
@@ -229,9 +238,42 @@ typedef struct {
     int B, R, S, tmax, path; /* R cache rows, S cache positions, tmax = max len */
     float *kc, *vc, *logits;
     /* scratch */
-    float *x, *h, *qkv, *att, *o, *gu, *act, *xd, *xs, *p;
+    float *x, *h, *qkv, *att, *o, *gu, *act, *xd, *xs, *p, *t;
     int8_t *xq;
 } Step;
+
+/* The adapters' first half for this thread's rows b: t[b] = A x[b], RG = rank x projections
+ * in the group (A is RG x K). */
+CLONES static void lora_down(Step *st, const float *A, int RG, const float *x, int K, int ith,
+                             int nth) {
+    for (int b = ith; b < st->B; b += nth)
+        for (int j = 0; j < RG; j++) {
+            const float *a = A + (size_t)j * K, *xb = x + (size_t)b * K;
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < K; i++) sum += a[i] * xb[i];
+            st->t[(size_t)b * RG + j] = sum;
+        }
+}
+
+/* The second half for output rows n0..n1 of every row b: out[b][n] += Bs[n] . t[b][seg(n)],
+ * where seg(n) is the projection of the group row n belongs to (rows before s1: the first,
+ * before s2: the second, then the third) and picks its rank entries of t. */
+CLONES static void lora_up(Step *st, const float *Bs, int RG, int N, float *out, int n0, int n1,
+                           int s1, int s2) {
+    const int r = st->M->rank;
+    for (int b = 0; b < st->B; b++) {
+        const float *tb = st->t + (size_t)b * RG;
+        float *ob = out + (size_t)b * N;
+        for (int n = n0; n < n1; n++) {
+            const float *bn = Bs + (size_t)n * r, *tn = tb + (n < s1 ? 0 : n < s2 ? r : 2 * r);
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < r; j++) sum += bn[j] * tn[j];
+            ob[n] += sum;
+        }
+    }
+}
 
 static void quantize_share(Step *st, const float *src, int K, int ith, int nth) {
     for (int b = ith; b < st->B; b += nth)
@@ -239,7 +281,10 @@ static void quantize_share(Step *st, const float *src, int K, int ith, int nth) 
                          st->xs + (size_t)b * (K / 32), 1, K);
 }
 
-static void q4_share(Step *st, const W *w, int N, int K, float *out, int ith, int nth) {
+/* This thread's share of a projection's output rows (and of its adapters' B, when Bs is set;
+ * RG, s1, s2 as in lora_up). */
+static void q4_share(Step *st, const W *w, int N, int K, float *out, int ith, int nth,
+                     const float *Bs, int RG, int s1, int s2) {
     int n0, n1;
     q->pool_share(N, ith, nth, &n0, &n1);
     if (n0 >= n1) return;
@@ -247,17 +292,19 @@ static void q4_share(Step *st, const W *w, int N, int K, float *out, int ith, in
         q->t2_rows(st->path, w->qs, w->d, st->xq, st->xd, st->xs, out, N, K, st->B, n0, n1);
     else
         q->q4_rows(st->path, w->qs, w->d, w->m, st->xq, st->xd, st->xs, out, N, K, st->B, n0, n1);
+    if (Bs) lora_up(st, Bs, RG, N, out, n0, n1, s1, s2);
 }
 
 static void layer_step(Step *st, const Layer *ly, int l, int ith, int nth) {
     const Model *M = st->M;
     const int B = st->B, C = M->C, H = M->H, Hk = M->Hk, D = M->D, F = M->F;
-    const int NQKV = (H + 2 * Hk) * D, half = D / 2;
+    const int NQKV = (H + 2 * Hk) * D, half = D / 2, r = M->rank;
     for (int b = ith; b < B; b += nth)
         rmsnorm(st->x + (size_t)b * C, ly->norm_in, st->h + (size_t)b * C, C, M->eps);
     quantize_share(st, st->h, C, ith, nth);
+    if (r) lora_down(st, ly->la[0], 3 * r, st->h, C, ith, nth);
     q->pool_barrier(nth);
-    q4_share(st, &ly->qkv, NQKV, C, st->qkv, ith, nth);
+    q4_share(st, &ly->qkv, NQKV, C, st->qkv, ith, nth, ly->lb[0], 3 * r, H * D, (H + Hk) * D);
     q->pool_barrier(nth);
     for (int b = ith; b < B; b += nth) { /* rotate q and k; write k and v at position t */
         float *row = st->qkv + (size_t)b * NQKV;
@@ -290,8 +337,9 @@ static void layer_step(Step *st, const Layer *ly, int l, int ith, int nth) {
     }
     q->pool_barrier(nth);
     quantize_share(st, st->att, H * D, ith, nth);
+    if (r) lora_down(st, ly->la[1], r, st->att, H * D, ith, nth);
     q->pool_barrier(nth);
-    q4_share(st, &ly->o, C, H * D, st->o, ith, nth);
+    q4_share(st, &ly->o, C, H * D, st->o, ith, nth, ly->lb[1], r, C, C);
     q->pool_barrier(nth);
     for (int b = ith; b < B; b += nth) {
         float *xb = st->x + (size_t)b * C;
@@ -299,14 +347,16 @@ static void layer_step(Step *st, const Layer *ly, int l, int ith, int nth) {
         rmsnorm(xb, ly->norm_post, st->h + (size_t)b * C, C, M->eps);
     }
     quantize_share(st, st->h, C, ith, nth);
+    if (r) lora_down(st, ly->la[2], 2 * r, st->h, C, ith, nth);
     q->pool_barrier(nth);
-    q4_share(st, &ly->gu, 2 * F, C, st->gu, ith, nth);
+    q4_share(st, &ly->gu, 2 * F, C, st->gu, ith, nth, ly->lb[2], 2 * r, F, 2 * F);
     q->pool_barrier(nth);
     for (int b = ith; b < B; b += nth)
         swiglu(st->gu + (size_t)b * 2 * F, st->act + (size_t)b * F, F);
     quantize_share(st, st->act, F, ith, nth);
+    if (r) lora_down(st, ly->la[3], r, st->act, F, ith, nth);
     q->pool_barrier(nth);
-    q4_share(st, &ly->down, C, F, st->o, ith, nth);
+    q4_share(st, &ly->down, C, F, st->o, ith, nth, ly->lb[3], r, C, C);
     q->pool_barrier(nth);
     for (int b = ith; b < B; b += nth) {
         float *xb = st->x + (size_t)b * C;
@@ -351,20 +401,23 @@ static void free_model(PyObject *cap) {
 
 static const void *ptr_at(const uint64_t *p, int i) { return (const void *)(uintptr_t)p[i]; }
 
-/* new_model(ptrs, n_ptrs, kinds, L, C, H, Hk, D, F, V, rope_len, eps): ptrs holds, per layer,
- * qkv, o, gate_up, down as (codes, scales, offsets; 0 for TQ2_0) and the two norm weights (14
- * pointers), then the embedding (codes, scales), the head (codes, scales), the final norm and
- * the rotary tables; kinds (int32, 4 per layer) each projection's format (FMT_Q4, FMT_T2). */
+/* new_model(ptrs, n_ptrs, kinds, L, C, H, Hk, D, F, V, rope_len, eps, rank): ptrs holds, per
+ * layer, qkv, o, gate_up, down as (codes, scales, offsets; 0 for TQ2_0) and the two norm
+ * weights (14 pointers), then the embedding (codes, scales), the head (codes, scales), the
+ * final norm and the rotary tables; with rank > 0, then per layer the LoRA (A, scaled B) of
+ * qkv, o, gate_up, down (8 pointers: A (3r, C), B (NQKV, r), A (r, H D), B (C, r), A (2r, C),
+ * B (2F, r), A (r, F), B (C, r), fp32); kinds (int32, 4 per layer) each projection's format
+ * (FMT_Q4, FMT_T2). */
 static PyObject *new_model(PyObject *self, PyObject *args) {
     unsigned long long pp, pk;
-    int n, L, C, H, Hk, D, F, V, rope_len;
+    int n, L, C, H, Hk, D, F, V, rope_len, rank;
     float eps;
-    if (!PyArg_ParseTuple(args, "KiKiiiiiiiif", &pp, &n, &pk, &L, &C, &H, &Hk, &D, &F, &V,
-                          &rope_len, &eps))
+    if (!PyArg_ParseTuple(args, "KiKiiiiiiiifi", &pp, &n, &pk, &L, &C, &H, &Hk, &D, &F, &V,
+                          &rope_len, &eps, &rank))
         return NULL;
     if (L < 1 || C < 32 || C % 32 || H < 1 || Hk < 1 || H % Hk || D < 2 || D % 2
-        || (H * D) % 32 || F < 32 || F % 32 || V < 1 || rope_len < 1
-        || n != PTRS_GLOBAL + PTRS_PER_LAYER * L) {
+        || (H * D) % 32 || F < 32 || F % 32 || V < 1 || rope_len < 1 || rank < 0
+        || n != PTRS_GLOBAL + PTRS_PER_LAYER * L + (rank ? LORA_PTRS_PER_LAYER * L : 0)) {
         PyErr_Format(PyExc_ValueError, "new_model: L=%d C=%d H=%d Hk=%d D=%d F=%d V=%d with %d "
                      "pointers do not describe a model this step runs", L, C, H, Hk, D, F, V, n);
         return NULL;
@@ -375,6 +428,13 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     for (int i = 0; i < n; i++) {
         const int l = i / PTRS_PER_LAYER, k = i % PTRS_PER_LAYER;
         const int kind = i < PTRS_PER_LAYER * L && k < 12 ? kinds[4 * l + k / 3] : FMT_Q4;
+        if (i >= PTRS_PER_LAYER * L + PTRS_GLOBAL) { /* the adapters: never null */
+            if (!p[i]) {
+                PyErr_Format(PyExc_ValueError, "new_model: LoRA pointer %d is null", i);
+                return NULL;
+            }
+            continue;
+        }
         if (i < PTRS_PER_LAYER * L && k < 12
             && !(kind == FMT_Q4 || (kind == FMT_T2 && width[k / 3] % 256 == 0))) {
             PyErr_Format(PyExc_ValueError, "new_model: layer %d projection %d has format %d "
@@ -392,7 +452,7 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
         free(M); free(ls);
         return PyErr_NoMemory();
     }
-    *M = (Model){L, C, H, Hk, D, F, V, rope_len, eps};
+    *M = (Model){L, C, H, Hk, D, F, V, rope_len, rank, eps};
     for (int l = 0; l < L; l++) {
         const uint64_t *lp = p + PTRS_PER_LAYER * l;
         W *w[4] = {&ls[l].qkv, &ls[l].o, &ls[l].gu, &ls[l].down};
@@ -406,6 +466,13 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
     M->emb_q = ptr_at(g, 0); M->emb_d = ptr_at(g, 1);
     M->head_q = ptr_at(g, 2); M->head_d = ptr_at(g, 3);
     M->norm_f = ptr_at(g, 4); M->rope_cos = ptr_at(g, 5); M->rope_sin = ptr_at(g, 6);
+    for (int l = 0; l < L && rank; l++) {
+        const uint64_t *lp = g + PTRS_GLOBAL + LORA_PTRS_PER_LAYER * l;
+        for (int k = 0; k < 4; k++) {
+            ls[l].la[k] = ptr_at(lp, 2 * k);
+            ls[l].lb[k] = ptr_at(lp, 2 * k + 1);
+        }
+    }
     M->layers = ls;
     PyObject *cap = PyCapsule_New(M, CAPSULE, free_model);
     if (!cap) {
@@ -471,7 +538,8 @@ static PyObject *step(PyObject *self, PyObject *args) {
     int kmax = M->C > HD ? M->C : HD;
     kmax = kmax > M->F ? kmax : M->F;
     threads = threads < 1 ? 1 : threads > QDOT_MAX_THREADS ? QDOT_MAX_THREADS : threads;
-    const size_t floats = (size_t)B * (3 * M->C + NQKV + HD + 3 * M->F + 2 * (kmax / 32))
+    const size_t floats = (size_t)B * (3 * M->C + NQKV + HD + 3 * M->F + 2 * (kmax / 32)
+                                       + 3 * M->rank)
                           + (size_t)threads * (M->H / M->Hk) * (tmax + 1);
     float *buf = malloc(sizeof(float) * floats);
     int8_t *xq = malloc((size_t)B * kmax);
@@ -489,6 +557,7 @@ static PyObject *step(PyObject *self, PyObject *args) {
     st.act = f; f += (size_t)B * M->F;
     st.xd = f; f += (size_t)B * (kmax / 32);
     st.xs = f; f += (size_t)B * (kmax / 32);
+    st.t = f; f += (size_t)B * 3 * M->rank;
     st.p = f;
     st.xq = xq;
     Py_BEGIN_ALLOW_THREADS
