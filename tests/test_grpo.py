@@ -267,3 +267,24 @@ def test_rl_study_runs_end_to_end(tmp_path):
         assert r["steps"] >= 1 and r["gain"] == pytest.approx(r["final"]["pass@1"] - r["start"])
     for f in ("results.md", "results.json", "pass_at_1.svg", "reward.svg", "grpo/rl_curves.svg"):
         assert (tmp_path / "s" / f).exists(), f
+
+
+def test_rl_skips_a_non_finite_update_and_stops_after_too_many(tmp_path):
+    from keenlm.train.grpo import RLTrainer
+    from tests.test_train import nan_grads_at
+
+    def trainer(limit, out):
+        km = tiny_policy()
+        cfg = rl_config({"steps": 3, "prompts": 2, "group": 4, "max_new_tokens": 8,
+                         "max_nonfinite": limit, "eval_n": 4, "out_dir": str(tmp_path / out),
+                         "progress": False, "task": "addition", "difficulty": 1})
+        tr = RLTrainer(km, cfg, reward=lambda p, c: [float(len(x) % 2) for x in c])
+        return tr, nan_grads_at(tr.model, {1})
+
+    tr, _ = trainer(5, "a")
+    res = tr.fit()  # the first update's gradients are NaN: skipped, the rest applied
+    assert res.step == 3 and tr.guard.skipped == 1
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+    tr, _ = trainer(0, "b")
+    with pytest.raises(FloatingPointError, match="step 1: .*lower rl.lr"):
+        tr.fit()

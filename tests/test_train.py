@@ -179,3 +179,46 @@ def test_bf16_autocast_trains(corpus_dir, tmp_path):
     res = tr.fit()
     assert res.final_eval["loss"] < first - 0.3
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())  # master weights stay fp32
+
+
+def nan_grads_at(model, steps: set[int]):
+    """A gradient hook that turns one parameter's gradient into NaN on the listed calls
+    (one call per optimizer step at grad_accum 1): the injected fault."""
+    calls = {"n": 0}
+    p = next(model.parameters())
+
+    def hook(g):
+        calls["n"] += 1
+        return torch.full_like(g, float("nan")) if calls["n"] in steps else g
+    p.register_hook(hook)
+    return p
+
+
+def test_a_non_finite_step_is_skipped_and_counted(corpus_dir, tmp_path):
+    cfg = tiny(corpus_dir, tmp_path / "run", steps=6, optim={"grad_clip": 0.0})
+    tr = Trainer(cfg)
+    nan_grads_at(tr.model, {3})
+    recs = [tr.train_step() for _ in range(2)]
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    recs.append(tr.train_step())  # the poisoned step: skipped, the weights unchanged
+    assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters())
+    assert recs[-1]["skipped_steps"] == 1 and recs[-1]["grad_norm"] != recs[-1]["grad_norm"]
+    recs += [tr.train_step() for _ in range(3)]  # and training goes on
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+    assert recs[-1]["skipped_steps"] == 1 and tr.guard.in_a_row == 0
+    assert not any(torch.equal(p, before[n]) for n, p in tr.model.named_parameters())
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(corpus_dir, tmp_path):
+    cfg = tiny(corpus_dir, tmp_path / "run", steps=8, optim={"max_nonfinite": 2},
+               checkpoint={"every": 1, "keep": 10})
+    tr = Trainer(cfg)
+    nan_grads_at(tr.model, set(range(4, 100)))
+    with pytest.raises(FloatingPointError, match=r"step 6: .*3 non-finite steps in a row"):
+        tr.fit()
+    assert runs.latest_checkpoint(tmp_path / "run").name == "step-0000005"
+    km = keenlm.load(tmp_path / "run")  # the last good weights: finite, and they load
+    assert all(torch.isfinite(p).all() for p in km.net.parameters())
+    # a resume carries the count: the checkpoint's run has 2 skipped steps, 2 in a row
+    again = Trainer(cfg)
+    assert again.guard.skipped == 2 and again.guard.in_a_row == 2

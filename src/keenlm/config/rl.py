@@ -31,12 +31,13 @@ class RLOptimConfig:
     clip_high: float = -1.0  # upper clip; -1: the loss variant's own (dapo 0.28, else = clip)
     kl_coef: float = 0.0  # beta: weight of the KL to the frozen starting policy (k3 estimator)
     log_kl: bool = True  # keep the frozen starting policy to log the KL even when kl_coef is 0
+    max_nonfinite: int = 5  # non-finite updates in a row (each skipped, never applied) before the run stops
 
     def __post_init__(self):
         p = "rl."
         check(self.lr > 0, p + "lr", self.lr, "a number > 0")
         check(self.warmup_steps >= 0, p + "warmup_steps", self.warmup_steps, "an integer >= 0")
-        for name in ("weight_decay", "grad_clip", "kl_coef"):
+        for name in ("weight_decay", "grad_clip", "kl_coef", "max_nonfinite"):
             v = getattr(self, name)
             check(v >= 0, p + name, v, "a number >= 0")
         check(0 < self.clip < 1, p + "clip", self.clip, "a number in (0, 1)")

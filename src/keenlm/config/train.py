@@ -80,6 +80,7 @@ class OptimConfig:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # 0: off
+    max_nonfinite: int = 5  # non-finite steps in a row (each skipped, never applied) before the run stops; 0: stop at the first
 
     def __post_init__(self):
         p = "train.optim."
@@ -90,6 +91,7 @@ class OptimConfig:
             v = getattr(self, name)
             check(0 <= v < 1, p + name, v, "a number in [0, 1)")
         check(self.grad_clip >= 0, p + "grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
+        check(self.max_nonfinite >= 0, p + "max_nonfinite", self.max_nonfinite, "an integer >= 0")
 
 
 @dataclass(frozen=True)

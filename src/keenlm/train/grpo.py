@@ -51,7 +51,7 @@ from keenlm.plot import line_chart
 from keenlm.train.logprobs import completion_mask, shared_prefix_logprobs
 from keenlm.train import distributed
 from keenlm.train.loop import LoopShell, pick_device
-from keenlm.train.optim import build_optimizer, init_base_lr, set_lr
+from keenlm.train.optim import FiniteGuard, build_optimizer, grad_norm, init_base_lr, set_lr
 from keenlm.train.rl_objective import ALGORITHMS, LOSSES
 
 # ------------------------------------------------------------------------------ sampling
@@ -146,6 +146,7 @@ class RLTrainer(LoopShell):
                                                            weight_decay=opt.weight_decay),
                                    self.device.type)
         init_base_lr(self.opt)
+        self.guard = FiniteGuard(opt.max_nonfinite, "; lower rl.lr")
         self.updates = 0
         self._last: dict = {}  # the latest step's record, for the progress notes
         self.train_problems = self.task.problems("train", 5000)
@@ -170,7 +171,7 @@ class RLTrainer(LoopShell):
         self.tokenizer.save(self.run_dir / "tokenizer")
 
     def extra_state(self) -> dict:
-        return {"updates": self.updates}
+        return {"updates": self.updates, "nonfinite": self.guard.state()}
 
     def save(self):
         """Every rank holds the same weights: rank 0 writes them, the others wait."""
@@ -183,6 +184,7 @@ class RLTrainer(LoopShell):
 
     def load_extra_state(self, state: dict) -> None:
         self.updates = int(state["updates"])
+        self.guard.load(state.get("nonfinite"))
 
     # --------------------------------------------------------------------------- one step
 
@@ -246,7 +248,8 @@ class RLTrainer(LoopShell):
                 "completion_len": gen_tokens / len(comps), **stats,
                 "gen_tokens_per_s": gen_tokens / t_gen, "gen_s": t_gen, "train_s": t_train,
                 "train_tokens_per_s": train_tokens / t_train if t_train > 0 else 0.0,
-                "flops": float(flops), "elapsed_s": time.perf_counter() - self.started}
+                "flops": float(flops), "elapsed_s": time.perf_counter() - self.started,
+                **({"skipped_updates": self.guard.skipped} if self.guard.skipped else {})}
 
     def train_step(self) -> dict:
         self._last = self.rl_step()
@@ -324,9 +327,10 @@ class RLTrainer(LoopShell):
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     torch.distributed.all_reduce(p.grad)
-        if opt.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), opt.grad_clip)
-        self.opt.step()
+        norm = grad_norm(self.model.parameters(), opt.grad_clip)
+        value = float(loss.detach()) if loss is not None else 0.0
+        if self.guard.allow(value, norm, self.step + 1):  # a non-finite update is skipped, counted
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.model.end_step()  # per-step updates of the model's parts
         self.updates += 1

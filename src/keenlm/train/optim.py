@@ -144,3 +144,52 @@ def init_base_lr(opt: torch.optim.Optimizer) -> None:
     """Remember each group's peak lr so schedules multiply it (idempotent across resume)."""
     for g in opt.param_groups:
         g.setdefault("base_lr", g["lr"])
+
+
+def grad_norm(params, clip: float) -> float:
+    """The gradients' total 2-norm (clipped to ``clip`` when > 0: the norm before clipping is
+    returned, as ``clip_grad_norm_`` does); 0.0 without gradients."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if clip > 0:
+        norm = nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # a sharded (FSDP) norm: the whole model's
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+class FiniteGuard:
+    """Whether an optimizer step may be taken: its loss and its gradients' norm must be finite.
+
+    A non-finite step is skipped (its gradients are dropped, the weights stay those of the last
+    good step) and counted (``skipped``); ``limit`` of them in a row stop the run with a
+    ``FloatingPointError`` naming the step, before anything non-finite reaches the weights, so
+    the last checkpoint written is a good one. ``state``/``load`` carry the counts across a
+    resume."""
+
+    def __init__(self, limit: int, hint: str = ""):
+        self.limit, self.hint = limit, hint
+        self.skipped = self.in_a_row = 0
+
+    def allow(self, loss: float, norm: float, step: int) -> bool:
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row > self.limit:
+            raise FloatingPointError(
+                f"step {step}: loss {loss}, gradient norm {norm}: {self.in_a_row} non-finite "
+                f"steps in a row (each skipped; the limit is {self.limit}); the weights and the "
+                f"last checkpoint are from before them{self.hint}")
+        return False
+
+    def state(self) -> dict:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load(self, state: dict | None) -> None:
+        self.skipped = int((state or {}).get("skipped", 0))
+        self.in_a_row = int((state or {}).get("in_a_row", 0))

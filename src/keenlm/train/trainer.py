@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import signal
 import time
 from pathlib import Path
@@ -43,7 +42,8 @@ from keenlm.runs import default_cache_dir
 from keenlm.train import distributed
 from keenlm.train.converters import converters_for, hooks_for
 from keenlm.train.loop import LoopShell, pick_device
-from keenlm.train.optim import build_optimizer, init_base_lr, lr_multiplier, set_lr
+from keenlm.train.optim import (FiniteGuard, build_optimizer, grad_norm, init_base_lr,
+                                lr_multiplier, set_lr)
 
 
 class TrainHook(Protocol):
@@ -134,6 +134,8 @@ class Trainer(LoopShell):
         self.step_module = distributed.wrap(self.dist, distributed.LossModule(
             self.model, self.loss_fn, self.amp, compile=t.runtime.compile))
         self.opt = build_optimizer(self.model, self.cfg.train.optim, self.device.type)
+        self.guard = FiniteGuard(self.cfg.train.optim.max_nonfinite,
+                                 "; lower train.optim.lr or enable train.optim.grad_clip")
         init_base_lr(self.opt)
         self.hooks = hooks_for(self.cfg, self.tokenizer, self.amp, self.device, hooks)
         self.ledger = Ledger.for_model(self.model, t.seq_len)
@@ -180,12 +182,14 @@ class Trainer(LoopShell):
 
     def extra_state(self) -> dict:
         return {"torch_rng": torch.get_rng_state(), "planned_steps": self.planned_steps,
+                "nonfinite": self.guard.state(),
                 "ledger": {k: v for k, v in self.ledger.to_dict().items()
                            if k in ("tokens_seen", "tokens_forward", "tokens_backward",
                                     "flops_forward", "flops_backward", "wall_time_s")}}
 
     def load_extra_state(self, state: dict) -> None:
         torch.set_rng_state(state["torch_rng"])
+        self.guard.load(state.get("nonfinite"))
         if self.cfg.train.time_budget_s:  # keep the schedule length the budget fixed
             self.planned_steps = int(state.get("planned_steps", self.cfg.train.steps))
         self.ledger = Ledger.from_dict({**self.ledger.to_dict(), **state["ledger"]})
@@ -287,11 +291,10 @@ class Trainer(LoopShell):
             losses, n_tok, n_fwd, n_bwd = [mean / self.dist.world], int(n_tok), int(n_fwd), int(n_bwd)
         if self.dist.active:  # unused experts got zero gradients to keep the ranks in step
             self.model.drop_unused_grads()
-        grad_norm = None
-        if t.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                       t.optim.grad_clip).item()
-        self.opt.step()
+        loss = sum(losses) / len(losses)
+        norm = grad_norm(self.model.parameters(), t.optim.grad_clip)
+        if self.guard.allow(loss, norm, self.step + 1):  # a non-finite step is skipped, counted
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         parts = self.model.end_step()  # per-step statistics and updates of the model's parts
         if self.device.type == "cuda":
@@ -299,13 +302,9 @@ class Trainer(LoopShell):
         seconds = time.perf_counter() - start
         self.ledger.add_step(n_tok, n_bwd, seconds, tokens_forward=n_fwd)
         self.step += 1
-        loss = sum(losses) / len(losses)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {self.step}; lower "
-                                     f"train.optim.lr (now {t.optim.lr}) or enable "
-                                     "train.optim.grad_clip")
         # "loss": the language-model cross-entropy; auxiliary losses are logged beside it
-        return {"step": self.step, "loss": loss, "lr": t.optim.lr * lr_mult, "grad_norm": grad_norm,
+        return {"step": self.step, "loss": loss, "lr": t.optim.lr * lr_mult, "grad_norm": norm,
+                **({"skipped_steps": self.guard.skipped} if self.guard.skipped else {}),
                 "tokens_per_s": n_tok / seconds, "tokens": self.ledger.tokens_seen,
                 "flops": self.ledger.flops_forward + self.ledger.flops_backward,
                 **({"backward_share": n_bwd / n_tok} if n_bwd != n_tok else {}),
