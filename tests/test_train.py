@@ -222,3 +222,25 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint(co
     # a resume carries the count: the checkpoint's run has 2 skipped steps, 2 in a row
     again = Trainer(cfg)
     assert again.guard.skipped == 2 and again.guard.in_a_row == 2
+
+
+def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_stuck_lock(corpus_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from keenlm.runs import hold\n"
+        f"with hold({str(out)!r}, 'train'):\n"
+        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        tr = Trainer(tiny(corpus_dir, out, steps=2))
+        with pytest.raises(runs.FolderBusy, match=rf"in use by pid {holder.pid} .*train, since"):
+            tr.fit()
+    finally:
+        holder.kill()  # kill -9: the kernel drops the lock with the process
+        holder.wait()
+    assert tr.fit().step == 2
+    with runs.hold(out, "test"):  # released after the run: held again at once
+        pass

@@ -16,12 +16,20 @@ A checkpoint is written into a temporary folder, flushed, and renamed; only then
 replaced (itself by write-to-temp + ``os.replace``). A crash at any point leaves ``latest``
 naming a complete checkpoint. Loading uses safetensors for weights and
 ``torch.load(weights_only=True)`` for trainer state: no code in a file is ever executed.
+
+One writer per folder: a job that writes a run (training, RL, a sweep, a quantized model)
+``hold``s it, an exclusive lock on ``.NAME.lock`` beside the folder (``flock``: the kernel
+drops it when the holder's process ends, however it ends, so a killed job never leaves it
+stuck); a second job on the same folder is refused with the holder's pid, host, job and start.
 """
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import os
 import platform
+import socket
 import shutil
 import subprocess
 import sys
@@ -275,3 +283,43 @@ def _publish(tmp: Path, final: Path, is_valid: Callable[[Path], bool], replace: 
         if not is_valid(final):  # a third writer put a good copy there meanwhile: fine
             raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+class FolderBusy(RuntimeError):
+    """Another job holds the folder (``hold``)."""
+
+
+def lock_path(folder: Path) -> Path:
+    folder = Path(folder).absolute()
+    return folder.parent / f".{folder.name}.lock"
+
+
+@contextmanager
+def hold(folder, job: str) -> Iterator[None]:
+    """Hold ``folder`` for one writing ``job`` (see the module docstring); FolderBusy when
+    another process holds it. Released when the block ends or the process dies."""
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            who = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (ValueError, UnicodeDecodeError):
+            who = {}
+        os.close(fd)
+        holder = (f"pid {who.get('pid', '?')} on {who.get('host', '?')} ({who.get('job', '?')}, "
+                  f"since {who.get('since', '?')})")
+        raise FolderBusy(f"{folder} is in use by {holder}: wait for it, stop it, or use another "
+                         "output folder") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "job": job,
+                                  "since": datetime.datetime.now().isoformat(timespec="seconds")}
+                                 ).encode(), 0)
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -19,6 +19,7 @@ from keenlm.cli import (chat, convert, demo, evaluate, generate, info, quantize,
                         scale, serve, solve, spike, study, train)
 from keenlm.cli.options import config_from_args  # noqa: F401  (part of this package's API)
 from keenlm.config import ConfigError
+from keenlm.runs import FolderBusy
 
 COMMANDS = {
     "train": train,
@@ -40,7 +41,9 @@ COMMANDS = {
 }
 
 # a failure the user can fix: one line naming it, exit status 2 (KEENLM_DEBUG=1: the traceback)
-USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, ValueError)
+# one-line errors: bad input, a folder another job holds, a run stopped by non-finite steps
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, ValueError, FolderBusy,
+               FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from keenlm.cli.options import add_dataclass_options, given
 from keenlm.config import QuantConfig, section_from_dict
 from keenlm.quant.folder import model_bytes, save_quantized
 from keenlm.quant.recipe import quantize
+from keenlm.runs import hold
 
 
 def add_parser(sub, fmt):
@@ -26,8 +27,9 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists (--overwrite replaces it)")
-    km = quantize(args.model, q, qat_dir=out.parent / f"{out.name}.qat-run")
-    save_quantized(km, out, overwrite=args.overwrite)
+    with hold(out, "quantize"):  # one writer per output folder
+        km = quantize(args.model, q, qat_dir=out.parent / f"{out.name}.qat-run")
+        save_quantized(km, out, overwrite=args.overwrite)
     b = model_bytes(km)
     print(f"wrote {out}: {b['total'] / 1e6:.2f} MB of weights ({b['fp32_total'] / 1e6:.2f} MB in "
           f"fp32, {b['ratio']:.1f}x smaller)")

@@ -31,7 +31,7 @@ from keenlm.config import from_dict, merge, upgrade
 from keenlm.ledger import count_params
 from keenlm.model import build_model
 from keenlm.presets import resolve, size_preset
-from keenlm.runs import atomic_write_text
+from keenlm.runs import atomic_write_text, hold
 from keenlm.scaling.fit import bootstrap, isoflop_fit
 
 Log = Callable[[str], None]
@@ -136,6 +136,11 @@ def run_sweep(trials: Sequence[Trial], out: str | Path, backend: str = "local",
     if len(set(names)) != len(names):
         raise ValueError("two trials share a name: each (depth, tokens) once")
     out = Path(out)
+    with hold(out, "sweep"):  # one sweep per folder at a time
+        return _sweep(trials, names, out, backend, retries, log, on_result)
+
+
+def _sweep(trials, names, out: Path, backend, retries, log, on_result) -> dict:
     atomic_write_text(out / "sweep.json", json.dumps([t.__dict__ for t in trials], indent=2) + "\n")
     results, failed = {}, {}
     pending = list(trials)

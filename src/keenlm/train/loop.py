@@ -132,6 +132,12 @@ class LoopShell:
         """Steps until ``planned_steps``, the budget or Ctrl-C; evaluations and checkpoints on
         their schedule; a final evaluation and checkpoint. Returns (first evaluation or None,
         final evaluation, interrupted)."""
+        # one writer per run folder (rank 0 of a distributed job writes it): a second job on
+        # it is refused, naming this one
+        with runs.hold(self.run_dir, self.record_kind) if self.is_main else contextlib.nullcontext():
+            return self._run_loop()
+
+    def _run_loop(self) -> tuple[dict | None, dict, bool]:
         first, self.started = self.step, time.perf_counter()
         metrics = self.run_dir / "metrics.jsonl"
 
