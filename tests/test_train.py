@@ -244,3 +244,43 @@ def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_stuck_lock(cor
     assert tr.fit().step == 2
     with runs.hold(out, "test"):  # released after the run: held again at once
         pass
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes_exactly(corpus_dir, tmp_path):
+    """A real write failure: a child process whose files may not grow past a limit (RLIMIT_FSIZE,
+    the kernel's EFBIG, as a full disk's ENOSPC) fails its checkpoint write with a clear message;
+    the previous checkpoint stays latest and loadable; run again without the limit, the run
+    resumes and ends on the weights of a run never interrupted."""
+    import subprocess
+    import sys
+
+    from keenlm.config import save_json
+
+    def child(cfg, limit=0):
+        save_json(cfg, tmp_path / "cfg.json")
+        code = ("import json, resource, signal, keenlm\n"
+                f"if {limit}:\n"
+                "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+                f"    resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+                f"keenlm.train(json.load(open({str(tmp_path / 'cfg.json')!r})))\n")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    flat = {"kind": "constant", "warmup_steps": 0}  # a 3-step and a 6-step run share steps 1-3
+    straight = tiny(corpus_dir, tmp_path / "straight", steps=6, schedule=flat)
+    Trainer(straight).fit()
+    cfg = tiny(corpus_dir, tmp_path / "run", steps=3, checkpoint={"every": 3}, schedule=flat)
+    assert child(cfg).returncode == 0  # steps 1-3, checkpoint step 3
+    size = (runs.latest_checkpoint(tmp_path / "run") / "model.safetensors").stat().st_size
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=6))
+    failed = child(more, limit=size // 2)  # the step-6 checkpoint cannot be written
+    assert failed.returncode != 0
+    assert "could not write checkpoint step-0000006" in failed.stderr
+    assert "step-0000003 stays the latest checkpoint" in failed.stderr
+    assert runs.latest_checkpoint(tmp_path / "run").name == "step-0000003"
+    keenlm.load(tmp_path / "run")  # still loadable
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+    assert child(more).returncode == 0  # space is back: resumed from step 3
+    a = runs.load_model_state(runs.latest_checkpoint(tmp_path / "run"))
+    b = runs.load_model_state(runs.latest_checkpoint(tmp_path / "straight"))
+    assert runs.latest_checkpoint(tmp_path / "run").name == "step-0000006"
+    assert all(torch.equal(a[k], b[k]) for k in b)  # bitwise the uninterrupted run's weights

@@ -25,6 +25,7 @@ stuck); a second job on the same folder is refused with the holder's pid, host, 
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -131,6 +132,10 @@ def fsync_tree(folder: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the previous one stays ``latest``)."""
+
+
 def save_checkpoint(run_dir, step: int, model_state: dict, trainer_state: dict, keep: int = 2) -> Path:
     """Write model + trainer state for ``step`` atomically; keep the newest ``keep``."""
     ckdir = Path(run_dir) / "checkpoints"
@@ -155,6 +160,15 @@ def publish_checkpoint(tmp: Path, step: int, keep: int, write: Callable[[Path], 
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+    except (OSError, SafetensorError) as e:  # a full disk, a file-size limit, a lost folder
+        # (safetensors reports its write errors as SafetensorError, not OSError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(ckdir.parent)
+        raise CheckpointWriteError(
+            getattr(e, "errno", None) or errno.EIO,
+            f"could not write checkpoint {final.name} in {ckdir}: {getattr(e, 'strerror', None) or e}; "
+            + (f"{kept.name} stays the latest checkpoint" if kept else "no checkpoint was kept")
+            + " -- free space and run again to resume") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

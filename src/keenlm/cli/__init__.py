@@ -19,7 +19,7 @@ from keenlm.cli import (chat, convert, demo, evaluate, generate, info, quantize,
                         scale, serve, solve, spike, study, train)
 from keenlm.cli.options import config_from_args  # noqa: F401  (part of this package's API)
 from keenlm.config import ConfigError
-from keenlm.runs import FolderBusy
+from keenlm.runs import CheckpointWriteError, FolderBusy
 
 COMMANDS = {
     "train": train,
@@ -43,7 +43,7 @@ COMMANDS = {
 # a failure the user can fix: one line naming it, exit status 2 (KEENLM_DEBUG=1: the traceback)
 # one-line errors: bad input, a folder another job holds, a run stopped by non-finite steps
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, ValueError, FolderBusy,
-               FloatingPointError)
+               FloatingPointError, CheckpointWriteError)
 
 
 def build_parser() -> argparse.ArgumentParser:
