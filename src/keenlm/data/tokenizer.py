@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 import numpy as np
 
 from keenlm.config import ConfigError
+from keenlm.data import chat_template as templates
 from keenlm.runs import atomic_folder, default_cache_dir
 
 if TYPE_CHECKING:  # imported for annotations only; corpus.py does not import this module
@@ -128,21 +129,15 @@ class Tokenizer:
         raise NotImplementedError
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render a conversation with the tokenizer's chat template (sandboxed Jinja2: a template
-        from a file can format text but cannot reach Python objects or the file system)."""
+        """Render a conversation with the tokenizer's chat template (a sandbox: a template from
+        a file can format text but cannot reach Python objects or the file system, nor build
+        unbounded strings; keenlm.data.chat_template)."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment  # optional extra: keenlm[io]
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(msg):
-            raise ValueError(f"chat template: {msg}")
-
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token)
+        return templates.render(self.chat_template, messages,
+                                    add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos_token or "", eos_token=self.eos_token,
+                                    source=getattr(self, "source", ""))
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         if hasattr(ids, "tolist"):  # a tensor or array: one conversion instead of one per item
@@ -234,7 +229,10 @@ class BPETokenizer(Tokenizer):
         # Imported vocabularies (SmolLM2's) may lack symbols for bytes that never occur in
         # UTF-8 text; they encode every text, but not every invalid byte string.
         _check_lossless(hf, eos_token, source, require_all_bytes)
-        self.bos_token, self.add_bos, self.chat_template = bos_token, add_bos, chat_template
+        # a template from a file is vetted once here: one that reaches for Python internals is
+        # dropped, with the reason said (keenlm.data.chat_template)
+        self.bos_token, self.add_bos, self.source = bos_token, add_bos, source
+        self.chat_template = templates.vet(chat_template, source, bos_token, eos_token)
         self.require_all_bytes = require_all_bytes
         # Not stored in tokenizer.json, so it is set on every load: "<|endoftext|>" inside a
         # document stays text (see module docstring).
