@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 CORE := $(VENV)/.keenlm-core
 DEV := $(VENV)/.keenlm-dev
 
-.PHONY: demo test bench bench-quick install clean
+.PHONY: demo test fuzz bench bench-quick install clean
 
 $(CORE): pyproject.toml Makefile setup.py
 	@# keenlm's decode kernels are C, built by pip below; without a compiler keenlm still installs
@@ -40,6 +40,13 @@ demo: $(CORE)
 test: $(DEV)
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# the readers' fuzzing at length (tests/fuzz; make test runs the same properties on a few
+# dozen examples each): FUZZ_EXAMPLES per property, Hypothesis' statistics printed
+FUZZ_EXAMPLES ?= 10000
+fuzz: $(DEV)
+	KEENLM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/fuzz -W ignore \
+		--hypothesis-show-statistics
 
 $(VENV)/.keenlm-bench: $(DEV)
 	# llama-cpp-python (decode.py's peer) builds from source: ~10 min once, for this CPU

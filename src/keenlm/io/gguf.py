@@ -71,34 +71,49 @@ def open_reader(path) -> GGUFFile:
     return GGUFFile(meta, tensors, data)
 
 
+MAX_CONTEXT = 1 << 20  # positions: the rotary tables are sized by it before any tensor is read
+
+
 def model_config(reader, path) -> ModelConfig:
+    """The model config from the metadata, every number checked (type and range) before it
+    sizes anything: a corrupt count never becomes a huge allocation or a long loop."""
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise GGUFError(path, f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
 
-    def need(key):
-        v = _field(reader, f"{arch}.{key}")
+    def number(key, default=None, kind=int, lo=1, hi=1 << 24):
+        v = _field(reader, f"{arch}.{key}", default)
         if v is None:
             raise GGUFError(path, f"metadata key {arch}.{key} is missing")
-        return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or \
+                (kind is int and v != int(v)) or not lo <= v <= hi:
+            raise GGUFError(path, f"metadata key {arch}.{key} = {v!r}: expected "
+                                  f"{'an integer' if kind is int else 'a number'} in [{lo}, {hi}]")
+        return kind(v)
+
+    need = number
 
     names = {t.name for t in reader.tensors}
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)  # (V, C)
     if emb is None:
         raise GGUFError(path, "tensor token_embd.weight is missing")
-    d_model, n_head = int(need("embedding_length")), int(need("attention.head_count"))
-    rope_dims = _field(reader, f"{arch}.rope.dimension_count")
-    if rope_dims is not None and int(rope_dims) != d_model // n_head:
+    d_model, n_head = need("embedding_length"), need("attention.head_count")
+    n_layer = need("block_count")
+    if n_layer * len(GGUF_TO_KEENLM) > len(reader.tensors):  # 9 tensors per block
+        raise GGUFError(path, f"metadata says {n_layer} blocks; the file has "
+                              f"{len(reader.tensors)} tensors")
+    rope_dims = number("rope.dimension_count", d_model // n_head)
+    if rope_dims != d_model // n_head:
         raise GGUFError(path, f"partial rotary embedding ({rope_dims} of {d_model // n_head} dims) "
                               "is not supported")
     try:
         return ModelConfig(
-            vocab_size=int(emb.shape[0]), n_layer=int(need("block_count")), d_model=d_model,
-            n_head=n_head, n_kv_head=int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
-            d_ff=int(need("feed_forward_length")),
-            max_seq_len=int(_field(reader, f"{arch}.context_length", 2048)),
-            rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-            norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            vocab_size=int(emb.shape[0]), n_layer=n_layer, d_model=d_model,
+            n_head=n_head, n_kv_head=number("attention.head_count_kv", n_head),
+            d_ff=need("feed_forward_length"),
+            max_seq_len=number("context_length", 2048, hi=MAX_CONTEXT),
+            rope_theta=number("rope.freq_base", 10000.0, float, 1e-3, 1e12),
+            norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5, float, 1e-12, 1.0),
             tie_embeddings="output.weight" not in names, attention="sdpa")
     except ValueError as e:
         raise GGUFError(path, f"hyperparameters out of range: {e}") from None

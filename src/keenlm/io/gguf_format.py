@@ -16,7 +16,9 @@ where, never with a half-read table. Tensor data are zero-copy ``np.memmap`` sli
 """
 from __future__ import annotations
 
+import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 
@@ -107,6 +109,9 @@ def read(path) -> tuple[dict, list[TensorInfo], np.memmap]:
     """(metadata, tensor table, file memmap) of a GGUF file; FormatError on anything malformed."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # optional extra: keenlm[io]
 
+    size = os.path.getsize(path)
+    if size < 24:  # magic, version, two counts (an empty file cannot even be mapped)
+        raise FormatError(f"truncated: {size} bytes, fewer than a GGUF header's 24")
     data = np.memmap(path, dtype=np.uint8, mode="r")
     cur = _Cursor(memoryview(data))
     if bytes(cur.take(4)) != b"GGUF":
@@ -133,12 +138,14 @@ def read(path) -> tuple[dict, list[TensorInfo], np.memmap]:
             block, size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
         except ValueError:
             raise FormatError(f"tensor {name} has unknown type id {type_id}") from None
-        n = int(np.prod(dims)) if dims else 1
+        n = math.prod(dims)  # Python integers: no overflow to a small or negative size
         if dims and dims[0] % block:
             raise FormatError(f"tensor {name}: row of {dims[0]} is not a multiple of its block "
                               f"size {block}")
         infos.append(TensorInfo(name, tuple(reversed(dims)), type_id, offset, n // block * size))
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if type(align) is not int or not 1 <= align <= 1 << 20 or align & (align - 1):
+        raise FormatError(f"general.alignment {align!r} is not a power of two up to 1 MiB")
     start = (cur.pos + align - 1) // align * align
     for t in infos:
         t.offset += start

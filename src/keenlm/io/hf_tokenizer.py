@@ -53,7 +53,10 @@ def tokenizer_from_vocab(tokens: list[str], merges: list[str], *, special: list[
         if not sep:
             raise ValueError(f"malformed merge {m!r}")
         pairs.append((a, b))
-    hf = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    try:  # the tokenizers library raises a bare Exception for a merge of unknown tokens
+        hf = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # noqa: BLE001 - re-raised as the reader's error type
+        raise ValueError(f"the BPE vocabulary and merges do not fit together ({e})") from None
     hf.normalizer = None
     hf.pre_tokenizer = _pre_tokenizer(pre)
     hf.decoder = decoders.ByteLevel()
