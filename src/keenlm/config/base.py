@@ -7,6 +7,7 @@ keenlm.spiking.config) can use it without importing the run config that nests it
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import fields
 from typing import Any
@@ -66,17 +67,16 @@ def coerce(key: str, value: Any, typ: Any) -> Any:
             except (ValueError, OverflowError):
                 pass
         raise ConfigError(key, value, "an integer")
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(key, value, "a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+    if typ is float:  # finite: an inf or nan learning rate (or "1e400") is never meant
+        f = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
+                f = float(value)
+            except (ValueError, OverflowError):  # OverflowError: an int beyond float's range
                 pass
-        raise ConfigError(key, value, "a number")
+        if f is None or not math.isfinite(f):
+            raise ConfigError(key, value, "a finite number")
+        return f
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

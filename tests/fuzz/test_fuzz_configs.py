@@ -1,0 +1,100 @@
+"""Configs fuzzed: a valid run config (a preset, as written to config.json) and a valid RL
+config, with any field replaced by any JSON value (wrong types, nesting, huge and non-finite
+numbers, long strings), keys added, and the whole written as JSON or YAML text with its bytes
+mutated. Property: the config builds, or one ConfigError naming the key; never another
+exception."""
+from __future__ import annotations
+
+import json
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keenlm.config import ConfigError, from_dict, load_file, rl_config, to_dict
+from keenlm.presets import preset_dict
+
+VALID = to_dict(from_dict(preset_dict("tiny")))
+RL = {"task": "addition", "difficulty": 2, "lr": 1e-4, "group": 8, "lora": {"rank": 4}}
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
+                    st.sampled_from([0, -1, 1e308, "nan", "1e400", "auto", "", " "]))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+
+
+def paths(d, prefix=()):
+    for k, v in d.items():
+        yield prefix + (k,)
+        if isinstance(v, dict):
+            yield from paths(v, prefix + (k,))
+
+
+PATHS, RL_PATHS = list(paths(VALID)), list(paths(RL))
+
+
+def replaced(d: dict, path, value) -> dict:
+    out = json.loads(json.dumps(d))
+    node = out
+    for k in path[:-1]:
+        node = node.get(k) if isinstance(node, dict) else None
+    if isinstance(node, dict):  # (an earlier change may have replaced a section)
+        node[path[-1]] = value
+    return out
+
+
+def builds_or_config_error(make, data):
+    try:
+        make(data)
+    except ConfigError as e:
+        assert str(e)
+
+
+@given(st.lists(st.tuples(st.sampled_from(PATHS), values), min_size=1, max_size=3),
+       st.dictionaries(st.text(max_size=10), values, max_size=2))
+def test_run_configs_build_or_fail_clearly(changes, extra):
+    data = VALID
+    for path, value in changes:
+        data = replaced(data, path, value)
+    builds_or_config_error(from_dict, {**data, **extra})
+
+
+@given(st.lists(st.tuples(st.sampled_from(RL_PATHS), values), min_size=1, max_size=3))
+def test_rl_configs_build_or_fail_clearly(changes):
+    data = RL
+    for path, value in changes:
+        data = replaced(data, path, value)
+    builds_or_config_error(rl_config, data)
+
+
+@given(st.sampled_from(["json", "yaml"]), st.lists(st.tuples(st.integers(0, 10**6),
+                                                             st.characters()), max_size=4),
+       st.integers(0, 10**6))
+def test_config_files_read_or_fail_clearly(tmp_path_factory, kind, edits, cut):
+    import yaml
+
+    text = json.dumps(VALID, indent=1) if kind == "json" else yaml.safe_dump(VALID)
+    chars = list(text)
+    for at, ch in edits:
+        chars[at % len(chars)] = ch
+    text = "".join(chars)[:max(1, cut % (len(text) + 1))]
+    path = tmp_path_factory.mktemp("cfg") / f"c.{kind}"
+    path.write_text(text, encoding="utf-8")
+    try:
+        data = load_file(path)
+    except ConfigError as e:
+        assert str(path) in str(e) or "--config" in str(e)
+        return
+    builds_or_config_error(from_dict, data)
+
+
+def test_non_finite_numbers_are_config_errors():
+    for path in (("train", "optim", "lr"), ("model", "rope_theta"), ("train", "optim", "grad_clip")):
+        for bad in (math.nan, math.inf, -math.inf):
+            try:
+                from_dict(replaced(VALID, path, bad))
+            except ConfigError as e:
+                assert ".".join(path) in str(e)
+            else:
+                raise AssertionError(f"{'.'.join(path)} = {bad} was accepted")
