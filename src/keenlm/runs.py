@@ -30,6 +30,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import socket
 import shutil
 import subprocess
@@ -190,7 +191,13 @@ def latest_checkpoint(run_dir) -> Path | None:
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.exists():
         return None
-    path = pointer.parent / pointer.read_text().strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{pointer}: unreadable ({e})") from None
+    if not re.fullmatch(r"step-\d{1,12}", name):  # never a path out of the folder
+        raise ValueError(f"{pointer} names {name[:80]!r}, not a checkpoint (step-NNNNNNN)")
+    path = pointer.parent / name
     if not (path / "model.safetensors").exists() and not is_dcp(path):
         raise FileNotFoundError(f"{pointer} names {path.name}, which has no model.safetensors "
                                 "(nor a distributed checkpoint, dcp/)")

@@ -89,16 +89,23 @@ def is_run_folder(path: Path) -> bool:
 
 def load_run(path: Path, device: str = "cpu") -> Loaded:
     """A keenlm run folder: its config.json and newest complete checkpoint."""
-    cfg = from_dict(json.loads((path / "config.json").read_text()))
+    try:  # every problem of the config names the file (a ConfigError names the key too)
+        cfg = from_dict(json.loads((path / "config.json").read_text(encoding="utf-8")))
+        net = build_model(cfg.model)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
     ckpt = runs.latest_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"{path} has no checkpoint yet (checkpoints/latest missing)")
-    net = build_model(cfg.model)
     if runs.is_dcp(ckpt):  # a distributed run's shards, gathered into this one model
         runs.read_dcp(ckpt, runs.distinct_tensors({f"model/{k}": v
                                                    for k, v in net.state_dict().items()}))
     else:
-        load_model_state(net, runs.load_model_state(ckpt))
+        try:
+            load_model_state(net, runs.load_model_state(ckpt))
+        except ValueError as e:  # the tensors do not fit the config: name the file
+            f = ckpt / "model.safetensors"
+            raise ValueError(e if str(f) in str(e) else f"{f}: {e}") from None
     net.to(torch.device(device)).eval()
     return Loaded(net, load_tokenizer(path / "tokenizer"), cfg, path)
 

@@ -60,18 +60,24 @@ def is_quantized_folder(path: Path) -> bool:
 def load_quantized(path: Path, device: str = "cpu"):
     """Build a model from a quantized folder: every tensor checked before it is used."""
     try:
-        spec = json.loads((path / "quant.json").read_text())
-        cfg = from_dict(json.loads((path / "config.json").read_text()))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable quant.json/config.json ({e})") from e
+        spec = json.loads((path / "quant.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}/quant.json: unreadable ({e})") from None
+    try:  # a ConfigError names the key
+        cfg = from_dict(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}/config.json: {e}") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise ValueError(f"{path}/quant.json: not format {FORMAT} of a keenlm quantized model")
     missing = [k for k in ("layers", "embed", "head", "tied") if k not in spec]
     if missing or not isinstance(spec["layers"], dict):
         raise ValueError(f"{path}/quant.json: missing or malformed {missing or ['layers']}")
     state = runs.load_model_state(path)  # safetensors: a truncated or corrupt file is an error
-    with torch.device("meta"):
-        net = build_model(dataclasses.replace(cfg.model, linear="dense"))
+    try:
+        with torch.device("meta"):
+            net = build_model(dataclasses.replace(cfg.model, linear="dense"))
+    except ValueError as e:
+        raise ValueError(f"{path}/config.json: {e}") from None
     net = net.to_empty(device="cpu")
     net.tie_weights()
     net.reset_buffers()
@@ -88,14 +94,16 @@ def load_quantized(path: Path, device: str = "cpu"):
         except AttributeError:
             parent = None
         old = getattr(parent, attr, None)
-        if not isinstance(old, nn.Linear) or old.in_features != L["in_features"]:
+        if not isinstance(L, dict):
+            raise ValueError(f"{path}/quant.json: layer {name!r} is {L!r}, not a mapping")
+        if not isinstance(old, nn.Linear) or old.in_features != L.get("in_features"):
             raise ValueError(f"{path}: quant.json names {name!r}, which the model config does not have")
         try:
             mod = PackedLinear(take(f"{name}.packed"), take(f"{name}.scale"), take(f"{name}.offset"),
                                bits=int(L["bits"]), in_features=int(L["in_features"]),
                                group=int(L["group"]), act_bits=int(L.get("act_bits", 0)))
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{path}: layer {name!r}: {e}") from e
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
+            raise ValueError(f"{path}/quant.json: layer {name!r}: {type(e).__name__} {e}") from None
         if mod.out_features != old.out_features:
             raise ValueError(f"{path}: layer {name!r} has {mod.out_features} rows, the model "
                              f"config {old.out_features}")
@@ -110,7 +118,10 @@ def load_quantized(path: Path, device: str = "cpu"):
                      "lm_head.scale": state["embed_tokens.scale"]}
     if not spec["tied"] and spec["head"] == "int8":
         net.lm_head = Int8Linear(**int8("lm_head"))
-    load_model_state(net, state)  # strict: every remaining tensor present, nothing extra
+    try:  # strict: every remaining tensor present, nothing extra
+        load_model_state(net, state)
+    except ValueError as e:
+        raise ValueError(f"{path}/model.safetensors: {e}") from None
     fuse_packed(net)
     net.to(torch.device(device)).eval()
     return Loaded(net, load_tokenizer(path / "tokenizer"), cfg, None, quant=spec)

@@ -1,0 +1,178 @@
+"""Run folders and quantized-model folders fuzzed: a valid one keenlm wrote, with its
+config.json / quant.json text mutated (any field any JSON value, or bytes), its ``latest``
+pointer rewritten (paths out of the folder included) and its model.safetensors mutated (the
+header's length field, header bytes, truncation, appended bytes). Property: ``keenlm.load``
+gives a model that runs, or raises ValueError / FileNotFoundError naming the folder or file;
+never another exception, never a half-built model."""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import keenlm
+from keenlm.config import QuantConfig
+from keenlm.quant.recipe import quantize, save_quantized
+from keenlm.train import Trainer
+from tests.fuzz.mutate import mutations
+from tests.fuzz.test_fuzz_configs import replaced, values
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, small_corpus):
+    from keenlm.config import from_dict
+    from keenlm.presets import preset_dict
+
+    root = tmp_path_factory.mktemp("folders")
+    p = preset_dict("tiny")
+    p["model"].update({"d_model": 64, "n_head": 2, "d_ff": 128, "n_layer": 1})
+    p["data"].update({"corpus": str(small_corpus), "cache_dir": str(root / "cache"),
+                      "max_bytes": 200_000})
+    p["train"].update({"steps": 2, "out_dir": str(root / "run"), "progress": False,
+                       "eval_every": 0})
+    Trainer(from_dict(p)).fit()
+    km = quantize(root / "run", QuantConfig(bits="4", method="rtn", group=32), log=None)
+    save_quantized(km, root / "q4")
+    return root / "run", root / "q4"
+
+
+def check(folder):
+    try:
+        km = keenlm.load(folder)
+    except (ValueError, FileNotFoundError) as e:
+        assert str(folder) in str(e), str(e)
+        return
+    with torch.no_grad():
+        out = km.net(torch.zeros(1, 1, dtype=torch.long))
+    assert out.shape[-1] == km.net.cfg.vocab_size
+
+
+def safetensors_fields(data: bytes) -> list[tuple[int, int]]:
+    return [(0, 8), (0, 4), (4, 4)]  # the header length (u64), and its halves
+
+
+def copy(src, dst):
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_the_valid_folders_load(folders):
+    for f in folders:
+        check(f)
+
+
+def _model_file(folder):
+    if (folder / "quant.json").exists():
+        return folder / "model.safetensors"
+    return keenlm.runs.latest_checkpoint(folder) / "model.safetensors"
+
+
+@pytest.mark.parametrize("which", ["run", "q4"])
+def test_mutated_weights_load_or_fail_clearly(folders, tmp_path_factory, which):
+    src = folders[0] if which == "run" else folders[1]
+    data = _model_file(src).read_bytes()
+    header = 8 + struct.unpack_from("<Q", data)[0]
+    work = tmp_path_factory.mktemp("w") / which
+
+    @given(mutations(data, safetensors_fields(data), header))
+    def prop(mutated):
+        copy(src, work)
+        _model_file(work).write_bytes(mutated)
+        check(work)
+    prop()
+
+
+@pytest.mark.parametrize("which,name", [("run", "config.json"), ("q4", "config.json"),
+                                        ("q4", "quant.json")])
+def test_mutated_json_loads_or_fails_clearly(folders, tmp_path_factory, which, name):
+    src = folders[0] if which == "run" else folders[1]
+    valid = json.loads((src / name).read_text())
+
+    def paths(d, prefix=()):
+        for k, v in d.items():
+            yield prefix + (k,)
+            if isinstance(v, dict) and len(prefix) < 3:
+                yield from paths(v, prefix + (k,))
+    keys = list(paths(valid))
+    work = tmp_path_factory.mktemp("j") / which
+    text_edits = st.lists(st.tuples(st.integers(0, 10**6), st.characters()), max_size=3)
+
+    @given(st.lists(st.tuples(st.sampled_from(keys), values), max_size=2), text_edits)
+    def prop(changes, edits):
+        data = valid
+        for path, value in changes:
+            data = replaced(data, path, value)
+        text = list(json.dumps(data, indent=1))
+        for at, ch in edits:
+            text[at % len(text)] = ch
+        copy(src, work)
+        (work / name).write_text("".join(text), encoding="utf-8", errors="surrogatepass")
+        check(work)
+    prop()
+
+
+def test_latest_pointer_rewritten(folders, tmp_path_factory):
+    src = folders[0]
+    work = tmp_path_factory.mktemp("l") / "run"
+
+    @given(st.one_of(st.text(max_size=40), st.sampled_from(
+        ["../../../etc", "/etc", "step-0000002/../../x", "step-9999999", "", "\x00", "step-"])))
+    def prop(pointer):
+        copy(src, work)
+        (work / "checkpoints" / "latest").write_text(pointer, encoding="utf-8",
+                                                     errors="surrogatepass")
+        check(work)
+    prop()
+
+
+# ------------------------------------------------------------------ what the fuzzing found
+
+def test_fuzz_findings_stay_fixed(folders, tmp_path):
+    run, q4 = folders
+
+    def fails(folder, match):
+        with pytest.raises(ValueError, match=match):
+            keenlm.load(folder)
+
+    # a latest pointer could lead out of the folder (it was joined as a path)
+    w = copy(run, tmp_path / "run")
+    for pointer in ("../../../etc", "/etc", "step-0000002/../../x"):
+        (w / "checkpoints" / "latest").write_text(pointer)
+        fails(w, "not a checkpoint")
+    # a config.json that is not UTF-8 escaped as UnicodeDecodeError
+    w = copy(run, tmp_path / "run")
+    (w / "config.json").write_bytes(b"\xed" + (run / "config.json").read_bytes())
+    fails(w, f"{w}/config.json")
+    # a checkpoint whose tensors do not fit the config did not name the file
+    w = copy(run, tmp_path / "run")
+    ck = keenlm.runs.latest_checkpoint(w) / "model.safetensors"
+    data = bytearray(ck.read_bytes())
+    at = data.index(b'"embed_tokens.weight"')
+    data[at + 1] = ord(" ")
+    ck.write_bytes(bytes(data))
+    fails(w, f"{ck}: checkpoint does not match the model")
+    # a quant.json layer entry of the wrong type escaped as TypeError
+    w = copy(q4, tmp_path / "q4")
+    spec = json.loads((w / "quant.json").read_text())
+    name = next(iter(spec["layers"]))
+    spec["layers"][name]["bits"] = None
+    (w / "quant.json").write_text(json.dumps(spec))
+    fails(w, "quant.json: layer .* TypeError")
+    spec["layers"][name] = 7
+    (w / "quant.json").write_text(json.dumps(spec))
+    fails(w, "is 7, not a mapping")
+    # and a quantized folder's config.json problems name it
+    w = copy(q4, tmp_path / "q4")
+    cfg = json.loads((w / "config.json").read_text())
+    cfg["model"]["vocab_size"] = None
+    (w / "config.json").write_text(json.dumps(cfg))
+    fails(w, f"{w}/config.json: config key 'model.vocab_size'")
