@@ -231,7 +231,12 @@ def _read_jsonl(path: Path, wanted: dict[int, str], field: str) -> Iterator[tupl
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise ConfigError("data.jsonl_field", field,
                                   f"a string field present in every record; missing at {where}")
-            yield wanted[n], record[field]
+            text = record[field]
+            try:  # JSON can spell a lone surrogate ("\ud800"): no UTF-8 text, skipped as such
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                text = None
+            yield wanted[n], text
 
 
 def _hf_corpus(cfg: DataConfig) -> Corpus:
