@@ -32,6 +32,7 @@ safetensors only -- never ``torch.load``, whose pickles can run code. A failure 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -195,6 +196,8 @@ def _read_json(path: Path) -> dict:
 
 def _check_architecture(c: dict, path: Path) -> None:
     archs = c.get("architectures") or []
+    if not isinstance(archs, list):
+        raise HFError(path, f"architectures is {archs!r}, expected a list")
     if ARCH in archs or (not archs and c.get("model_type") == "llama"):
         return
     found = ", ".join(map(str, archs)) or f"model_type {c.get('model_type')!r}"
@@ -206,7 +209,8 @@ def _rope_theta(c: dict, path: Path) -> float:
     """RoPE base from either format; anything but plain RoPE (linear, dynamic, llama3, yarn
     scaling) would silently change every position's angle, so it is refused."""
     params = c.get("rope_parameters") or {}
-    if params and "rope_type" not in params and all(isinstance(v, dict) for v in params.values()):
+    if isinstance(params, dict) and params and "rope_type" not in params \
+            and all(isinstance(v, dict) for v in params.values()):
         raise HFError(path, f"per-layer-type RoPE parameters ({', '.join(params)}) are not supported")
     scaling = c.get("rope_scaling") or {}
     for where, d in (("rope_parameters", params), ("rope_scaling", scaling)):
@@ -216,7 +220,10 @@ def _rope_theta(c: dict, path: Path) -> float:
         if kind not in ("default", None):
             raise HFError(path, f"{where} has rope_type {kind!r}; only plain RoPE ('default') "
                                 "is supported")
-    return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1e-3 <= theta <= 1e12:
+        raise HFError(path, f"rope_theta is {theta!r}, expected a number in [0.001, 1e12]")
+    return float(theta)
 
 
 def _check_features(c: dict, path: Path) -> None:
@@ -242,23 +249,26 @@ def model_config(c: dict, path: Path) -> ModelConfig:
     _check_features(c, path)
     theta = _rope_theta(c, path)
 
-    def need(key, default=None):
+    def need(key, default=None, hi=1 << 24, lo=-(1 << 24)):
         v = c.get(key)
         v = default if v is None else v  # a key written as null means "the default" too
         if v is None:
             raise HFError(path, f"key {key} is missing")
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise HFError(path, f"key {key} is {v!r}, expected a number")
+        if not lo <= v <= hi:  # sizes things (the rotary tables) before a tensor is read
+            raise HFError(path, f"key {key} is {v!r}, out of range [{lo}, {hi}]")
         return v
 
-    heads = int(need("num_attention_heads"))
+    heads = int(need("num_attention_heads", lo=1))
     try:
         return ModelConfig(
-            vocab_size=int(need("vocab_size")), n_layer=int(need("num_hidden_layers")),
-            d_model=int(need("hidden_size")), n_head=heads,
-            n_kv_head=int(need("num_key_value_heads", heads)),
-            d_ff=int(need("intermediate_size")),
-            max_seq_len=int(need("max_position_embeddings", 2048)), rope_theta=theta,
+            vocab_size=int(need("vocab_size", lo=1)), n_layer=int(need("num_hidden_layers", lo=1)),
+            d_model=int(need("hidden_size", lo=1)), n_head=heads,
+            n_kv_head=int(need("num_key_value_heads", heads, lo=1)),
+            d_ff=int(need("intermediate_size", lo=1)),
+            max_seq_len=int(need("max_position_embeddings", 2048, hi=1 << 20, lo=1)),
+            rope_theta=theta,
             norm_eps=float(need("rms_norm_eps", 1e-6)),  # LlamaConfig's default
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
             init_std=float(need("initializer_range", 0.02)), attention="sdpa")
@@ -327,11 +337,23 @@ def _read_shard(file: Path, expected: dict[str, tuple], state: dict, origin: dic
 
 def read_state(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Every weight under keenlm names, fp32; missing, extra or mis-shaped tensors are errors."""
+    files = _shards(folder)
+    blocks = set()
+    for file in files:  # the headers alone: how many blocks the weights hold
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                blocks |= {n.split(".layers.")[1].split(".")[0] for n in f.keys()
+                           if n.endswith(".self_attn.q_proj.weight") and ".layers." in n}
+        except (SafetensorError, OSError) as e:
+            raise HFError(file, f"cannot read safetensors file ({e})") from None
+    if cfg.n_layer != len(blocks):  # before a model of that many blocks is built, even on meta
+        raise HFError(folder / CONFIG, f"num_hidden_layers is {cfg.n_layer}; the weights hold "
+                                       f"{len(blocks)} blocks")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
-    for file in _shards(folder):
+    for file in files:
         _read_shard(file, expected, state, origin)
     if cfg.tie_embeddings and "lm_head.weight" in state:
         # Some exporters write the tied head anyway; harmless only when it is the same matrix.

@@ -1,0 +1,144 @@
+"""Hugging Face folders fuzzed: a valid one keenlm exports (a tiny Llama, a byte-level BPE
+tokenizer with a chat template), with config.json, tokenizer.json, tokenizer_config.json and a
+sharded index given any value in any field (and bytes edited), and the weights' safetensors
+header mutated. Property: ``keenlm.load`` gives a model that runs, or raises ValueError naming
+the folder or file; never another exception."""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import keenlm
+from keenlm.config import ModelConfig
+from keenlm.data import train_bpe
+from keenlm.io.hf import export_hf
+from keenlm.model import build_model
+from tests.fuzz.mutate import mutations
+from tests.fuzz.test_fuzz_configs import replaced, values
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    bpe = train_bpe(["def add(a, b):\n    return a + b\n" * 40], 280)
+    bpe.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(vocab_size=bpe.vocab_size, n_layer=1, d_model=32, n_head=2,
+                                  d_ff=64, max_seq_len=32))
+    out = export_hf(net, bpe, root / "m")
+    # a sharded copy: the weights split in two files and an index
+    from safetensors.torch import load_file, save_file
+
+    sh = root / "sharded"
+    shutil.copytree(out, sh)
+    state = load_file(str(sh / "model.safetensors"))
+    (sh / "model.safetensors").unlink()
+    names = sorted(state)
+    half = len(names) // 2
+    parts = {"model-00001-of-00002.safetensors": names[:half],
+             "model-00002-of-00002.safetensors": names[half:]}
+    for f, ks in parts.items():
+        save_file({k: state[k] for k in ks}, str(sh / f), metadata={"format": "pt"})
+    (sh / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in parts.items() for k in ks}}))
+    return out, sh
+
+
+def check(path):
+    try:
+        km = keenlm.load(path)
+    except (ValueError, FileNotFoundError) as e:
+        assert str(path) in str(e), str(e)
+        return
+    with torch.no_grad():
+        out = km.net(torch.zeros(1, 1, dtype=torch.long))
+    assert out.shape[-1] == km.net.cfg.vocab_size
+
+
+def copy(src, dst):
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_the_valid_folders_load(folder):
+    for f in folder:
+        check(f)
+        assert keenlm.load(f).tokenizer.chat_template == TEMPLATE
+
+
+def _paths(d, prefix=(), depth=3):
+    for k, v in d.items():
+        yield prefix + (k,)
+        if isinstance(v, dict) and len(prefix) < depth and len(v) < 50:
+            yield from _paths(v, prefix + (k,), depth)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json",
+                                  "model.safetensors.index.json"])
+def test_mutated_json_files_load_or_fail_clearly(folder, tmp_path_factory, name):
+    src = folder[1] if name.startswith("model.") else folder[0]
+    valid = json.loads((src / name).read_text())
+    keys = list(_paths(valid)) or [("x",)]
+    work = tmp_path_factory.mktemp("j") / "m"
+    edits = st.lists(st.tuples(st.integers(0, 10**7), st.characters()), max_size=2)
+
+    @given(st.lists(st.tuples(st.sampled_from(keys), values), max_size=2), edits)
+    def prop(changes, text_edits):
+        data = valid
+        for path, value in changes:
+            data = replaced(data, path, value)
+        text = list(json.dumps(data))
+        for at, ch in text_edits:
+            text[at % len(text)] = ch
+        copy(src, work)
+        (work / name).write_text("".join(text), encoding="utf-8", errors="surrogatepass")
+        check(work)
+    prop()
+
+
+def test_mutated_weights_load_or_fail_clearly(folder, tmp_path_factory):
+    src = folder[0]
+    data = (src / "model.safetensors").read_bytes()
+    header = 8 + struct.unpack_from("<Q", data)[0]
+    work = tmp_path_factory.mktemp("w") / "m"
+
+    @given(mutations(data, [(0, 8), (0, 4), (4, 4)], header))
+    def prop(mutated):
+        copy(src, work)
+        (work / "model.safetensors").write_bytes(mutated)
+        check(work)
+    prop()
+
+
+# ------------------------------------------------------------------ what the fuzzing found
+
+@pytest.mark.parametrize("key,value,message", [
+    # a huge layer count built that many blocks (on meta) before any weight was read: minutes
+    ("num_hidden_layers", 2**24, "num_hidden_layers is 16777216; the weights hold 1 blocks"),
+    ("architectures", True, "architectures is True, expected a list"),  # was a TypeError
+    ("rope_theta", "", "rope_theta is '', expected a number"),  # was float('') ValueError
+    ("vocab_size", 0, r"key vocab_size is 0, out of range"),  # an unnamed "not resolved"
+    ("max_position_embeddings", 2**30, "out of range"),  # sized the rotary tables
+])
+def test_fuzz_findings_stay_fixed(folder, tmp_path, key, value, message):
+    w = copy(folder[0], tmp_path / "m")
+    cfg = json.loads((w / "config.json").read_text())
+    if key == "rope_theta" and isinstance(cfg.get("rope_parameters"), dict):
+        cfg["rope_parameters"]["rope_theta"] = value  # (transformers 5 writes it there)
+    else:
+        cfg[key] = value
+    (w / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message) as e:
+        keenlm.load(w)
+    assert str(w) in str(e.value)
