@@ -1,12 +1,15 @@
-"""Faster after smarter: a fine-tuned model quantized to 4 bits, exported to GGUF, and run by
-keenlm's C decode engine and by llama.cpp, on a verifiable task.
+"""Faster after smarter: a fine-tuned model at 4 bits, exported to GGUF, and run by keenlm's C
+decode engine and by llama.cpp, on a verifiable task.
 
 For MODEL (an RL run folder of SmolLM2, or the GGUF itself for the base model):
-  1. fp32 in keenlm: greedy answers to N held-out problems (pass@1), batch-1 decode tokens/s;
-  2. 4 bits: GPTQ, groups of 32 (``keenlm quantize --bits 4 --method gptq --group 32``),
-     written as a GGUF file in Q4_1 straight from its codes (lossless: keenlm.io.gguf_export);
-  3. that file on keenlm's decode engine (``--quant q4``): pass@1 and decode tokens/s;
-  4. the same file in llama.cpp (llama-cpp-python, the `bench` extra): its greedy answers to the
+  1. fp32 in keenlm: greedy answers to N held-out problems (pass@1), batch-1 decode tokens/s
+     (a QLoRA run: its adapters merged into the dequantized base);
+  2. 4 bits: a full fine-tune by GPTQ, groups of 32 (``keenlm quantize --bits 4 --method gptq
+     --group 32``), written as a Q4_1 GGUF straight from its codes (lossless); a QLoRA run
+     (``--lora-base q4``) as its Q4_1 base plus its adapters (``keenlm.load(RUN, quant="q4")``),
+     written as the base GGUF plus llama.cpp's LoRA GGUF;
+  3. the 4-bit model on keenlm's decode engine: pass@1 and decode tokens/s;
+  4. the same files in llama.cpp (llama-cpp-python, the `bench` extra): its greedy answers to the
      same prompt ids, and how many equal keenlm's 4-bit answers.
 
 Usage: python benchmarks/smarter_faster.py [MODEL] --task addition --difficulty 2 --template chat
@@ -36,31 +39,11 @@ def answers_keenlm(km, task, problems, max_new_tokens: int) -> list[str]:
                     max_new_tokens=max_new_tokens, batch=16)
 
 
-def answers_llama_cpp(path, tokenizer, problems, max_new_tokens: int) -> list[str]:
-    """Greedy completions by llama.cpp from keenlm's prompt ids, ending at </answer> or EOS."""
-    import numpy as np
-    from llama_cpp import Llama
+def answers_llama_cpp(path, tokenizer, problems, max_new_tokens: int, lora=None) -> list[str]:
+    """Greedy completions by llama.cpp from keenlm's prompt ids (keenlm.studies.real)."""
+    from keenlm.studies.real import answers_llama_cpp as run
 
-    # logits_all: the scores row of the last prompt position is then that position's (without
-    # it, llama-cpp-python 0.3.36 left that row stale here and every answer was noise)
-    llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=2, logits_all=True,
-                verbose=False)
-    out = []
-    for p in problems:
-        llm.reset()
-        llm.eval(tokenizer.encode_prompt(p.prompt))
-        new = []
-        for _ in range(max_new_tokens):
-            t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            if t == tokenizer.eos_id:
-                break
-            new.append(t)
-            if "</answer>" in tokenizer.decode(new):
-                break
-            llm.eval([t])
-        text = tokenizer.decode(new)
-        out.append(text[:text.index("</answer>") + 9] if "</answer>" in text else text)
-    return out
+    return run(path, tokenizer, [p.prompt for p in problems], max_new_tokens, lora=lora)
 
 
 def main() -> int:
@@ -69,7 +52,8 @@ def main() -> int:
     import keenlm
     from keenlm.config import QuantConfig
     from keenlm.data.tasks import extract_answer, get_task
-    from keenlm.io.gguf_export import export_gguf
+    from keenlm.io.gguf_export import export_gguf, export_gguf_lora
+    from keenlm.model.lora import lora_layers, merge_lora
     from keenlm.quant.recipe import quantize
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,28 +85,40 @@ def main() -> int:
     def score(comps):
         return sum(r == 1.0 for r in task.reward(prompts, comps)) / n
 
+    lora = bool(lora_layers(fp32.net))
+    t0 = time.perf_counter()
+    if lora:  # QLoRA: the adapters beside the 4-bit base, served and exported as they are
+        files = list(export_gguf_lora(fp32.net, fp32.tokenizer, out / "model-q4_1.gguf", "q4_1"))
+        q4 = keenlm.load(args.model, quant="q4")
+        merge_lora(fp32.net)  # its fp32 form: the same weights, folded
+    q_s = time.perf_counter() - t0
     a32 = answers_keenlm(fp32, task, problems, args.max_new_tokens)
     rate32 = keenlm_decode_rate(fp32.net, [ids], decode_tokens)
-    t0 = time.perf_counter()
-    q = quantize(fp32, QuantConfig(bits="4", method="gptq", group=32), log=None)
-    gguf = export_gguf(q.net, q.tokenizer, out / "model-q4_1.gguf", "q4_1")
-    q_s = time.perf_counter() - t0
-    del q, fp32
-    q4 = keenlm.load(gguf, quant="q4")
+    if not lora:
+        t0 = time.perf_counter()
+        q = quantize(fp32, QuantConfig(bits="4", method="gptq", group=32), log=None)
+        files = [export_gguf(q.net, q.tokenizer, out / "model-q4_1.gguf", "q4_1")]
+        q_s = time.perf_counter() - t0
+        del q
+        q4 = keenlm.load(files[0], quant="q4")
+    del fp32
     a4 = answers_keenlm(q4, task, problems, args.max_new_tokens)
     rate4 = keenlm_decode_rate(q4.net, [ids], decode_tokens)
-    res = {"model": args.model, "task": task.name, "n": n, "pass@1 fp32": score(a32),
+    res = {"model": args.model, "task": task.name, "n": n, "qlora": lora, "pass@1 fp32": score(a32),
            "pass@1 q4": score(a4), "decode tok/s fp32": rate32, "decode tok/s q4": rate4,
-           "quantize+export s": q_s, "gguf": str(gguf), "gguf MB": gguf.stat().st_size / 1e6}
+           "quantize+export s": q_s, "gguf": [str(f) for f in files],
+           "gguf MB": sum(f.stat().st_size for f in files) / 1e6}
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         print("llama-cpp-python is not installed (the bench extra): the llama.cpp comparison is skipped")
     else:
-        al = answers_llama_cpp(gguf, q4.tokenizer, problems, args.max_new_tokens)
+        al = answers_llama_cpp(files[0], q4.tokenizer, problems, args.max_new_tokens,
+                               lora=files[1] if lora else None)
         same = sum(extract_answer(x) == extract_answer(y) for x, y in zip(a4, al)) / n
-        res.update({"pass@1 llama.cpp": score(al), "same answers llama.cpp vs keenlm q4": same,
-                    "llama.cpp decode tok/s": llama_cpp_decode_rate(gguf, ids, decode_tokens, 2)})
+        res.update({"pass@1 llama.cpp": score(al), "same answers llama.cpp vs keenlm q4": same})
+        if not lora:
+            res["llama.cpp decode tok/s"] = llama_cpp_decode_rate(files[0], ids, decode_tokens, 2)
     print(json.dumps(res, indent=2))
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     print(bench_line("q4_pass1_drop_points", 100 * (res["pass@1 fp32"] - res["pass@1 q4"]), "<=", 2))
