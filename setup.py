@@ -19,5 +19,6 @@ setup(ext_modules=[
                                      "src/keenlm/quant/csrc/pool.c"],
               depends=["src/keenlm/quant/csrc/qdot.h"], **FLAGS),
     Extension("keenlm.infer._step", ["src/keenlm/infer/csrc/step.c"],
-              depends=["src/keenlm/quant/csrc/qdot.h"], **FLAGS),
+              depends=["src/keenlm/quant/csrc/qdot.h", "src/keenlm/infer/csrc/attend512.h",
+                       "src/keenlm/infer/csrc/lora.h"], **FLAGS),
 ])
