@@ -89,6 +89,35 @@ def test_the_step_equals_the_pytorch_model(seed):
     assert (cache_errs < 1e-5).float().mean() >= 0.9 and cache_errs.max() < 0.05
 
 
+def step_errors(net, prompts, width: int, steps: int, threads=(2,), seed: int = 0) -> torch.Tensor:
+    """rel_err of the C step's logits against the PyTorch model's (the same layers, on the
+    same kernel path), after prefilling ``prompts`` (left-padded) into both caches, over
+    ``steps`` greedy steps, for every kernel path and thread count."""
+    g = torch.Generator().manual_seed(seed)
+    idx, km = left_pad(prompts, "cpu")
+    B, L = idx.shape
+    pos = (km.long().cumsum(-1) - 1).clamp_min(0)
+    full = torch.ones(B, width, dtype=torch.bool)
+    full[:, :L] = km
+    errs = []
+    for path in available_paths():
+        for lin in net.modules():
+            if hasattr(lin, "path"):
+                lin.path = path
+        for threads_ in threads:
+            with torch.no_grad():
+                ref_cache = net.new_cache(B, width)
+                net(idx, cache=ref_cache, positions=pos, key_mask=km)
+                cache = copy.deepcopy(ref_cache)
+                eng, tok, npos = DecodeEngine(net, path), torch.randint(0, 300, (B,), generator=g), pos[:, -1] + 1
+                for _ in range(steps):
+                    ref = net(tok[:, None], cache=ref_cache, positions=npos[:, None],
+                              key_mask=full[:, :ref_cache.length + 1])[:, -1]
+                    errs += rel_err(eng.step(tok, npos, cache, full, threads_), ref)
+                    tok, npos = ref.argmax(-1), npos + 1
+    return torch.tensor(errs)
+
+
 @needs_step
 def test_ternary_projections_decode_like_the_pytorch_model():
     # layer 0's projections in TQ2_0 blocks (keenlm.quant.tq2), layer 1's in Q4: each format's
@@ -99,27 +128,7 @@ def test_ternary_projections_decode_like_the_pytorch_model():
     a, m = net.layers[0].self_attn, net.layers[0].mlp
     for parent, name in ((a, "qkv_proj"), (a, "o_proj"), (m, "gate_up_proj"), (m, "down_proj")):
         setattr(parent, name, T2Linear.from_float(getattr(parent, name).dequantized()))
-    g = torch.Generator().manual_seed(7)
-    idx, km = left_pad([[1, 2, 3, 4], [5, 6]], "cpu")
-    pos = (km.long().cumsum(-1) - 1).clamp_min(0)
-    full = torch.ones(2, 16, dtype=torch.bool)
-    full[:, :4] = km
-    errs = []
-    for path in available_paths():
-        for lin in net.modules():
-            if hasattr(lin, "path"):
-                lin.path = path
-        with torch.no_grad():
-            ref_cache = net.new_cache(2, 16)
-            net(idx, cache=ref_cache, positions=pos, key_mask=km)
-            cache = copy.deepcopy(ref_cache)
-            eng, tok, npos = DecodeEngine(net, path), torch.randint(0, 300, (2,), generator=g), pos[:, -1] + 1
-            for _ in range(4):
-                ref = net(tok[:, None], cache=ref_cache, positions=npos[:, None],
-                          key_mask=full[:, :ref_cache.length + 1])[:, -1]
-                errs += rel_err(eng.step(tok, npos, cache, full, 2), ref)
-                tok, npos = ref.argmax(-1), npos + 1
-    errs = torch.tensor(errs)
+    errs = step_errors(net, [[1, 2, 3, 4], [5, 6]], 16, 4, seed=7)
     assert (errs < 1e-5).float().mean() >= 0.8 and errs.max() < 0.05, errs
 
 
@@ -150,37 +159,21 @@ def test_lora_adapters_over_q4_bases_decode_like_the_pytorch_model(targets):
     # against the PyTorch model with the same LoRALinear layers; tolerance as above
     net = qlora_model(targets)
     assert unsupported(net) is None
+    errs = step_errors(net, [[1, 2, 3, 4], [5, 6]], 16, 4, threads=(1, 2), seed=5)
+    assert (errs < 1e-5).float().mean() >= 0.8 and errs.max() < 0.05, errs
+    # and the adapters matter: the same model without them gives other logits
+    from keenlm.model.lora import lora_layers
+
     idx, km = left_pad([[1, 2, 3, 4], [5, 6]], "cpu")
     pos = (km.long().cumsum(-1) - 1).clamp_min(0)
     full = torch.ones(2, 16, dtype=torch.bool)
     full[:, :4] = km
-    g = torch.Generator().manual_seed(5)
-    errs, lora_effect = [], []
-    for path in available_paths():
-        for lin in net.modules():
-            if hasattr(lin, "path"):
-                lin.path = path
-        for threads in (1, 2):
-            with torch.no_grad():
-                ref_cache = net.new_cache(2, 16)
-                net(idx, cache=ref_cache, positions=pos, key_mask=km)
-                cache = copy.deepcopy(ref_cache)
-                eng, tok, npos = DecodeEngine(net, path), torch.randint(0, 300, (2,), generator=g), pos[:, -1] + 1
-                for _ in range(4):
-                    ref = net(tok[:, None], cache=ref_cache, positions=npos[:, None],
-                              key_mask=full[:, :ref_cache.length + 1])[:, -1]
-                    errs += rel_err(eng.step(tok, npos, cache, full, threads), ref)
-                    tok, npos = ref.argmax(-1), npos + 1
-    errs = torch.tensor(errs)
-    assert (errs < 1e-5).float().mean() >= 0.8 and errs.max() < 0.05, errs
-    # and the adapters matter: the same model without them gives other logits
-    from keenlm.model.lora import lora_layers
 
     def first_step():
         with torch.no_grad():
             cache = net.new_cache(2, 16)
             net(idx, cache=cache, positions=pos, key_mask=km)
-            return DecodeEngine(net).step(tok, pos[:, -1] + 1, cache, full, 1)
+            return DecodeEngine(net).step(torch.tensor([7, 8]), pos[:, -1] + 1, cache, full, 1)
 
     adapted = first_step()
     with torch.no_grad():

@@ -1,11 +1,81 @@
-"""Structure-aware mutations of a valid file: Hypothesis strategies that truncate it, append
-to it, flip bytes in it, and overwrite its integer fields (counts, lengths, offsets, type ids,
-dimensions) with the values that break readers (0, 1, -1, 2^31, 2^32, 2^63, the file size)."""
+"""What the fuzz tests share.
+
+Structure-aware mutations of a valid file: Hypothesis strategies that truncate it, append to it,
+flip bytes in it, and overwrite its integer fields (counts, lengths, offsets, type ids,
+dimensions) with the values that break readers (0, 1, -1, 2^31, 2^32, 2^63, the file size).
+For JSON files: any field replaced by any JSON value (``values``, ``replaced``, ``json_paths``),
+then characters edited (``edited_json``). For folders: ``fresh_copy`` and the property every
+model folder is held to (``loads_or_fails_clearly``)."""
 from __future__ import annotations
 
+import json
+import shutil
 import struct
 
+import torch
 from hypothesis import strategies as st
+
+SAFETENSORS_FIELDS = [(0, 8), (0, 4), (4, 4)]  # a safetensors file's header length (u64), its halves
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
+                    st.sampled_from([0, -1, 1e308, "nan", "1e400", "auto", "", " "]))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                      | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+edits = st.lists(st.tuples(st.integers(0, 10**7), st.characters()), max_size=3)
+
+
+def json_paths(d: dict, prefix=(), depth: int = 8):
+    """Every key path of a nested dict (at most ``depth`` deep, skipping large tables)."""
+    for k, v in d.items():
+        yield prefix + (k,)
+        if isinstance(v, dict) and len(prefix) < depth and len(v) < 50:
+            yield from json_paths(v, prefix + (k,), depth)
+
+
+def replaced(d: dict, path, value) -> dict:
+    """A copy of ``d`` with the value at ``path`` replaced (unchanged when an earlier change
+    replaced a section on the way)."""
+    out = json.loads(json.dumps(d))
+    node = out
+    for k in path[:-1]:
+        node = node.get(k) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node[path[-1]] = value
+    return out
+
+
+def edited_json(valid: dict, changes, char_edits) -> str:
+    """``valid`` with the (path, value) ``changes``, as JSON text with characters edited."""
+    data = valid
+    for path, value in changes:
+        data = replaced(data, path, value)
+    text = list(json.dumps(data, indent=1))
+    for at, ch in char_edits:
+        text[at % len(text)] = ch
+    return "".join(text)
+
+
+def fresh_copy(src, dst):
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def loads_or_fails_clearly(path) -> None:
+    """The property of a model folder: ``keenlm.load`` gives a model that runs (one token's
+    logits), or raises ValueError / FileNotFoundError naming the folder or a file in it."""
+    import keenlm
+
+    try:
+        km = keenlm.load(path)
+    except (ValueError, FileNotFoundError) as e:
+        assert str(path) in str(e), str(e)
+        return
+    with torch.no_grad():
+        out = km.net(torch.zeros(1, 1, dtype=torch.long))
+    assert out.shape[-1] == km.net.cfg.vocab_size
 
 EDGE = [0, 1, 2, 3, 7, 8, 31, 32, 255, 256, 65535, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
         2**62, 2**63 - 1, 2**64 - 1]

@@ -13,35 +13,12 @@ from hypothesis import strategies as st
 
 from keenlm.config import ConfigError, from_dict, load_file, rl_config, to_dict
 from keenlm.presets import preset_dict
+from tests.fuzz.mutate import json_paths, replaced, values
 
 VALID = to_dict(from_dict(preset_dict("tiny")))
 RL = {"task": "addition", "difficulty": 2, "lr": 1e-4, "group": 8, "lora": {"rank": 4}}
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
-                    st.sampled_from([0, -1, 1e308, "nan", "1e400", "auto", "", " "]))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
-
-
-def paths(d, prefix=()):
-    for k, v in d.items():
-        yield prefix + (k,)
-        if isinstance(v, dict):
-            yield from paths(v, prefix + (k,))
-
-
-PATHS, RL_PATHS = list(paths(VALID)), list(paths(RL))
-
-
-def replaced(d: dict, path, value) -> dict:
-    out = json.loads(json.dumps(d))
-    node = out
-    for k in path[:-1]:
-        node = node.get(k) if isinstance(node, dict) else None
-    if isinstance(node, dict):  # (an earlier change may have replaced a section)
-        node[path[-1]] = value
-    return out
+PATHS, RL_PATHS = list(json_paths(VALID)), list(json_paths(RL))
 
 
 def builds_or_config_error(make, data):

@@ -7,11 +7,9 @@ never another exception, never a half-built model."""
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,8 +17,8 @@ import keenlm
 from keenlm.config import QuantConfig
 from keenlm.quant.recipe import quantize, save_quantized
 from keenlm.train import Trainer
-from tests.fuzz.mutate import mutations
-from tests.fuzz.test_fuzz_configs import replaced, values
+from tests.fuzz.mutate import (SAFETENSORS_FIELDS, edited_json, edits, fresh_copy, json_paths,
+                               loads_or_fails_clearly, mutations, values)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -43,31 +41,9 @@ def folders(tmp_path_factory, small_corpus):
     return root / "run", root / "q4"
 
 
-def check(folder):
-    try:
-        km = keenlm.load(folder)
-    except (ValueError, FileNotFoundError) as e:
-        assert str(folder) in str(e), str(e)
-        return
-    with torch.no_grad():
-        out = km.net(torch.zeros(1, 1, dtype=torch.long))
-    assert out.shape[-1] == km.net.cfg.vocab_size
-
-
-def safetensors_fields(data: bytes) -> list[tuple[int, int]]:
-    return [(0, 8), (0, 4), (4, 4)]  # the header length (u64), and its halves
-
-
-def copy(src, dst):
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_the_valid_folders_load(folders):
     for f in folders:
-        check(f)
+        loads_or_fails_clearly(f)
 
 
 def _model_file(folder):
@@ -83,11 +59,11 @@ def test_mutated_weights_load_or_fail_clearly(folders, tmp_path_factory, which):
     header = 8 + struct.unpack_from("<Q", data)[0]
     work = tmp_path_factory.mktemp("w") / which
 
-    @given(mutations(data, safetensors_fields(data), header))
+    @given(mutations(data, SAFETENSORS_FIELDS, header))
     def prop(mutated):
-        copy(src, work)
+        fresh_copy(src, work)
         _model_file(work).write_bytes(mutated)
-        check(work)
+        loads_or_fails_clearly(work)
     prop()
 
 
@@ -96,27 +72,15 @@ def test_mutated_weights_load_or_fail_clearly(folders, tmp_path_factory, which):
 def test_mutated_json_loads_or_fails_clearly(folders, tmp_path_factory, which, name):
     src = folders[0] if which == "run" else folders[1]
     valid = json.loads((src / name).read_text())
-
-    def paths(d, prefix=()):
-        for k, v in d.items():
-            yield prefix + (k,)
-            if isinstance(v, dict) and len(prefix) < 3:
-                yield from paths(v, prefix + (k,))
-    keys = list(paths(valid))
+    keys = list(json_paths(valid, depth=3))
     work = tmp_path_factory.mktemp("j") / which
-    text_edits = st.lists(st.tuples(st.integers(0, 10**6), st.characters()), max_size=3)
 
-    @given(st.lists(st.tuples(st.sampled_from(keys), values), max_size=2), text_edits)
-    def prop(changes, edits):
-        data = valid
-        for path, value in changes:
-            data = replaced(data, path, value)
-        text = list(json.dumps(data, indent=1))
-        for at, ch in edits:
-            text[at % len(text)] = ch
-        copy(src, work)
-        (work / name).write_text("".join(text), encoding="utf-8", errors="surrogatepass")
-        check(work)
+    @given(st.lists(st.tuples(st.sampled_from(keys), values), max_size=2), edits)
+    def prop(changes, char_edits):
+        fresh_copy(src, work)
+        (work / name).write_text(edited_json(valid, changes, char_edits), encoding="utf-8",
+                                 errors="surrogatepass")
+        loads_or_fails_clearly(work)
     prop()
 
 
@@ -127,10 +91,10 @@ def test_latest_pointer_rewritten(folders, tmp_path_factory):
     @given(st.one_of(st.text(max_size=40), st.sampled_from(
         ["../../../etc", "/etc", "step-0000002/../../x", "step-9999999", "", "\x00", "step-"])))
     def prop(pointer):
-        copy(src, work)
+        fresh_copy(src, work)
         (work / "checkpoints" / "latest").write_text(pointer, encoding="utf-8",
                                                      errors="surrogatepass")
-        check(work)
+        loads_or_fails_clearly(work)
     prop()
 
 
@@ -144,16 +108,16 @@ def test_fuzz_findings_stay_fixed(folders, tmp_path):
             keenlm.load(folder)
 
     # a latest pointer could lead out of the folder (it was joined as a path)
-    w = copy(run, tmp_path / "run")
+    w = fresh_copy(run, tmp_path / "run")
     for pointer in ("../../../etc", "/etc", "step-0000002/../../x"):
         (w / "checkpoints" / "latest").write_text(pointer)
         fails(w, "not a checkpoint")
     # a config.json that is not UTF-8 escaped as UnicodeDecodeError
-    w = copy(run, tmp_path / "run")
+    w = fresh_copy(run, tmp_path / "run")
     (w / "config.json").write_bytes(b"\xed" + (run / "config.json").read_bytes())
     fails(w, f"{w}/config.json")
     # a checkpoint whose tensors do not fit the config did not name the file
-    w = copy(run, tmp_path / "run")
+    w = fresh_copy(run, tmp_path / "run")
     ck = keenlm.runs.latest_checkpoint(w) / "model.safetensors"
     data = bytearray(ck.read_bytes())
     at = data.index(b'"embed_tokens.weight"')
@@ -161,7 +125,7 @@ def test_fuzz_findings_stay_fixed(folders, tmp_path):
     ck.write_bytes(bytes(data))
     fails(w, f"{ck}: checkpoint does not match the model")
     # a quant.json layer entry of the wrong type escaped as TypeError
-    w = copy(q4, tmp_path / "q4")
+    w = fresh_copy(q4, tmp_path / "q4")
     spec = json.loads((w / "quant.json").read_text())
     name = next(iter(spec["layers"]))
     spec["layers"][name]["bits"] = None
@@ -171,7 +135,7 @@ def test_fuzz_findings_stay_fixed(folders, tmp_path):
     (w / "quant.json").write_text(json.dumps(spec))
     fails(w, "is 7, not a mapping")
     # and a quantized folder's config.json problems name it
-    w = copy(q4, tmp_path / "q4")
+    w = fresh_copy(q4, tmp_path / "q4")
     cfg = json.loads((w / "config.json").read_text())
     cfg["model"]["vocab_size"] = None
     (w / "config.json").write_text(json.dumps(cfg))

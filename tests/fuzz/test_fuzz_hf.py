@@ -19,8 +19,8 @@ from keenlm.config import ModelConfig
 from keenlm.data import train_bpe
 from keenlm.io.hf import export_hf
 from keenlm.model import build_model
-from tests.fuzz.mutate import mutations
-from tests.fuzz.test_fuzz_configs import replaced, values
+from tests.fuzz.mutate import (SAFETENSORS_FIELDS, edited_json, edits, fresh_copy, json_paths,
+                               loads_or_fails_clearly, mutations, values)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -53,35 +53,10 @@ def folder(tmp_path_factory):
     return out, sh
 
 
-def check(path):
-    try:
-        km = keenlm.load(path)
-    except (ValueError, FileNotFoundError) as e:
-        assert str(path) in str(e), str(e)
-        return
-    with torch.no_grad():
-        out = km.net(torch.zeros(1, 1, dtype=torch.long))
-    assert out.shape[-1] == km.net.cfg.vocab_size
-
-
-def copy(src, dst):
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_the_valid_folders_load(folder):
     for f in folder:
-        check(f)
+        loads_or_fails_clearly(f)
         assert keenlm.load(f).tokenizer.chat_template == TEMPLATE
-
-
-def _paths(d, prefix=(), depth=3):
-    for k, v in d.items():
-        yield prefix + (k,)
-        if isinstance(v, dict) and len(prefix) < depth and len(v) < 50:
-            yield from _paths(v, prefix + (k,), depth)
 
 
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json",
@@ -89,21 +64,15 @@ def _paths(d, prefix=(), depth=3):
 def test_mutated_json_files_load_or_fail_clearly(folder, tmp_path_factory, name):
     src = folder[1] if name.startswith("model.") else folder[0]
     valid = json.loads((src / name).read_text())
-    keys = list(_paths(valid)) or [("x",)]
+    keys = list(json_paths(valid, depth=3)) or [("x",)]
     work = tmp_path_factory.mktemp("j") / "m"
-    edits = st.lists(st.tuples(st.integers(0, 10**7), st.characters()), max_size=2)
 
     @given(st.lists(st.tuples(st.sampled_from(keys), values), max_size=2), edits)
-    def prop(changes, text_edits):
-        data = valid
-        for path, value in changes:
-            data = replaced(data, path, value)
-        text = list(json.dumps(data))
-        for at, ch in text_edits:
-            text[at % len(text)] = ch
-        copy(src, work)
-        (work / name).write_text("".join(text), encoding="utf-8", errors="surrogatepass")
-        check(work)
+    def prop(changes, char_edits):
+        fresh_copy(src, work)
+        (work / name).write_text(edited_json(valid, changes, char_edits), encoding="utf-8",
+                                 errors="surrogatepass")
+        loads_or_fails_clearly(work)
     prop()
 
 
@@ -113,11 +82,11 @@ def test_mutated_weights_load_or_fail_clearly(folder, tmp_path_factory):
     header = 8 + struct.unpack_from("<Q", data)[0]
     work = tmp_path_factory.mktemp("w") / "m"
 
-    @given(mutations(data, [(0, 8), (0, 4), (4, 4)], header))
+    @given(mutations(data, SAFETENSORS_FIELDS, header))
     def prop(mutated):
-        copy(src, work)
+        fresh_copy(src, work)
         (work / "model.safetensors").write_bytes(mutated)
-        check(work)
+        loads_or_fails_clearly(work)
     prop()
 
 
@@ -132,7 +101,7 @@ def test_mutated_weights_load_or_fail_clearly(folder, tmp_path_factory):
     ("max_position_embeddings", 2**30, "out of range"),  # sized the rotary tables
 ])
 def test_fuzz_findings_stay_fixed(folder, tmp_path, key, value, message):
-    w = copy(folder[0], tmp_path / "m")
+    w = fresh_copy(folder[0], tmp_path / "m")
     cfg = json.loads((w / "config.json").read_text())
     if key == "rope_theta" and isinstance(cfg.get("rope_parameters"), dict):
         cfg["rope_parameters"]["rope_theta"] = value  # (transformers 5 writes it there)

@@ -20,13 +20,17 @@ template error comes out as one ``ValueError`` naming the template's source.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 MAX_ITEMS = 1_000_000  # the longest string or list a template may build by repetition
 MAX_POWER = 1_000  # the largest exponent
 
 
+@functools.lru_cache(maxsize=1)
 def _environment():
+    """The sandbox (built once: rendering a task's prompts renders the template thousands of
+    times)."""
     from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # optional extra: keenlm[io]
 
@@ -80,13 +84,18 @@ def _private_names(template: str) -> list[str]:
     return found
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    return _environment().from_string(template)
+
+
 def render(template: str, messages: list[dict], *, add_generation_prompt: bool = True,
            bos_token: str = "", eos_token: str = "", source: str = "") -> str:
     """The conversation rendered by ``template`` in the sandbox; ValueError on any error."""
     from jinja2.exceptions import TemplateError
 
     try:
-        return _environment().from_string(template).render(
+        return _compiled(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=bos_token, eos_token=eos_token)
     except (TemplateError, OverflowError, MemoryError, RecursionError) as e:
@@ -105,7 +114,7 @@ def refusal(template: str, bos_token: str = "", eos_token: str = "") -> str | No
     if private:
         return f"it reaches for private attributes ({', '.join(sorted(set(private)))})"
     try:
-        _environment().from_string(template).render(
+        _compiled(template).render(
             messages=[{"role": "user", "content": "Hello"}], add_generation_prompt=True,
             bos_token=bos_token, eos_token=eos_token)
     except SecurityError as e:

@@ -91,14 +91,12 @@ def model_config(reader, path) -> ModelConfig:
                                   f"{'an integer' if kind is int else 'a number'} in [{lo}, {hi}]")
         return kind(v)
 
-    need = number
-
     names = {t.name for t in reader.tensors}
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)  # (V, C)
     if emb is None:
         raise GGUFError(path, "tensor token_embd.weight is missing")
-    d_model, n_head = need("embedding_length"), need("attention.head_count")
-    n_layer = need("block_count")
+    d_model, n_head = number("embedding_length"), number("attention.head_count")
+    n_layer = number("block_count")
     if n_layer * len(GGUF_TO_KEENLM) > len(reader.tensors):  # 9 tensors per block
         raise GGUFError(path, f"metadata says {n_layer} blocks; the file has "
                               f"{len(reader.tensors)} tensors")
@@ -110,7 +108,7 @@ def model_config(reader, path) -> ModelConfig:
         return ModelConfig(
             vocab_size=int(emb.shape[0]), n_layer=n_layer, d_model=d_model,
             n_head=n_head, n_kv_head=number("attention.head_count_kv", n_head),
-            d_ff=need("feed_forward_length"),
+            d_ff=number("feed_forward_length"),
             max_seq_len=number("context_length", 2048, hi=MAX_CONTEXT),
             rope_theta=number("rope.freq_base", 10000.0, float, 1e-3, 1e12),
             norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5, float, 1e-12, 1.0),

@@ -201,6 +201,12 @@ def _q4_1_exact(net, name: str, key: str, permute: int):
     return q4_1_blocks(*src)
 
 
+def _qk_heads(gguf_name: str, cfg) -> int:
+    """The head count whose RoPE rows llama.cpp interleaves in this tensor (q: n_head, k:
+    kv_heads), 0 for every other tensor."""
+    return cfg.n_head if ".attn_q." in gguf_name else cfg.kv_heads if ".attn_k." in gguf_name else 0
+
+
 def _tensors(net):
     """(gguf name, fp32 numpy array) in llama.cpp's layout."""
     cfg = net.cfg
@@ -212,12 +218,8 @@ def _tensors(net):
     for i in range(cfg.n_layer):
         for g, k in GGUF_TO_KEENLM.items():
             g, k = g.format(i=i), k.format(i=i)
-            arr = sd[k]
-            if ".attn_q." in g:
-                arr = permute_qk(arr, cfg.n_head)
-            elif ".attn_k." in g:
-                arr = permute_qk(arr, cfg.kv_heads)
-            yield g, arr
+            heads = _qk_heads(g, cfg)
+            yield g, permute_qk(sd[k], heads) if heads else sd[k]
 
 
 def _exact_q4_1(net) -> dict[str, np.ndarray]:
@@ -228,8 +230,7 @@ def _exact_q4_1(net) -> dict[str, np.ndarray]:
             g, k = g.format(i=i), k.format(i=i)
             if g.endswith("_norm.weight"):
                 continue
-            permute = cfg.n_head if ".attn_q." in g else cfg.kv_heads if ".attn_k." in g else 0
-            blocks = _q4_1_exact(net, g, k, permute)
+            blocks = _q4_1_exact(net, g, k, _qk_heads(g, cfg))
             if blocks is not None:
                 out[g] = blocks
     return out
@@ -238,7 +239,7 @@ def _exact_q4_1(net) -> dict[str, np.ndarray]:
 def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
     """Write ``net`` + ``tokenizer`` as a GGUF file of weight type f32 | f16 | q8_0, or
     tq1_0 | tq2_0 for ternary models. Low-bit models are written with their quantized weights."""
-    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType  # optional extra: keenlm[io]
+    from gguf import GGMLQuantizationType, LlamaFileType  # optional extra: keenlm[io]
 
     if qtype not in QTYPES:
         raise ValueError(f"GGUF export type {qtype!r} is not supported ({' | '.join(QTYPES)})")
@@ -263,10 +264,8 @@ def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
                  "q4_1": LlamaFileType.MOSTLY_Q4_1, "tq1_0": LlamaFileType.MOSTLY_TQ1_0,
                  "tq2_0": LlamaFileType.MOSTLY_TQ2_0}[qtype]
     exact = _exact_q4_1(net) if qtype == "q4_1" else {}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        w = GGUFWriter(tmp, "llama")
+
+    def fill(w):
         _add_metadata(w, net, tokenizer, int(file_type))
         for name, arr in _tensors(net):
             if name in exact:  # the stored 4-bit codes, not re-rounded
@@ -274,6 +273,19 @@ def export_gguf(net, tokenizer, path, qtype: str = "f32") -> Path:
             else:
                 data, raw_dtype = _encode_tensor(name, arr, qtype)
             w.add_tensor(name, data, raw_dtype=raw_dtype)  # quantized: shape from the bytes
+    return _write_gguf(path, fill)
+
+
+def _write_gguf(path: Path, fill) -> Path:
+    """A GGUF file written beside ``path`` by ``fill(writer)`` and renamed into place: an
+    interrupted export leaves nothing under the final name."""
+    from gguf import GGUFWriter  # optional extra: keenlm[io]
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w = GGUFWriter(tmp, "llama")
+        fill(w)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -314,12 +326,9 @@ def _adapter_tensors(net):
         g = to_gguf[name]
         a = m.lora_A.weight.detach().float().cpu().numpy()
         b = m.lora_B.weight.detach().float().cpu().numpy()
-        if ".attn_q." in g:
-            b = permute_qk(b, cfg.n_head)
-        elif ".attn_k." in g:
-            b = permute_qk(b, cfg.kv_heads)
+        heads = _qk_heads(g, cfg)
         yield g + ".lora_a", a
-        yield g + ".lora_b", b
+        yield g + ".lora_b", permute_qk(b, heads) if heads else b
 
 
 def export_gguf_lora(net, tokenizer, path, qtype: str = "f32") -> tuple[Path, Path]:
@@ -327,29 +336,17 @@ def export_gguf_lora(net, tokenizer, path, qtype: str = "f32") -> tuple[Path, Pa
     ``export_gguf`` writes it; a Q4 base as its blocks) and its adapters at
     ``adapter_path(path)`` in llama.cpp's LoRA GGUF (F32). One rank and alpha for all layers
     (keenlm's ``model.lora``); llama.cpp scales the update by alpha / rank, as keenlm does."""
-    from gguf import GGUFWriter, Keys  # optional extra: keenlm[io]
+    from gguf import Keys  # optional extra: keenlm[io]
 
     if not lora_layers(net):
         raise ValueError("the model has no LoRA adapters: export_gguf writes it")
     base = export_gguf(without_adapters(net), tokenizer, path, qtype)
-    out = adapter_path(path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        w = GGUFWriter(tmp, "llama")
+
+    def fill(w):
         w.add_type("adapter")
         w.add_name("keenlm LoRA")
         w.add_string(Keys.Adapter.TYPE, "lora")
         w.add_float32(Keys.Adapter.LORA_ALPHA, float(net.cfg.lora.scale_alpha))
         for name, arr in _adapter_tensors(net):
             w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return base, out
+    return base, _write_gguf(adapter_path(path), fill)

@@ -218,9 +218,9 @@ def four_bit(out: Path, o: Options, task, problems) -> dict:
     # QLoRA: served as its Q4 base plus the adapters; merged into fp32 for comparison
     qlora = keenlm.load(out / "rl_lora", quant="q4")
     aq = answers(qlora)
-    base, adapters = export_gguf_lora(keenlm.load(out / "rl_lora").net, qlora.tokenizer,
-                                      folder / "qlora-q4_1.gguf", "q4_1")
-    merged = keenlm.load(out / "rl_lora")
+    merged = keenlm.load(out / "rl_lora")  # as trained: written out, then folded
+    base, adapters = export_gguf_lora(merged.net, merged.tokenizer, folder / "qlora-q4_1.gguf",
+                                      "q4_1")
     merge_lora(merged.net)
     am = answers(merged)
     rows["qlora"] = {"fp32": score(am), "q4": score(aq), "decode_fp32": decode_rate(merged.net, ids, tokens),
