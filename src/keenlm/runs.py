@@ -44,7 +44,7 @@ from typing import Callable, Iterator
 
 import numpy
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from keenlm._version import __version__
@@ -247,6 +247,26 @@ def load_model_state(ckpt: Path) -> dict:
     f = Path(ckpt) / "model.safetensors"
     try:
         return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {f}: {e}") from None
+
+
+def checkpoint_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """Each weight's shape, from the file's header alone (safetensors, or a distributed
+    checkpoint's metadata): what a loader checks a config against before building a model."""
+    if is_dcp(ckpt):
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+        try:
+            meta = HuggingFaceStorageReader(str(Path(ckpt) / "dcp")).read_metadata()
+        except Exception as e:  # noqa: BLE001 - as read_dcp
+            raise ValueError(f"cannot read the distributed checkpoint {ckpt}: {e}") from None
+        return {k.removeprefix("model/"): tuple(getattr(m, "size", ()))
+                for k, m in meta.state_dict_metadata.items() if k.startswith("model/")}
+    f = Path(ckpt) / "model.safetensors"
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            return {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"cannot read {f}: {e}") from None
 

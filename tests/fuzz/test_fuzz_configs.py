@@ -57,7 +57,7 @@ def test_config_files_read_or_fail_clearly(tmp_path_factory, kind, edits, cut):
         chars[at % len(chars)] = ch
     text = "".join(chars)[:max(1, cut % (len(text) + 1))]
     path = tmp_path_factory.mktemp("cfg") / f"c.{kind}"
-    path.write_text(text, encoding="utf-8")
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")  # invalid UTF-8 too
     try:
         data = load_file(path)
     except ConfigError as e:

@@ -123,7 +123,7 @@ def test_fuzz_findings_stay_fixed(folders, tmp_path):
     at = data.index(b'"embed_tokens.weight"')
     data[at + 1] = ord(" ")
     ck.write_bytes(bytes(data))
-    fails(w, f"{ck}: checkpoint does not match the model")
+    fails(w, f"{ck} against {w}/config.json: checkpoint does not match the model")
     # a quant.json layer entry of the wrong type escaped as TypeError
     w = fresh_copy(q4, tmp_path / "q4")
     spec = json.loads((w / "quant.json").read_text())
@@ -140,3 +140,27 @@ def test_fuzz_findings_stay_fixed(folders, tmp_path):
     cfg["model"]["vocab_size"] = None
     (w / "config.json").write_text(json.dumps(cfg))
     fails(w, f"{w}/config.json: config key 'model.vocab_size'")
+
+
+@pytest.mark.parametrize("which,key,value,match", [
+    ("run", "vocab_size", 1 << 40, "embed_tokens.weight has shape"),
+    ("run", "d_model", 1 << 30, "has shape"),
+    ("run", "d_ff", 1 << 36, "mlp.*has shape"),
+    ("run", "n_layer", 1 << 31, "n_layer is 2147483648; the weights hold 1 blocks"),
+    ("run", "max_seq_len", 1 << 40, "max_seq_len"),
+    ("q4", "vocab_size", 1 << 40, "embed_tokens.weight has shape"),
+    ("q4", "d_ff", 1 << 36, "has shape"),
+])
+def test_a_config_never_sizes_what_the_weights_do_not_back(folders, tmp_path, which, key, value,
+                                                           match):
+    """Found by ``make fuzz``: a config.json with a huge size built that model, and allocated
+    it, before any weight was compared with it. A 2 TB request failed at once; a 20 GB one was
+    granted, touched, and the fuzzing process was killed for memory. Now the sizes are checked
+    against the weights' shapes on a "meta" model first."""
+    w = fresh_copy(folders[0] if which == "run" else folders[1], tmp_path / which)
+    cfg = json.loads((w / "config.json").read_text())
+    cfg["model"][key] = value
+    (w / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        keenlm.load(w)
+

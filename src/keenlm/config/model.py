@@ -114,6 +114,9 @@ class MemoryConfig:
         check(self.gate >= 0, p + "gate", self.gate, "a number >= 0 (0 = off)")
 
 
+MAX_CONTEXT = 1 << 20  # longest max_seq_len: a 1M-position rotary table at head dim 128 is 512 MB
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and parts of the Llama-family decoder. Zeros mean "derive" (see presets.resolve)."""
@@ -141,9 +144,12 @@ class ModelConfig:
 
     def __post_init__(self):
         p = "model."
-        for name in ("n_layer", "d_model", "n_head", "max_seq_len"):
+        for name in ("n_layer", "d_model", "n_head"):
             v = getattr(self, name)
             check(v >= 1, p + name, v, "an integer >= 1")
+        # the rotary tables are sized by it before any weight is read
+        check(1 <= self.max_seq_len <= MAX_CONTEXT, p + "max_seq_len", self.max_seq_len,
+              f"an integer in [1, {MAX_CONTEXT}]")
         for name in ("vocab_size", "n_kv_head", "d_ff"):
             v = getattr(self, name)
             check(v >= 0, p + name, v, "an integer >= 0 (0 = derive)")

@@ -38,7 +38,7 @@ import numpy as np
 
 from keenlm.config import ConfigError
 from keenlm.data import chat_template as templates
-from keenlm.runs import atomic_folder, default_cache_dir
+from keenlm.runs import atomic_folder, atomic_write_text, default_cache_dir
 
 if TYPE_CHECKING:  # imported for annotations only; corpus.py does not import this module
     from keenlm.config import DataConfig
@@ -157,12 +157,14 @@ class Tokenizer:
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / HF_FILE).write_text(self._hf_json(), encoding="utf-8")
+        # each file replaced whole: a run folder's tokenizer is written again on every resume,
+        # and a kill during that write must not leave the folder unloadable
+        atomic_write_text(folder / HF_FILE, self._hf_json())
         meta = {"kind": self.kind, "eos_token": self.eos_token, "vocab_size": self.vocab_size,
                 "bos_token": self.bos_token, "add_bos": self.add_bos,
                 "chat_template": self.chat_template,
                 "require_all_bytes": getattr(self, "require_all_bytes", True)}
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
         # For transformers' AutoTokenizer. Its clean_up_tokenization_spaces would turn " ." into
         # "." when decoding, breaking the round trip, so it is switched off explicitly.
         hf_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
@@ -171,8 +173,7 @@ class Tokenizer:
                   "add_bos_token": self.add_bos}
         if self.chat_template:
             hf_cfg["chat_template"] = self.chat_template
-        (folder / "tokenizer_config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n",
-                                                      encoding="utf-8")
+        atomic_write_text(folder / "tokenizer_config.json", json.dumps(hf_cfg, indent=2) + "\n")
 
     def fingerprint(self) -> str:
         """sha256 of what determines the ids: kind + canonical JSON of the HF tokenizer."""

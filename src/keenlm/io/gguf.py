@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from keenlm.config import ModelConfig, RunConfig
+from keenlm.config.model import MAX_CONTEXT
 from keenlm.io import gguf_format
 from keenlm.io.hf_tokenizer import tokenizer_from_vocab
 from keenlm.io.loaders import Loaded, assemble, register
@@ -71,7 +72,6 @@ def open_reader(path) -> GGUFFile:
     return GGUFFile(meta, tensors, data)
 
 
-MAX_CONTEXT = 1 << 20  # positions: the rotary tables are sized by it before any tensor is read
 
 
 def model_config(reader, path) -> ModelConfig:

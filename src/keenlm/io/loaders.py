@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from keenlm import runs
-from keenlm.config import RunConfig, from_dict
+from keenlm.config import ModelConfig, RunConfig, from_dict
 from keenlm.data import load_tokenizer
-from keenlm.model import build_model, load_model_state
+from keenlm.model import build_model, check_state_shapes, load_model_state
 
 
 @dataclass(eq=False)
@@ -87,16 +87,45 @@ def is_run_folder(path: Path) -> bool:
             and ((path / "checkpoints").exists() or not any(path.glob("*.safetensors*"))))
 
 
+def build_fitting(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where: str) -> nn.Module:
+    """A model of ``cfg`` that the tensors ``shapes`` (name -> shape, as a file holds them)
+    fill exactly, checked before anything is allocated: the block and expert counts against
+    the names, then every shape on a "meta" model. A config from a damaged or hostile file
+    therefore never sizes an allocation, or a loop over blocks, that the weights do not back.
+    Returned on the CPU, uninitialized, for the caller to fill."""
+    blocks = {n.split(".")[1] for n in shapes if n.startswith("layers.")}
+    if cfg.n_layer != len(blocks):
+        raise ValueError(f"{where}: model.n_layer is {cfg.n_layer}; the weights hold "
+                         f"{len(blocks)} blocks")
+    if cfg.ffn == "moe":
+        experts = {n.split(".experts.")[1].split(".")[0] for n in shapes if ".mlp.experts." in n}
+        if cfg.moe.experts != len(experts):
+            raise ValueError(f"{where}: model.moe.experts is {cfg.moe.experts}; the weights hold "
+                             f"{len(experts)}")
+    try:
+        with torch.device("meta"):
+            net = build_model(cfg)
+        check_state_shapes(net, shapes)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    net = net.to_empty(device="cpu")
+    net.tie_weights()
+    net.reset_buffers()
+    return net
+
+
 def load_run(path: Path, device: str = "cpu") -> Loaded:
     """A keenlm run folder: its config.json and newest complete checkpoint."""
     try:  # every problem of the config names the file (a ConfigError names the key too)
         cfg = from_dict(json.loads((path / "config.json").read_text(encoding="utf-8")))
-        net = build_model(cfg.model)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{path / 'config.json'}: {e}") from None
     ckpt = runs.latest_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"{path} has no checkpoint yet (checkpoints/latest missing)")
+    weights = ckpt / ("dcp" if runs.is_dcp(ckpt) else "model.safetensors")
+    net = build_fitting(cfg.model, runs.checkpoint_shapes(ckpt),
+                        f"{weights} against {path / 'config.json'}")
     if runs.is_dcp(ckpt):  # a distributed run's shards, gathered into this one model
         runs.read_dcp(ckpt, runs.distinct_tensors({f"model/{k}": v
                                                    for k, v in net.state_dict().items()}))

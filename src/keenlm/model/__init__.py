@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from keenlm.model.attention import ATTENTION, KVCache
-from keenlm.model.transformer import FFN, LINEAR, Transformer, load_model_state, model_state
+from keenlm.model.transformer import (FFN, LINEAR, Transformer, check_state_shapes, load_model_state,
+                                      model_state)
 
 # torch.nn.init functions the modules' own constructors call
 _INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "ones_", "zeros_",
@@ -38,4 +39,4 @@ def build_model(cfg) -> Transformer:
 
 
 __all__ = ["ATTENTION", "FFN", "LINEAR", "KVCache", "Transformer", "build_model",
-           "load_model_state", "model_state"]
+           "check_state_shapes", "load_model_state", "model_state"]

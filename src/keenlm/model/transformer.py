@@ -284,17 +284,24 @@ def model_state(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def load_model_state(model: Transformer, state: dict[str, torch.Tensor]) -> None:
-    """Load weights strictly: a missing, unexpected or mis-shaped tensor is an error naming it."""
-    expected = {k: v for k, v in model.state_dict().items()
+def check_state_shapes(model: Transformer, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The tensors a file holds (name -> shape) against the model, strictly: a missing,
+    unexpected or mis-shaped tensor is an error naming it. Shapes only, so it works on a model
+    built on "meta": a loader checks a file's tensors against its config before allocating."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
                 if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, "
-                             f"model expects {tuple(expected[k].shape)}")
+    for k, shape in shapes.items():
+        if tuple(shape) != expected[k]:
+            raise ValueError(f"checkpoint tensor {k} has shape {tuple(shape)}, "
+                             f"model expects {expected[k]}")
+
+
+def load_model_state(model: Transformer, state: dict[str, torch.Tensor]) -> None:
+    """Load weights strictly (see check_state_shapes)."""
+    check_state_shapes(model, {k: tuple(v.shape) for k, v in state.items()})
     model.load_state_dict(state, strict=False)

@@ -24,7 +24,7 @@ from torch import nn
 from keenlm import runs
 from keenlm.config import from_dict, save_json
 from keenlm.data import load_tokenizer
-from keenlm.io.loaders import Loaded, register
+from keenlm.io.loaders import Loaded, build_fitting, register
 from keenlm.model import build_model, load_model_state
 from keenlm.quant.int8 import Int8Embedding, Int8Linear
 from keenlm.quant.packing import PackedLinear, fuse_packed
@@ -57,6 +57,26 @@ def is_quantized_folder(path: Path) -> bool:
     return (path / "quant.json").exists()
 
 
+def dense_shapes(state: dict, layers: dict) -> dict[str, tuple[int, ...]]:
+    """The shape each stored tensor stands for in the full-precision model: a packed layer's
+    weight is (rows, in_features), an int8 table's its own; their scales and offsets are parts
+    of those, not tensors of their own."""
+    shapes = {}
+    for k, v in state.items():
+        base, _, leaf = k.rpartition(".")
+        spec = layers.get(base) if isinstance(layers.get(base), dict) else {}
+        if leaf == "weight_int8":
+            shapes[f"{base}.weight"] = tuple(v.shape)
+        elif leaf == "packed" and isinstance(spec.get("in_features"), int) and v.dim():
+            shapes[f"{base}.weight"] = (v.shape[0], spec["in_features"])
+        elif leaf in ("scale", "offset", "packed") and (f"{base}.packed" in state
+                                                         or f"{base}.weight_int8" in state):
+            continue
+        else:
+            shapes[k] = tuple(v.shape)
+    return shapes
+
+
 def load_quantized(path: Path, device: str = "cpu"):
     """Build a model from a quantized folder: every tensor checked before it is used."""
     try:
@@ -73,14 +93,15 @@ def load_quantized(path: Path, device: str = "cpu"):
     if missing or not isinstance(spec["layers"], dict):
         raise ValueError(f"{path}/quant.json: missing or malformed {missing or ['layers']}")
     state = runs.load_model_state(path)  # safetensors: a truncated or corrupt file is an error
-    try:
-        with torch.device("meta"):
-            net = build_model(dataclasses.replace(cfg.model, linear="dense"))
-    except ValueError as e:
-        raise ValueError(f"{path}/config.json: {e}") from None
-    net = net.to_empty(device="cpu")
-    net.tie_weights()
-    net.reset_buffers()
+    for name, L in spec["layers"].items():
+        if not isinstance(L, dict):
+            raise ValueError(f"{path}/quant.json: layer {name!r} is {L!r}, not a mapping")
+        if f"{name}.packed" not in state:
+            raise ValueError(f"{path}: quant.json names {name!r}, which model.safetensors "
+                             f"does not hold")
+    net = build_fitting(dataclasses.replace(cfg.model, linear="dense"),
+                        dense_shapes(state, spec["layers"]),
+                        f"{path}/model.safetensors against {path}/config.json")
 
     def take(name: str) -> torch.Tensor:
         if name not in state:
@@ -94,8 +115,6 @@ def load_quantized(path: Path, device: str = "cpu"):
         except AttributeError:
             parent = None
         old = getattr(parent, attr, None)
-        if not isinstance(L, dict):
-            raise ValueError(f"{path}/quant.json: layer {name!r} is {L!r}, not a mapping")
         if not isinstance(old, nn.Linear) or old.in_features != L.get("in_features"):
             raise ValueError(f"{path}: quant.json names {name!r}, which the model config does not have")
         try:
