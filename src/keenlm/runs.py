@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import glob
 import json
 import os
 import platform
@@ -50,10 +51,40 @@ from safetensors.torch import load_file, save_file
 from keenlm._version import __version__
 
 
+def temp_sibling(final: Path) -> Path:
+    """Where a write of ``final`` goes until it is renamed into place:
+    ``.NAME.tmp-HOST-PID-RANDOM`` beside it, so that ``clear_stale`` can tell a killed writer's
+    leftover (its process is gone) from a live one's."""
+    return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+                           f"{uuid.uuid4().hex[:8]}")
+
+
+def clear_stale(final: Path) -> None:
+    """Remove the temporary siblings of ``final`` that writers on this host left when they were
+    killed (a process that is gone); called before each new write of ``final``."""
+    prefix = f".{final.name}.tmp-{socket.gethostname()}-"
+    for p in final.parent.glob(glob.escape(prefix) + "*"):
+        pid = p.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clear_stale(path)
+    tmp = temp_sibling(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -295,7 +326,8 @@ def atomic_folder(final: Path, is_valid: Callable[[Path], bool] = lambda p: Fals
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    clear_stale(final)
+    tmp = temp_sibling(final)
     tmp.mkdir()
     try:
         yield tmp

@@ -41,6 +41,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
+from keenlm.runs import atomic_write_text
+
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 LIMIT = 10**9
 MAX_EXPR = 200
@@ -368,9 +370,7 @@ def write_demonstrations(task: Task, path, n: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"text": p.prompt + p.demonstration}) for p in task.problems("train", n)]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

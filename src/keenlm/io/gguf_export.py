@@ -36,12 +36,12 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from keenlm import runs
 from keenlm.data.tokenizer import bytes_to_unicode
 from keenlm.io.gguf import GGUF_TO_KEENLM, GLOBAL_NAMES, permute_qk
 from keenlm.quant.int8 import FusedSlice, Int8Embedding, Int8Linear
@@ -281,8 +281,8 @@ def _write_gguf(path: Path, fill) -> Path:
     interrupted export leaves nothing under the final name."""
     from gguf import GGUFWriter  # optional extra: keenlm[io]
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    runs.clear_stale(path)  # left by an export that was killed
+    tmp = runs.temp_sibling(path)
     try:
         w = GGUFWriter(tmp, "llama")
         fill(w)
