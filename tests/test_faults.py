@@ -52,3 +52,32 @@ def test_kill_9_inside_writes_loses_nothing_and_train_resumes_bitwise(tmp_path):
     assert len(got["kills"]) >= 4
     assert {k["job"] for k in got["kills"]} == {"prepare", "train", "rl", "convert"}
     assert got["leftovers"] == []
+
+
+def test_replacing_an_output_leaves_its_name_present_at_every_moment(tmp_path):
+    """``--overwrite`` (quantize, convert --to hf): the new folder is swapped in with one
+    exchange, so a reader polling the name (or a kill at any moment) never finds it absent."""
+    import threading
+
+    final = tmp_path / "q4"
+    with runs.atomic_folder(final) as tmp:
+        (tmp / "model.safetensors").write_text("0")
+    missing, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if not (final / "model.safetensors").exists():
+                missing.append(1)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        for i in range(1, 200):
+            with runs.atomic_folder(final, replace=True) as tmp:
+                (tmp / "model.safetensors").write_text(str(i))
+    finally:
+        stop.set()
+        t.join()
+    assert (final / "model.safetensors").read_text() == "199"
+    assert missing == []
+    assert [p.name for p in tmp_path.iterdir()] == ["q4"]  # no old copy or temporary left

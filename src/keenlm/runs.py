@@ -24,6 +24,7 @@ stuck); a second job on the same folder is refused with the holder's pid, host, 
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import errno
 import fcntl
@@ -345,6 +346,9 @@ def _publish(tmp: Path, final: Path, is_valid: Callable[[Path], bool], replace: 
             raise
     if not replace and is_valid(final):
         return
+    if _exchange(tmp, final):  # one step: at no moment is there nothing under the final name
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+        return
     trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
     try:
         os.rename(final, trash)
@@ -356,6 +360,22 @@ def _publish(tmp: Path, final: Path, is_valid: Callable[[Path], bool], replace: 
         if not is_valid(final):  # a third writer put a good copy there meanwhile: fine
             raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2`` with RENAME_EXCHANGE); False where
+    the system or the filesystem has no such call (then the caller renames twice)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 class FolderBusy(RuntimeError):
