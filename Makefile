@@ -65,6 +65,7 @@ bench: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/grpo.py
 	$(BIN)/python benchmarks/moe.py
 	$(BIN)/python benchmarks/spiking.py
+	$(BIN)/python benchmarks/faults.py
 
 bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/train_throughput.py --quick
@@ -78,6 +79,7 @@ bench-quick: $(VENV)/.keenlm-bench
 	$(BIN)/python benchmarks/grpo.py --quick
 	$(BIN)/python benchmarks/moe.py --quick
 	$(BIN)/python benchmarks/spiking.py --quick
+	$(BIN)/python benchmarks/faults.py --quick
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info src/keenlm/quant/*.so

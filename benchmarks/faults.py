@@ -81,27 +81,27 @@ def jobs(shared: Path, quick: bool) -> list[Job]:
                         "--train.out_dir", "{dir}/run"],
             {"tokenizer": "cache/tokenizers/.*.tmp-*", "token cache": "cache/tokens/.*.tmp-*",
              "checkpoint": "run/checkpoints/.tmp-*"},
-            k(4, 1), outputs=["cache/tokenizers", "cache/tokens"], run_dirs=["run"]),
+            k(8, 1), outputs=["cache/tokenizers", "cache/tokens"], run_dirs=["run"]),
         Job("train", ["train", *tiny, "--data.cache_dir", str(shared / "cache"),
                       "--train.steps", k(300, 120), "--train.checkpoint.every", "10",
                       "--train.checkpoint.keep", "1000", "--train.out_dir", "{dir}/run"],
-            {"checkpoint": "run/checkpoints/.tmp-*"}, k(8, 2), run_dirs=["run"]),
+            {"checkpoint": "run/checkpoints/.tmp-*"}, k(12, 2), run_dirs=["run"]),
         Job("rl", ["rl", str(shared / "policy"), "--task", "addition", "--difficulty", "1",
                    "--steps", k(24, 8), "--group", "4", "--prompts", "4", "--max-new-tokens", "6",
                    "--save-every", "2", "--eval-every", "0", "--eval-n", "8",
                    "--progress", "false", "--out-dir", "{dir}/run"],
-            {"checkpoint": "run/checkpoints/.tmp-*"}, k(6, 1), run_dirs=["run"]),
+            {"checkpoint": "run/checkpoints/.tmp-*"}, k(10, 1), run_dirs=["run"]),
         Job("quantize", ["quantize", str(shared / "policy"), "{dir}/q4", "--bits", "4",
                          "--method", "gptq"],
-            {"quantized folder": ".q4.tmp-*"}, k(3, 1), outputs=["q4"]),
+            {"quantized folder": ".q4.tmp-*"}, k(5, 1), outputs=["q4"]),
         Job("convert", ["convert", str(shared / "policy"), "{dir}/model.gguf", "--to", "gguf"],
-            {"GGUF file": ".model.gguf.tmp-*"}, k(2, 1), outputs=["model.gguf"]),
+            {"GGUF file": ".model.gguf.tmp-*"}, k(4, 1), outputs=["model.gguf"]),
         Job("convert-hf", ["convert", str(shared / "policy"), "{dir}/hf", "--to", "hf"],
-            {"HF folder": ".hf.tmp-*"}, k(2, 0), outputs=["hf"]),
+            {"HF folder": ".hf.tmp-*"}, k(3, 0), outputs=["hf"]),
         Job("sweep", ["scale", "sweep", "{dir}/sweep", "--depths", "1,2", "--tokens", k("6e4", "2e4"),
                       "--seq-len", "64", "--batch-size", "8", "--config", str(sweep_cfg)],
             {"checkpoint": "sweep/trials/*/checkpoints/.tmp-*",
-             "trial record": "sweep/trials/*/.trial.json.tmp-*"}, k(4, 1),
+             "trial record": "sweep/trials/*/.trial.json.tmp-*"}, k(8, 1),
             run_dirs=["sweep/trials/d1-t*", "sweep/trials/d2-t*"]),
     ]
 
@@ -243,13 +243,15 @@ def temp_paths(job: Job, folder: Path) -> set[tuple[str, Path]]:
 def kill_at(p: subprocess.Popen, job: Job, folder: Path, mode: str, at_s: float,
             rng: random.Random) -> tuple[float, list[str]] | None:
     """Kill ``p`` with SIGKILL (``mode`` time: ``at_s`` after its start; write: as soon as a
-    temporary path appears, plus 0-2 ms). Seconds from the start to the kill and what was being
+    temporary path of one kind of the job's writes, drawn at random, appears, plus 0-2 ms). Seconds from the start to the kill and what was being
     written then (the temporary paths still there); None when the process ended first."""
     t0 = time.perf_counter()
     before = temp_paths(job, folder)  # left by earlier kills: not a write of this process
+    target = rng.choice(sorted(job.temp_globs))  # which kind of write to kill inside
     while p.poll() is None:
         now = time.perf_counter() - t0
-        if mode == "time" and now >= at_s or mode == "write" and temp_paths(job, folder) - before:
+        if mode == "time" and now >= at_s or \
+                mode == "write" and any(w == target for w, _ in temp_paths(job, folder) - before):
             if mode == "write":
                 time.sleep(rng.uniform(0, WRITE_DELAY_S))
             if p.poll() is not None:

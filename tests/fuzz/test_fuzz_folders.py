@@ -148,15 +148,19 @@ def test_fuzz_findings_stay_fixed(folders, tmp_path):
     ("run", "d_ff", 1 << 36, "mlp.*has shape"),
     ("run", "n_layer", 1 << 31, "n_layer is 2147483648; the weights hold 1 blocks"),
     ("run", "max_seq_len", 1 << 40, "max_seq_len"),
+    ("run", "vocab_size", 9.223372036854776e+18, "Overflow"),  # past int64: torch's TypeError
+    ("run", "vocab_size", 3.602879701896397e+16, "overflowed"),  # bytes past int64: RuntimeError
     ("q4", "vocab_size", 1 << 40, "embed_tokens.weight has shape"),
     ("q4", "d_ff", 1 << 36, "has shape"),
+    ("q4", "vocab_size", 9.223372036854776e+18, "Overflow"),
 ])
 def test_a_config_never_sizes_what_the_weights_do_not_back(folders, tmp_path, which, key, value,
                                                            match):
     """Found by ``make fuzz``: a config.json with a huge size built that model, and allocated
     it, before any weight was compared with it. A 2 TB request failed at once; a 20 GB one was
     granted, touched, and the fuzzing process was killed for memory. Now the sizes are checked
-    against the weights' shapes on a "meta" model first."""
+    against the weights' shapes on a "meta" model first; sizes past int64 (found by the next
+    ``make fuzz``) made torch raise TypeError or RuntimeError even there."""
     w = fresh_copy(folders[0] if which == "run" else folders[1], tmp_path / which)
     cfg = json.loads((w / "config.json").read_text())
     cfg["model"][key] = value

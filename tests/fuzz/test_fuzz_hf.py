@@ -111,3 +111,15 @@ def test_fuzz_findings_stay_fixed(folder, tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message) as e:
         keenlm.load(w)
     assert str(w) in str(e.value)
+
+
+def test_a_tokenizer_that_makes_the_library_panic_is_an_error_naming_the_file(folder, tmp_path):
+    """Found by ``make fuzz``: a ``continuing_subword_prefix`` longer than a merged token makes
+    the tokenizers library panic (a PanicException, which is a BaseException, not an
+    Exception); it escaped every reader."""
+    w = fresh_copy(folder[0], tmp_path / "m")
+    tok = json.loads((w / "tokenizer.json").read_text())
+    tok["model"]["continuing_subword_prefix"] = "x" * 40
+    (w / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match=r"tokenizer.json.*PanicException"):
+        keenlm.load(w)

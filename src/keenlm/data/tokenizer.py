@@ -26,13 +26,14 @@ table, so there is no cleanup of spaces, no stripping and no lossy UTF-8 step un
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -377,6 +378,20 @@ def text_batches(texts: Iterable[str], size: int = 1 << 20) -> Iterator[list[str
         yield batch
 
 
+@contextlib.contextmanager
+def library_errors(error: Callable[[str], Exception]) -> Iterator[None]:
+    """The tokenizers library's failures on a damaged file, raised as ``error(why)``: its Rust
+    side raises a bare Exception for bad JSON and, for some malformed models (a
+    ``continuing_subword_prefix`` longer than a merged token), panics with a PanicException,
+    which is a BaseException."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - see above
+        raise error(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+
+
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     """Read what ``Tokenizer.save`` wrote. A foreign byte-level ``tokenizer.json`` loads as BPE."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -395,10 +410,9 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
         return ByteTokenizer()
     if meta["kind"] != "bpe":
         raise ValueError(f"{meta_path}: unknown tokenizer kind {meta['kind']!r} (byte | bpe)")
-    try:
+    with library_errors(lambda why: ValueError(f"{hf_path}: not a valid Hugging Face tokenizer "
+                                               f"file ({why})")):
         hf = HFTokenizer.from_file(str(hf_path))
-    except Exception as e:  # the Rust side raises a bare Exception on bad JSON
-        raise ValueError(f"{hf_path}: not a valid Hugging Face tokenizer file ({e})") from None
     return BPETokenizer(hf, eos_token=meta["eos_token"], source=str(hf_path),
                         bos_token=meta.get("bos_token"), add_bos=bool(meta.get("add_bos")),
                         chat_template=meta.get("chat_template"),

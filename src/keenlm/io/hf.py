@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors import torch as st
 
 from keenlm.config import ModelConfig, RunConfig
-from keenlm.data.tokenizer import META_FILE, BPETokenizer, load_tokenizer
+from keenlm.data.tokenizer import META_FILE, BPETokenizer, library_errors, load_tokenizer
 from keenlm.io.loaders import Loaded, assemble, register
 from keenlm.model import build_model, model_state
 from keenlm.io.peft import save_adapter
@@ -423,10 +423,9 @@ def read_tokenizer(folder: Path, config: dict):
     kind = (tok_json.get("model") or {}).get("type")
     if kind != "BPE":
         raise HFError(path, f"tokenizer model is {kind!r}; only byte-level BPE is supported")
-    try:
+    with library_errors(lambda why: HFError(path, f"not a valid Hugging Face tokenizer file "
+                                                  f"({why})")):
         hf = HFTokenizer.from_file(str(path))
-    except Exception as e:  # the Rust side raises a bare Exception on bad JSON
-        raise HFError(path, f"not a valid Hugging Face tokenizer file ({e})") from None
     tcfg_path = folder / "tokenizer_config.json"
     tcfg = _read_json(tcfg_path) if tcfg_path.is_file() else {}
     eos = _token_text(tcfg.get("eos_token")) or _token_for_id(hf, config.get("eos_token_id"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from keenlm.data.tokenizer import BPETokenizer
+from keenlm.data.tokenizer import BPETokenizer, library_errors
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -53,10 +53,10 @@ def tokenizer_from_vocab(tokens: list[str], merges: list[str], *, special: list[
         if not sep:
             raise ValueError(f"malformed merge {m!r}")
         pairs.append((a, b))
-    try:  # the tokenizers library raises a bare Exception for a merge of unknown tokens
+    # the tokenizers library raises a bare Exception for a merge of unknown tokens
+    with library_errors(lambda why: ValueError(f"the BPE vocabulary and merges do not fit "
+                                               f"together ({why})")):
         hf = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    except Exception as e:  # noqa: BLE001 - re-raised as the reader's error type
-        raise ValueError(f"the BPE vocabulary and merges do not fit together ({e})") from None
     hf.normalizer = None
     hf.pre_tokenizer = _pre_tokenizer(pre)
     hf.decoder = decoders.ByteLevel()

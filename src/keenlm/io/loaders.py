@@ -102,12 +102,12 @@ def build_fitting(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where: s
         if cfg.moe.experts != len(experts):
             raise ValueError(f"{where}: model.moe.experts is {cfg.moe.experts}; the weights hold "
                              f"{len(experts)}")
-    try:
+    try:  # on meta nothing is allocated; a size past int64 is torch's TypeError or RuntimeError
         with torch.device("meta"):
             net = build_model(cfg)
         check_state_shapes(net, shapes)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"{where}: {(str(e).splitlines() or [''])[0]}") from None
     net = net.to_empty(device="cpu")
     net.tie_weights()
     net.reset_buffers()
