@@ -110,6 +110,29 @@ def test_batched_scoring_equals_one_sequence_at_a_time(fp32):
     assert alone[0][0] == pytest.approx(ref, rel=1e-5, abs=1e-5)
 
 
+def test_a_shared_context_scores_as_each_row_alone(fp32):
+    """Multiple-choice items: the context runs once for all its continuations (SharedPrefix);
+    the log-likelihoods and greedy flags equal the one-row-per-choice path's."""
+    lm = KeenLM(model=fp32, batch_size=4, max_length=MAX_LEN)
+    g = torch.Generator().manual_seed(2)
+    ids = lambda n: torch.randint(0, 400, (n,), generator=g).tolist()  # noqa: E731
+    reqs = []
+    for n_ctx in (1, 2, 37, 90):  # a one-token context is scored the plain way
+        ctx = ids(n_ctx)
+        reqs += [(None, ctx, ids(int(m))) for m in torch.randint(1, 15, (4,), generator=g)]
+    reqs.append((None, ids(20), ids(5)))  # a context of its own
+    reqs.append((None, reqs[8][1], reqs[8][2][:1]))  # a one-token continuation in a group
+    calls = []
+    real = lm._score_shared
+    lm._score_shared = lambda ctx, conts: calls.append(len(conts)) or real(ctx, conts)
+    shared = lm._loglikelihood_tokens(reqs)
+    assert sorted(calls) == [4, 4, 5]  # the groups of 2, 37 (4 + 1) and 90 context tokens
+    lm._shares_prefixes = lambda: False
+    plain = lm._loglikelihood_tokens(reqs)
+    assert [s[1] for s in shared] == [p[1] for p in plain]
+    assert [s[0] for s in shared] == pytest.approx([p[0] for p in plain], rel=1e-5, abs=1e-5)
+
+
 def test_bad_arguments_are_named(model):
     with pytest.raises(ValueError, match="pretrained=PATH"):
         KeenLM()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -75,3 +76,13 @@ def test_non_finite_numbers_are_config_errors():
                 assert ".".join(path) in str(e)
             else:
                 raise AssertionError(f"{'.'.join(path)} = {bad} was accepted")
+
+
+def test_fuzz_finding_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    """Found by ``make fuzz``: a config file that is not valid UTF-8 escaped as
+    UnicodeDecodeError, naming neither the file nor the option."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"train:\n  steps: 10\xed\xa0\x80\n")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_file(path)
+

@@ -166,8 +166,11 @@ def load_file(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError("--config", path, "an existing .yaml, .yml or .json file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError("--config", path, f"a UTF-8 text file ({e})") from None
     if path.endswith(".json"):
         try:
             data = json.loads(text)

@@ -29,6 +29,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from keenlm.api import load
 from keenlm.config import GenerateConfig
 from keenlm.infer.generate import generate_tokens, stop_check
+from keenlm.model.attention import SharedPrefix
 
 
 def _cut(text: str, until) -> str:
@@ -114,9 +115,54 @@ class KeenLM(TemplateLM):
                         bool((lp.argmax(-1) == target).all())))
         return out
 
+    @torch.no_grad()
+    def _score_shared(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
+        """``_score`` for several continuations of one context (a multiple-choice item): the
+        context runs once and each continuation attends to its keys and values
+        (``SharedPrefix``), instead of the context again in every row. The same numbers as
+        ``_score`` up to float rounding (tests/test_harness.py compares them)."""
+        dev = self._device
+        cache = SharedPrefix(torch.zeros(len(conts), dtype=torch.long, device=dev))
+        self.net.hidden_states(torch.tensor([ctx[:-1]], device=dev), cache=cache)
+        width = max(len(c) for c in conts)
+        idx = torch.zeros(len(conts), width, dtype=torch.long, device=dev)
+        for i, c in enumerate(conts):  # the context's last token, then all but the last of c
+            idx[i, :len(c)] = torch.tensor([ctx[-1]] + c[:-1])
+        h = self.net.hidden_states(idx, cache=cache)  # right padding: causal masking ignores it
+        logps = torch.log_softmax(self.net.lm_head(
+            torch.cat([h[i, :len(c)] for i, c in enumerate(conts)])).float(), dim=-1)
+        out, at = [], 0
+        for c in conts:
+            lp, target = logps[at:at + len(c)], torch.tensor(c, device=dev)
+            at += len(c)
+            out.append((float(lp.gather(1, target[:, None]).sum()),
+                        bool((lp.argmax(-1) == target).all())))
+        return out
+
+    def _shares_prefixes(self) -> bool:
+        """Whether contexts can be shared: a full-precision head (a quantized one rounds by its
+        row count, so rows are scored as a server scores them) and keys and values that carry
+        all the state (model.memory's layers carry more)."""
+        return (type(self.net.lm_head) is torch.nn.Linear
+                and getattr(self.net.cfg.memory, "kind", "none") == "none")
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         results: list = [None] * len(requests)
+        if self._shares_prefixes():
+            groups: dict[tuple, list[int]] = {}
+            for i, (_, ctx, cont) in enumerate(requests):
+                if len(ctx) >= 2 and cont and len(ctx) + len(cont) <= self.max_length:
+                    groups.setdefault(tuple(ctx), []).append(i)
+            for ctx, members in groups.items():
+                if len(members) < 2:
+                    continue
+                for i, r in zip(members, self._score_shared(list(ctx),
+                                                            [requests[i][2] for i in members])):
+                    results[i] = r
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+        order = sorted((i for i in range(len(requests)) if results[i] is None),
+                       key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         for start in range(0, len(order), self.batch):
             chunk = order[start:start + self.batch]
             scored = self._score([(requests[i][1], requests[i][2]) for i in chunk])
