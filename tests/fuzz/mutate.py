@@ -5,15 +5,26 @@ flip bytes in it, and overwrite its integer fields (counts, lengths, offsets, ty
 dimensions) with the values that break readers (0, 1, -1, 2^31, 2^32, 2^63, the file size).
 For JSON files: any field replaced by any JSON value (``values``, ``replaced``, ``json_paths``),
 then characters edited (``edited_json``). For folders: ``fresh_copy`` and the property every
-model folder is held to (``loads_or_fails_clearly``)."""
+model folder is held to (``loads_or_fails_clearly``). ``count()``, first in every property:
+the examples each test tried, which ``make fuzz`` prints."""
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 import struct
 
 import torch
 from hypothesis import strategies as st
+
+COUNTS: collections.Counter = collections.Counter()  # pytest node id -> examples run
+RUNNING = [""]  # the test running now (set by conftest.py)
+
+
+def count() -> None:
+    """One more example of the running test (the first line of every property)."""
+    COUNTS[RUNNING[0]] += 1
+
 
 SAFETENSORS_FIELDS = [(0, 8), (0, 4), (4, 4)]  # a safetensors file's header length (u64), its halves
 

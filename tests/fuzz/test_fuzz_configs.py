@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from keenlm.config import ConfigError, from_dict, load_file, rl_config, to_dict
 from keenlm.presets import preset_dict
-from tests.fuzz.mutate import json_paths, replaced, values
+from tests.fuzz.mutate import count, json_paths, replaced, values
 
 VALID = to_dict(from_dict(preset_dict("tiny")))
 RL = {"task": "addition", "difficulty": 2, "lr": 1e-4, "group": 8, "lora": {"rank": 4}}
@@ -32,6 +32,7 @@ def builds_or_config_error(make, data):
 @given(st.lists(st.tuples(st.sampled_from(PATHS), values), min_size=1, max_size=3),
        st.dictionaries(st.text(max_size=10), values, max_size=2))
 def test_run_configs_build_or_fail_clearly(changes, extra):
+    count()
     data = VALID
     for path, value in changes:
         data = replaced(data, path, value)
@@ -40,6 +41,7 @@ def test_run_configs_build_or_fail_clearly(changes, extra):
 
 @given(st.lists(st.tuples(st.sampled_from(RL_PATHS), values), min_size=1, max_size=3))
 def test_rl_configs_build_or_fail_clearly(changes):
+    count()
     data = RL
     for path, value in changes:
         data = replaced(data, path, value)
@@ -50,6 +52,7 @@ def test_rl_configs_build_or_fail_clearly(changes):
                                                              st.characters()), max_size=4),
        st.integers(0, 10**6))
 def test_config_files_read_or_fail_clearly(tmp_path_factory, kind, edits, cut):
+    count()
     import yaml
 
     text = json.dumps(VALID, indent=1) if kind == "json" else yaml.safe_dump(VALID)

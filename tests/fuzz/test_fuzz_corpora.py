@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from keenlm.config import ConfigError, DataConfig
 from keenlm.data import ByteTokenizer, load_corpus, tokenize_corpus
+from tests.fuzz.mutate import count
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
                            | st.text(max_size=30), lambda v: st.lists(v, max_size=3), max_leaves=5)
@@ -45,11 +46,13 @@ def check(tmp, name, data: bytes):
 
 @given(st.lists(lines, min_size=1, max_size=12))
 def test_jsonl_corpora_tokenize_or_fail_clearly(tmp_path_factory, rows):
+    count()
     check(tmp_path_factory.mktemp("c"), "c.jsonl", b"\n".join(rows) + b"\n")
 
 
 @given(st.binary(max_size=400))
 def test_text_corpora_tokenize_or_fail_clearly(tmp_path_factory, data):
+    count()
     check(tmp_path_factory.mktemp("c"), "c.txt", data)
 
 

@@ -17,8 +17,8 @@ import keenlm
 from keenlm.config import QuantConfig
 from keenlm.quant.recipe import quantize, save_quantized
 from keenlm.train import Trainer
-from tests.fuzz.mutate import (SAFETENSORS_FIELDS, edited_json, edits, fresh_copy, json_paths,
-                               loads_or_fails_clearly, mutations, values)
+from tests.fuzz.mutate import (SAFETENSORS_FIELDS, count, edited_json, edits, fresh_copy,
+                               json_paths, loads_or_fails_clearly, mutations, values)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -61,6 +61,7 @@ def test_mutated_weights_load_or_fail_clearly(folders, tmp_path_factory, which):
 
     @given(mutations(data, SAFETENSORS_FIELDS, header))
     def prop(mutated):
+        count()
         fresh_copy(src, work)
         _model_file(work).write_bytes(mutated)
         loads_or_fails_clearly(work)
@@ -77,6 +78,7 @@ def test_mutated_json_loads_or_fails_clearly(folders, tmp_path_factory, which, n
 
     @given(st.lists(st.tuples(st.sampled_from(keys), values), max_size=2), edits)
     def prop(changes, char_edits):
+        count()
         fresh_copy(src, work)
         (work / name).write_text(edited_json(valid, changes, char_edits), encoding="utf-8",
                                  errors="surrogatepass")
@@ -91,6 +93,7 @@ def test_latest_pointer_rewritten(folders, tmp_path_factory):
     @given(st.one_of(st.text(max_size=40), st.sampled_from(
         ["../../../etc", "/etc", "step-0000002/../../x", "step-9999999", "", "\x00", "step-"])))
     def prop(pointer):
+        count()
         fresh_copy(src, work)
         (work / "checkpoints" / "latest").write_text(pointer, encoding="utf-8",
                                                      errors="surrogatepass")

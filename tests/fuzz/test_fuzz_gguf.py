@@ -20,7 +20,7 @@ from keenlm.data import train_bpe  # noqa: E402
 from keenlm.io.gguf import GGUFError  # noqa: E402
 from keenlm.io.gguf_export import export_gguf  # noqa: E402
 from keenlm.model import build_model  # noqa: E402
-from tests.fuzz.mutate import mutations  # noqa: E402
+from tests.fuzz.mutate import count, mutations  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
@@ -121,6 +121,7 @@ def test_mutated_gguf_files_load_or_fail_clearly(valid, tmp_path_factory):
 
     @given(strategy(valid))
     def prop(data):
+        count()
         path.write_bytes(data)
         check(path)
 

@@ -19,8 +19,8 @@ from keenlm.config import ModelConfig
 from keenlm.data import train_bpe
 from keenlm.io.hf import export_hf
 from keenlm.model import build_model
-from tests.fuzz.mutate import (SAFETENSORS_FIELDS, edited_json, edits, fresh_copy, json_paths,
-                               loads_or_fails_clearly, mutations, values)
+from tests.fuzz.mutate import (SAFETENSORS_FIELDS, count, edited_json, edits, fresh_copy,
+                               json_paths, loads_or_fails_clearly, mutations, values)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -69,6 +69,7 @@ def test_mutated_json_files_load_or_fail_clearly(folder, tmp_path_factory, name)
 
     @given(st.lists(st.tuples(st.sampled_from(keys), values), max_size=2), edits)
     def prop(changes, char_edits):
+        count()
         fresh_copy(src, work)
         (work / name).write_text(edited_json(valid, changes, char_edits), encoding="utf-8",
                                  errors="surrogatepass")
@@ -84,6 +85,7 @@ def test_mutated_weights_load_or_fail_clearly(folder, tmp_path_factory):
 
     @given(mutations(data, SAFETENSORS_FIELDS, header))
     def prop(mutated):
+        count()
         fresh_copy(src, work)
         (work / "model.safetensors").write_bytes(mutated)
         loads_or_fails_clearly(work)

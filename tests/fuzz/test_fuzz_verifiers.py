@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keenlm.data.tasks import extract_answer, get_task
+from tests.fuzz.mutate import count
 
 TASKS = [get_task("addition", 2), get_task("multiplication", 2, scratchpad=True),
          get_task("countdown", 3), get_task("countdown", 3, scratchpad=True)]
@@ -37,6 +38,7 @@ def test_verifiers_take_any_completion(k):
 
     @given(st.sampled_from(problems), completion)
     def prop(problem, text):
+        count()
         (r,) = task.reward([problem.prompt], [text])
         assert isinstance(r, float) and 0.0 <= r <= 1.0
         if r == 1.0:  # a full reward only for an answer the task accepts
