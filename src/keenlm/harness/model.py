@@ -28,7 +28,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from keenlm.api import load
 from keenlm.config import GenerateConfig
-from keenlm.infer.generate import generate_tokens, stop_check
+from keenlm.infer.generate import generate_tokens, left_pad, stop_check
 from keenlm.model.attention import SharedPrefix
 
 
@@ -116,27 +116,37 @@ class KeenLM(TemplateLM):
         return out
 
     @torch.no_grad()
-    def _score_shared(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
-        """``_score`` for several continuations of one context (a multiple-choice item): the
-        context runs once and each continuation attends to its keys and values
-        (``SharedPrefix``), instead of the context again in every row. The same numbers as
-        ``_score`` up to float rounding (tests/test_harness.py compares them)."""
+    def _score_shared(self, items: list[tuple[list[int], list[list[int]]]]
+                      ) -> list[list[tuple[float, bool]]]:
+        """``_score`` for multiple-choice items, (context, continuations) each: every context
+        runs once (left-padded, all items in one pass) and every continuation attends to its
+        context's keys and values (``SharedPrefix``; a second pass), instead of the context
+        again in every row. The same numbers as ``_score`` up to float rounding
+        (tests/test_harness.py compares them)."""
         dev = self._device
-        cache = SharedPrefix(torch.zeros(len(conts), dtype=torch.long, device=dev))
-        self.net.hidden_states(torch.tensor([ctx[:-1]], device=dev), cache=cache)
-        width = max(len(c) for c in conts)
-        idx = torch.zeros(len(conts), width, dtype=torch.long, device=dev)
-        for i, c in enumerate(conts):  # the context's last token, then all but the last of c
-            idx[i, :len(c)] = torch.tensor([ctx[-1]] + c[:-1])
-        h = self.net.hidden_states(idx, cache=cache)  # right padding: causal masking ignores it
+        idx, key_mask = left_pad([ctx[:-1] for ctx, _ in items], dev)
+        positions = (key_mask.long().cumsum(-1) - 1).clamp_min(0)
+        rows = [(g, ctx[-1], c) for g, (ctx, conts) in enumerate(items) for c in conts]
+        cache = SharedPrefix(torch.tensor([g for g, _, _ in rows], device=dev))
+        self.net.hidden_states(idx, cache=cache, positions=positions, key_mask=key_mask)
+        width = max(len(c) for _, _, c in rows)
+        comp = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
+        for r, (_, last, c) in enumerate(rows):  # the context's last token, then c but its last
+            comp[r, :len(c)] = torch.tensor([last] + c[:-1])
+        prefix = cache.rows
+        pos = positions[:, -1][prefix][:, None] + 1 + torch.arange(width, device=dev)
+        keys = torch.cat([key_mask[prefix], torch.ones(len(rows), width, dtype=torch.bool,
+                                                        device=dev)], dim=1)
+        h = self.net.hidden_states(comp, cache=cache, positions=pos, key_mask=keys)
         logps = torch.log_softmax(self.net.lm_head(
-            torch.cat([h[i, :len(c)] for i, c in enumerate(conts)])).float(), dim=-1)
-        out, at = [], 0
-        for c in conts:
+            torch.cat([h[r, :len(c)] for r, (_, _, c) in enumerate(rows)])).float(), dim=-1)
+        out: list[list[tuple[float, bool]]] = [[] for _ in items]
+        at = 0
+        for g, _, c in rows:
             lp, target = logps[at:at + len(c)], torch.tensor(c, device=dev)
             at += len(c)
-            out.append((float(lp.gather(1, target[:, None]).sum()),
-                        bool((lp.argmax(-1) == target).all())))
+            out[g].append((float(lp.gather(1, target[:, None]).sum()),
+                           bool((lp.argmax(-1) == target).all())))
         return out
 
     def _shares_prefixes(self) -> bool:
@@ -153,14 +163,17 @@ class KeenLM(TemplateLM):
             for i, (_, ctx, cont) in enumerate(requests):
                 if len(ctx) >= 2 and cont and len(ctx) + len(cont) <= self.max_length:
                     groups.setdefault(tuple(ctx), []).append(i)
-            for ctx, members in groups.items():
-                if len(members) < 2:
-                    continue
-                for i, r in zip(members, self._score_shared(list(ctx),
-                                                            [requests[i][2] for i in members])):
-                    results[i] = r
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+            shared = sorted((m for m in groups.values() if len(m) > 1),
+                            key=lambda m: -len(requests[m[0]][1]))  # similar lengths together
+            for start in range(0, len(shared), self.batch):  # batch_size items per pass
+                chunk = shared[start:start + self.batch]
+                scored = self._score_shared([(requests[m[0]][1], [requests[i][2] for i in m])
+                                             for m in chunk])
+                for members, item in zip(chunk, scored):
+                    for i, r in zip(members, item):
+                        results[i] = r
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
         order = sorted((i for i in range(len(requests)) if results[i] is None),
                        key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         for start in range(0, len(order), self.batch):
@@ -224,12 +237,15 @@ def run_harness(model, tasks, *, limit=None, batch_size: int = 8, max_length=Non
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from keenlm.harness import TASKS
+    from keenlm.harness import TASK_NAMES, TASKS
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local tasks only: never a download
     lm = KeenLM(model=model, batch_size=batch_size, max_length=max_length)
+    # the harness' own task index (thousands of YAML files, ~13 s here) only when a task needs it
+    defaults = not set(tasks) <= set(TASK_NAMES)
     return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=log_samples,
-                           task_manager=TaskManager(include_path=str(TASKS)))
+                           task_manager=TaskManager(include_path=str(TASKS),
+                                                    include_defaults=defaults))
 
 
 def summary(results: dict) -> dict[str, dict[str, float]]:
