@@ -16,7 +16,8 @@ windows a batch touches, so corpora larger than RAM work unchanged.
 
 Writes are atomic: everything goes into a temporary folder beside the final one, which is then
 ``os.rename``-d into place. A reader therefore sees either nothing or a complete folder; a crash
-leaves only a ``.tmp-`` folder behind. When two processes race, the second rename fails and the
+leaves only a ``.tmp-`` folder behind, which the next build of the same key removes
+(``runs.clear_stale``). When two processes race, the second rename fails and the
 loser simply uses the winner's folder. On open, the file sizes and the contents' CRC-32 are
 checked against meta.json (zlib's CRC runs at several GB/s: a 100M-token corpus costs ~0.1 s),
 and any mismatch (a truncated copy, a disk that filled up, bytes changed on disk) means
