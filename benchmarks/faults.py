@@ -60,18 +60,19 @@ class Job:
     kills: int  # kills to deliver (more rounds from scratch if a round finishes first)
     outputs: list[str] = field(default_factory=list)  # compared with the reference, file by file
     run_dirs: list[str] = field(default_factory=list)  # run folders: checkpoints checked
+    caches: bool = False  # each output is a folder of entries, each one complete on its own
 
 
-def keenlm(argv, cwd=None, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "keenlm.cli", *argv], cwd=cwd, env=env,
+def keenlm(argv) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "keenlm.cli", *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def jobs(shared: Path, quick: bool) -> list[Job]:
     """The jobs, their commands and what each writes."""
     k = (lambda full, q: q if quick else full)
-    tiny = ["--preset", "tiny", "--data.corpus", str(shared / "corpus"), "--data.val_fraction",
-            "0.2", "--train.progress", "false"]
+    tiny = ["--preset", "tiny", "--data.val_fraction", "0.2", "--train.progress", "false"]
+    corpus = ["--data.corpus", str(shared / "corpus"), "--data.cache_dir", str(shared / "cache")]
     sweep_cfg = shared / "sweep_base.json"
     return [
         Job("prepare", ["train", *tiny, "--data.corpus", "stdlib", "--data.max_bytes", "4000000",
@@ -81,8 +82,8 @@ def jobs(shared: Path, quick: bool) -> list[Job]:
                         "--train.out_dir", "{dir}/run"],
             {"tokenizer": "cache/tokenizers/.*.tmp-*", "token cache": "cache/tokens/.*.tmp-*",
              "checkpoint": "run/checkpoints/.tmp-*"},
-            k(8, 1), outputs=["cache/tokenizers", "cache/tokens"], run_dirs=["run"]),
-        Job("train", ["train", *tiny, "--data.cache_dir", str(shared / "cache"),
+            k(8, 1), outputs=["cache/tokenizers", "cache/tokens"], run_dirs=["run"], caches=True),
+        Job("train", ["train", *tiny, *corpus,
                       "--train.steps", k(300, 120), "--train.checkpoint.every", "10",
                       "--train.checkpoint.keep", "1000", "--train.out_dir", "{dir}/run"],
             {"checkpoint": "run/checkpoints/.tmp-*"}, k(12, 2), run_dirs=["run"]),
@@ -98,8 +99,9 @@ def jobs(shared: Path, quick: bool) -> list[Job]:
             {"GGUF file": ".model.gguf.tmp-*"}, k(4, 1), outputs=["model.gguf"]),
         Job("convert-hf", ["convert", str(shared / "policy"), "{dir}/hf", "--to", "hf"],
             {"HF folder": ".hf.tmp-*"}, k(3, 0), outputs=["hf"]),
-        Job("sweep", ["scale", "sweep", "{dir}/sweep", "--depths", "1,2", "--tokens", k("6e4", "2e4"),
-                      "--seq-len", "64", "--batch-size", "8", "--config", str(sweep_cfg)],
+        Job("sweep", ["scale", "sweep", "{dir}/sweep", "--depths", "1,2",
+                      "--tokens", k("6e4", "2e4"), "--seq-len", "64", "--batch-size", "8",
+                      "--config", str(sweep_cfg)],
             {"checkpoint": "sweep/trials/*/checkpoints/.tmp-*",
              "trial record": "sweep/trials/*/.trial.json.tmp-*"}, k(8, 1),
             run_dirs=["sweep/trials/d1-t*", "sweep/trials/d2-t*"]),
@@ -137,8 +139,11 @@ def same_tree(a: Path, b: Path) -> str | None:
     if a.is_file() or b.is_file():
         return None if a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes() \
             else f"{a} differs from the uninterrupted run's {b}"
-    names = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*")  # noqa: E731
-                             if p.is_file() and not any(s.startswith(".") for s in p.relative_to(d).parts))
+
+    def names(d: Path) -> list[str]:
+        rel = (p.relative_to(d) for p in d.rglob("*") if p.is_file())
+        return sorted(str(r) for r in rel if not any(s.startswith(".") for s in r.parts))
+
     if names(a) != names(b):
         return f"{a} holds {names(a)}, the uninterrupted run's {names(b)}"
     for n in names(a):
@@ -155,7 +160,7 @@ def check_outputs(job: Job, folder: Path, ref: Path) -> list[str]:
         mine, theirs = folder / out, ref / out
         if not mine.exists():
             continue
-        if job.name == "prepare":  # cache folders: each visible entry is one complete output
+        if job.caches:  # each visible entry is one complete output
             for entry in mine.iterdir():
                 if not entry.name.startswith("."):
                     problems.append(same_tree(entry, theirs / entry.name))
@@ -193,7 +198,8 @@ def check_runs(job: Job, folder: Path, ref: Path, latest_seen: dict) -> list[str
                 problems.append(f"{run}: latest names no checkpoint")
                 continue
             if latest.name < latest_seen.get(str(run), ""):
-                problems.append(f"{run}: latest went back from {latest_seen[str(run)]} to {latest.name}")
+                problems.append(f"{run}: latest went back from {latest_seen[str(run)]} to "
+                                f"{latest.name}")
             latest_seen[str(run)] = latest.name
             try:
                 keenlm.load(run)
@@ -212,7 +218,8 @@ def check_finished(job: Job, folder: Path, ref: Path) -> list[str]:
             mine = folder / run.relative_to(ref)
             a, b = runs.latest_checkpoint(mine), runs.latest_checkpoint(run)
             if a is None or a.name != b.name:
-                problems.append(f"{mine}: ends at {a and a.name}, the uninterrupted run at {b.name}")
+                problems.append(f"{mine}: ends at {a and a.name}, the uninterrupted run at "
+                                f"{b.name}")
             elif (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes():
                 problems.append(f"{mine}: final weights differ from the uninterrupted run's")
             done = run / "trial.json"
@@ -243,8 +250,9 @@ def temp_paths(job: Job, folder: Path) -> set[tuple[str, Path]]:
 def kill_at(p: subprocess.Popen, job: Job, folder: Path, mode: str, at_s: float,
             rng: random.Random) -> tuple[float, list[str]] | None:
     """Kill ``p`` with SIGKILL (``mode`` time: ``at_s`` after its start; write: as soon as a
-    temporary path of one kind of the job's writes, drawn at random, appears, plus 0-2 ms). Seconds from the start to the kill and what was being
-    written then (the temporary paths still there); None when the process ended first."""
+    temporary path of one kind of the job's writes, drawn at random, appears, plus 0-2 ms).
+    Seconds from the start to the kill and what was being written then (the temporary paths
+    still there); None when the process ended first."""
     t0 = time.perf_counter()
     before = temp_paths(job, folder)  # left by earlier kills: not a write of this process
     target = rng.choice(sorted(job.temp_globs))  # which kind of write to kill inside
@@ -259,7 +267,8 @@ def kill_at(p: subprocess.Popen, job: Job, folder: Path, mode: str, at_s: float,
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
             p.stdout.close()
-            return time.perf_counter() - t0, sorted({w for w, _ in temp_paths(job, folder) - before})
+            cut = sorted({w for w, _ in temp_paths(job, folder) - before})
+            return time.perf_counter() - t0, cut
         time.sleep(POLL_S[mode])
     p.communicate()
     return None
@@ -296,7 +305,7 @@ def under_fire(job: Job, work: Path, ref: Path, span: float, import_s: float,
             problems += found
             log(f"  kill {len(records)} ({mode}, {when:.2f} s{', inside: ' if inside else ''}"
                 f"{', '.join(inside)}): {'ok' if not found else '; '.join(found)}")
-            if job.name != "prepare" and job.outputs and \
+            if not job.caches and job.outputs and \
                     all((folder / o).exists() for o in job.outputs):
                 break  # killed after its output was in place: the job is done (a rerun refuses)
         problems += check_finished(job, folder, ref)

@@ -15,6 +15,7 @@ import shutil
 import struct
 
 import torch
+from hypothesis import given
 from hypothesis import strategies as st
 
 COUNTS: collections.Counter = collections.Counter()  # pytest node id -> examples run
@@ -125,3 +126,36 @@ def _overwrite(data: bytes, changes) -> bytes:
     for (at, width), value in changes:
         data = _put(data, at, value, width)
     return data
+
+
+def fuzz_json_file(src, name: str, work) -> None:
+    """The property for a JSON file of a model folder: in a copy of ``src`` (at ``work``), the
+    file ``name`` with any field replaced by any JSON value and characters edited; the folder
+    loads and behaves or fails clearly."""
+    valid = json.loads((src / name).read_text())
+    keys = list(json_paths(valid, depth=3)) or [("x",)]
+
+    @given(st.lists(st.tuples(st.sampled_from(keys), values), max_size=2), edits)
+    def prop(changes, char_edits):
+        count()
+        fresh_copy(src, work)
+        (work / name).write_text(edited_json(valid, changes, char_edits), encoding="utf-8",
+                                 errors="surrogatepass")
+        loads_or_fails_clearly(work)
+    prop()
+
+
+def fuzz_weights(src, name: str, work) -> None:
+    """The property for a folder's safetensors file ``name``: its header fields, bytes and
+    length mutated (``mutations``) in a copy of ``src``; the folder loads or fails clearly."""
+    data = (src / name).read_bytes()
+    header = 8 + struct.unpack_from("<Q", data)[0]
+
+    @given(mutations(data, SAFETENSORS_FIELDS, header))
+    def prop(mutated):
+        count()
+        fresh_copy(src, work)
+        (work / name).write_bytes(mutated)
+        loads_or_fails_clearly(work)
+    prop()
+

@@ -7,7 +7,6 @@ never another exception, never a half-built model."""
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 from hypothesis import given
@@ -17,8 +16,8 @@ import keenlm
 from keenlm.config import QuantConfig
 from keenlm.quant.recipe import quantize, save_quantized
 from keenlm.train import Trainer
-from tests.fuzz.mutate import (SAFETENSORS_FIELDS, count, edited_json, edits, fresh_copy,
-                               json_paths, loads_or_fails_clearly, mutations, values)
+from tests.fuzz.mutate import (count, fresh_copy, fuzz_json_file, fuzz_weights,
+                               loads_or_fails_clearly)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -55,35 +54,14 @@ def _model_file(folder):
 @pytest.mark.parametrize("which", ["run", "q4"])
 def test_mutated_weights_load_or_fail_clearly(folders, tmp_path_factory, which):
     src = folders[0] if which == "run" else folders[1]
-    data = _model_file(src).read_bytes()
-    header = 8 + struct.unpack_from("<Q", data)[0]
-    work = tmp_path_factory.mktemp("w") / which
-
-    @given(mutations(data, SAFETENSORS_FIELDS, header))
-    def prop(mutated):
-        count()
-        fresh_copy(src, work)
-        _model_file(work).write_bytes(mutated)
-        loads_or_fails_clearly(work)
-    prop()
+    fuzz_weights(src, str(_model_file(src).relative_to(src)), tmp_path_factory.mktemp("w") / which)
 
 
 @pytest.mark.parametrize("which,name", [("run", "config.json"), ("q4", "config.json"),
                                         ("q4", "quant.json")])
 def test_mutated_json_loads_or_fails_clearly(folders, tmp_path_factory, which, name):
     src = folders[0] if which == "run" else folders[1]
-    valid = json.loads((src / name).read_text())
-    keys = list(json_paths(valid, depth=3))
-    work = tmp_path_factory.mktemp("j") / which
-
-    @given(st.lists(st.tuples(st.sampled_from(keys), values), max_size=2), edits)
-    def prop(changes, char_edits):
-        count()
-        fresh_copy(src, work)
-        (work / name).write_text(edited_json(valid, changes, char_edits), encoding="utf-8",
-                                 errors="surrogatepass")
-        loads_or_fails_clearly(work)
-    prop()
+    fuzz_json_file(src, name, tmp_path_factory.mktemp("j") / which)
 
 
 def test_latest_pointer_rewritten(folders, tmp_path_factory):

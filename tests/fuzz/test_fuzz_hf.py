@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 import keenlm
 from keenlm.config import ModelConfig
 from keenlm.data import train_bpe
 from keenlm.io.hf import export_hf
 from keenlm.model import build_model
-from tests.fuzz.mutate import (SAFETENSORS_FIELDS, count, edited_json, edits, fresh_copy,
-                               json_paths, loads_or_fails_clearly, mutations, values)
+from tests.fuzz.mutate import fresh_copy, fuzz_json_file, fuzz_weights, loads_or_fails_clearly
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -63,33 +59,11 @@ def test_the_valid_folders_load(folder):
                                   "model.safetensors.index.json"])
 def test_mutated_json_files_load_or_fail_clearly(folder, tmp_path_factory, name):
     src = folder[1] if name.startswith("model.") else folder[0]
-    valid = json.loads((src / name).read_text())
-    keys = list(json_paths(valid, depth=3)) or [("x",)]
-    work = tmp_path_factory.mktemp("j") / "m"
-
-    @given(st.lists(st.tuples(st.sampled_from(keys), values), max_size=2), edits)
-    def prop(changes, char_edits):
-        count()
-        fresh_copy(src, work)
-        (work / name).write_text(edited_json(valid, changes, char_edits), encoding="utf-8",
-                                 errors="surrogatepass")
-        loads_or_fails_clearly(work)
-    prop()
+    fuzz_json_file(src, name, tmp_path_factory.mktemp("j") / "m")
 
 
 def test_mutated_weights_load_or_fail_clearly(folder, tmp_path_factory):
-    src = folder[0]
-    data = (src / "model.safetensors").read_bytes()
-    header = 8 + struct.unpack_from("<Q", data)[0]
-    work = tmp_path_factory.mktemp("w") / "m"
-
-    @given(mutations(data, SAFETENSORS_FIELDS, header))
-    def prop(mutated):
-        count()
-        fresh_copy(src, work)
-        (work / "model.safetensors").write_bytes(mutated)
-        loads_or_fails_clearly(work)
-    prop()
+    fuzz_weights(folder[0], "model.safetensors", tmp_path_factory.mktemp("w") / "m")
 
 
 # ------------------------------------------------------------------ what the fuzzing found

@@ -154,7 +154,7 @@ class KeenLM(TemplateLM):
         row count, so rows are scored as a server scores them) and keys and values that carry
         all the state (model.memory's layers carry more)."""
         return (type(self.net.lm_head) is torch.nn.Linear
-                and getattr(self.net.cfg.memory, "kind", "none") == "none")
+                and self.net.cfg.memory.kind == "none")
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         results: list = [None] * len(requests)
