@@ -1,6 +1,8 @@
 """Scaling-law fits: known constants recovered from noisy synthetic runs, the closed-form
 compute-optimal allocation, approach 2 on exact isoFLOP profiles."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -163,14 +165,57 @@ def test_ray_backend_runs_two_trials(tmp_path, small_corpus):
 def test_prediction_check_predicts_before_training_the_target(tmp_path, small_corpus):
     from keenlm.scaling.check import prediction_check
 
-    r = prediction_check(tmp_path / "chk", fit_depths=(1, 2, 3), target_depth=4, tokens=1280,
-                         base=_base(small_corpus, tmp_path / "cache"), samples=10, log=lambda s: None)
+    r = prediction_check(tmp_path / "chk", fit_depths=(1, 2, 3, 4), fit_tokens=(640, 1280),
+                         targets=((5, 1280), (6, 640)),
+                         base=_base(small_corpus, tmp_path / "cache"), samples=10,
+                         log=lambda s: None)
     pred = tmp_path / "chk" / "prediction.json"
-    target = tmp_path / "chk" / "trials" / r["target"]["name"] / "trial.json"
-    assert pred.stat().st_mtime_ns < target.stat().st_mtime_ns
-    assert r["design"]["fit_span"] > 10 and r["design"]["target_over_largest"] > 2
-    assert 0 <= r["error_non_embedding"] < 1 and (tmp_path / "chk" / "scaling.svg").exists()
-    assert "| non_embedding |" in (tmp_path / "chk" / "results.md").read_text()
+    for t in r["targets"]:
+        trained = tmp_path / "chk" / "trials" / t["name"] / "trial.json"
+        assert pred.stat().st_mtime_ns < trained.stat().st_mtime_ns
+    assert r["design"]["fit_span"] > 10 and min(r["design"]["target_over_largest"]) > 1.5
+    saved = json.loads(pred.read_text())
+    # two forms x two counts, each predicted at both targets; the choice made by the backtest
+    assert saved["chosen"]["by"] == "backtest" and set(saved["fits"]) == {"chinchilla", "kaplan"}
+    assert len(r["scores"]) == 8 and sum(s["chosen"] for s in r["scores"]) == 2
+    assert all(0 <= s["error"] < 1 for s in r["scores"])
+    assert (tmp_path / "chk" / "scaling.svg").exists()
+    text = (tmp_path / "chk" / "results.md").read_text()
+    assert "| **d5-t1280** | **" in text and "Epoch AI" in text
+    # a resumed check keeps its predictions; asking it for other targets is refused
+    again = prediction_check(tmp_path / "chk", fit_depths=(1, 2, 3, 4), fit_tokens=(640, 1280),
+                             targets=((5, 1280), (6, 640)),
+                             base=_base(small_corpus, tmp_path / "cache"), samples=10,
+                             log=lambda s: None)
+    assert again["predictions"] == saved
+    with pytest.raises(ValueError, match="other targets"):
+        prediction_check(tmp_path / "chk", fit_depths=(1, 2, 3, 4), fit_tokens=(640, 1280),
+                         targets=((6, 1280),), base=_base(small_corpus, tmp_path / "cache"),
+                         samples=10, log=lambda s: None)
+
+
+def test_the_kaplan_form_recovers_its_constants_and_the_backtest_picks_the_true_form():
+    from keenlm.scaling.check import _backtest
+
+    truth = Law(E=1.5, A=1e5, alpha=0.3, B=3e5, beta=0.4, form="kaplan")
+    rng = np.random.default_rng(0)
+    n = np.repeat(np.geomspace(1e4, 2e6, 5), 2)
+    d = np.tile([1e6, 4e6], 5)
+    loss = truth.loss(n, d) * np.exp(rng.normal(0, 0.001, n.shape))
+    law = fit_law(n, loss, d, form="kaplan").law
+    assert law.form == "kaplan" and law.alpha == pytest.approx(0.3, abs=0.05)
+    assert law.E == pytest.approx(1.5, rel=0.1)  # 10 runs pin E only loosely
+    assert law.loss(8e6, 2e6) == pytest.approx(truth.loss(8e6, 2e6), rel=0.01)
+    runs = [{"depth": i // 2, "tokens": int(dd), "val_loss": float(v), "params": int(nn),
+             "params_non_embedding": int(nn)} for i, (nn, dd, v) in enumerate(zip(n, d, loss))]
+    errors = {f: _backtest(runs, f, "params") for f in ("chinchilla", "kaplan")}
+    assert errors["kaplan"] < errors["chinchilla"]
+    with pytest.raises(ValueError, match="needs D"):
+        law.loss(1e6)
+    with pytest.raises(ValueError, match="chinchilla form"):
+        law.optimal(1e18)
+    with pytest.raises(ValueError, match="form 'x'"):
+        Law(E=1, A=1, alpha=1, form="x")
 
 
 def test_scale_commands_sweep_fit_predict_plan(tmp_path, small_corpus, capsys):

@@ -35,7 +35,7 @@ def _sweep(args) -> int:
     atomic_write_text(Path(args.out) / "base.json", json.dumps(base, indent=2) + "\n")
     depths = _numbers(args.depths, int)
     trials = (sweep.isoflop(base, depths, _numbers(args.isoflop)) if args.isoflop else
-              sweep.grid(base, depths, _numbers(args.tokens, int)))
+              sweep.grid(base, depths, _numbers(args.tokens or "4e6", int)))
     res = sweep.run_sweep(trials, args.out, backend=args.backend)
     print(f"{len(res['results'])} trials finished, {len(res['failed'])} failed")
     for name, err in res["failed"].items():
@@ -43,11 +43,23 @@ def _sweep(args) -> int:
     return 1 if res["failed"] else 0
 
 
+def _targets(text: str) -> list[tuple[int, int]]:
+    """'8:2e6,10:1e6' -> [(8, 2000000), (10, 1000000)]: each target's depth and tokens."""
+    try:
+        pairs = [v.split(":") for v in text.split(",") if v.strip()]
+        return [(int(d), int(float(t))) for d, t in pairs]
+    except ValueError:
+        raise ValueError(f"--targets {text!r}: DEPTH:TOKENS pairs, comma-separated "
+                         "(e.g. 8:2e6,10:1e6)") from None
+
+
 def _check(args) -> int:
-    quick = dict(fit_depths=(1, 2, 3), target_depth=4, tokens=200_000, samples=50)
-    kw = quick if args.quick else dict(fit_depths=tuple(_numbers(args.depths, int)),
-                                       target_depth=args.target_depth,
-                                       tokens=int(float(args.tokens)))
+    quick = dict(fit_depths=(1, 2, 3), fit_tokens=(100_000, 200_000), targets=((4, 200_000),),
+                 samples=50)
+    tokens = _numbers(args.tokens or "1e6,2e6", int)
+    kw = quick if args.quick else dict(
+        fit_depths=tuple(_numbers(args.depths, int)), fit_tokens=tokens,
+        targets=_targets(args.targets) if args.targets else [(args.target_depth, max(tokens))])
     r = check.prediction_check(args.out, backend=args.backend, base=_base(args), **kw)
     print(check.table(r))
     return 0
@@ -86,7 +98,7 @@ def _fit(args) -> int:
 def _predict(args) -> int:
     """A model of --depth trained on --tokens (the sweep's own count for an L(N) fit)."""
     fit = fit_sweep(args.out, samples=args.samples)
-    tokens = int(float(args.tokens)) if fit["law"] == "L(N, D)" else fit["tokens"]
+    tokens = int(float(args.tokens or "4e6")) if fit["law"] == "L(N, D)" else fit["tokens"]
     saved = Path(args.out) / "base.json"
     base = json.loads(saved.read_text()) if saved.exists() else _base(args)
     trial = sweep.grid(base, [args.depth], [tokens])[0]
@@ -108,8 +120,9 @@ def add_parser(sub, fmt):
     s.add_argument("out", nargs="?", default="runs/scale", help="the sweep's folder")
     s.add_argument("--depths", default="1,2,3,4,5", help="sweep/check: depths of the size dial "
                    "(d_model = 32 x depth, heads of 32)")
-    s.add_argument("--tokens", default="4e6", help="sweep: training tokens (a list: a grid); "
-                   "check: tokens per model; predict: tokens of the predicted run")
+    s.add_argument("--tokens", default="", help="sweep: training tokens (a list: a grid; "
+                   "default 4e6); check: the fitted runs' token counts (default 1e6,2e6: "
+                   "L(N, D); one count: L(N)); predict: tokens of the predicted run")
     s.add_argument("--isoflop", default="", help="sweep: FLOP budgets; each depth trained on "
                    "C / (6 N) tokens (approach 2) instead of --tokens")
     s.add_argument("--backend", choices=("local", "ray"), default="local",
@@ -120,13 +133,16 @@ def add_parser(sub, fmt):
                    help="sweep/check: tokens per training sequence (and the model's context)")
     s.add_argument("--batch-size", type=int, default=16, help="sweep/check: sequences per step")
     s.add_argument("--depth", type=int, default=8, help="predict: the model to predict")
-    s.add_argument("--target-depth", type=int, default=8, help="check: the model to predict")
+    s.add_argument("--target-depth", type=int, default=8, help="check: the model to predict, "
+                   "on the largest of --tokens (when --targets is not given)")
+    s.add_argument("--targets", default="", help="check: DEPTH:TOKENS pairs to predict, all "
+                   "written down before any is trained (e.g. 8:2e6,10:1e6)")
     s.add_argument("--samples", type=int, default=200, help="bootstrap resamples")
     s.add_argument("--flops", type=float, default=0.0, help="plan: the FLOP budget")
     s.add_argument("--law", default="chinchilla", help="plan: a sweep folder to fit, or a "
                    "preset: chinchilla | epoch")
-    s.add_argument("--quick", action="store_true", help="check: depths 1-3 predict depth 4 "
-                   "on 200k tokens (a smoke run)")
+    s.add_argument("--quick", action="store_true", help="check: depths 1-3 on 100k and 200k "
+                   "tokens predict depth 4 on 200k (a smoke run)")
     return s
 
 

@@ -1,98 +1,207 @@
-"""The prediction check: fit L(N) on small models, predict a bigger one, then train it.
+"""The prediction check: fit a law on small models, predict bigger ones, then train them.
 
-``prediction_check`` trains models of several depths (the size dial) on the same number of
-tokens of the stdlib corpus, fits L(N) = E + A / N^alpha (approach 3) with N counted without
-embeddings and, separately, with them, and writes the predicted validation loss of a model of
-``target_depth`` (with a bootstrap interval) to ``prediction.json`` *before* that model is
-trained. Then it trains the target and reports the error of each prediction. All runs see the
-same D tokens, so the data term of L(N, D) is a constant absorbed into E: the law is
-extrapolated in N at fixed D, which is what the check measures.
+``prediction_check`` trains models of several depths (the size dial) on one or more token
+counts of the stdlib corpus, fits the law to them, and writes the predicted validation loss of
+every target (a depth and a token count, each with a bootstrap interval) to
+``prediction.json`` *before* any target is trained. Then it trains the targets, in order, and
+reports the error of each prediction.
+
+- One token count: L(N) = E + A / N^alpha, extrapolated in N at that D (the data term is a
+  constant absorbed into E).
+- Several token counts: L(N, D) in two forms (``fit.FORMS``): Chinchilla's additive one and
+  Kaplan's, where N and D interact. Each form is fitted with N counted without embeddings and,
+  separately, with them.
+
+Which of these fits is the headline is decided before any target trains, by a backtest on the
+fitted runs alone: each fit is refitted without the largest fitted depth and scored on how well
+it predicts that depth's runs; the fit with the smallest backtest error is the one the check
+stands by (``chosen`` in prediction.json). Every other fit's prediction is written too.
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
+
+import numpy as np
 
 from keenlm.plot import line_chart
 from keenlm.runs import atomic_write_text
-from keenlm.scaling.fit import Law
-from keenlm.scaling.sweep import (COUNTS, base_config, fit_trials, grid, model_params, run_sweep,
-                                  run_trial)
+from keenlm.scaling.fit import FORMS, Law, fit_law
+from keenlm.scaling.sweep import (COUNTS, Trial, base_config, fit_trials, grid, model_params,
+                                  run_sweep, run_trial)
 
 Log = Callable[[str], None]
 
+# Published exponents, for the report (Chinchilla form: alpha, beta; Kaplan: alpha_N, alpha_D,
+# fitted there without an irreducible term).
+PUBLISHED = {"Chinchilla (Hoffmann et al. 2022)": ("chinchilla", 0.34, 0.28),
+             "Epoch AI (Besiroglu et al. 2024)": ("chinchilla", 0.3478, 0.3658),
+             "Kaplan et al. 2020": ("kaplan", 0.076, 0.095)}
 
-def prediction_check(out: str | Path, fit_depths=(1, 2, 3, 4, 5), target_depth: int = 8,
-                     tokens: int = 4_000_000, backend: str = "local", samples: int = 200,
-                     base: dict | None = None, log: Log = print) -> dict:
+
+def prediction_check(out: str | Path, fit_depths=(1, 2, 3, 4, 5),
+                     fit_tokens: Sequence[int] = (1_000_000, 2_000_000),
+                     targets: Sequence[tuple[int, int]] = ((8, 2_000_000),),
+                     backend: str = "local", samples: int = 200, base: dict | None = None,
+                     log: Log = print) -> dict:
     out = Path(out)
-    if len(fit_depths) < 3 or target_depth <= max(fit_depths):
-        raise ValueError("fit on >= 3 depths and predict a deeper model than all of them")
+    if len(fit_depths) < 3 or not targets or any(d <= max(fit_depths) for d, _ in targets):
+        raise ValueError("fit on >= 3 depths and predict deeper models than all of them")
     base = base or base_config()
     t0 = time.perf_counter()
-    to_fit = grid(base, fit_depths, [tokens])
-    target = grid(base, [target_depth], [tokens])[0]
-    sizes = [model_params(t.config)["non_embedding"] for t in to_fit]
-    n_target = model_params(target.config)["non_embedding"]
-    design = {"fit_span": max(sizes) / min(sizes), "target_over_largest": n_target / max(sizes)}
-    log(f"fit sizes {sizes} (span {design['fit_span']:.1f}x), target {n_target:,} "
-        f"({design['target_over_largest']:.1f}x the largest), {tokens:,} tokens each")
+    to_fit = grid(base, fit_depths, fit_tokens)
+    goals = [grid(base, [depth], [tokens])[0] for depth, tokens in targets]
+    sizes = sorted({model_params(t.config)["non_embedding"] for t in to_fit})
+    points = [_point(t) for t in goals]
+    design = {"fit_span": sizes[-1] / sizes[0],
+              "fit_tokens": [t.tokens for t in to_fit[:len(fit_tokens)]],
+              "target_over_largest": [p["non_embedding"] / sizes[-1] for p in points]}
+    log(f"fit sizes {sizes} (span {design['fit_span']:.1f}x) on {design['fit_tokens']} tokens; "
+        "targets " + ", ".join(f"{t.name} ({r:.1f}x the largest)"
+                               for t, r in zip(goals, design["target_over_largest"])))
     sweep = run_sweep(to_fit, out, backend=backend, log=log)
     if sweep["failed"]:
         raise RuntimeError(f"trials failed: {sweep['failed']}")
     runs = sweep["results"]
     pred_path = out / "prediction.json"
-    if pred_path.exists():  # a resumed check keeps the prediction made before the target ran
+    if pred_path.exists():  # a resumed check keeps the predictions made before the targets ran
         predictions = json.loads(pred_path.read_text())
+        if [t["name"] for t in predictions["targets"]] != [t.name for t in goals]:
+            raise ValueError(f"{pred_path} predicts other targets; use another folder")
     else:
-        n = {"non_embedding": n_target, "total": model_params(target.config)["total"]}
-        predictions = {"target": target.name, "n": n, **fit_trials(runs, samples, query_n=n)}
+        predictions = predict(runs, points, [t.name for t in goals], samples)
         atomic_write_text(pred_path, json.dumps(predictions, indent=2) + "\n")
-    for count in COUNTS:
-        p = predictions[count]["prediction"]
-        log(f"predicted ({count} params): {p['loss'][0]:.4f} "
-            f"[{p['low'][0]:.4f}, {p['high'][0]:.4f}]")
-    actual = run_trial(target, out)
-    log(f"{target.name}: val loss {actual['val_loss']:.4f}")
-    seconds = time.perf_counter() - t0
-    result = {"tokens": tokens, "fit_depths": list(fit_depths), "target_depth": target_depth,
-              "design": design, "runs": runs, "target": actual, "predictions": predictions,
-              "seconds_this_call": seconds,
-              "seconds_training": sum(r["seconds"] for r in runs) + actual["seconds"]}
-    for count in COUNTS:
-        p = predictions[count]["prediction"]
-        result[f"error_{count}"] = abs(p["loss"][0] - actual["val_loss"]) / actual["val_loss"]
-        result[f"inside_interval_{count}"] = p["low"][0] <= actual["val_loss"] <= p["high"][0]
+    chosen = predictions["chosen"]
+    for i, t in enumerate(goals):
+        p = predictions["fits"][chosen["form"]][chosen["count"]]["prediction"]
+        log(f"predicted {t.name} ({chosen['form']}, {chosen['count']} params): "
+            f"{p['loss'][i]:.4f} [{p['low'][i]:.4f}, {p['high'][i]:.4f}]")
+    actual = []
+    for t in goals:
+        actual.append(run_trial(t, out))
+        log(f"{t.name}: val loss {actual[-1]['val_loss']:.4f}")
+    result = {"fit_depths": list(fit_depths), "design": design, "runs": runs, "targets": actual,
+              "predictions": predictions, "seconds_this_call": time.perf_counter() - t0,
+              "seconds_fit_runs": sum(r["seconds"] for r in runs),
+              "seconds_targets": [r["seconds"] for r in actual], "scores": _scores(predictions,
+                                                                                  actual)}
     atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "results.md", table(result) + "\n")
-    law = Law(**predictions["non_embedding"]["fit"])
-    xs = [min(sizes) * (n_target / min(sizes)) ** (i / 40) for i in range(41)]
-    p = predictions["non_embedding"]["prediction"]
-    line_chart({"trained (fit)": [(r["params_non_embedding"], r["val_loss"]) for r in runs],
-                "fit L(N)": [(x, float(law.loss(x))) for x in xs],
-                "prediction interval": [(n_target, p["low"][0]), (n_target, p["high"][0])],
-                "target, trained after": [(n_target, actual["val_loss"])]},
-               out / "scaling.svg", x_label="parameters without embeddings (log scale)",
-               y_label="validation loss (nats/token)", log_x=True)
+    _chart(result, out / "scaling.svg")
     return result
 
 
+def _point(t: Trial) -> dict:
+    counts = model_params(t.config)
+    return {"non_embedding": counts["non_embedding"], "total": counts["total"],
+            "tokens": t.tokens}
+
+
+def predict(runs: list[dict], points: list[dict], names: list[str], samples: int) -> dict:
+    """Every fit's prediction at ``points`` with its interval, the backtest of each fit, and
+    the chosen fit (smallest backtest error; the first form and count when no backtest)."""
+    two = len({r["tokens"] for r in runs}) > 1
+    forms = FORMS if two else FORMS[:1]
+    fits = {form: fit_trials(runs, samples, points, form) for form in forms}
+    backtest = {form: {count: _backtest(runs, form, key) for count, key in COUNTS.items()}
+                for form in forms}
+    scored = [(err, form, count) for form in forms for count, err in backtest[form].items()
+              if err is not None]
+    _, form, count = min(scored) if scored else (None, forms[0], next(iter(COUNTS)))
+    return {"targets": [{"name": n, **p} for n, p in zip(names, points)],
+            "law": fits[forms[0]]["law"], "fits": fits, "backtest": backtest,
+            "chosen": {"form": form, "count": count,
+                       "by": "backtest" if scored else "default (too few runs to backtest)"}}
+
+
+def _backtest(runs: list[dict], form: str, key: str) -> float | None:
+    """Mean relative error predicting the largest fitted depth's runs from the others."""
+    top = max(r["depth"] for r in runs)
+    train = [r for r in runs if r["depth"] < top]
+    test = [r for r in runs if r["depth"] == top]
+    two = len({r["tokens"] for r in runs}) > 1
+    try:
+        law = fit_law([r[key] for r in train], [r["val_loss"] for r in train],
+                      [r["tokens"] for r in train] if two else None, form=form).law
+    except ValueError:  # too few runs below the largest depth
+        return None
+    pred = law.loss([r[key] for r in test], [r["tokens"] for r in test] if two else None)
+    real = np.array([r["val_loss"] for r in test])
+    return float(np.mean(np.abs(pred - real) / real))
+
+
+def _scores(predictions: dict, actual: list[dict]) -> list[dict]:
+    rows = []
+    for i, a in enumerate(actual):
+        for form, fit in predictions["fits"].items():
+            for count in COUNTS:
+                p = fit[count]["prediction"]
+                rows.append({"target": a["name"], "form": form, "count": count,
+                             "backtest": predictions["backtest"][form][count],
+                             "chosen": (form, count) == (predictions["chosen"]["form"],
+                                                         predictions["chosen"]["count"]),
+                             "predicted": p["loss"][i], "low": p["low"][i], "high": p["high"][i],
+                             "trained": a["val_loss"],
+                             "error": abs(p["loss"][i] - a["val_loss"]) / a["val_loss"],
+                             "inside": p["low"][i] <= a["val_loss"] <= p["high"][i]})
+    return rows
+
+
 def table(r: dict) -> str:
-    lines = [f"Fixed {r['tokens']:,} training tokens per model; fit span "
-             f"{r['design']['fit_span']:.1f}x, target {r['design']['target_over_largest']:.1f}x "
-             f"the largest fitted model; training time {r['seconds_training'] / 60:.1f} min.", "",
-             "| run | params (non-embedding) | params (total) | val loss | seconds |",
-             "|---|---|---|---|---|"]
-    for x in [*r["runs"], r["target"]]:
+    pr, d = r["predictions"], r["design"]
+    lines = [f"Fit: {len(r['runs'])} runs, {pr['law']}, sizes spanning {d['fit_span']:.1f}x, "
+             f"tokens {', '.join(f'{t:,}' for t in d['fit_tokens'])}; targets "
+             + ", ".join(f"{t['name']} ({x:.1f}x the largest fitted N)"
+                         for t, x in zip(r["targets"], d["target_over_largest"]))
+             + f". Training time: fitted runs {r['seconds_fit_runs'] / 60:.1f} min, targets "
+             + ", ".join(f"{s / 60:.1f}" for s in r["seconds_targets"]) + " min. Chosen before "
+             f"the targets trained (by {pr['chosen']['by']}): the {pr['chosen']['form']} form "
+             f"with N counted {pr['chosen']['count']} (**bold** below).", "",
+             "| run | params (non-embedding) | params (total) | tokens | val loss | seconds |",
+             "|---|---|---|---|---|---|"]
+    for x in [*r["runs"], *r["targets"]]:
         lines.append(f"| {x['name']} | {x['params_non_embedding']:,} | {x['params']:,} | "
-                     f"{x['val_loss']:.4f} | {x['seconds']:.0f} |")
-    lines += ["", "| N counted | E | A | alpha | predicted | 90% interval | trained | error |",
-              "|---|---|---|---|---|---|---|---|"]
-    for count in COUNTS:
-        f, p = r["predictions"][count]["fit"], r["predictions"][count]["prediction"]
-        lines.append(f"| {count} | {f['E']:.3f} | {f['A']:.3g} | {f['alpha']:.3f} | "
-                     f"{p['loss'][0]:.4f} | [{p['low'][0]:.4f}, {p['high'][0]:.4f}] | "
-                     f"{r['target']['val_loss']:.4f} | {100 * r[f'error_{count}']:.2f}% |")
+                     f"{x['tokens']:,} | {x['val_loss']:.4f} | {x['seconds']:.0f} |")
+    lines += ["", "| target | form | N counted | backtest error | predicted | 90% interval | "
+              "trained | error | inside |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in r["scores"]:
+        b = "-" if s["backtest"] is None else f"{100 * s['backtest']:.2f}%"
+        cells = [s["target"], s["form"], s["count"], b, f"{s['predicted']:.4f}",
+                 f"[{s['low']:.4f}, {s['high']:.4f}]", f"{s['trained']:.4f}",
+                 f"{100 * s['error']:.2f}%", "yes" if s["inside"] else "no"]
+        if s["chosen"]:
+            cells = [f"**{c}**" for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| fit | alpha (N) | beta (D) |", "|---|---|---|"]
+    for form, fit in pr["fits"].items():
+        for count in COUNTS:
+            f = fit[count]["fit"]
+            lines.append(f"| keenlm, {form}, N {count} | {f['alpha']:.3f} | "
+                         + (f"{f['beta']:.3f} |" if f["B"] > 0 else "- |"))
+    lines += [f"| {name} ({form}) | {a} | {b} |" for name, (form, a, b) in PUBLISHED.items()]
     return "\n".join(lines)
+
+
+def _chart(r: dict, path: Path) -> None:
+    pr = r["predictions"]
+    form, count = pr["chosen"]["form"], pr["chosen"]["count"]
+    key, fit = COUNTS[count], pr["fits"][form][count]
+    law = Law(**fit["fit"])
+    xs_all = [x[key] for x in [*r["runs"], *r["targets"]]]
+    lo, hi = min(xs_all), max(xs_all)
+    xs = [lo * (hi / lo) ** (i / 40) for i in range(41)]
+    series = {}
+    for d in sorted({x["tokens"] for x in [*r["runs"], *r["targets"]]}):
+        trained = [(x[key], x["val_loss"]) for x in r["runs"] if x["tokens"] == d]
+        if trained:
+            series[f"trained, {d:,} tokens"] = trained
+        series[f"fit, {d:,} tokens"] = [(x, float(law.loss(x, d if law.two_variable else None)))
+                                        for x in xs]
+    p = fit["prediction"]
+    series["prediction interval"] = [pt for i, t in enumerate(pr["targets"])
+                                     for pt in ((t[count], p["low"][i]), (t[count], p["high"][i]))]
+    series["targets, trained after"] = [(x[key], x["val_loss"]) for x in r["targets"]]
+    line_chart(series, path, x_label=f"parameters ({count.replace('_', ' ')}; log scale)",
+               y_label="validation loss (nats/token)", log_x=True)

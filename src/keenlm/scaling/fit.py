@@ -5,7 +5,14 @@ The law (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models",
     L(N, D) = E + A / N^alpha + B / D^beta        (N parameters, D training tokens)
 
 and its one-variable form L(N) = E + A / N^alpha (every run trained on the same D, whose
-term is then absorbed into E).
+term is then absorbed into E). A second form, ``form="kaplan"``, lets N and D interact: Kaplan
+et al. 2020 ("Scaling Laws for Neural Language Models", eq. 1.5) with an irreducible term,
+
+    L(N, D) = E + ((N_c / N)^(alpha_N / alpha_D) + D_c / D)^alpha_D
+
+stored in the same fields (A = N_c, alpha = alpha_N, B = D_c, beta = alpha_D). At a fixed D it
+flattens as N grows (a large model on few tokens is data-limited), where the Chinchilla form
+keeps the same power law in N at every D.
 
 - Approach 3 (``fit_law``): minimize the Huber loss (delta 1e-3) between the predicted and
   the observed log-loss, with the prediction written as a log-sum-exp,
@@ -47,6 +54,11 @@ class Law:
     alpha: float
     B: float = 0.0  # 0: the one-variable law L(N)
     beta: float = 0.0
+    form: str = "chinchilla"  # or "kaplan" (module docstring)
+
+    def __post_init__(self):
+        if self.form not in FORMS:
+            raise ValueError(f"form {self.form!r}: one of {', '.join(FORMS)}")
 
     @property
     def two_variable(self) -> bool:
@@ -55,6 +67,11 @@ class Law:
     def loss(self, n, d=None):
         """Predicted loss at N (and D: required by a two-variable law)."""
         n = np.asarray(n, dtype=float)
+        if self.form == "kaplan":
+            if d is None:
+                raise ValueError("the kaplan form is a law of N and D: it needs D")
+            d = np.asarray(d, dtype=float)
+            return self.E + ((self.A / n) ** (self.alpha / self.beta) + self.B / d) ** self.beta
         out = self.E + self.A / n**self.alpha
         if self.two_variable:
             if d is None:
@@ -64,14 +81,17 @@ class Law:
 
     def optimal(self, flops: float) -> tuple[float, float]:
         """(N_opt, D_opt) minimizing L(N, D) subject to 6 N D = flops."""
-        if not self.two_variable:
-            raise ValueError("compute-optimal allocation needs a two-variable law L(N, D)")
+        if not self.two_variable or self.form != "chinchilla":
+            raise ValueError("compute-optimal allocation needs a two-variable law L(N, D) of "
+                             "the chinchilla form")
         if flops <= 0:
             raise ValueError(f"FLOP budget {flops}: a positive number")
         a, b = self.alpha, self.beta
         g = (a * self.A / (b * self.B)) ** (1 / (a + b))
         return g * (flops / 6) ** (b / (a + b)), (flops / 6) ** (a / (a + b)) / g
 
+
+FORMS = ("chinchilla", "kaplan")
 
 PRESETS = {
     "chinchilla": Law(E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28),
@@ -83,6 +103,10 @@ PRESETS = {
 GRID_EXP = (0.0, 0.5, 1.0, 1.5, 2.0)
 GRID_E = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
 GRID_AB = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)
+# The kaplan form's grid: log N_c and log D_c in 5..35 by 5 (Kaplan's are ~32), exponents from
+# 0.05 to 0.8.
+GRID_LOG_C = (5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0)
+GRID_KAPLAN_EXP = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 def _check(n, losses, d) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
@@ -106,11 +130,19 @@ def _huber(r, delta: float):
     return torch.where(a <= delta, 0.5 * r**2, delta * (a - 0.5 * delta))
 
 
-def _objective(theta, logn, logd, logl, delta):
-    """theta = (e, a, alpha[, b, beta]); the summed Huber loss of log-loss residuals."""
-    terms = [theta[..., 0:1] + 0 * logn, theta[..., 1:2] - theta[..., 2:3] * logn]
-    if logd is not None:
-        terms.append(theta[..., 3:4] - theta[..., 4:5] * logd)
+def _objective(theta, logn, logd, logl, delta, form: str = "chinchilla"):
+    """theta = (e, a, alpha[, b, beta]) (logs of E, A, B); the summed Huber loss of log-loss
+    residuals. Kaplan: log(term) = beta * LSE((alpha / beta)(a - log N), b - log D)."""
+    e = theta[..., 0:1] + 0 * logn
+    if form == "kaplan":
+        alpha, beta = theta[..., 2:3], theta[..., 4:5]
+        inner = torch.logsumexp(torch.stack([alpha / beta * (theta[..., 1:2] - logn),
+                                             theta[..., 3:4] - logd]), dim=0)
+        terms = [e, beta * inner]
+    else:
+        terms = [e, theta[..., 1:2] - theta[..., 2:3] * logn]
+        if logd is not None:
+            terms.append(theta[..., 3:4] - theta[..., 4:5] * logd)
     pred = torch.logsumexp(torch.stack(terms), dim=0)
     return _huber(pred - logl, delta).sum(-1)
 
@@ -123,17 +155,29 @@ class Fit:
 
 
 def fit_law(n: Sequence[float], losses: Sequence[float], d: Optional[Sequence[float]] = None,
-            delta: float = 1e-3, starts: int = 8, init: Optional[Law] = None) -> Fit:
+            delta: float = 1e-3, starts: int = 8, init: Optional[Law] = None,
+            form: str = "chinchilla") -> Fit:
     """Approach 3: L(N) (``d`` None) or L(N, D) by Huber loss on log-loss and L-BFGS."""
+    if form not in FORMS:
+        raise ValueError(f"form {form!r}: one of {', '.join(FORMS)}")
+    if form == "kaplan" and d is None:
+        raise ValueError("the kaplan form is a law of N and D: give each run's tokens")
     n, losses, d = _check(n, losses, d)
     logn = torch.tensor(np.log(n), dtype=torch.float64)
     logl = torch.tensor(np.log(losses), dtype=torch.float64)
     logd = None if d is None else torch.tensor(np.log(d), dtype=torch.float64)
-    axes = [GRID_E, GRID_AB, GRID_EXP] + ([GRID_AB, GRID_EXP] if d is not None else [])
+    if form == "kaplan":
+        axes = [GRID_E, GRID_LOG_C, GRID_KAPLAN_EXP, GRID_LOG_C, GRID_KAPLAN_EXP]
+    else:
+        axes = [GRID_E, GRID_AB, GRID_EXP] + ([GRID_AB, GRID_EXP] if d is not None else [])
     grid = torch.tensor(list(itertools.product(*axes)), dtype=torch.float64)
     if init is not None:
         grid = torch.cat([grid, torch.tensor([_theta(init, d is not None)], dtype=torch.float64)])
-    scores = _objective(grid, logn, logd, logl, delta)
+
+    def objective(theta):
+        return _objective(theta, logn, logd, logl, delta, form)
+
+    scores = objective(grid)
     best = None
     for k in torch.argsort(scores)[:starts].tolist():
         theta = grid[k].clone().requires_grad_(True)
@@ -142,18 +186,18 @@ def fit_law(n: Sequence[float], losses: Sequence[float], d: Optional[Sequence[fl
 
         def closure():
             opt.zero_grad()
-            value = _objective(theta, logn, logd, logl, delta)
+            value = objective(theta)
             value.backward()
             return value
 
         opt.step(closure)
-        value = float(_objective(theta.detach(), logn, logd, logl, delta))
+        value = float(objective(theta.detach()))
         if math.isfinite(value) and (best is None or value < best[0]):
             best = (value, theta.detach().clone())
     if best is None:
         raise RuntimeError("the fit diverged from every start")
     t = best[1].tolist()
-    law = Law(E=math.exp(t[0]), A=math.exp(t[1]), alpha=t[2],
+    law = Law(E=math.exp(t[0]), A=math.exp(t[1]), alpha=t[2], form=form,
               **({"B": math.exp(t[3]), "beta": t[4]} if d is not None else {}))
     return Fit(law, best[0], len(n))
 
@@ -165,12 +209,12 @@ def _theta(law: Law, two: bool) -> list[float]:
 
 def bootstrap(n, losses, d=None, samples: int = 200, seed: int = 0, level: float = 0.9,
               query_n: Sequence[float] = (), query_d: Optional[Sequence[float]] = None,
-              delta: float = 1e-3) -> dict:
+              delta: float = 1e-3, form: str = "chinchilla") -> dict:
     """Percentile intervals (``level``) of each constant and of the predicted loss at
     (query_n, query_d), from fits to runs resampled with replacement. Each refit starts from
     the full fit and the grid's best points."""
     n, losses, d = _check(n, losses, d)
-    full = fit_law(n, losses, d, delta)
+    full = fit_law(n, losses, d, delta, form=form)
     rng = np.random.default_rng(seed)
     laws = []
     need = 3 if d is None else 5
@@ -179,7 +223,7 @@ def bootstrap(n, losses, d=None, samples: int = 200, seed: int = 0, level: float
         if len(set(n[idx].tolist()) if d is None else set(zip(n[idx], d[idx]))) < need:
             continue  # too few distinct runs to determine the constants
         laws.append(fit_law(n[idx], losses[idx], None if d is None else d[idx], delta,
-                            starts=1, init=full.law).law)
+                            starts=1, init=full.law, form=form).law)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     names = ["E", "A", "alpha"] + (["B", "beta"] if d is not None else [])
     out = {"fit": dataclasses.asdict(full.law), "level": level, "samples": samples,

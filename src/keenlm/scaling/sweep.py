@@ -38,9 +38,11 @@ Log = Callable[[str], None]
 
 
 def base_config(seq: int = 256, batch: int = 16, vocab: int = 4096) -> dict:
-    """The sweeps' default: the stdlib corpus, a BPE of ``vocab`` tokens, WSD schedule, bf16
-    autocast where the hardware multiplies bf16 natively (1.7x faster on this CPU)."""
-    return {"data": {"tokenizer": "bpe", "vocab_size": vocab, "max_bytes": 12_000_000},
+    """The sweeps' default: the whole stdlib corpus (about 9.5M training tokens with this BPE:
+    runs up to that many tokens never see a token twice), a BPE of ``vocab`` tokens, WSD
+    schedule, bf16 autocast where the hardware multiplies bf16 natively (1.7x faster on this
+    CPU)."""
+    return {"data": {"tokenizer": "bpe", "vocab_size": vocab, "max_bytes": 0},
             "model": {"max_seq_len": seq},
             "train": {"batch_size": batch, "seq_len": seq, "progress": False,
                       "schedule": {"kind": "wsd", "decay_fraction": 0.25},
@@ -222,19 +224,25 @@ def finished(folder) -> list[dict]:
     return [json.loads(p.read_text()) for p in found]
 
 
-def fit_trials(runs: Sequence[dict], samples: int = 200, query_n: Optional[dict] = None) -> dict:
-    """Fit finished trials: L(N) when all share one token count, else L(N, D); once per
-    parameter count (``COUNTS``), with bootstrap laws for intervals (``fit.interval``);
-    ``query_n`` ({count: N}) adds each count's prediction at that N (L(N) only). Trials of
-    isoFLOP plans also get approach 2."""
+def fit_trials(runs: Sequence[dict], samples: int = 200, points: Sequence[dict] = (),
+               form: str = "chinchilla") -> dict:
+    """Fit finished trials: L(N) when all share one token count, else L(N, D) (of ``form``:
+    ``fit.FORMS``); once per parameter count (``COUNTS``), with bootstrap laws for intervals
+    (``fit.interval``). ``points`` ({count: N, "tokens": D} each) adds each count's prediction
+    at those points (an L(N) fit predicts only at its own token count). Trials of isoFLOP
+    plans also get approach 2."""
     two = len({r["tokens"] for r in runs}) > 1
     d = [r["tokens"] for r in runs] if two else None
+    if not two and any(p["tokens"] != runs[0]["tokens"] for p in points):
+        raise ValueError(f"every trial has {runs[0]['tokens']:,} tokens, so the fit is L(N): it "
+                         "predicts only at that token count")
     losses = [r["val_loss"] for r in runs]
-    out = {"runs": len(runs), "law": "L(N, D)" if two else "L(N)",
+    out = {"runs": len(runs), "law": "L(N, D)" if two else "L(N)", "form": form,
            "tokens": None if two else runs[0]["tokens"]}
     for count, key in COUNTS.items():
-        out[count] = bootstrap([r[key] for r in runs], losses, d, samples=samples,
-                               query_n=[query_n[count]] if query_n else ())
+        out[count] = bootstrap([r[key] for r in runs], losses, d, samples=samples, form=form,
+                               query_n=[p[count] for p in points],
+                               query_d=[p["tokens"] for p in points] if two else None)
     budgets = [r.get("budget", 0.0) for r in runs]
     if two and any(budgets):
         try:
