@@ -14,9 +14,11 @@ from keenlm.data.tasks import (InvalidExpression, countdown_reward, evaluate_exp
                                                          ("countdown", 4, True)])
 def test_demonstrations_earn_full_reward_and_splits_are_disjoint(kind, difficulty, scratchpad):
     task = get_task(kind, difficulty, scratchpad)
-    train, test = task.problems("train", 50, test_size=30), task.problems("test", 30)
+    train = task.problems("train", 50, test_size=30, val_size=30)
+    test, val = task.problems("test", 30), task.problems("val", 30, test_size=30)
     assert task.problems("test", 30) == test  # deterministic
-    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    prompts = [{p.prompt for p in split} for split in (train, val, test)]
+    assert not prompts[0] & prompts[2] and not prompts[0] & prompts[1] and not prompts[1] & prompts[2]
     assert task.reward([p.prompt for p in test], [p.demonstration for p in test]) == [1.0] * 30
     wrong = ["<answer>0</answer>" if kind != "countdown" else "<answer>1 + 1 + 1 + 1 + 1</answer>"] * 30
     assert set(task.reward([p.prompt for p in test], wrong)) <= {0.1, 1.0}

@@ -36,4 +36,8 @@ def run(args) -> int:
     print(f"{'stopped' if res.interrupted else 'finished'} at RL step {res.step}: held-out greedy "
           f"pass@1 {res.start_eval['pass@1']:.3f} -> {res.final_eval['pass@1']:.3f}; run folder "
           f"{res.run_dir} (metrics.jsonl, rl_curves.svg)")
+    if res.best:
+        b = res.best
+        print(f"best by validation: step {b['step']} (val pass@1 {b['val_pass@1']:.3f}, "
+              f"held-out {b['pass@1']:.3f}) in {res.run_dir / 'best'}")
     return 0

@@ -51,6 +51,7 @@ class RLRunConfig:
 
     eval_every: int = 10  # steps between held-out greedy pass@1 (0: start and end only)
     eval_n: int = 100  # held-out problems in that evaluation (a fixed sample)
+    keep_best: bool = True  # also score eval_n validation problems (never trained on) at each evaluation and keep the best policy in out_dir/best
     time_budget_s: float = 0.0  # >0: stop (and save) once this much wall time has passed
     save_every: int = 0  # 0: only at the end (and on Ctrl-C)
     threads: int = 0  # 0: torch default

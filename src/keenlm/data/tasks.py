@@ -251,6 +251,9 @@ def countdown_reward(prompts, completions) -> list[float]:
 # ------------------------------------------------------------------------------ registry
 
 
+SPLITS = ("train", "val", "test")
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -259,13 +262,19 @@ class Task:
     answer_key: Callable[[str, str], object]  # (prompt, answer) -> what majority votes compare
     stream: str = ""  # names the random streams problems are drawn from ("": the name)
 
-    def problems(self, split: str, n: int, test_size: int = 200) -> list[Problem]:
-        """``n`` problems of a split; train never repeats a test prompt."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split {split!r}: train | test")
+    def problems(self, split: str, n: int, test_size: int = 200,
+                 val_size: int = 0) -> list[Problem]:
+        """``n`` problems of a split: test (reported), val (what a run chooses its best
+        checkpoint on; never a test prompt) and train (never a test prompt, nor one of the first
+        ``val_size`` val prompts: a run that validates on those draws its training problems
+        with that ``val_size``)."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: {' | '.join(SPLITS)}")
         held = set()
-        if split == "train":
+        if split in ("train", "val"):
             held = {p.prompt for p in self._draw("test", test_size)}
+        if split == "train" and val_size:
+            held |= {p.prompt for p in self._draw("val", val_size, frozenset(held))}
         return self._draw(split, n, held)
 
     def _draw(self, split: str, n: int, skip=frozenset()) -> list[Problem]:

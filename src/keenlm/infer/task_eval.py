@@ -27,10 +27,11 @@ def complete(model, tokenizer, prompts: list[str], *, temperature: float = 0.0,
 
 
 def evaluate_policy(model, tokenizer, task: Task, n: int = 100, max_new_tokens: int = 64,
-                    batch: int = 64) -> dict:
-    """Greedy answers to the first ``n`` test problems: success rate (reward 1 = pass@1),
-    format rate (an answer tag), mean reward."""
-    problems = task.problems("test", n)
+                    batch: int = 64, problems: list | None = None) -> dict:
+    """Greedy answers to the first ``n`` test problems (or to ``problems``, e.g. a validation
+    split): success rate (reward 1 = pass@1), format rate (an answer tag), mean reward."""
+    problems = task.problems("test", n) if problems is None else problems
+    n = len(problems)
     prompts = [p.prompt for p in problems]
     rewards = task.reward(prompts, complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                             batch=batch))

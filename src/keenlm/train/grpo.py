@@ -33,6 +33,7 @@ import dataclasses
 import json
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -46,6 +47,7 @@ from keenlm.infer.task_eval import evaluate_policy
 from keenlm.infer.generate import generate_tokens, stop_check
 from keenlm.io.loaders import load_any
 from keenlm.ledger import flops_per_token, generation_flops
+from keenlm.model import model_state
 from keenlm.model.lora import add_adapters
 from keenlm.plot import line_chart
 from keenlm.train.logprobs import completion_mask, shared_prefix_logprobs
@@ -53,6 +55,7 @@ from keenlm.train import distributed
 from keenlm.train.loop import LoopShell, pick_device
 from keenlm.train.optim import FiniteGuard, build_optimizer, grad_norm, init_base_lr, set_lr
 from keenlm.train.rl_objective import ALGORITHMS, LOSSES
+from keenlm.train.rl_watch import Watch
 
 # ------------------------------------------------------------------------------ sampling
 
@@ -82,6 +85,8 @@ class RLResult:
     start_eval: dict
     final_eval: dict
     interrupted: bool
+    best: dict = dataclasses.field(default_factory=dict)  # the best by validation (Watch.best)
+    warnings: list = dataclasses.field(default_factory=list)  # what the run warned about
 
 
 class RLTrainer(LoopShell):
@@ -149,7 +154,12 @@ class RLTrainer(LoopShell):
         self.guard = FiniteGuard(opt.max_nonfinite, "; lower rl.lr")
         self.updates = 0
         self._last: dict = {}  # the latest step's record, for the progress notes
-        self.train_problems = self.task.problems("train", 5000)
+        # the best policy is chosen on a validation split that training never draws from
+        self.watch = Watch()
+        val_n = run.eval_n if run.keep_best else 0
+        self.val_problems = self.task.problems("val", val_n) if val_n else []
+        self.train_problems = self.task.problems("train", 5000, val_size=val_n)
+        self.warnings: list[str] = []
         self.planned_steps = cfg.steps
         self.eval_every, self.save_every = run.eval_every, run.save_every
         self.time_budget_s, self.progress = run.time_budget_s, run.progress and self.is_main
@@ -171,7 +181,8 @@ class RLTrainer(LoopShell):
         self.tokenizer.save(self.run_dir / "tokenizer")
 
     def extra_state(self) -> dict:
-        return {"updates": self.updates, "nonfinite": self.guard.state()}
+        return {"updates": self.updates, "nonfinite": self.guard.state(),
+                "watch": self.watch.state()}
 
     def save(self):
         """Every rank holds the same weights: rank 0 writes them, the others wait."""
@@ -185,6 +196,7 @@ class RLTrainer(LoopShell):
     def load_extra_state(self, state: dict) -> None:
         self.updates = int(state["updates"])
         self.guard.load(state.get("nonfinite"))
+        self.watch.load(state.get("watch"))
 
     # --------------------------------------------------------------------------- one step
 
@@ -245,6 +257,7 @@ class RLTrainer(LoopShell):
         return {"step": self.step, "reward_mean": float(rewards.mean()),
                 "reward_std": float(rewards.std()), "success": float((rewards == 1.0).float().mean()),
                 "zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
+                "coverage": float((grouped == 1.0).any(dim=1).float().mean()),
                 "completion_len": gen_tokens / len(comps), **stats,
                 "gen_tokens_per_s": gen_tokens / t_gen, "gen_s": t_gen, "train_s": t_train,
                 "train_tokens_per_s": train_tokens / t_train if t_train > 0 else 0.0,
@@ -253,7 +266,28 @@ class RLTrainer(LoopShell):
 
     def train_step(self) -> dict:
         self._last = self.rl_step()
+        for kind, text in self.watch.after_step(self._last["success"], self._last["coverage"]):
+            self._warn(kind, text)
         return self._last
+
+    def _warn(self, kind: str, text: str) -> None:
+        """Say it (stderr) and log it (metrics.jsonl, kind "warning"); rank 0 only."""
+        self.warnings.append(text)
+        if self.is_main:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
+            runs.append_jsonl(self.run_dir / "metrics.jsonl",
+                              {"kind": "warning", "step": self.step, "warning": kind, "text": text})
+
+    def _save_best(self) -> None:
+        """The policy as it is now, as a run folder of its own: OUT/best (one atomic swap)."""
+        if not self.is_main:
+            return
+        with runs.atomic_folder(self.run_dir / "best", replace=True) as tmp:
+            save_json(self.km.config, tmp / "config.json")
+            self.tokenizer.save(tmp / "tokenizer")
+            runs.save_checkpoint(tmp, self.step, model_state(self.model), {"step": self.step},
+                                 keep=1)
+            runs.atomic_write_text(tmp / "best.json", json.dumps(self.watch.best, indent=2))
 
     def _update(self, prompt_ids, rows, comps, adv, weights) -> dict:
         """epochs x minibatches optimizer steps on the rows that carry a gradient.
@@ -340,7 +374,15 @@ class RLTrainer(LoopShell):
     def evaluate(self) -> dict:
         ev = evaluate_policy(self.model, self.tokenizer, self.task, self.cfg.run.eval_n,
                              max_new_tokens=self.cfg.max_new_tokens)
-        return {"pass@1": ev["success"], "format": ev["format"], "reward": ev["reward"]}
+        out = {"pass@1": ev["success"], "format": ev["format"], "reward": ev["reward"]}
+        if self.val_problems:
+            val = evaluate_policy(self.model, self.tokenizer, self.task,
+                                  problems=self.val_problems,
+                                  max_new_tokens=self.cfg.max_new_tokens)
+            out["val_pass@1"] = val["success"]
+            if self.watch.evaluated(self.step, val["success"], ev["success"]):
+                self._save_best()
+        return out
 
     def eval_fields(self, at_start: bool = False) -> dict:
         return {"elapsed_s": 0.0 if at_start else time.perf_counter() - self.started}
@@ -355,8 +397,11 @@ class RLTrainer(LoopShell):
 
     def fit(self) -> RLResult:
         start_eval, final, interrupted = self.run_loop()
+        for kind, text in self.watch.at_end(start_eval, final):
+            self._warn(kind, text)
         write_curves(self.run_dir)
-        return RLResult(self.run_dir, self.step, start_eval, final, interrupted)
+        return RLResult(self.run_dir, self.step, start_eval, final, interrupted,
+                        self.watch.best, self.warnings)
 
 
 def adapt(policy, lora) -> None:
