@@ -206,9 +206,19 @@ def test_solve_and_train_reward_commands(tmp_path, capsys):
     assert "prm on 4 rollouts" in capsys.readouterr().out
     assert main(["solve", str(src), *common, "--strategy", "beam", "--n", "2", "--expand", "2",
                  "--max-steps", "2", "--scorer", str(tmp_path / "prm"), "--problems", "2"]) == 0
-    assert "| beam | 2 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| beam | 2 |" in out and "reward model" in out  # its ranking is rated first
     assert main(["solve", str(src), *common, "--strategy", "dvts", "--problems", "1"]) == 2
     assert "scorer" in capsys.readouterr().err
+    # the planner: two candidate policies calibrated, one choice within the budget
+    plan = ["--task", "addition", "--difficulty", "2", "--max-new-tokens", "6", "--problems", "3",
+            "--samples", "2"]
+    assert main(["solve", str(src), str(src), *plan, "--plan", "1e12"]) == 0
+    out = capsys.readouterr().out
+    assert "within 1e+12 FLOPs per query:" in out and "predicted accuracy" in out
+    assert main(["solve", str(src), *plan, "--plan", "10"]) == 1  # nothing fits
+    assert "nothing fits" in capsys.readouterr().out
+    assert main(["solve", str(src), str(src), *plan]) == 2  # several policies need --plan
 
 
 def test_tts_study_runs_end_to_end_and_continues_where_it_stopped(tmp_path):
@@ -235,3 +245,28 @@ def test_tts_study_runs_end_to_end_and_continues_where_it_stopped(tmp_path):
     assert (tmp_path / "s" / "large-prm" / "reward.json").exists()
     with pytest.raises(ValueError, match="another output folder"):
         study.tts(tmp_path / "s", **{**kw, "ns": (1, 4)})
+
+
+def test_tts_study_flags_a_reward_model_that_ranks_below_chance_and_does_not_count_it():
+    from keenlm.studies.tts import _compare, _table
+
+    def rows(strategy, right_of):
+        return [{"strategy": strategy, "n": 4, "problem": k, "bin": 0, "right": right_of(k),
+                 "policy_flops": 10.0, "scorer_flops": 1.0, "policy_tokens": 5}
+                for k in range(10)]
+
+    rms = {"orm": {"held_out": {"auc": 0.3, "right": 5, "wrong": 9}, "label_compute":
+                   {"policy_flops": 0.0}, "train_flops": 0.0},
+           "prm": {"held_out": {"auc": 0.7, "right": 5, "wrong": 9}, "label_compute":
+                   {"policy_flops": 0.0}, "train_flops": 0.0}}
+    right = {"majority": 3, "weighted_majority": 8, "best_of_n": 9, "beam": 2, "dvts": 2,
+             "best_of_n_verifier": 10}  # right answers of 10 per strategy
+    swept = {"small": {"rows": [r for s, c in right.items() for r in rows(s, lambda k: k < c)],
+                       "strategies": list(right), "ns": [4], "bins": [0] * 10,
+                       "reward_models": rms}}
+    side = {"size": "64x1", "params": 10, "train_flops": 1.0,
+            "greedy": {"accuracy": 0.2, "flops_per_problem": 1.0}}
+    res = _compare("t", 10, {"small": side, "large": {**side, "params": 100}}, swept)
+    assert res["below_chance_reward_models"] == ["orm"]
+    assert res["best"]["strategy"] == "majority" and res["best"]["accuracy"] == 0.3
+    assert "**below chance**: ORM" in _table(res)

@@ -38,6 +38,7 @@ from keenlm.studies.common import Log, parse_size, write_results
 from keenlm.studies.rl import warmup_config
 
 LEARNED = ("majority", "weighted_majority", "best_of_n", "beam", "dvts")
+RANKED_BY = {"weighted_majority": "orm", "best_of_n": "orm", "beam": "prm", "dvts": "prm"}
 ORACLE = "best_of_n_verifier"
 SEARCH = ("beam", "dvts")
 
@@ -201,16 +202,22 @@ def _compare(task_name: str, eval_n: int, sides: dict, swept: dict) -> dict:
     and total FLOPs (training, reward models and their labelling, inference)."""
     result = swept["small"]
     pts = curves(result)
-    best = max(((name, p) for name, ps in pts.items() if name in LEARNED for p in ps),
-               key=lambda t: (t[1]["accuracy"], -t[1]["flops"]))
     s, L, rms = sides["small"], sides["large"], result["reward_models"]
+    # a reward model that ranks the policy's answers below chance is flagged, and the
+    # strategies that follow it are not counted as the small policy's best
+    below = sorted(k for k, v in rms.items()
+                   if v.get("held_out", {}).get("auc") is not None and v["held_out"]["auc"] < 0.5)
+    usable = [n for n in LEARNED if RANKED_BY.get(n) not in below]
+    best = max(((name, p) for name, ps in pts.items() if name in usable for p in ps),
+               key=lambda t: (t[1]["accuracy"], -t[1]["flops"]))
     label_flops = sum(rms[k]["label_compute"]["policy_flops"] for k in rms)
     rm_flops = sum(rms[k]["train_flops"] for k in rms)
     small_total = s["train_flops"] + label_flops + rm_flops + best[1]["flops"] * eval_n
     large_total = L["train_flops"] + L["greedy"]["flops_per_problem"] * eval_n
-    wins = [{"strategy": name, **p} for name, ps in pts.items() if name in LEARNED for p in ps
+    wins = [{"strategy": name, **p} for name, ps in pts.items() if name in usable for p in ps
             if p["accuracy"] > L["greedy"]["accuracy"]]
     res = {"task": task_name, "eval_n": eval_n, "small": s, "large": L,
+           "below_chance_reward_models": below,
            "cheapest_win": min(wins, key=lambda p: p["flops"]) if wins else None,
            "param_ratio": L["params"] / s["params"],
            "best": {"strategy": best[0], **best[1]},
@@ -260,6 +267,10 @@ def _table(r: dict) -> str:
              "- the small policy's reward models, ROC AUC of right vs wrong samples on held-out "
              "problems (0.5: chance): " + ", ".join(
                  f"{k.upper()} {_auc(v)}" for k, v in r["reward_models"].items())]
+    if r.get("below_chance_reward_models"):
+        lines.append("- **below chance**: " + ", ".join(
+            k.upper() for k in r["below_chance_reward_models"]) + " ranks right answers below "
+            "wrong ones; the strategies that follow it are not counted as the best")
     if "large_reward_models" in r:
         lines.append("- the large policy's reward models, the same: " + ", ".join(
             f"{k.upper()} {_auc(v)}" for k, v in r["large_reward_models"].items()))

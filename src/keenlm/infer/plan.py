@@ -1,0 +1,211 @@
+"""Which policy, which strategy, which N: test-time compute planned from a calibration run.
+
+Brown et al. 2024 ("Large Language Monkeys") found that coverage (pass@k, the chance that k
+samples hold a right answer) grows smoothly with k and bounds what best-of-N with a verifier
+can reach; Snell et al. 2024 found the best test-time strategy depends on how hard a problem is
+for the policy. The planner turns a small calibration run of each candidate policy into
+predicted accuracy and cost of every strategy at every N, and picks the best buy for a budget.
+
+- ``calibrate``: a policy answers ``problems`` problems of the task's validation split (never
+  the test split) once greedily and ``samples`` times at ``temperature``. Kept per problem: the
+  greedy outcome, how many samples were right, how often each distinct answer (the task's
+  answer key) came up; and the mean FLOPs of one sample (``keenlm.ledger.generation_flops``).
+- ``predict`` at any N:
+  - best-of-N by an exact verifier = pass@N. Per-problem success rates are modelled as
+    Beta(a, b), fitted by maximum likelihood to the right-sample counts (beta-binomial), and
+    pass@N = 1 - B(a, b + N) / B(a, b): it extrapolates past N = samples (a problem with 0 of
+    n right still has a chance at larger N, as real policies show). For N <= samples, the
+    unbiased estimate (Chen et al. 2021) is beside it as ``pass@N measured``.
+  - majority@N: each problem's N answers drawn from its calibration answer distribution; the
+    chance that the right answer gets the most votes (ties shared evenly), by Monte Carlo.
+    A problem never answered right in calibration scores 0.
+  - greedy: the calibration greedy accuracy, at the cost of one sample.
+  Intervals: percentiles over calibration problems resampled with replacement.
+- ``plan``: for a FLOP budget per query, every (policy, strategy, N) whose cost fits; the one
+  with the highest predicted accuracy wins (ties: the cheaper).
+
+Strategies ranked by a learned reward model are not planned: their accuracy depends on how well
+the model ranks, which a user should measure first (``keenlm solve --scorer RM`` reports the
+ranking quality and says when it is below chance).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from keenlm.data.tasks import pass_at_k
+from keenlm.infer.task_eval import complete
+from keenlm.ledger import generation_flops
+
+STRATEGIES = ("greedy", "majority", "best_of_n_verifier")
+
+
+@dataclass
+class Calibration:
+    """One policy's calibration run (see the module docstring)."""
+    name: str
+    params: int
+    samples: int  # answers per problem
+    greedy: list  # per problem: the greedy answer was right (bool)
+    right: list  # per problem: how many of the samples were right
+    answers: list  # per problem: [[count, is_right], ...] per distinct parsed answer
+    unparsed: list  # per problem: samples without a parsable answer (they never vote)
+    flops_per_sample: float
+    flops_greedy: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate(name: str, model, tokenizer, task, problems: int = 50, samples: int = 16,
+              temperature: float = 1.0, max_new_tokens: int = 32, seed: int = 0) -> Calibration:
+    """Greedy and ``samples`` sampled answers of ``model`` to ``problems`` validation problems."""
+    if problems < 2 or samples < 2:
+        raise ValueError(f"problems {problems}, samples {samples}: at least 2 of each")
+    probs = task.problems("val", problems)
+    prompts = [p.prompt for p in probs]
+    greedy = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    sampled = complete(model, tokenizer, prompts, temperature=temperature, seed=seed,
+                       max_new_tokens=max_new_tokens, repeat=samples)
+    g_right = [r == 1.0 for r in task.reward(prompts, greedy)]
+    rows = [p for p in prompts for _ in range(samples)]
+    s_right = [r == 1.0 for r in task.reward(rows, sampled)]
+    right, answers, unparsed, flops = [], [], [], 0.0
+    for i, prompt in enumerate(prompts):
+        mine = slice(i * samples, (i + 1) * samples)
+        comps, ok = sampled[mine], s_right[mine]
+        right.append(sum(ok))
+        counts: dict = {}
+        for c, r in zip(comps, ok):
+            key = task.answer_key(prompt, c)
+            n, _ = counts.get(key, (0, False))
+            counts[key] = (n + 1, r and key is not None)
+        answers.append([[n, r] for k, (n, r) in counts.items() if k is not None])
+        unparsed.append(counts.get(None, (0, False))[0])
+        n_prompt = len(tokenizer.encode(prompt))
+        flops += generation_flops(model, n_prompt, [len(tokenizer.encode(c)) for c in comps])
+    flops_greedy = sum(generation_flops(model, len(tokenizer.encode(p)),
+                                        [len(tokenizer.encode(c))])
+                       for p, c in zip(prompts, greedy)) / len(prompts)
+    params = sum(p.numel() for p in model.parameters())
+    return Calibration(name, params, samples, g_right, right, answers, unparsed,
+                       flops / (len(prompts) * samples), flops_greedy)
+
+
+# ------------------------------------------------------------------------------ predictions
+
+
+def betaln(a, b):
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def fit_beta(right, samples: int) -> tuple[float, float]:
+    """Maximum-likelihood Beta(a, b) of per-problem success rates from right-sample counts
+    (the beta-binomial likelihood; L-BFGS on log a, log b)."""
+    c = torch.tensor(np.asarray(right, dtype=float), dtype=torch.float64)
+    if bool((c == 0).all()) or bool((c == samples).all()):
+        return (1e-3, 1e3) if float(c[0]) == 0 else (1e3, 1e-3)  # all wrong or all right
+
+    def lbeta(a, b):
+        return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # log a, log b: Beta(1, 1)
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=200, tolerance_grad=1e-10,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        a, b = x.clamp(-12, 12).exp()
+        nll = -(lbeta(c + a, samples - c + b) - lbeta(a, b)).sum()
+        nll.backward()
+        return nll
+
+    opt.step(closure)
+    a, b = x.detach().clamp(-12, 12).exp().tolist()
+    return a, b
+
+
+def pass_at_n(a: float, b: float, n: int) -> float:
+    """1 - E[(1 - p)^n] for p ~ Beta(a, b)."""
+    return 1.0 - math.exp(betaln(a, b + n) - betaln(a, b))
+
+
+def majority_at_n(answers: list, unparsed: int, n: int, rng: np.random.Generator,
+                  draws: int = 2000) -> float:
+    """The chance that the right answer wins a vote of ``n`` samples drawn from a problem's
+    calibration answers ([[count, is_right], ...], plus ``unparsed`` samples that do not vote;
+    ties shared evenly); 0 when no answer was ever right."""
+    right = [i for i, (_, r) in enumerate(answers) if r]
+    if not right:
+        return 0.0
+    counts = np.array([c for c, _ in answers] + [unparsed], dtype=float)
+    votes = rng.multinomial(n, counts / counts.sum(), size=draws)[:, :-1]  # unparsed: no vote
+    mine = votes[:, right[0]]
+    top = votes.max(axis=1)
+    ties = (votes == top[:, None]).sum(axis=1)
+    return float(np.mean(np.where((mine == top) & (mine > 0), 1.0 / ties, 0.0)))
+
+
+class Predictor:
+    """Predictions for one calibration. The bootstrap resamples (of problems) are drawn once,
+    so every strategy and N is judged on the same resamples; the Beta fits (one per resample)
+    and each N's per-problem majority chances are computed once."""
+
+    def __init__(self, cal: Calibration, resamples: int = 200, level: float = 0.9,
+                 seed: int = 0):
+        self.cal, self.level = cal, level
+        self.rng = np.random.default_rng(seed)
+        k = len(cal.right)
+        self.idx = [self.rng.integers(0, k, k) for _ in range(resamples)]
+        self.beta = fit_beta(cal.right, cal.samples)
+        self.betas = [fit_beta([cal.right[i] for i in ix], cal.samples) for ix in self.idx]
+        self._majority: dict[int, np.ndarray] = {}
+
+    def _per_problem(self, strategy: str, n: int) -> np.ndarray:
+        if strategy == "greedy":
+            return np.asarray(self.cal.greedy, dtype=float)
+        if n not in self._majority:
+            self._majority[n] = np.array([majority_at_n(a, u, n, self.rng) for a, u in
+                                          zip(self.cal.answers, self.cal.unparsed)])
+        return self._majority[n]
+
+    def predict(self, strategy: str, n: int) -> dict:
+        """Predicted accuracy of ``strategy`` at ``n`` with its interval; FLOPs per query."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
+        if n < 1:
+            raise ValueError(f"N {n}: an integer >= 1")
+        cal = self.cal
+        if strategy == "best_of_n_verifier":
+            full = pass_at_n(*self.beta, n)
+            boots = [pass_at_n(a, b, n) for a, b in self.betas]
+        else:
+            vals = self._per_problem(strategy, n)
+            full, boots = float(vals.mean()), [float(vals[ix].mean()) for ix in self.idx]
+        lo, hi = np.percentile(boots, [(1 - self.level) / 2 * 100, (1 + self.level) / 2 * 100])
+        out = {"policy": cal.name, "strategy": strategy, "n": 1 if strategy == "greedy" else n,
+               "accuracy": float(full), "low": float(lo), "high": float(hi),
+               "flops": cal.flops_greedy if strategy == "greedy" else n * cal.flops_per_sample}
+        if strategy == "best_of_n_verifier" and n <= cal.samples:
+            out["measured"] = float(np.mean([pass_at_k(cal.samples, c, n) for c in cal.right]))
+        return out
+
+
+def plan(cals: list[Calibration], budget: float, ns=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+         strategies=STRATEGIES, resamples: int = 200) -> dict:
+    """The best predicted (policy, strategy, N) within ``budget`` FLOPs per query, and every
+    option considered (None chosen when nothing fits)."""
+    if budget <= 0 or not math.isfinite(budget):
+        raise ValueError(f"budget {budget}: a positive FLOP count per query")
+    options = []
+    for cal in cals:
+        pred = Predictor(cal, resamples)
+        for s in strategies:
+            for n in ((1,) if s == "greedy" else ns):
+                if (cal.flops_greedy if s == "greedy" else n * cal.flops_per_sample) <= budget:
+                    options.append(pred.predict(s, n))
+    best = max(options, key=lambda o: (o["accuracy"], -o["flops"]), default=None)
+    return {"budget": budget, "chosen": best, "options": options}

@@ -1,0 +1,88 @@
+"""The test-time compute planner: coverage extrapolated by a beta-binomial fit, majority votes
+by simulation, the best buy within a budget; and the exchange study end to end, tiny."""
+
+import math
+
+import numpy as np
+import pytest
+
+from keenlm.data.tasks import pass_at_k
+from keenlm.infer.plan import (Calibration, Predictor, fit_beta, majority_at_n, pass_at_n,
+                               plan)
+
+
+def _synthetic(a, b, problems=400, samples=16, seed=0):
+    rng = np.random.default_rng(seed)
+    p = rng.beta(a, b, problems)
+    return p, rng.binomial(samples, p)
+
+
+def test_the_beta_fit_recovers_coverage_beyond_the_calibration_samples():
+    p, right = _synthetic(0.3, 1.2)
+    a, b = fit_beta(right, 16)
+    assert a == pytest.approx(0.3, rel=0.25) and b == pytest.approx(1.2, rel=0.35)
+    for n in (1, 4, 16, 64, 256):  # the truth: the mean over problems of 1 - (1 - p)^n
+        assert pass_at_n(a, b, n) == pytest.approx(np.mean(1 - (1 - p) ** n), abs=0.03)
+    # within the calibration samples it agrees with the unbiased estimator
+    measured = np.mean([pass_at_k(16, c, 8) for c in right])
+    assert pass_at_n(a, b, 8) == pytest.approx(measured, abs=0.02)
+    assert fit_beta([0, 0, 0], 8)[0] < 0.01  # never right: no coverage
+    assert pass_at_n(*fit_beta([0, 0, 0], 8), 1000) < 0.01
+
+
+def test_majority_chance_by_simulation_matches_the_exact_vote():
+    rng = np.random.default_rng(0)
+    # one sample: the right answer's share (3 of 4)
+    assert majority_at_n([[3, True], [1, False]], 0, 1, rng, 20000) == pytest.approx(0.75, abs=0.01)
+    # three samples, two answers at 1/2 each: the right one wins with 2 or 3 votes: 1/2
+    assert majority_at_n([[1, True], [1, False]], 0, 3, rng, 20000) == pytest.approx(0.5, abs=0.01)
+    # an unparsed sample never votes: with p(right) = p(none) = 1/2 and N = 1, half the votes
+    # are empty (no answer: wrong)
+    assert majority_at_n([[1, True]], 1, 1, rng, 20000) == pytest.approx(0.5, abs=0.01)
+    assert majority_at_n([[5, False]], 0, 9, rng) == 0.0  # never right
+
+
+def _cal(name, right, greedy, flops, samples=16):
+    answers = [[[c, True], [samples - c, False]] if c < samples else [[c, True]] for c in right]
+    return Calibration(name, 1000, samples, greedy, list(right), answers, [0] * len(right),
+                       flops, flops)
+
+
+def test_the_plan_is_the_best_predicted_choice_within_the_budget():
+    rng = np.random.default_rng(1)
+    _, weak = _synthetic(0.4, 2.0, 80, seed=1)
+    _, strong = _synthetic(2.0, 1.0, 80, seed=2)
+    small = _cal("small", weak, list(rng.random(80) < 0.2), 1e6)
+    large = _cal("large", strong, list(rng.random(80) < 0.6), 1e7)
+    tight = plan([small, large], 2e6, ns=(1, 2, 4))
+    assert tight["chosen"]["policy"] == "small" and tight["chosen"]["flops"] <= 2e6
+    assert all(o["flops"] <= 2e6 for o in tight["options"])
+    assert tight["chosen"]["accuracy"] == max(o["accuracy"] for o in tight["options"])
+    roomy = plan([small, large], 1e9, ns=(1, 2, 4, 16, 64))
+    assert roomy["chosen"]["strategy"] == "best_of_n_verifier" and roomy["chosen"]["n"] == 64
+    c = roomy["chosen"]
+    assert c["low"] <= c["accuracy"] <= c["high"]
+    assert plan([small], 1e3)["chosen"] is None  # nothing fits
+    with pytest.raises(ValueError, match="budget"):
+        plan([small], -1)
+    p = Predictor(small).predict("best_of_n_verifier", 4)
+    assert p["measured"] == pytest.approx(np.mean([pass_at_k(16, c, 4) for c in weak]))
+    assert math.isclose(Predictor(small).predict("greedy", 8)["accuracy"], np.mean(small.greedy))
+
+
+def test_exchange_study_runs_end_to_end_tiny(tmp_path):
+    from keenlm.studies.exchange import Options, exchange
+
+    o = Options(task="addition", difficulty=2, sizes=("64x1", "128x1"), sft_steps=20, calib_n=4,
+                calib_samples=4, eval_n=6, max_n=4, max_new_tokens=12)
+    res = exchange(tmp_path / "ex", o, log=lambda s: None)
+    assert {p["policy"] for p in res["points"]} == {"64x1", "128x1"}
+    assert len(res["points"]) == 2 * (1 + 3 + 3)  # greedy, majority and best-of-N at 1, 2, 4
+    assert len(res["planner_check"]) == 3
+    for c in res["planner_check"]:
+        assert c["planned"] is None or c["planned"]["flops"] <= c["budget"]
+    text = (tmp_path / "ex" / "results.md").read_text()
+    assert "| 64x1 | majority | 4 |" in text and "within 2 points" in text
+    assert (tmp_path / "ex" / "accuracy_vs_total_flops.svg").exists()
+    again = exchange(tmp_path / "ex", o, log=lambda s: None)  # resumes: everything cached
+    assert again["points"] == res["points"]
