@@ -267,6 +267,11 @@ def test_rl_study_runs_end_to_end(tmp_path):
         assert r["steps"] >= 1 and r["gain"] == pytest.approx(r["final"]["pass@1"] - r["start"])
     for f in ("results.md", "results.json", "pass_at_1.svg", "reward.svg", "grpo/rl_curves.svg"):
         assert (tmp_path / "s" / f).exists(), f
+    text = (tmp_path / "s" / "results.md").read_text()
+    # the report says what was done: start_at 1.0 was not reached, so the last checkpoint
+    assert "no checkpoint reached the start threshold 1.0, so the last one (step 20" in text
+    assert all(r["best"] is not None and r["best_step"] is not None for r in res["runs"])
+    assert "GRPO (dr_grpo), best by validation (step" in text
 
 
 def test_rl_skips_a_non_finite_update_and_stops_after_too_many(tmp_path):

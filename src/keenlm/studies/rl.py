@@ -178,9 +178,11 @@ def _rl_run(folder: Path, s0: dict, cfg) -> tuple[dict, list[dict]]:
     final = s0["held_out"](keenlm.load(folder))
     recs = read_jsonl(folder / "metrics.jsonl")
     start = res.start_eval["pass@1"]
+    # the policy the run kept by its validation split (never the test problems)
+    best = s0["held_out"](keenlm.load(folder / "best")) if res.best else None
     row = {"algo": cfg.algo, "loss": cfg.loss, "steps": res.step, "seconds": seconds,
            "start": start, "final": final, "gain": final["pass@1"] - start,
-           "best": max(r["pass@1"] for r in recs if r["kind"] == "eval"),
+           "best_step": res.best.get("step"), "best": best, "warnings": res.warnings,
            "samples_per_step": cfg.prompts * cfg.group, "lr": cfg.optim.lr}
     return row, recs
 
@@ -188,17 +190,26 @@ def _rl_run(folder: Path, s0: dict, cfg) -> tuple[dict, list[dict]]:
 def _rl_table(res: dict) -> str:
     s = res["sft"]
     k = max(int(key.split("@")[1]) for key in s if key.startswith("pass@"))
-    lines = [f"Task {res['task']}, policy {res['size']} (byte-level), {res['eval_n']} held-out problems; "
-             f"supervised warm-up of {res['sft_steps']} steps, the first checkpoint whose validation "
-             f"pass@1 reached {res['start_at']}.", "",
-             f"| policy | RL steps | RL seconds | greedy pass@1 | gain (points) | best pass@1 seen | "
-             f"pass@{k} | maj@{k} |", "|---|---|---|---|---|---|---|---|",
+    step, rate = res["warmup_validation"][-1]
+    how = (f"the first checkpoint whose validation pass@1 reached {res['start_at']} (step {step}, "
+           f"{rate:.3f})" if rate >= res["start_at"] else
+           f"no checkpoint reached the start threshold {res['start_at']}, so the last one "
+           f"(step {step}, validation pass@1 {rate:.3f})")
+    lines = [f"Task {res['task']}, policy {res['size']} (byte-level), {res['eval_n']} held-out "
+             f"problems; RL started from the supervised warm-up's {how}.", "",
+             f"| policy | RL steps | RL seconds | greedy pass@1 | gain (points) | pass@{k} | "
+             f"maj@{k} |", "|---|---|---|---|---|---|---|",
              f"| SFT (start) | - | - | {s['pass@1']:.3f} | - | {s[f'pass@{k}']:.3f} | "
              f"{s[f'maj@{k}']:.3f} |"]
+    notes = []
     for r in res["runs"]:
-        f = r["final"]
         name = "GRPO (" + r["loss"] + ")" if r["algo"] == "grpo" else "RFT"
-        lines.append(f"| {name} | {r['steps']} | {r['seconds']:.0f} | {f['pass@1']:.3f} | "
-                     f"{100 * r['gain']:+.1f} | {r['best']:.3f} | {f[f'pass@{k}']:.3f} | "
-                     f"{f[f'maj@{k}']:.3f} |")
-    return "\n".join(lines)
+        rows = [(name + ", final", r["final"])]
+        if r.get("best"):
+            rows.append((f"{name}, best by validation (step {r['best_step']})", r["best"]))
+        for label, f in rows:
+            lines.append(f"| {label} | {r['steps']} | {r['seconds']:.0f} | {f['pass@1']:.3f} | "
+                         f"{100 * (f['pass@1'] - r['start']):+.1f} | {f[f'pass@{k}']:.3f} | "
+                         f"{f[f'maj@{k}']:.3f} |")
+        notes += [f"- {name} warned: {w}" for w in r.get("warnings", [])]
+    return "\n".join(lines + ([""] + notes if notes else []))
