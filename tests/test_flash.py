@@ -145,3 +145,29 @@ def test_auto_uses_sdpa_on_cpu():
 
     q, k, v = _inputs(1, 4, 2, 20, 20, 16, seed=9)
     assert torch.equal(ATTENTION["auto"](q, k, v, None), sdpa_attention(q, k, v, None))
+
+
+def _tile_shapes():
+    from keenlm.model.flash_triton import CANDIDATES
+
+    return sorted({c[:2] + (4, 3) for c in CANDIDATES})  # warps and stages change no result
+
+
+@pytest.mark.parametrize("cand", _tile_shapes())
+def test_every_tile_shape_the_gpu_may_pick_is_exact(cand, monkeypatch):
+    """The autotuner chooses among CANDIDATES on a GPU; each tile shape (the interpreter runs
+    them on the CPU) gives the reference's forward and gradients, ragged edges and GQA
+    included."""
+    attn = _triton_or_skip()
+    from keenlm.model import flash_triton
+
+    monkeypatch.setattr(flash_triton, "_choose", lambda kernel, name, grid_of, args, flags, key:
+                        flash_triton._config(flash_triton._blocks(flags["D"], args[0].dtype), cand))
+    B, H, Hk, T, D = 1, 2, 1, 45, 16
+    q, k, v = _inputs(B, H, Hk, T, T, D, seed=sum(cand))
+    ref = naive_attention(q, k, v, torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T))
+    out = attn(q, k, v, None, causal=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

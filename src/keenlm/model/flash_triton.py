@@ -190,11 +190,66 @@ def _launch_args(q, k, mask, causal):
 
 
 def _blocks(D: int, dtype) -> dict:
+    """The default tiles (what the interpreter runs, and the first candidate on a GPU)."""
     block_d = max(16, triton.next_power_of_2(D))
     small = block_d > 64 or dtype == torch.float32
     # fp32 inputs multiply in full fp32 ("ieee"), not TF32: the backend is exact to 1e-5
     return {"BLOCK_D": block_d, "BLOCK_M": 64 if small else 128, "BLOCK_N": 32 if small else 64,
             "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+# Tile shapes and launch settings tried on a GPU: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# FlashAttention-2 runs 128 x 64 (head dim 128) and 128 x 128 (head dim 64) with 4-8 warps on
+# A100/H100; the list brackets those. fp32 inputs keep the default tiles (their shared memory).
+CANDIDATES = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+              (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2))
+TUNED: dict = {}  # (kernel, head dim block, dtype, T and S rounded up to powers of 2, flags) -> config
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get("KEENLM_FLASH_TUNE", "1") != "0" and not interpreted()
+
+
+def _launch(kernel, name: str, grid_of, args: tuple, flags: dict, key: tuple) -> None:
+    """Run ``kernel`` with the tiles ``_choose`` picks; ``grid_of(config)`` is its grid."""
+    cfg = _choose(kernel, name, grid_of, args, flags, key)
+    kernel[grid_of(cfg)](*args, **flags, **cfg)
+
+
+def _choose(kernel, name: str, grid_of, args: tuple, flags: dict, key: tuple) -> dict:
+    """The default tiles, or on a GPU the tuned ones: the first call with a new ``key`` times
+    every candidate (triton.testing.do_bench; a candidate that does not fit the chip's shared
+    memory or registers is skipped) and keeps the fastest."""
+    base = _blocks(flags["D"], args[0].dtype)
+    if not tuning_enabled() or args[0].dtype == torch.float32:
+        return base
+    full = (name, *key)
+    if full not in TUNED:
+        from triton.testing import do_bench
+
+        timings = {}
+        for cand in CANDIDATES:
+            cfg = _config(base, cand)
+            try:
+                timings[cand] = do_bench(lambda: kernel[grid_of(cfg)](*args, **flags, **cfg),
+                                         warmup=5, rep=20)
+            except Exception as e:  # out of shared memory / registers for this tile: skip it
+                if "OutOfResources" not in type(e).__name__ and "resources" not in str(e):
+                    raise
+        if not timings:
+            raise RuntimeError(f"flash_triton: no tile configuration fits this GPU for {full}")
+        TUNED[full] = min(timings, key=timings.get)
+    return _config(base, TUNED[full])
+
+
+def _config(base: dict, cand: tuple) -> dict:
+    bm, bn, warps, stages = cand
+    return {**base, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+
+
+def _key(q, T, S, causal, has_mask) -> tuple:
+    return (q.shape[-1], q.dtype, triton.next_power_of_2(T), triton.next_power_of_2(S), causal,
+            has_mask)
 
 
 def _check(q):
@@ -211,11 +266,12 @@ def triton_forward(q, k, v, mask=None, causal=True):
     B, H, T, D, Hk, S, (m, smb, smt, sms) = _launch_args(q, k, mask, causal)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    bl = _blocks(D, q.dtype)
-    grid = (triton.cdiv(T, bl["BLOCK_M"]), B * H)
-    _fwd[grid](q, k, v, out, lse, m, 1.0 / math.sqrt(D), T, S, S - T, H, H // Hk,
-               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               smb, smt, sms, CAUSAL=causal, HAS_MASK=mask is not None, D=D, **bl)
+    args = (q, k, v, out, lse, m, 1.0 / math.sqrt(D), T, S, S - T, H, H // Hk,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            smb, smt, sms)
+    _launch(_fwd, "fwd", lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H), args,
+            {"CAUSAL": causal, "HAS_MASK": mask is not None, "D": D},
+            _key(q, T, S, causal, mask is not None))
     return out, lse
 
 
@@ -224,13 +280,14 @@ def triton_backward(dout, q, k, v, out, lse, mask=None, causal=True):
     B, H, T, D, Hk, S, (m, smb, smt, sms) = _launch_args(q, k, mask, causal)
     delta = (dout.float() * out.float()).sum(-1).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    bl = _blocks(D, q.dtype)
     common = (1.0 / math.sqrt(D), T, S, S - T, H, H // Hk, q.stride(0), q.stride(1), q.stride(2),
               k.stride(0), k.stride(1), k.stride(2), smb, smt, sms)
-    flags = {"CAUSAL": causal, "HAS_MASK": mask is not None, "D": D, **bl}
-    _bwd_dkdv[(triton.cdiv(S, bl["BLOCK_N"]), B * Hk)](q, k, v, dout, lse, delta, dk, dv, m,
-                                                        *common, **flags)
-    _bwd_dq[(triton.cdiv(T, bl["BLOCK_M"]), B * H)](q, k, v, dout, lse, delta, dq, m, *common, **flags)
+    flags = {"CAUSAL": causal, "HAS_MASK": mask is not None, "D": D}
+    key = _key(q, T, S, causal, mask is not None)
+    _launch(_bwd_dkdv, "dkdv", lambda c: (triton.cdiv(S, c["BLOCK_N"]), B * Hk),
+            (q, k, v, dout, lse, delta, dk, dv, m, *common), flags, key)
+    _launch(_bwd_dq, "dq", lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H),
+            (q, k, v, dout, lse, delta, dq, m, *common), flags, key)
     return dq, dk, dv
 
 
