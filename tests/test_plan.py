@@ -32,14 +32,23 @@ def test_the_beta_fit_recovers_coverage_beyond_the_calibration_samples():
 
 def test_majority_chance_by_simulation_matches_the_exact_vote():
     rng = np.random.default_rng(0)
+    d = {"draws": 20000}
     # one sample: the right answer's share (3 of 4)
-    assert majority_at_n([[3, True], [1, False]], 0, 1, rng, 20000) == pytest.approx(0.75, abs=0.01)
-    # three samples, two answers at 1/2 each: the right one wins with 2 or 3 votes: 1/2
-    assert majority_at_n([[1, True], [1, False]], 0, 3, rng, 20000) == pytest.approx(0.5, abs=0.01)
+    assert majority_at_n([[3, True], [1, False]], 0, 1, rng, **d) == pytest.approx(0.75, abs=0.01)
+    # three samples, right and a wrong answer seen twice, 1/2 each: right wins with 2 or 3: 1/2
+    assert majority_at_n([[2, True], [2, False]], 0, 3, rng, **d) == pytest.approx(0.5, abs=0.01)
+    # a wrong answer seen once stands for distinct wrong answers: right wins with 2 or 3 votes
+    # (1/2), and with 1 vote it ties three ways (3/8 x 1/3): 0.625
+    assert majority_at_n([[1, True], [1, False]], 0, 3, rng, **d) == pytest.approx(0.625, abs=0.01)
     # an unparsed sample never votes: with p(right) = p(none) = 1/2 and N = 1, half the votes
     # are empty (no answer: wrong)
-    assert majority_at_n([[1, True]], 1, 1, rng, 20000) == pytest.approx(0.5, abs=0.01)
-    assert majority_at_n([[5, False]], 0, 9, rng) == 0.0  # never right
+    assert majority_at_n([[1, True]], 1, 1, rng, **d) == pytest.approx(0.5, abs=0.01)
+    assert majority_at_n([[5, False]], 0, 9, rng) == 0.0  # never right, no prior: 0
+    # with a prior, a problem never right in 16 samples is still won at large N when its wrong
+    # answers scatter, and not when one wrong answer dominates
+    scattered = majority_at_n([[1, False]] * 16, 0, 256, rng, prior=(0.5, 10.0), samples=16)
+    dominated = majority_at_n([[16, False]], 0, 256, rng, prior=(0.5, 10.0), samples=16)
+    assert scattered > 0.2 and dominated < 0.05
 
 
 def _cal(name, right, greedy, flops, samples=16):
@@ -86,3 +95,15 @@ def test_exchange_study_runs_end_to_end_tiny(tmp_path):
     assert (tmp_path / "ex" / "accuracy_vs_total_flops.svg").exists()
     again = exchange(tmp_path / "ex", o, log=lambda s: None)  # resumes: everything cached
     assert again["points"] == res["points"]
+
+
+def test_votes_count_the_tagged_answer_by_the_tasks_key():
+    from keenlm.data.tasks import get_task
+    from keenlm.infer.plan import answer_keys
+
+    for task in (get_task("countdown", 2), get_task("addition", 2)):
+        p = task.problems("val", 1)[0]
+        keys = answer_keys(task, p.prompt, [p.demonstration, "chatter " + p.demonstration,
+                                            "no answer here"])
+        assert keys[0] is not None and keys[0] == keys[1] and keys[2] is None
+        assert task.reward([p.prompt], [p.demonstration]) == [1.0]

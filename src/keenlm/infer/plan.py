@@ -16,9 +16,11 @@ predicted accuracy and cost of every strategy at every N, and picks the best buy
     pass@N = 1 - B(a, b + N) / B(a, b): it extrapolates past N = samples (a problem with 0 of
     n right still has a chance at larger N, as real policies show). For N <= samples, the
     unbiased estimate (Chen et al. 2021) is beside it as ``pass@N measured``.
-  - majority@N: each problem's N answers drawn from its calibration answer distribution; the
-    chance that the right answer gets the most votes (ties shared evenly), by Monte Carlo.
-    A problem never answered right in calibration scores 0.
+  - majority@N: the chance that the right answer gets the most of N votes (ties shared
+    evenly), by Monte Carlo from each problem's calibration answers: the right answer's share
+    drawn from its posterior under the fitted Beta (so a problem never answered right in
+    calibration can still be won at large N when its wrong answers scatter), wrong answers seen
+    once standing for the long tail of distinct wrong answers (``majority_at_n``).
   - greedy: the calibration greedy accuracy, at the cost of one sample.
   Intervals: percentiles over calibration problems resampled with replacement.
 - ``plan``: for a FLOP budget per query, every (policy, strategy, N) whose cost fits; the one
@@ -36,7 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from keenlm.data.tasks import pass_at_k
+from keenlm.data.tasks import extract_answer, pass_at_k
 from keenlm.infer.task_eval import complete
 from keenlm.ledger import generation_flops
 
@@ -79,8 +81,7 @@ def calibrate(name: str, model, tokenizer, task, problems: int = 50, samples: in
         comps, ok = sampled[mine], s_right[mine]
         right.append(sum(ok))
         counts: dict = {}
-        for c, r in zip(comps, ok):
-            key = task.answer_key(prompt, c)
+        for key, r in zip(answer_keys(task, prompt, comps), ok):
             n, _ = counts.get(key, (0, False))
             counts[key] = (n + 1, r and key is not None)
         answers.append([[n, r] for k, (n, r) in counts.items() if k is not None])
@@ -93,6 +94,13 @@ def calibrate(name: str, model, tokenizer, task, problems: int = 50, samples: in
     params = sum(p.numel() for p in model.parameters())
     return Calibration(name, params, samples, g_right, right, answers, unparsed,
                        flops / (len(prompts) * samples), flops_greedy)
+
+
+def answer_keys(task, prompt: str, completions: list[str]) -> list:
+    """What each completion's vote counts as: the task's key of its tagged answer (None: no
+    answer, no vote)."""
+    answers = [extract_answer(c) for c in completions]
+    return [None if a is None else task.answer_key(prompt, a) for a in answers]
 
 
 # ------------------------------------------------------------------------------ predictions
@@ -134,19 +142,38 @@ def pass_at_n(a: float, b: float, n: int) -> float:
 
 
 def majority_at_n(answers: list, unparsed: int, n: int, rng: np.random.Generator,
+                  prior: tuple[float, float] | None = None, samples: int = 0,
                   draws: int = 2000) -> float:
-    """The chance that the right answer wins a vote of ``n`` samples drawn from a problem's
-    calibration answers ([[count, is_right], ...], plus ``unparsed`` samples that do not vote;
-    ties shared evenly); 0 when no answer was ever right."""
-    right = [i for i, (_, r) in enumerate(answers) if r]
-    if not right:
+    """The chance that the right answer wins a vote of ``n`` samples (ties shared evenly),
+    simulated from a problem's calibration answers ([[count, is_right], ...], plus ``unparsed``
+    samples, which never vote).
+
+    Wrong answers seen once stand for the long tail of distinct wrong answers: each draw from
+    them is an answer of its own. With ``prior`` (the Beta of success rates over problems) and
+    ``samples`` (calibration samples per problem), the right answer's share is drawn from its
+    posterior Beta(a + right, b + samples - right) in each simulated vote, so a problem never
+    answered right in calibration can still be won at large N, when its wrong answers scatter;
+    without, its share is its calibration share (0 when it was never right)."""
+    right = sum(c for c, r in answers if r)
+    if prior is None and not right:
         return 0.0
-    counts = np.array([c for c, _ in answers] + [unparsed], dtype=float)
-    votes = rng.multinomial(n, counts / counts.sum(), size=draws)[:, :-1]  # unparsed: no vote
-    mine = votes[:, right[0]]
-    top = votes.max(axis=1)
-    ties = (votes == top[:, None]).sum(axis=1)
-    return float(np.mean(np.where((mine == top) & (mine > 0), 1.0 / ties, 0.0)))
+    wrong = [c for c, r in answers if not r]
+    kept = [c for c in wrong if c >= 2]  # wrong answers that can gather votes
+    tail = sum(c for c in wrong if c < 2)
+    total = right + sum(wrong) + unparsed
+    if prior is None:
+        share = np.full(draws, right / total)
+    else:
+        share = rng.beta(prior[0] + right, prior[1] + max(samples - right, 0), size=draws)
+    rest = np.array(kept + [tail, unparsed], dtype=float)
+    rest = rest / rest.sum() if rest.sum() > 0 else np.r_[np.zeros(len(kept)), 1.0, 0.0]
+    votes = rng.multinomial(n, np.concatenate([share[:, None], (1 - share)[:, None] *
+                                               rest[None, :]], axis=1))
+    mine, others, singles = votes[:, 0], votes[:, 1:1 + len(kept)], votes[:, -2]
+    best_other = others.max(axis=1) if kept else np.zeros_like(mine)
+    top = np.maximum(np.maximum(mine, best_other), (singles > 0).astype(mine.dtype))
+    ties = (mine == top) + (others == top[:, None]).sum(axis=1) + np.where(top == 1, singles, 0)
+    return float(np.mean(np.where((mine == top) & (mine > 0), 1.0 / np.maximum(ties, 1), 0.0)))
 
 
 class Predictor:
@@ -168,8 +195,9 @@ class Predictor:
         if strategy == "greedy":
             return np.asarray(self.cal.greedy, dtype=float)
         if n not in self._majority:
-            self._majority[n] = np.array([majority_at_n(a, u, n, self.rng) for a, u in
-                                          zip(self.cal.answers, self.cal.unparsed)])
+            self._majority[n] = np.array([
+                majority_at_n(a, u, n, self.rng, self.beta, self.cal.samples)
+                for a, u in zip(self.cal.answers, self.cal.unparsed)])
         return self._majority[n]
 
     def predict(self, strategy: str, n: int) -> dict:

@@ -32,7 +32,8 @@ from typing import Literal
 
 import keenlm
 from keenlm.data.tasks import get_task, majority, write_demonstrations
-from keenlm.infer.plan import STRATEGIES, Calibration, Predictor, calibrate, plan
+from keenlm.infer.plan import (STRATEGIES, Calibration, Predictor, answer_keys, calibrate,
+                               plan)
 from keenlm.infer.task_eval import complete
 from keenlm.ledger import generation_flops
 from keenlm.plot import line_chart
@@ -50,7 +51,7 @@ class Options:
     difficulty: int = 2  # digits per operand / numbers on offer
     sizes: tuple[str, ...] = ("64x2", "128x2", "256x2")  # the policies, d_model x layers
     sft_steps: int = 1500  # supervised warm-up steps of each policy
-    calib_n: int = 60  # validation problems the planner calibrates on
+    calib_n: int = 100  # validation problems the planner calibrates on
     calib_samples: int = 16  # sampled answers per calibration problem
     eval_n: int = 200  # held-out test problems measured
     max_n: int = 64  # sampled answers per test problem (strategies use the first N)
@@ -132,8 +133,8 @@ def _measure(km, task, o: Options) -> dict:
     return {"greedy_right": [r == 1.0 for r in task.reward(prompts, greedy)],
             "greedy": sum(r == 1.0 for r in task.reward(prompts, greedy)) / len(prompts),
             "right": [ok[i * o.max_n:(i + 1) * o.max_n] for i in range(len(prompts))],
-            "keys": [[repr(task.answer_key(p, c)) if task.answer_key(p, c) is not None else None
-                      for c in sampled[i * o.max_n:(i + 1) * o.max_n]]
+            "keys": [[None if k is None else repr(k) for k in
+                      answer_keys(task, p, sampled[i * o.max_n:(i + 1) * o.max_n])]
                      for i, p in enumerate(prompts)],
             "flops_per_sample": flops, "flops_greedy": g_flops}
 
