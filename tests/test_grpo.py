@@ -259,19 +259,23 @@ def test_rl_study_runs_end_to_end(tmp_path):
     from keenlm.studies import rl as study
 
     res = study.rl(tmp_path / "s", task="addition", difficulty=3, size="64x1", sft_steps=20,
-                   start_at=1.0, budget_s=1.0, eval_n=8, samples=2,
-                   rl_options={"prompts": 2, "group": 2, "eval_every": 1}, log=lambda s: None)
+                   start_at=1.0, budget_s=1.0, eval_n=8, samples=2, algos=("grpo:grpo", "rft"),
+                   rl_options={"prompts": 2, "group": 2, "eval_every": 1}, log=lambda s: None,
+                   scratchpad=True)
     assert res["sft_steps"] == 20 and [r["algo"] for r in res["runs"]] == ["grpo", "rft"]
+    assert res["runs"][0]["loss"] == "grpo" and (tmp_path / "s" / "length.svg").exists()
+    assert all(r["length_first"] > 0 and r["length_last"] > 0 for r in res["runs"])
+    assert "carry" in (tmp_path / "s" / "demonstrations.jsonl").read_text()[:2000]
     assert len(res["warmup_validation"]) == 1  # one checkpoint (every 100 steps, and the last)
     for r in res["runs"]:
         assert r["steps"] >= 1 and r["gain"] == pytest.approx(r["final"]["pass@1"] - r["start"])
-    for f in ("results.md", "results.json", "pass_at_1.svg", "reward.svg", "grpo/rl_curves.svg"):
+    for f in ("results.md", "results.json", "pass_at_1.svg", "reward.svg", "grpo-grpo/rl_curves.svg"):
         assert (tmp_path / "s" / f).exists(), f
     text = (tmp_path / "s" / "results.md").read_text()
     # the report says what was done: start_at 1.0 was not reached, so the last checkpoint
     assert "no checkpoint reached the start threshold 1.0, so the last one (step 20" in text
     assert all(r["best"] is not None and r["best_step"] is not None for r in res["runs"])
-    assert "GRPO (dr_grpo), best by validation (step" in text
+    assert "GRPO (grpo), best by validation (step" in text
 
 
 def test_rl_skips_a_non_finite_update_and_stops_after_too_many(tmp_path):

@@ -37,15 +37,17 @@ class Options:
     sft_steps: int = 1500  # supervised warm-up steps
     start_at: float = 0.2  # start RL from the first warm-up checkpoint (every 100 steps) whose validation pass@1 reaches this
     budget: float = 880.0  # wall-clock seconds of each RL run (sampling, updates, evaluations)
-    algos: tuple[str, ...] = ("grpo", "rft")  # algorithms, each from the same policy
+    algos: tuple[str, ...] = ("grpo", "rft")  # runs, each from the same policy: ALGO or ALGO:LOSS (e.g. grpo:grpo,grpo:dr_grpo)
     eval_n: int = 200  # held-out problems
     lr: float = 2e-4  # learning rate of the RL runs
+    scratchpad: bool = False  # demonstrations and answers worked step by step (longer answers)
 
 
 def run(out, opts: Options) -> dict:
     return rl(out, task=opts.task, difficulty=opts.difficulty, size=opts.size,
               sft_steps=opts.sft_steps, start_at=opts.start_at, budget_s=opts.budget,
-              algos=opts.algos, eval_n=opts.eval_n, rl_options={"lr": opts.lr})
+              algos=opts.algos, eval_n=opts.eval_n, rl_options={"lr": opts.lr},
+              scratchpad=opts.scratchpad)
 
 
 def summary(res: dict) -> str:
@@ -77,7 +79,7 @@ def _validation_set(task, eval_n: int) -> list:
     return val
 
 
-def _first_checkpoint_reaching(sft: Path, task, val: list, start_at: float):
+def _first_checkpoint_reaching(sft: Path, task, val: list, start_at: float, max_new: int = 32):
     """(the warm-up's validation pass@1 by step, the first checkpoint reaching ``start_at``,
     else the last one)."""
     policy = keenlm.load(sft)
@@ -85,7 +87,7 @@ def _first_checkpoint_reaching(sft: Path, task, val: list, start_at: float):
     curve = []
     for ckpt in sorted((sft / "checkpoints").glob("step-*")):
         load_model_state(policy.net, read_weights(ckpt))
-        comps = complete(policy.net, policy.tokenizer, prompts, max_new_tokens=32)
+        comps = complete(policy.net, policy.tokenizer, prompts, max_new_tokens=max_new)
         rate = sum(r == 1.0 for r in task.reward(prompts, comps)) / len(val)
         curve.append((int(ckpt.name.split("-")[1]), rate))
         if rate >= start_at:
@@ -94,7 +96,8 @@ def _first_checkpoint_reaching(sft: Path, task, val: list, start_at: float):
 
 
 def rl_start(out: Path, task: str, difficulty: int, size: str, sft_steps: int, start_at: float,
-             eval_n: int, samples: int, log: Log = print) -> dict:
+             eval_n: int, samples: int, log: Log = print, scratchpad: bool = False,
+             max_new: int = 32) -> dict:
     """The starting policy of the RL studies: supervised warm-up of a byte-level ``size``
     policy on 6000 demonstrations of the task (resumable, checkpoints every 100 steps); the
     first checkpoint whose greedy pass@1 on a validation set reaches ``start_at`` (the last
@@ -105,14 +108,14 @@ def rl_start(out: Path, task: str, difficulty: int, size: str, sft_steps: int, s
     "held_out": a function scoring a policy on the test split, "start": its scores,
     "start_step", "sft_seconds", "warmup_validation"}."""
     parse_size(size)  # a bad size fails before any work
-    t = get_task(task, difficulty)
+    t = get_task(task, difficulty, scratchpad)
     demos = write_demonstrations(t, out / "demonstrations.jsonl", N_DEMOS)
     val = _validation_set(t, eval_n)
     t0 = time.perf_counter()
     keenlm.train(warmup_config(size, demos, sft_steps, out / "sft", 256, lr=3e-3, checkpoint={
         "every": 100, "keep": sft_steps // 100 + 1}))
     sft_s = time.perf_counter() - t0
-    warmup_curve, chosen = _first_checkpoint_reaching(out / "sft", t, val, start_at)
+    warmup_curve, chosen = _first_checkpoint_reaching(out / "sft", t, val, start_at, max_new)
 
     def starting_policy():
         km = keenlm.load(out / "sft")
@@ -121,7 +124,7 @@ def rl_start(out: Path, task: str, difficulty: int, size: str, sft_steps: int, s
 
     def held_out(km) -> dict:
         ev = evaluate_task(km.net, km.tokenizer, t, n=eval_n, samples=samples, ks=(samples,),
-                           max_new_tokens=32)
+                           max_new_tokens=max_new)
         return {"pass@1": ev["pass@1 greedy"]["success"], f"pass@{samples}": ev[f"pass@{samples}"],
                 f"maj@{samples}": ev[f"maj@{samples}"]}
 
@@ -136,37 +139,47 @@ def rl_start(out: Path, task: str, difficulty: int, size: str, sft_steps: int, s
 def rl(out: str | Path, task: str = "countdown", difficulty: int = 2, size: str = "128x4",
        sft_steps: int = 1500, start_at: float = 0.2, budget_s: float = 880.0,
        algos=("grpo", "rft"), eval_n: int = 200, samples: int = 8, rl_options: dict | None = None,
-       log: Log = print) -> dict:
+       log: Log = print, scratchpad: bool = False) -> dict:
     """Supervised warm-up on task demonstrations (``rl_start``), then each RL algorithm from
     that same policy for ``budget_s`` seconds of wall time (sampling, updates and the periodic
     held-out evaluations all count). ``rl_options``: more RLConfig fields, flat or nested.
     Reports held-out greedy pass@1 before and after, pass@k and maj@k of the samples, and the
     curves (``pass_at_1.svg``, ``reward.svg``, each run's metrics)."""
     out = Path(out)
-    s0 = rl_start(out, task, difficulty, size, sft_steps, start_at, eval_n, samples, log)
+    max_new = 160 if scratchpad else 32  # worked answers are several lines long
+    s0 = rl_start(out, task, difficulty, size, sft_steps, start_at, eval_n, samples, log,
+                  scratchpad, max_new)
     results = {"task": s0["task"].name, "size": size, "sft_steps": s0["start_step"],
                "sft_seconds": s0["sft_seconds"], "warmup_validation": s0["warmup_validation"],
                "start_at": start_at, "budget_s": budget_s, "eval_n": eval_n, "sft": s0["start"],
                "runs": []}
-    curves, rewards = {}, {}
-    for algo in algos:
+    curves, rewards, lengths = {}, {}, {}
+    for spec in algos:
+        algo, _, loss = spec.partition(":")
+        name = spec.replace(":", "-")
         cfg = rl_config(merge(rl_options or {}, {
             "task": task, "difficulty": difficulty, "algo": algo, "steps": 1_000_000,
-            "run": {"time_budget_s": budget_s, "eval_n": eval_n, "out_dir": str(out / algo),
+            "scratchpad": scratchpad, "max_new_tokens": max_new, **({"loss": loss} if loss else {}),
+            "run": {"time_budget_s": budget_s, "eval_n": eval_n, "out_dir": str(out / name),
                     "resume": False, "progress": False}}))
-        row, recs = _rl_run(out / algo, s0, cfg)
+        row, recs = _rl_run(out / name, s0, cfg)
         evals = [r for r in recs if r["kind"] == "eval"]
-        curves[algo.upper()] = [(r["elapsed_s"] / 60, r["pass@1"]) for r in evals]
-        rewards[algo.upper()] = [(r["elapsed_s"] / 60, r["reward_mean"]) for r in recs
-                                 if r["kind"] == "rl"]
+        steps = [r for r in recs if r["kind"] == "rl"]
+        label = name.upper()
+        curves[label] = [(r["elapsed_s"] / 60, r["pass@1"]) for r in evals]
+        rewards[label] = [(r["elapsed_s"] / 60, r["reward_mean"]) for r in steps]
+        lengths[label] = [(r["step"], r["completion_len"]) for r in steps]
         results["runs"].append(row)
-        log(f"{algo}: {row['steps']} steps in {row['seconds']:.0f} s; held-out greedy pass@1 "
-            f"{row['start']:.3f} -> {row['final']['pass@1']:.3f} ({100 * row['gain']:+.1f} points)")
+        log(f"{name}: {row['steps']} steps in {row['seconds']:.0f} s; held-out greedy pass@1 "
+            f"{row['start']:.3f} -> {row['final']['pass@1']:.3f} ({100 * row['gain']:+.1f} "
+            f"points); completion length {row['length_first']:.1f} -> {row['length_last']:.1f}")
         write_results(out, results, _rl_table(results))
     line_chart(curves, out / "pass_at_1.svg", x_label="minutes of RL (wall clock, this machine)",
                y_label=f"held-out greedy pass@1 ({eval_n} problems)", y_range=(0.0, 1.0))
     line_chart(rewards, out / "reward.svg", x_label="minutes of RL (wall clock, this machine)",
                y_label="mean sampled reward", y_range=(0.0, 1.0))
+    line_chart(lengths, out / "length.svg", x_label="RL step",
+               y_label="mean completion length (tokens)")
     return results
 
 
@@ -183,8 +196,17 @@ def _rl_run(folder: Path, s0: dict, cfg) -> tuple[dict, list[dict]]:
     row = {"algo": cfg.algo, "loss": cfg.loss, "steps": res.step, "seconds": seconds,
            "start": start, "final": final, "gain": final["pass@1"] - start,
            "best_step": res.best.get("step"), "best": best, "warnings": res.warnings,
+           **_lengths([r["completion_len"] for r in recs if r["kind"] == "rl"]),
            "samples_per_step": cfg.prompts * cfg.group, "lr": cfg.optim.lr}
     return row, recs
+
+
+def _lengths(per_step: list[float], window: int = 10) -> dict:
+    """Mean completion length over the first and the last ``window`` steps."""
+    if not per_step:
+        return {"length_first": float("nan"), "length_last": float("nan")}
+    w = min(window, len(per_step))
+    return {"length_first": sum(per_step[:w]) / w, "length_last": sum(per_step[-w:]) / w}
 
 
 def _rl_table(res: dict) -> str:
@@ -198,9 +220,10 @@ def _rl_table(res: dict) -> str:
     lines = [f"Task {res['task']}, policy {res['size']} (byte-level), {res['eval_n']} held-out "
              f"problems; RL started from the supervised warm-up's {how}.", "",
              f"| policy | RL steps | RL seconds | greedy pass@1 | gain (points) | pass@{k} | "
-             f"maj@{k} |", "|---|---|---|---|---|---|---|",
+             f"maj@{k} | completion length (first -> last 10 steps) |",
+             "|---|---|---|---|---|---|---|---|",
              f"| SFT (start) | - | - | {s['pass@1']:.3f} | - | {s[f'pass@{k}']:.3f} | "
-             f"{s[f'maj@{k}']:.3f} |"]
+             f"{s[f'maj@{k}']:.3f} | - |"]
     notes = []
     for r in res["runs"]:
         name = "GRPO (" + r["loss"] + ")" if r["algo"] == "grpo" else "RFT"
@@ -210,6 +233,7 @@ def _rl_table(res: dict) -> str:
         for label, f in rows:
             lines.append(f"| {label} | {r['steps']} | {r['seconds']:.0f} | {f['pass@1']:.3f} | "
                          f"{100 * (f['pass@1'] - r['start']):+.1f} | {f[f'pass@{k}']:.3f} | "
-                         f"{f[f'maj@{k}']:.3f} |")
+                         f"{f[f'maj@{k}']:.3f} | {r['length_first']:.1f} -> "
+                         f"{r['length_last']:.1f} |")
         notes += [f"- {name} warned: {w}" for w in r.get("warnings", [])]
     return "\n".join(lines + ([""] + notes if notes else []))
