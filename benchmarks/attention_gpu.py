@@ -8,6 +8,8 @@ convention, the recomputed q k^T included). Both kernels in the same process; me
 several timed calls after warm-up (CUDA events).
 
 Usage: python benchmarks/attention_gpu.py [--quick]      (needs a CUDA GPU and triton)
+The first call of each shape tunes flash_triton's tiles (keenlm.model.flash_triton.CANDIDATES),
+outside the timed calls; the tiles kept are printed. KEENLM_FLASH_TUNE=0 times the defaults.
 Ends with: BENCH attention_gpu_triton_vs_sdpa_min <ratio> target >=0.8 PASS|MISS
 """
 from __future__ import annotations
@@ -64,6 +66,12 @@ def main() -> int:
             ratios.append(t_s / t_t)
             print(f"{D:4d} {N:6d} {B:3d} {H:3d} {flops / t_s / 1e12:13.1f} {flops / t_t / 1e12:15.1f} "
                   f"{t_s / t_t:6.2f}")
+    from keenlm.model.flash_triton import TUNED
+
+    print("\ntiles the autotuner kept (kernel, head dim, dtype, T, S, causal, mask) -> "
+          "(BLOCK_M, BLOCK_N, warps, stages):")
+    for key, cfg in sorted(TUNED.items(), key=str):
+        print(f"  {key} -> {cfg}")
     print()
     print(bench_line("attention_gpu_triton_vs_sdpa_min", min(ratios), ">=", 0.8))
     return 0
