@@ -164,7 +164,8 @@ def main() -> int:
             n = sum(p.numel() for p in trainer.model.parameters())
             print(f"\n{preset}: {n / 1e6:.1f}M params, micro-batch {batch} x {seq}")
             for side, r in res.items():
-                print(f"  {side:13s} {r['tok_s']:10.0f} tok/s  MFU {100 * r['mfu']:5.1f}%")
+                mfu = "n/a" if args.smoke else f"{100 * r['mfu']:5.1f}%"
+                print(f"  {side:13s} {r['tok_s']:10.0f} tok/s  MFU {mfu}")
             ratio = res["keenlm"]["tok_s"] / res["transformers"]["tok_s"]
             print(f"  keenlm / transformers = {ratio:.2f}x")
             if not args.smoke:
