@@ -204,11 +204,14 @@ def _predicted_vs_measured(cals: list[Calibration], points: list[dict], ns) -> l
     return rows
 
 
-def _crossover(points: list[dict]) -> list[dict]:
-    """The measured best (policy, strategy, N) for a ladder of total FLOPs per query."""
+def _crossover(points: list[dict]) -> dict:
+    """The measured best (policy, strategy, N) for a ladder of total FLOPs per query: with the
+    exact verifier among the strategies, and without one (greedy and majority only)."""
     costs = sorted(p["total_flops"] for p in points)
     ladder = [costs[0] * (costs[-1] / costs[0]) ** (i / 8) for i in range(9)]
-    return [{"budget": b, **(_best(points, b, "total_flops") or {})} for b in ladder]
+    plain = [p for p in points if p["strategy"] != "best_of_n_verifier"]
+    return {kind: [{"budget": b, **(_best(pts, b, "total_flops") or {})} for b in ladder]
+            for kind, pts in (("with_verifier", points), ("without_verifier", plain))}
 
 
 def _table(r: dict) -> str:
@@ -223,12 +226,16 @@ def _table(r: dict) -> str:
     for p in r["points"]:
         lines.append(f"| {p['policy']} | {p['strategy']} | {p['n']} | {p['accuracy']:.3f} | "
                      f"{p['flops']:.3g} | {p['total_flops']:.3g} |")
-    lines += ["", "Measured best within a budget of total FLOPs per query (the crossover):", "",
-              "| budget | policy | strategy | N | accuracy |", "|---|---|---|---|---|"]
-    for c in r["crossover"]:
-        if "policy" in c:
-            lines.append(f"| {c['budget']:.3g} | {c['policy']} | {c['strategy']} | {c['n']} | "
-                         f"{c['accuracy']:.3f} |")
+    lines += ["", "Measured best within a budget of total FLOPs per query (the crossover), with "
+              "the exact verifier among the strategies and without it:", "",
+              "| budget | with verifier | accuracy | without (greedy, majority) | accuracy |",
+              "|---|---|---|---|---|"]
+    for a, b in zip(r["crossover"]["with_verifier"], r["crossover"]["without_verifier"]):
+        if "policy" in a:
+            lines.append(f"| {a['budget']:.3g} | {a['policy']} {a['strategy']} N={a['n']} | "
+                         f"{a['accuracy']:.3f} | " + (f"{b['policy']} {b['strategy']} N={b['n']} | "
+                                                      f"{b['accuracy']:.3f} |" if "policy" in b
+                                                      else "- | - |"))
     lines += ["", "The planner (calibration on validation problems only) against the measured "
               "best, inference FLOPs per query:", "",
               "| budget | planned | predicted [90%] | measured | measured best | best accuracy | "
