@@ -30,13 +30,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import bench_line  # noqa: E402
+from train_throughput import plain_step_fn  # noqa: E402
 from keenlm.config import from_dict, merge  # noqa: E402
-from keenlm.data import get_batch  # noqa: E402
 from keenlm.ledger import flops_per_token  # noqa: E402
 from keenlm.presets import preset_dict  # noqa: E402
 from keenlm.train import Trainer  # noqa: E402
@@ -91,25 +90,9 @@ def transformers_runner(trainer, batch: int, seq: int, args):
     if ours != theirs:
         sys.exit(f"shapes differ: transformers {theirs:,} vs keenlm {ours:,} parameters")
     model = hf if args.smoke or args.no_compile else torch.compile(hf)
-    opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=True)
-    data, state = trainer.data.train, {"step": 0}
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-
-    def step():
-        x, y = get_batch(data, batch, seq, 0, state["step"])
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device, dtype=dtype, enabled=not args.smoke):
-            logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state["step"] += 1
-        return loss.item()
-
-    return step
+    return plain_step_fn(hf, trainer.data.train, batch, seq, 0,
+                         lambda _, x: model(input_ids=x).logits, device=device,
+                         autocast_dtype=None if args.smoke else torch.bfloat16, lr=3e-4)
 
 
 def timed_steps(step, warmup: int, steps: int, cuda: bool) -> float:

@@ -88,14 +88,20 @@ class MinimalGPT(nn.Module):
 # ------------------------------------------------------------------------- runners
 
 
-def plain_step_fn(model, data, batch, seq, seed, logits_of):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+def plain_step_fn(model, data, batch, seq, seed, logits_of, device: str = "cpu",
+                  autocast_dtype=None, lr: float = 1e-3):
+    """A plain training step: batch, forward (under bf16 autocast when ``autocast_dtype``),
+    cross-entropy, backward, clipping, fused AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=True)
     state = {"step": 0}
 
     def step():
         x, y = get_batch(data, batch, seq, seed, state["step"])
-        logits = logits_of(model, x)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            logits = logits_of(model, x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
