@@ -213,12 +213,12 @@ def _rl_table(res: dict) -> str:
     s = res["sft"]
     k = max(int(key.split("@")[1]) for key in s if key.startswith("pass@"))
     step, rate = res["warmup_validation"][-1]
-    how = (f"the first checkpoint whose validation pass@1 reached {res['start_at']} (step {step}, "
+    how = (f"its first checkpoint whose validation pass@1 reached {res['start_at']} (step {step}, "
            f"{rate:.3f})" if rate >= res["start_at"] else
            f"no checkpoint reached the start threshold {res['start_at']}, so the last one "
            f"(step {step}, validation pass@1 {rate:.3f})")
     lines = [f"Task {res['task']}, policy {res['size']} (byte-level), {res['eval_n']} held-out "
-             f"problems; RL started from the supervised warm-up's {how}.", "",
+             f"problems; RL started from the supervised warm-up, {how}.", "",
              f"| policy | RL steps | RL seconds | greedy pass@1 | gain (points) | pass@{k} | "
              f"maj@{k} | completion length (first -> last 10 steps) |",
              "|---|---|---|---|---|---|---|---|",
