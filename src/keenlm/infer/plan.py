@@ -62,38 +62,47 @@ class Calibration:
         return asdict(self)
 
 
+def answer_samples(model, tokenizer, task, problems: list, samples: int, temperature: float,
+                   max_new_tokens: int, seed: int = 0) -> dict:
+    """Greedy and ``samples`` sampled answers to ``problems``: per problem, whether the greedy
+    answer was right, whether each sample was right and its vote key (``answer_keys``); the mean
+    FLOPs of one sample and of a greedy answer (``keenlm.ledger.generation_flops``)."""
+    prompts = [p.prompt for p in problems]
+    greedy = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    sampled = complete(model, tokenizer, prompts, temperature=temperature, seed=seed,
+                       max_new_tokens=max_new_tokens, repeat=samples)
+    ok = [r == 1.0 for r in task.reward([p for p in prompts for _ in range(samples)], sampled)]
+    per = [slice(i * samples, (i + 1) * samples) for i in range(len(prompts))]
+    n_tokens = lambda text: len(tokenizer.encode(text))  # noqa: E731
+    flops = sum(generation_flops(model, n_tokens(p), [n_tokens(c) for c in sampled[mine]])
+                for p, mine in zip(prompts, per))
+    return {"greedy_right": [r == 1.0 for r in task.reward(prompts, greedy)],
+            "right": [ok[mine] for mine in per],
+            "keys": [answer_keys(task, p, sampled[mine]) for p, mine in zip(prompts, per)],
+            "flops_per_sample": flops / (len(prompts) * samples),
+            "flops_greedy": sum(generation_flops(model, n_tokens(p), [n_tokens(c)])
+                                for p, c in zip(prompts, greedy)) / len(prompts)}
+
+
 def calibrate(name: str, model, tokenizer, task, problems: int = 50, samples: int = 16,
               temperature: float = 1.0, max_new_tokens: int = 32, seed: int = 0) -> Calibration:
     """Greedy and ``samples`` sampled answers of ``model`` to ``problems`` validation problems."""
     if problems < 2 or samples < 2:
         raise ValueError(f"problems {problems}, samples {samples}: at least 2 of each")
-    probs = task.problems("val", problems)
-    prompts = [p.prompt for p in probs]
-    greedy = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-    sampled = complete(model, tokenizer, prompts, temperature=temperature, seed=seed,
-                       max_new_tokens=max_new_tokens, repeat=samples)
-    g_right = [r == 1.0 for r in task.reward(prompts, greedy)]
-    rows = [p for p in prompts for _ in range(samples)]
-    s_right = [r == 1.0 for r in task.reward(rows, sampled)]
-    right, answers, unparsed, flops = [], [], [], 0.0
-    for i, prompt in enumerate(prompts):
-        mine = slice(i * samples, (i + 1) * samples)
-        comps, ok = sampled[mine], s_right[mine]
-        right.append(sum(ok))
-        counts: dict = {}
-        for key, r in zip(answer_keys(task, prompt, comps), ok):
-            n, _ = counts.get(key, (0, False))
-            counts[key] = (n + 1, r and key is not None)
-        answers.append([[n, r] for k, (n, r) in counts.items() if k is not None])
-        unparsed.append(counts.get(None, (0, False))[0])
-        n_prompt = len(tokenizer.encode(prompt))
-        flops += generation_flops(model, n_prompt, [len(tokenizer.encode(c)) for c in comps])
-    flops_greedy = sum(generation_flops(model, len(tokenizer.encode(p)),
-                                        [len(tokenizer.encode(c))])
-                       for p, c in zip(prompts, greedy)) / len(prompts)
+    got = answer_samples(model, tokenizer, task, task.problems("val", problems), samples,
+                         temperature, max_new_tokens, seed)
+    answers, unparsed = [], []
+    for keys, ok in zip(got["keys"], got["right"]):
+        counts: dict = {}  # key -> [samples, right]
+        for key, r in zip(keys, ok):
+            counts.setdefault(key, [0, False])
+            counts[key] = [counts[key][0] + 1, r and key is not None]
+        answers.append([c for k, c in counts.items() if k is not None])
+        unparsed.append(counts.get(None, [0])[0])
     params = sum(p.numel() for p in model.parameters())
-    return Calibration(name, params, samples, g_right, right, answers, unparsed,
-                       flops / (len(prompts) * samples), flops_greedy)
+    return Calibration(name, params, samples, got["greedy_right"],
+                       [sum(ok) for ok in got["right"]], answers, unparsed,
+                       got["flops_per_sample"], got["flops_greedy"])
 
 
 def answer_keys(task, prompt: str, completions: list[str]) -> list:
@@ -183,7 +192,7 @@ class Predictor:
 
     def __init__(self, cal: Calibration, resamples: int = 200, level: float = 0.9,
                  seed: int = 0):
-        self.cal, self.level = cal, level
+        self.cal, self.level, self.seed = cal, level, seed
         self.rng = np.random.default_rng(seed)
         k = len(cal.right)
         self.idx = [self.rng.integers(0, k, k) for _ in range(resamples)]
@@ -194,10 +203,11 @@ class Predictor:
     def _per_problem(self, strategy: str, n: int) -> np.ndarray:
         if strategy == "greedy":
             return np.asarray(self.cal.greedy, dtype=float)
-        if n not in self._majority:
+        if n not in self._majority:  # each (N, problem) from its own generator: any order
             self._majority[n] = np.array([
-                majority_at_n(a, u, n, self.rng, self.beta, self.cal.samples)
-                for a, u in zip(self.cal.answers, self.cal.unparsed)])
+                majority_at_n(a, u, n, np.random.default_rng([self.seed, n, i]), self.beta,
+                              self.cal.samples)
+                for i, (a, u) in enumerate(zip(self.cal.answers, self.cal.unparsed))])
         return self._majority[n]
 
     def predict(self, strategy: str, n: int) -> dict:
@@ -222,15 +232,17 @@ class Predictor:
         return out
 
 
-def plan(cals: list[Calibration], budget: float, ns=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+def plan(cals: list, budget: float, ns=(1, 2, 4, 8, 16, 32, 64, 128, 256),
          strategies=STRATEGIES, resamples: int = 200) -> dict:
     """The best predicted (policy, strategy, N) within ``budget`` FLOPs per query, and every
-    option considered (None chosen when nothing fits)."""
+    option considered (None chosen when nothing fits). ``cals``: Calibrations, or Predictors
+    made from them (reused across budgets, their fits are not redone)."""
     if budget <= 0 or not math.isfinite(budget):
         raise ValueError(f"budget {budget}: a positive FLOP count per query")
     options = []
-    for cal in cals:
-        pred = Predictor(cal, resamples)
+    for c in cals:
+        pred = c if isinstance(c, Predictor) else Predictor(c, resamples)
+        cal = pred.cal
         for s in strategies:
             for n in ((1,) if s == "greedy" else ns):
                 if (cal.flops_greedy if s == "greedy" else n * cal.flops_per_sample) <= budget:

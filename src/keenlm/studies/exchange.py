@@ -32,10 +32,8 @@ from typing import Literal
 
 import keenlm
 from keenlm.data.tasks import get_task, majority, write_demonstrations
-from keenlm.infer.plan import (STRATEGIES, Calibration, Predictor, answer_keys, calibrate,
+from keenlm.infer.plan import (STRATEGIES, Calibration, Predictor, answer_samples, calibrate,
                                plan)
-from keenlm.infer.task_eval import complete
-from keenlm.ledger import generation_flops
 from keenlm.plot import line_chart
 from keenlm.runs import atomic_write_text
 from keenlm.studies.common import Log, parse_size, write_results
@@ -96,11 +94,12 @@ def exchange(out, o: Options, log: Log = print) -> dict:
                                  lambda: _measure(km, task, o), None)
         log(f"{size}: {params:,} params, greedy {measured[size]['greedy']:.3f} on test")
     points = _points(measured, policies, ns, o.queries)
-    check = _check_planner(cals, points, ns)
+    preds = [Predictor(cal) for cal in cals]  # fitted once, for every budget and the table
+    check = _check_planner(preds, points, ns)
     res = {"task": task.name, "options": {k: getattr(o, k) for k in o.__dataclass_fields__},
            "policies": policies, "points": points, "crossover": _crossover(points),
            "planner_check": check,
-           "predicted_vs_measured": _predicted_vs_measured(cals, points, ns)}
+           "predicted_vs_measured": _predicted_vs_measured(preds, points, ns)}
     write_results(out, res, _table(res))
     _charts(points, out)
     return res
@@ -115,28 +114,13 @@ def _cached(path: Path, make, kind):
 
 
 def _measure(km, task, o: Options) -> dict:
-    """Greedy and ``max_n`` sampled answers to each test problem: per problem the greedy
-    outcome, each sample's outcome and answer key, and mean FLOPs."""
-    problems = task.problems("test", o.eval_n)
-    prompts = [p.prompt for p in problems]
-    greedy = complete(km.net, km.tokenizer, prompts, max_new_tokens=o.max_new_tokens)
-    sampled = complete(km.net, km.tokenizer, prompts, temperature=o.temperature, seed=12345,
-                       max_new_tokens=o.max_new_tokens, repeat=o.max_n)
-    rows = [p for p in prompts for _ in range(o.max_n)]
-    ok = [r == 1.0 for r in task.reward(rows, sampled)]
-    enc = km.tokenizer.encode
-    flops = sum(generation_flops(km.net, len(enc(p)), [len(enc(c)) for c in
-                                                      sampled[i * o.max_n:(i + 1) * o.max_n]])
-                for i, p in enumerate(prompts)) / (len(prompts) * o.max_n)
-    g_flops = sum(generation_flops(km.net, len(enc(p)), [len(enc(c))])
-                  for p, c in zip(prompts, greedy)) / len(prompts)
-    return {"greedy_right": [r == 1.0 for r in task.reward(prompts, greedy)],
-            "greedy": sum(r == 1.0 for r in task.reward(prompts, greedy)) / len(prompts),
-            "right": [ok[i * o.max_n:(i + 1) * o.max_n] for i in range(len(prompts))],
-            "keys": [[None if k is None else repr(k) for k in
-                      answer_keys(task, p, sampled[i * o.max_n:(i + 1) * o.max_n])]
-                     for i, p in enumerate(prompts)],
-            "flops_per_sample": flops, "flops_greedy": g_flops}
+    """Greedy and ``max_n`` sampled answers to each test problem (``plan.answer_samples``),
+    the vote keys written as text."""
+    got = answer_samples(km.net, km.tokenizer, task, task.problems("test", o.eval_n), o.max_n,
+                         o.temperature, o.max_new_tokens, seed=12345)
+    got["keys"] = [[None if k is None else repr(k) for k in keys] for keys in got["keys"]]
+    got["greedy"] = sum(got["greedy_right"]) / len(got["greedy_right"])
+    return got
 
 
 def _points(measured: dict, policies: dict, ns, queries: float) -> list[dict]:
@@ -169,7 +153,7 @@ def _best(points, budget: float, key: str = "flops") -> dict | None:
     return max(fits, key=lambda p: (p["accuracy"], -p[key]), default=None)
 
 
-def _check_planner(cals: list[Calibration], points: list[dict], ns) -> list[dict]:
+def _check_planner(preds: list[Predictor], points: list[dict], ns) -> list[dict]:
     """Three budgets across the measured range of inference FLOPs per query: the planner's
     pick (from calibration alone) against the measured best within the budget."""
     costs = sorted(p["flops"] for p in points)
@@ -177,7 +161,7 @@ def _check_planner(cals: list[Calibration], points: list[dict], ns) -> list[dict
     out = []
     for frac in (0.25, 0.5, 0.75):
         budget = math.exp(lo + frac * (hi - lo))
-        pick = plan(cals, budget, ns=ns)["chosen"]
+        pick = plan(preds, budget, ns=ns)["chosen"]
         best = _best(points, budget)
         if pick is None or best is None:
             out.append({"budget": budget, "planned": pick, "best": best, "within_2_points": False,
@@ -190,10 +174,10 @@ def _check_planner(cals: list[Calibration], points: list[dict], ns) -> list[dict
     return out
 
 
-def _predicted_vs_measured(cals: list[Calibration], points: list[dict], ns) -> list[dict]:
+def _predicted_vs_measured(preds: list[Predictor], points: list[dict], ns) -> list[dict]:
     rows = []
-    for cal in cals:
-        pred = Predictor(cal)
+    for pred in preds:
+        cal = pred.cal
         for s in STRATEGIES:
             for n in ((1,) if s == "greedy" else ns):
                 p = pred.predict(s, n)
