@@ -88,6 +88,16 @@ def test_group_study_runs_each_group_size_from_one_policy(tmp_path):
     again = group(tmp_path / "s", **kw)
     assert [r["final"] for r in again["rows"]] == [r["final"] for r in rows]
     assert (tmp_path / "s" / "g4" / "metrics.jsonl").read_text() == before
+    # the equal-samples arm: prompts x G fixed at 8 per step; G=4 x 2 prompts is the run both
+    # arms share (kept, not run again), G=2 runs with 4 prompts
+    both = group(tmp_path / "s", **{**kw, "samples_per_step": 8})
+    arm = [r for r in both["rows"] if r["arm"] == "equal samples"]
+    assert [(r["group"], r["prompts"], r["samples"]) for r in arm] == [(2, 4, 16), (4, 2, 16)]
+    assert arm[1]["final"] == rows[1]["final"]
+    assert (tmp_path / "s" / "g2-p4" / "study.json").exists()
+    assert "| equal samples | 2 | 4 | 16 |" in (tmp_path / "s" / "results.md").read_text()
+    with pytest.raises(ValueError, match="multiple of every group size"):
+        group(tmp_path / "s", **{**kw, "samples_per_step": 6})
 
 
 def test_a_study_run_recorded_in_an_earlier_spelling_is_kept(tmp_path):

@@ -179,6 +179,13 @@ def test_prediction_check_predicts_before_training_the_target(tmp_path, small_co
     assert saved["chosen"]["by"] == "backtest" and set(saved["fits"]) == {"chinchilla", "kaplan"}
     assert len(r["scores"]) == 8 and sum(s["chosen"] for s in r["scores"]) == 2
     assert all(0 <= s["error"] < 1 for s in r["scores"])
+    # the stated interval holds the bootstrap's and the backtest error around the prediction
+    for form in ("chinchilla", "kaplan"):
+        for count in ("non_embedding", "total"):
+            p, err = saved["fits"][form][count]["prediction"], saved["backtest"][form][count]
+            for i in range(2):
+                assert p["low"][i] == min(p["bootstrap_low"][i], p["loss"][i] * (1 - err))
+                assert p["high"][i] == max(p["bootstrap_high"][i], p["loss"][i] * (1 + err))
     assert (tmp_path / "chk" / "scaling.svg").exists()
     text = (tmp_path / "chk" / "results.md").read_text()
     assert "| **d5-t1280** | **" in text and "Epoch AI" in text
@@ -257,3 +264,28 @@ def test_a_finished_trial_is_not_reused_for_another_config(tmp_path, small_corpu
     assert other.name == trial.name
     with pytest.raises(ValueError, match="another config"):
         run_trial(other, tmp_path / "sw")
+
+
+def test_the_check_tunes_the_learning_rate_per_size_before_fitting(tmp_path, small_corpus):
+    from keenlm.scaling.check import prediction_check
+
+    kw = dict(fit_depths=(1, 2, 3), fit_tokens=(640, 1280), targets=((4, 640),),
+              base=_base(small_corpus, tmp_path / "cache"), samples=10, log=lambda s: None)
+    r = prediction_check(tmp_path / "chk", lr_sweep=(0.5, 1.0), **kw)
+    lr = r["lr_sweep"]
+    assert lr["tokens"] == 640 and set(lr["per_depth"]) == {"1", "2", "3"}
+    for d, v in lr["per_depth"].items():
+        assert len(v["losses"]) == 2  # each multiplier trained once at the smallest token count
+        assert v["losses"][f"{v['lr']:.3g}"] == min(v["losses"].values())
+        # every fitted run of that depth uses the best rate
+        for run in (x for x in r["runs"] if x["depth"] == int(d)):
+            assert run["config"]["train"]["optim"]["lr"] == v["lr"]
+    # the target's rate is the power law's, written into prediction.json before it trained
+    saved = json.loads((tmp_path / "chk" / "prediction.json").read_text())
+    law, target = saved["lr"]["law"], saved["targets"][0]
+    expect = float(np.exp(law["a"]) * target["non_embedding"] ** law["b"])
+    assert target["lr"] == pytest.approx(expect, rel=5e-3)
+    assert r["targets"][0]["config"]["train"]["optim"]["lr"] == target["lr"]
+    assert "Learning rate, tuned first" in (tmp_path / "chk" / "results.md").read_text()
+    with pytest.raises(ValueError, match="distinct positive"):
+        prediction_check(tmp_path / "bad", lr_sweep=(1.0, 1.0), **kw)

@@ -60,7 +60,9 @@ def _check(args) -> int:
     kw = quick if args.quick else dict(
         fit_depths=tuple(_numbers(args.depths, int)), fit_tokens=tokens,
         targets=_targets(args.targets) if args.targets else [(args.target_depth, max(tokens))])
-    r = check.prediction_check(args.out, backend=args.backend, base=_base(args), **kw)
+    lr_sweep = tuple(_numbers(args.lr_sweep, float)) if args.lr_sweep else ()
+    r = check.prediction_check(args.out, backend=args.backend, base=_base(args),
+                               lr_sweep=lr_sweep, **kw)
     print(check.table(r))
     return 0
 
@@ -137,6 +139,10 @@ def add_parser(sub, fmt):
                    "on the largest of --tokens (when --targets is not given)")
     s.add_argument("--targets", default="", help="check: DEPTH:TOKENS pairs to predict, all "
                    "written down before any is trained (e.g. 8:2e6,10:1e6)")
+    s.add_argument("--lr-sweep", default="", help="check: multipliers of the size dial's "
+                   "learning rate (e.g. 0.25,0.5,1): each fitted depth is trained with each at "
+                   "the smallest --tokens first and keeps the best; a power law in N fitted to "
+                   "those rates sets the targets'")
     s.add_argument("--samples", type=int, default=200, help="bootstrap resamples")
     s.add_argument("--flops", type=float, default=0.0, help="plan: the FLOP budget")
     s.add_argument("--law", default="chinchilla", help="plan: a sweep folder to fit, or a "

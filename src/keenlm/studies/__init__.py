@@ -10,6 +10,7 @@ second scaling law in training (``epochs`` and ``group``):
     rl         supervised warm-up, then GRPO and rejection-sampling fine-tuning
     tts        a small policy with test-time search vs a larger one answering greedily
     exchange   policies of several sizes x strategies: accuracy against FLOPs; the planner
+    scratchpad worked against answer-only demonstrations at equal training and inference FLOPs
     law2       epochs: repeated vs fresh data; group: GRPO accuracy vs group size
     moe        mixture of experts vs dense models at equal compute
     select     selective backprop vs full backprop, time to a target loss
@@ -25,8 +26,8 @@ generated from it), the function that runs it, and its summary. From Python:
 
 The library never imports this package: studies use techniques, techniques do not know them.
 """
-from keenlm.studies import (exchange, frontier, law2, memory, moe, ptq, real, rl, select, spike,
-                            tts)
+from keenlm.studies import (exchange, frontier, law2, memory, moe, ptq, real, rl, scratchpad,
+                            select, spike, tts)
 from keenlm.studies.common import Study
 
 STUDIES: dict[str, Study] = {
@@ -35,6 +36,7 @@ STUDIES: dict[str, Study] = {
     "rl": Study(rl.Options, rl.run, rl.summary),
     "tts": Study(tts.Options, tts.run, tts.summary),
     "exchange": Study(exchange.Options, exchange.run, exchange.summary),
+    "scratchpad": Study(scratchpad.Options, scratchpad.run, scratchpad.summary),
     "epochs": Study(law2.EpochsOptions, law2.run_epochs, law2.epochs_summary),
     "group": Study(law2.GroupOptions, law2.run_group, law2.group_summary),
     "moe": Study(moe.Options, moe.run, moe.summary),

@@ -19,7 +19,10 @@ charts (SVG and PNG) into its folder; the test-time half of the law is ``keenlm 
   prompts per step for the same number of steps: a larger group spends more samples -- more
   compute -- on each prompt. Reports held-out greedy pass@1, pass@k and maj@k after the run,
   the samples drawn and seconds taken, and pass@1 at an equal number of samples (the smallest
-  run's), so the gain from a larger group can be told from the gain from more compute.
+  run's), so the gain from a larger group can be told from the gain from more compute. A second
+  arm holds the samples per step fixed instead (``samples_per_step`` = prompts x G, e.g. 64:
+  32 prompts of 2, ..., 4 prompts of 16), so every group size spends the same compute over the
+  same steps and only the split between prompts and samples per prompt changes.
 """
 from __future__ import annotations
 
@@ -71,17 +74,21 @@ class GroupOptions:
     start_at: float = 0.2  # start RL from the first warm-up checkpoint (every 100 steps) whose validation pass@1 reaches this
     eval_n: int = 200  # held-out problems
     lr: float = 2e-4  # learning rate of the RL runs
+    prompts: int = 16  # prompts per step of the equal-prompts arm
+    samples_per_step: int = 64  # prompts x G of the equal-samples arm (0: no such arm)
 
 
 def run_group(out, opts: GroupOptions) -> dict:
-    return group(out, groups=opts.groups, steps=opts.rl_steps, task=opts.task,
-                 difficulty=opts.difficulty, size=opts.size, sft_steps=opts.sft_steps,
-                 start_at=opts.start_at, eval_n=opts.eval_n, lr=opts.lr)
+    return group(out, groups=opts.groups, steps=opts.rl_steps, prompts=opts.prompts,
+                 task=opts.task, difficulty=opts.difficulty, size=opts.size,
+                 sft_steps=opts.sft_steps, start_at=opts.start_at, eval_n=opts.eval_n,
+                 lr=opts.lr, samples_per_step=opts.samples_per_step)
 
 
 def group_summary(res: dict) -> str:
-    return "\n".join(f"G={r['group']}: held-out greedy pass@1 {r['final']['pass@1']:.3f} "
-                     f"({r['samples']:,} samples, {r['seconds']:.0f} s)" for r in res["rows"])
+    return "\n".join(f"{r['arm']}, G={r['group']} x {r['prompts']} prompts: held-out greedy "
+                     f"pass@1 {r['final']['pass@1']:.3f} ({r['samples']:,} samples, "
+                     f"{r['seconds']:.0f} s)" for r in res["rows"])
 
 
 # --------------------------------------------------------------------------------- epochs
@@ -213,35 +220,46 @@ def _epochs_table(res: dict) -> str:
 def group(out: str | Path, groups=(2, 4, 8, 16), steps: int = 150, prompts: int = 16,
           task: str = "countdown", difficulty: int = 2, size: str = "128x4",
           sft_steps: int = 1500, start_at: float = 0.2, eval_n: int = 200, samples: int = 8,
-          lr: float = 2e-4, log: Log = print) -> dict:
-    """GRPO from one starting policy with each group size, equal prompts and steps; resumable
-    (a finished group size is kept)."""
+          lr: float = 2e-4, samples_per_step: int = 0, log: Log = print) -> dict:
+    """GRPO from one starting policy with each group size: equal prompts and steps, and (with
+    ``samples_per_step``) equal samples per step and steps; resumable (a finished run is kept;
+    a run both arms share is run once)."""
     if not groups or any(g < 2 for g in groups) or steps < 1 or prompts < 1:
         raise ValueError(f"group study: need group sizes >= 2, steps >= 1, prompts >= 1; got "
                          f"{list(groups)}, {steps}, {prompts}")
+    if samples_per_step and any(samples_per_step % g for g in groups):
+        raise ValueError(f"samples_per_step {samples_per_step}: a multiple of every group size "
+                         f"{list(groups)}")
     out = Path(out)
     s0 = rl_start(out, task, difficulty, size, sft_steps, start_at, eval_n, samples, log)
+    arms = [("equal prompts", [(g, prompts) for g in sorted(groups)])]
+    if samples_per_step:
+        arms.append(("equal samples", [(g, samples_per_step // g) for g in sorted(groups)]))
     rows, curves = [], {}
-    for g in sorted(groups):
-        opts = {"task": task, "difficulty": difficulty, "algo": "grpo", "group": g,
-                "prompts": prompts, "steps": steps, "optim": {"lr": lr},
-                "run": {"eval_n": eval_n, "out_dir": str(out / f"g{g}"), "resume": False,
-                        "progress": False}}
-        rec = _group_run(out / f"g{g}", opts, s0)
-        drawn = steps * prompts * g
-        row = {"group": g, "steps": steps, "samples": drawn, "seconds": rec["seconds"],
-               "final": rec["final"], "curve": [(s * prompts * g, p) for s, p in rec["evals"]]}
-        rows.append(row)
-        curves[f"G={g}"] = [(n, p) for n, p in row["curve"] if n > 0]  # log x: no start point
-        log(f"G={g}: {steps} steps, {drawn:,} samples in {rec['seconds']:.0f} s; held-out greedy "
-            f"pass@1 {s0['start']['pass@1']:.3f} -> {rec['final']['pass@1']:.3f}")
-    equal = rows[0]["samples"]
+    for arm, runs in arms:
+        for g, n_prompts in runs:
+            name = f"g{g}" if n_prompts == prompts else f"g{g}-p{n_prompts}"
+            opts = {"task": task, "difficulty": difficulty, "algo": "grpo", "group": g,
+                    "prompts": n_prompts, "steps": steps, "optim": {"lr": lr},
+                    "run": {"eval_n": eval_n, "out_dir": str(out / name), "resume": False,
+                            "progress": False}}
+            rec = _group_run(out / name, opts, s0)
+            per_step = n_prompts * g
+            row = {"arm": arm, "group": g, "prompts": n_prompts, "steps": steps,
+                   "samples": steps * per_step, "seconds": rec["seconds"], "final": rec["final"],
+                   "curve": [(s * per_step, p) for s, p in rec["evals"]]}
+            rows.append(row)
+            curves[f"G={g} x {n_prompts} prompts"] = [(n, p) for n, p in row["curve"] if n > 0]
+            log(f"{arm}: G={g} x {n_prompts} prompts, {steps} steps, {row['samples']:,} samples "
+                f"in {rec['seconds']:.0f} s; held-out greedy pass@1 {s0['start']['pass@1']:.3f} "
+                f"-> {rec['final']['pass@1']:.3f}")
+    equal = min(r["samples"] for r in rows)
     for r in rows:  # the last evaluation within the smallest run's samples
         r["pass@1_at_equal_samples"] = max((n, p) for n, p in r["curve"] if n <= equal)[1]
     results = {"task": s0["task"].name, "size": size, "sft_steps": s0["start_step"],
                "sft_seconds": s0["sft_seconds"], "start": s0["start"], "prompts": prompts,
-               "steps": steps, "lr": lr, "eval_n": eval_n, "samples_k": samples,
-               "equal_samples": equal, "rows": rows}
+               "samples_per_step": samples_per_step, "steps": steps, "lr": lr,
+               "eval_n": eval_n, "samples_k": samples, "equal_samples": equal, "rows": rows}
     line_chart(curves, out / "group.svg",
                x_label="RL samples drawn (prompts x group x steps)",
                y_label=f"held-out greedy pass@1 ({eval_n} problems)", y_range=(0.0, 1.0), log_x=True)
@@ -279,16 +297,20 @@ def _group_table(res: dict) -> str:
     s = res["start"]
     lines = [f"Task {res['task']}, policy {res['size']} (byte-level), GRPO (dr_grpo loss, lr "
              f"{res['lr']:g}) from the same supervised policy (warm-up of {res['sft_steps']} steps), "
-             f"{res['prompts']} prompts per step, {res['steps']} steps; {res['eval_n']} held-out "
-             f"problems.", "",
-             f"| group size G | samples drawn | seconds | greedy pass@1 | gain (points) | pass@{k} | "
-             f"maj@{k} | pass@1 at {res['equal_samples']:,} samples |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| start | - | - | {s['pass@1']:.3f} | - | {s[f'pass@{k}']:.3f} | {s[f'maj@{k}']:.3f} "
-             f"| {s['pass@1']:.3f} |"]
+             f"{res['steps']} steps per run; equal prompts: {res['prompts']} prompts per step"
+             + (f"; equal samples: {res['samples_per_step']} samples per step"
+                if res.get("samples_per_step") else "")
+             + f"; {res['eval_n']} held-out problems.", "",
+             f"| arm | group size G | prompts per step | samples drawn | seconds | greedy pass@1 | "
+             f"gain (points) | pass@{k} | maj@{k} | pass@1 at {res['equal_samples']:,} samples |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| start | - | - | - | - | {s['pass@1']:.3f} | - | {s[f'pass@{k}']:.3f} | "
+             f"{s[f'maj@{k}']:.3f} | {s['pass@1']:.3f} |"]
     for r in res["rows"]:
         f = r["final"]
-        lines.append(f"| {r['group']} | {r['samples']:,} | {r['seconds']:.0f} | {f['pass@1']:.3f} | "
+        lines.append(f"| {r.get('arm', 'equal prompts')} | {r['group']} | "
+                     f"{r.get('prompts', res['prompts'])} | {r['samples']:,} | {r['seconds']:.0f} | "
+                     f"{f['pass@1']:.3f} | "
                      f"{100 * (f['pass@1'] - s['pass@1']):+.1f} | {f[f'pass@{k}']:.3f} | "
                      f"{f[f'maj@{k}']:.3f} | {r['pass@1_at_equal_samples']:.3f} |")
     return "\n".join(lines)
