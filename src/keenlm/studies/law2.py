@@ -309,7 +309,8 @@ def _group_table(res: dict) -> str:
     for r in res["rows"]:
         f = r["final"]
         lines.append(f"| {r.get('arm', 'equal prompts')} | {r['group']} | "
-                     f"{r.get('prompts', res['prompts'])} | {r['samples']:,} | {r['seconds']:.0f} | "
+                     f"{r.get('prompts', res['prompts'])} | {r['samples']:,} | "
+                     f"{r['seconds']:.0f} | "
                      f"{f['pass@1']:.3f} | "
                      f"{100 * (f['pass@1'] - s['pass@1']):+.1f} | {f[f'pass@{k}']:.3f} | "
                      f"{f[f'maj@{k}']:.3f} | {r['pass@1_at_equal_samples']:.3f} |")
