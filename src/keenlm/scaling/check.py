@@ -275,7 +275,8 @@ def _lr_table(lr: dict, targets: list[dict]) -> list[str]:
              f"x{', x'.join(map(str, lr['multipliers']))} the size dial's rate (validation loss; "
              "the best, in bold, is the rate of all that depth's runs, and that run is its "
              f"fitted run at this token count; the sweep took {lr['seconds'] / 60:.1f} min, "
-             "all counted in the fitted runs' time). A best rate at the edge of the sweep is marked *.", "",
+             "all counted in the fitted runs' time). A best rate at the edge of the sweep is "
+             "marked *.", "",
              "| depth | " + " | ".join(f"lr {k}" for k in rates) + " |",
              "|---|" + "---|" * len(rates)]
     for d, v in lr["per_depth"].items():
