@@ -259,7 +259,8 @@ def test_rl_study_runs_end_to_end(tmp_path):
     from keenlm.studies import rl as study
 
     res = study.rl(tmp_path / "s", task="addition", difficulty=3, size="64x1", sft_steps=20,
-                   start_at=1.0, budget_s=1.0, eval_n=8, samples=2, algos=("grpo:grpo", "rft"),
+                   start_at=1.0, budget_s=1.0, eval_n=8, samples=2,
+                   algos=("grpo:grpo", "rft+dynamic+format"),
                    rl_options={"prompts": 2, "group": 2, "eval_every": 1}, log=lambda s: None,
                    scratchpad=True)
     assert res["sft_steps"] == 20 and [r["algo"] for r in res["runs"]] == ["grpo", "rft"]
@@ -276,6 +277,14 @@ def test_rl_study_runs_end_to_end(tmp_path):
     assert "no checkpoint reached the start threshold 1.0, so the last one (step 20" in text
     assert all(r["best"] is not None and r["best_step"] is not None for r in res["runs"])
     assert "GRPO (grpo), best by validation (step" in text
+    # the low-coverage remedies named after the algorithm reach its config
+    assert res["runs"][1]["oversample"] == 3 and res["runs"][1]["format_reward_until"] == 0.9
+    assert "RFT, dynamic sampling, format reward dropped" in text
+    assert (tmp_path / "s" / "rft-dynamic-format" / "rl_curves.svg").exists()
+    with pytest.raises(ValueError, match="after \\+ comes"):
+        study.rl(tmp_path / "s", task="addition", difficulty=3, size="64x1", sft_steps=20,
+                 start_at=1.0, budget_s=1.0, eval_n=8, samples=2, algos=("grpo+fast",),
+                 log=lambda s: None, scratchpad=True)
 
 
 def test_rl_skips_a_non_finite_update_and_stops_after_too_many(tmp_path):

@@ -94,6 +94,8 @@ class RLConfig:
     temperature: float = 1.0  # sampling temperature (log-probabilities are taken at it too)
     max_new_tokens: int = 32  # completion length limit
     seed: int = 0  # prompt order and sampling
+    oversample: int = 0  # dynamic sampling (DAPO): up to this many extra rounds of fresh prompts per step, keeping groups whose rewards differ until the step has `prompts` of them; 0: off
+    format_reward_until: float = 0.0  # once this share of a step's samples is well formed, a well-formed wrong answer earns 0 instead of 0.1; 0: never
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters on the policy (--lora-rank > 0; rl.lora)
     optim: RLOptimConfig = field(default_factory=RLOptimConfig)  # the update (rl.optim)
     run: RLRunConfig = field(default_factory=RLRunConfig)  # run folder, evaluation, budget (rl.run)
@@ -108,6 +110,9 @@ class RLConfig:
               "0 with template plain (the worked examples are earlier chat turns)")
         check(self.algo in RL_ALGOS, p + "algo", self.algo, " | ".join(RL_ALGOS))
         check(self.loss in RL_LOSSES, p + "loss", self.loss, " | ".join(RL_LOSSES))
+        check(self.oversample >= 0, p + "oversample", self.oversample, "an integer >= 0")
+        check(0 <= self.format_reward_until <= 1, p + "format_reward_until",
+              self.format_reward_until, "a share in [0, 1] (0: never drop the format reward)")
         for name in ("difficulty", "prompts", "steps", "epochs", "minibatches", "max_new_tokens"):
             v = getattr(self, name)
             check(v >= 1, p + name, v, "an integer >= 1")

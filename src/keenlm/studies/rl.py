@@ -37,7 +37,7 @@ class Options:
     sft_steps: int = 1500  # supervised warm-up steps
     start_at: float = 0.2  # start RL from the first warm-up checkpoint (every 100 steps) whose validation pass@1 reaches this
     budget: float = 880.0  # wall-clock seconds of each RL run (sampling, updates, evaluations)
-    algos: tuple[str, ...] = ("grpo", "rft")  # runs, each from the same policy: ALGO or ALGO:LOSS (e.g. grpo:grpo,grpo:dr_grpo)
+    algos: tuple[str, ...] = ("grpo", "rft")  # runs, each from the same policy: ALGO[:LOSS][+dynamic][+format] (e.g. grpo:dr_grpo,grpo:dr_grpo+dynamic+format; +dynamic: DAPO's dynamic sampling, 3 extra rounds; +format: the format reward dropped once 90% of samples are well formed)
     eval_n: int = 200  # held-out problems
     lr: float = 2e-4  # learning rate of the RL runs
     scratchpad: bool = False  # demonstrations and answers worked step by step (longer answers)
@@ -155,9 +155,9 @@ def rl(out: str | Path, task: str = "countdown", difficulty: int = 2, size: str 
                "runs": []}
     curves, rewards, lengths = {}, {}, {}
     for spec in algos:
-        algo, _, loss = spec.partition(":")
-        name = spec.replace(":", "-")
-        cfg = rl_config(merge(rl_options or {}, {
+        algo, _, loss = spec.split("+")[0].partition(":")
+        name = spec.replace(":", "-").replace("+", "-")
+        cfg = rl_config(merge(rl_options or {}, {**_remedies(spec),
             "task": task, "difficulty": difficulty, "algo": algo, "steps": 1_000_000,
             "scratchpad": scratchpad, "max_new_tokens": max_new, **({"loss": loss} if loss else {}),
             "run": {"time_budget_s": budget_s, "eval_n": eval_n, "out_dir": str(out / name),
@@ -183,6 +183,19 @@ def rl(out: str | Path, task: str = "countdown", difficulty: int = 2, size: str 
     return results
 
 
+REMEDIES = {"dynamic": {"oversample": 3}, "format": {"format_reward_until": 0.9}}
+
+
+def _remedies(spec: str) -> dict:
+    """The low-coverage remedies named after an algorithm (``grpo:dr_grpo+dynamic+format``)."""
+    out = {}
+    for extra in spec.split("+")[1:]:
+        if extra not in REMEDIES:
+            raise ValueError(f"{spec!r}: after + comes {' | '.join(REMEDIES)}, not {extra!r}")
+        out.update(REMEDIES[extra])
+    return out
+
+
 def _rl_run(folder: Path, s0: dict, cfg) -> tuple[dict, list[dict]]:
     """One RL run from the starting policy: its row of the results, and its metrics."""
     t0 = time.perf_counter()
@@ -197,7 +210,10 @@ def _rl_run(folder: Path, s0: dict, cfg) -> tuple[dict, list[dict]]:
            "start": start, "final": final, "gain": final["pass@1"] - start,
            "best_step": res.best.get("step"), "best": best, "warnings": res.warnings,
            **_lengths([r["completion_len"] for r in recs if r["kind"] == "rl"]),
-           "samples_per_step": cfg.prompts * cfg.group, "lr": cfg.optim.lr}
+           "samples_per_step": cfg.prompts * cfg.group, "lr": cfg.optim.lr,
+           "oversample": cfg.oversample, "format_reward_until": cfg.format_reward_until,
+           "format_dropped_at": next((r["step"] for r in recs
+                                      if r.get("event") == "format_dropped"), None)}
     return row, recs
 
 
@@ -227,6 +243,11 @@ def _rl_table(res: dict) -> str:
     notes = []
     for r in res["runs"]:
         name = "GRPO (" + r["loss"] + ")" if r["algo"] == "grpo" else "RFT"
+        name += "".join([", dynamic sampling" if r.get("oversample") else "",
+                         ", format reward dropped" + (f" at step {r['format_dropped_at']}"
+                                                      if r.get("format_dropped_at") else
+                                                      " (never reached)")
+                         if r.get("format_reward_until") else ""])
         rows = [(name + ", final", r["final"])]
         if r.get("best"):
             rows.append((f"{name}, best by validation (step {r['best_step']})", r["best"]))

@@ -54,6 +54,7 @@ from keenlm.train.logprobs import completion_mask, shared_prefix_logprobs
 from keenlm.train import distributed
 from keenlm.train.loop import LoopShell, pick_device
 from keenlm.train.optim import FiniteGuard, build_optimizer, grad_norm, init_base_lr, set_lr
+from keenlm.train.rl_batch import Drawn, FormatReward, draw_batch
 from keenlm.train.rl_objective import ALGORITHMS, LOSSES
 from keenlm.train.rl_watch import Watch
 
@@ -126,6 +127,9 @@ class RLTrainer(LoopShell):
             if cfg.prompts % self.dist.world:
                 raise ValueError(f"rl.prompts={cfg.prompts} must split evenly over "
                                  f"{self.dist.world} ranks")
+            if cfg.oversample:
+                raise ValueError("rl.oversample with rl.run.parallel: dynamic sampling runs in "
+                                 "one process; use 0")
             if cfg.minibatches != 1:
                 raise ValueError("rl.minibatches > 1 with rl.run.parallel: minibatches are drawn "
                                  "from the whole batch; use 1")
@@ -156,6 +160,7 @@ class RLTrainer(LoopShell):
         self._last: dict = {}  # the latest step's record, for the progress notes
         # the best policy is chosen on a validation split that training never draws from
         self.watch = Watch()
+        self.format = FormatReward(cfg.format_reward_until)
         val_n = run.eval_n if run.keep_best else 0
         self.val_problems = self.task.problems("val", val_n) if val_n else []
         self.train_problems = self.task.problems("train", 5000, val_size=val_n)
@@ -182,7 +187,7 @@ class RLTrainer(LoopShell):
 
     def extra_state(self) -> dict:
         return {"updates": self.updates, "nonfinite": self.guard.state(),
-                "watch": self.watch.state()}
+                "watch": self.watch.state(), "format_dropped_at": self.format.dropped_at}
 
     def save(self):
         """Every rank holds the same weights: rank 0 writes them, the others wait."""
@@ -197,42 +202,65 @@ class RLTrainer(LoopShell):
         self.updates = int(state["updates"])
         self.guard.load(state.get("nonfinite"))
         self.watch.load(state.get("watch"))
+        self.format.dropped_at = int(state.get("format_dropped_at", 0))
 
     # --------------------------------------------------------------------------- one step
 
     def prompts_for(self, step: int) -> list[str]:
+        """The step's prompts (with rl.oversample: the candidates of every round)."""
         rng = random.Random(f"{self.cfg.seed}|{step}")
-        return [p.prompt for p in rng.sample(self.train_problems, self.cfg.prompts)]
+        k = self.cfg.prompts * (1 + self.cfg.oversample)
+        return [p.prompt for p in rng.sample(self.train_problems, k)]
+
+    def _draw(self, chunk: list[str], offset: int) -> Drawn:
+        """Sample and score the groups of ``chunk`` (``offset``: its place among the step's
+        prompts: a seed per prompt, so its samples are the same whichever rank draws them)."""
+        cfg, g = self.cfg, self.cfg.group
+        seeds = [(cfg.seed * 1_000_003 + self.step) * 1_009 + offset + i
+                 for i in range(len(chunk))]
+        prompt_ids, comps, texts = sample_group(self.model, self.tokenizer, chunk, g,
+                                                temperature=cfg.temperature,
+                                                max_new_tokens=cfg.max_new_tokens,
+                                                seed=cfg.seed * 1_000_003 + self.step,
+                                                stop=self.stop, stop_at_eos=self.stop_at_eos,
+                                                seeds=seeds)
+        # sampling FLOPs: each prompt prefilled once for its group (keenlm.ledger)
+        flops = sum(generation_flops(self.model, len(prompt_ids[i]),
+                                     [len(c) for c in comps[i * g:(i + 1) * g]])
+                    for i in range(len(chunk)))
+        raw = self.reward([p for p in chunk for _ in range(g)], texts)
+        return Drawn(list(chunk), prompt_ids, comps, texts, self.format.apply(raw), raw, flops)
 
     def rl_step(self) -> dict:
         cfg = self.cfg
         prompts = self.prompts_for(self.step)
         n = cfg.prompts // self.dist.world  # this rank's prompts: [first, first + n)
         first = self.dist.rank * n
-        mine = prompts[first:first + n]
         t0 = time.perf_counter()
-        # a seed per prompt: its samples are the same whichever rank draws them
-        seeds = [(cfg.seed * 1_000_003 + self.step) * 1_009 + first + i for i in range(n)]
-        prompt_ids, comps, texts = sample_group(self.model, self.tokenizer, mine, cfg.group,
-                                                temperature=cfg.temperature,
-                                                max_new_tokens=cfg.max_new_tokens,
-                                                seed=cfg.seed * 1_000_003 + self.step,
-                                                stop=self.stop, stop_at_eos=self.stop_at_eos,
-                                                seeds=seeds)
+        if cfg.oversample:  # dynamic sampling (one process: keenlm.train.rl_batch)
+            batch, drew = draw_batch(self._draw, prompts, n, cfg.group, cfg.oversample)
+        else:
+            batch = self._draw(prompts[first:first + n], first)
+            drew = {"drawn": n, "rounds": 0, "all": batch}
         t_gen = time.perf_counter() - t0
-        g = cfg.group  # sampling FLOPs: each prompt prefilled once for its group (keenlm.ledger)
-        gen_flops = sum(generation_flops(self.model, len(prompt_ids[i]),
-                                         [len(c) for c in comps[i * g:(i + 1) * g]])
-                        for i in range(len(mine)))
-        row_prompts = [p for p in mine for _ in range(cfg.group)]
-        mine_rewards = self.reward(row_prompts, texts)
+        mine, prompt_ids, comps, texts = batch.prompts, batch.prompt_ids, batch.comps, batch.texts
+        gen_flops, mine_rewards = drew["all"].gen_flops, batch.rewards
         # advantages and token weights are the whole batch's: every rank's rewards and completions
         all_rewards, all_comps = mine_rewards, comps
         if self.dist.active:
             parts = [None] * self.dist.world
-            torch.distributed.all_gather_object(parts, (mine_rewards, comps))
+            torch.distributed.all_gather_object(parts, (mine_rewards, comps, drew["all"].raw))
             all_rewards = [r for part in parts for r in part[0]]
             all_comps = [c for part in parts for c in part[1]]
+            raw = [r for part in parts for r in part[2]]
+        else:
+            raw = drew["all"].raw  # every group drawn, the informative or not
+        if self.format.observe(self.step + 1, raw) and self.is_main:
+            runs.append_jsonl(self.run_dir / "metrics.jsonl",
+                              {"kind": "event", "step": self.step + 1, "event": "format_dropped",
+                               "text": "the format is learned: a well-formed wrong answer now "
+                                       "earns 0"})
+        sampled = torch.tensor(raw, dtype=torch.float32).view(-1, cfg.group)
         rewards = torch.tensor(all_rewards, dtype=torch.float32)
         grouped = rewards.view(cfg.prompts, cfg.group)
         mask = completion_mask(all_comps)
@@ -245,20 +273,23 @@ class RLTrainer(LoopShell):
         stats = self._update(prompt_ids, rows, comps, adv, weights)
         t_train = time.perf_counter() - t1
         self.step += 1
-        gen_tokens = sum(len(c) for c in comps)
+        gen_tokens, gen_rows = sum(len(c) for c in drew["all"].comps), len(drew["all"].comps)
         train_tokens, forward_tokens = stats.pop("train_tokens"), stats.pop("forward_tokens")
-        seq = sum(len(p) for p in prompt_ids) / max(1, len(prompt_ids)) + gen_tokens / len(comps)
+        seq = (sum(len(p) for p in prompt_ids) / max(1, len(prompt_ids))
+               + sum(len(c) for c in comps) / len(comps))
         per = flops_per_token(self.model, max(1, round(seq)))
         flops = gen_flops + train_tokens * per["train"] + forward_tokens * per["forward"]
         if self.dist.active:  # the job's figures
-            gen_tokens, train_tokens, flops = self.dist.sum([gen_tokens, train_tokens, flops])
+            gen_tokens, gen_rows, train_tokens, flops = self.dist.sum(
+                [gen_tokens, gen_rows, train_tokens, flops])
             gen_tokens, train_tokens = int(gen_tokens), int(train_tokens)
-            comps = all_comps
+        # success and coverage: of every group drawn (what the policy does, not the kept batch)
         return {"step": self.step, "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std()), "success": float((rewards == 1.0).float().mean()),
+                "reward_std": float(rewards.std()), "success": float((sampled == 1.0).float().mean()),
                 "zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
-                "coverage": float((grouped == 1.0).any(dim=1).float().mean()),
-                "completion_len": gen_tokens / len(comps), **stats,
+                "coverage": float((sampled == 1.0).any(dim=1).float().mean()),
+                **({"groups_drawn": drew["drawn"]} if cfg.oversample else {}),
+                "completion_len": gen_tokens / gen_rows, **stats,
                 "gen_tokens_per_s": gen_tokens / t_gen, "gen_s": t_gen, "train_s": t_train,
                 "train_tokens_per_s": train_tokens / t_train if t_train > 0 else 0.0,
                 "flops": float(flops), "elapsed_s": time.perf_counter() - self.started,
