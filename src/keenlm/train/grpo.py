@@ -285,7 +285,8 @@ class RLTrainer(LoopShell):
             gen_tokens, train_tokens = int(gen_tokens), int(train_tokens)
         # success and coverage: of every group drawn (what the policy does, not the kept batch)
         return {"step": self.step, "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std()), "success": float((sampled == 1.0).float().mean()),
+                "reward_std": float(rewards.std()),
+                "success": float((sampled == 1.0).float().mean()),
                 "zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
                 "coverage": float((sampled == 1.0).any(dim=1).float().mean()),
                 **({"groups_drawn": drew["drawn"]} if cfg.oversample else {}),
