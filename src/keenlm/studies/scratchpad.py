@@ -12,9 +12,9 @@ sees fewer problems.
   steps, hence the same FLOPs), with the mean answer length and FLOPs of one greedy answer.
 - Equal inference compute: at the end, ``max_n`` sampled answers per test problem of each run
   (``plan.answer_samples``); every (format, strategy, N) with its inference FLOPs per query
-  (``exchange``'s points), and for each format's greedy cost the best each format reaches
-  within it -- e.g. several direct answers with a majority vote for the price of one worked
-  answer.
+  (``exchange``'s points; a prompt is prefilled once for all its samples), and at a ladder of
+  budgets (each format's greedy cost among them) the best each format reaches within it --
+  e.g. several direct answers, voted or checked, for the price of one worked answer.
 
 Both formats draw the same problems (``tasks``: the direct demonstrations are the worked ones
 with the steps taken out), so the held-out test problems are identical.
@@ -172,11 +172,16 @@ def _measure(km, task, test: list, o: Options, max_new: int) -> dict:
     return got
 
 
-def _equal_inference(points: list[dict], final: dict) -> list[dict]:
-    """At each format's greedy cost per query: the best (strategy, N) of each format within
-    it, without a verifier (greedy, majority) and with the exact one."""
+def _equal_inference(points: list[dict], final: dict, rungs: int = 6) -> list[dict]:
+    """At each format's greedy cost per query and at ``rungs`` budgets spread evenly (in log)
+    over every measured cost: the best (strategy, N) of each format within the budget, without
+    a verifier (greedy, majority) and with the exact one."""
+    costs = [p["flops"] for p in points]
+    lo, hi = min(costs), max(costs)
+    ladder = {f["flops_greedy"] for f in final.values()}
+    ladder |= {lo * (hi / lo) ** (i / (rungs - 1)) for i in range(rungs)}
     rows = []
-    for budget in sorted(f["flops_greedy"] for f in final.values()):
+    for budget in sorted(ladder):
         for verifier in (False, True):
             pts = [p for p in points if verifier or p["strategy"] != "best_of_n_verifier"]
             rows.append({"budget": budget, "verifier": verifier,
