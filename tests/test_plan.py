@@ -54,7 +54,7 @@ def test_majority_chance_by_simulation_matches_the_exact_vote():
 def _cal(name, right, greedy, flops, samples=16):
     answers = [[[c, True], [samples - c, False]] if c < samples else [[c, True]] for c in right]
     return Calibration(name, 1000, samples, greedy, list(right), answers, [0] * len(right),
-                       flops, flops)
+                       flops / 2, flops / 2, flops)
 
 
 def test_the_plan_is_the_best_predicted_choice_within_the_budget():
@@ -72,8 +72,14 @@ def test_the_plan_is_the_best_predicted_choice_within_the_budget():
     c = roomy["chosen"]
     assert c["low"] <= c["accuracy"] <= c["high"]
     assert plan([small], 1e3)["chosen"] is None  # nothing fits
+    # a query's N samples share one prefill: cost = prefill + N x decode
+    assert small.cost("majority", 4) == 0.5e6 + 4 * 0.5e6 and small.cost("greedy", 9) == 1e6
     with pytest.raises(ValueError, match="budget"):
         plan([small], -1)
+    # the interval of a measurement on 50 test problems adds their noise: it is wider
+    for strategy in ("greedy", "majority", "best_of_n_verifier"):
+        a, b = (Predictor(small).predict(strategy, 4, test_n=t) for t in (0, 50))
+        assert b["accuracy"] == a["accuracy"] and b["high"] - b["low"] > a["high"] - a["low"]
     p = Predictor(small).predict("best_of_n_verifier", 4)
     assert p["measured"] == pytest.approx(np.mean([pass_at_k(16, c, 4) for c in weak]))
     assert math.isclose(Predictor(small).predict("greedy", 8)["accuracy"], np.mean(small.greedy))
@@ -87,12 +93,18 @@ def test_exchange_study_runs_end_to_end_tiny(tmp_path):
     res = exchange(tmp_path / "ex", o, log=lambda s: None)
     assert {p["policy"] for p in res["points"]} == {"64x1", "128x1"}
     assert len(res["points"]) == 2 * (1 + 3 + 3)  # greedy, majority and best-of-N at 1, 2, 4
-    assert len(res["planner_check"]) == 3
+    assert len(res["planner_check"]) == 9
     for c in res["planner_check"]:
         assert c["planned"] is None or c["planned"]["flops"] <= c["budget"]
     text = (tmp_path / "ex" / "results.md").read_text()
     assert "| 64x1 | majority | 4 |" in text and "within 2 points" in text
     assert (tmp_path / "ex" / "accuracy_vs_total_flops.svg").exists()
+    for size in ("64x1", "128x1"):  # measured costs: one prefill, then N decodes
+        cost = {p["n"]: p["flops"] for p in res["points"]
+                if p["policy"] == size and p["strategy"] == "majority"}
+        decode = cost[2] - cost[1]
+        assert decode > 0 and cost[4] == pytest.approx(cost[1] + 3 * decode)
+        assert cost[1] - decode > 0  # the prefill, paid once
     again = exchange(tmp_path / "ex", o, log=lambda s: None)  # resumes: everything cached
     assert again["points"] == res["points"]
 

@@ -93,7 +93,8 @@ def _plan(args) -> int:
                               args.problems, args.samples, args.temperature, args.max_new_tokens,
                               args.seed))
         print(f"{path}: greedy {sum(cals[-1].greedy) / len(cals[-1].greedy):.3f} on "
-              f"{args.problems} validation problems, {cals[-1].flops_per_sample:.3g} FLOPs per "
+              f"{args.problems} validation problems; FLOPs per query: {cals[-1].flops_greedy:.3g} "
+              f"greedy, {cals[-1].flops_prefill:.3g} prefill + {cals[-1].flops_decode:.3g} per "
               "sample")
     res = plan(cals, args.plan, ns=ns)
     c = res["chosen"]

@@ -9,7 +9,9 @@ predicted accuracy and cost of every strategy at every N, and picks the best buy
 - ``calibrate``: a policy answers ``problems`` problems of the task's validation split (never
   the test split) once greedily and ``samples`` times at ``temperature``. Kept per problem: the
   greedy outcome, how many samples were right, how often each distinct answer (the task's
-  answer key) came up; and the mean FLOPs of one sample (``keenlm.ledger.generation_flops``).
+  answer key) came up; and the FLOPs (``keenlm.ledger.generation_flops``) of a greedy answer,
+  of a prompt's prefill, and of one sample's decoding: N samples of a query cost one prefill
+  (the prompt's cache is shared by its samples) and N decodes (``Calibration.cost``).
 - ``predict`` at any N:
   - best-of-N by an exact verifier = pass@N. Per-problem success rates are modelled as
     Beta(a, b), fitted by maximum likelihood to the right-sample counts (beta-binomial), and
@@ -22,7 +24,9 @@ predicted accuracy and cost of every strategy at every N, and picks the best buy
     calibration can still be won at large N when its wrong answers scatter), wrong answers seen
     once standing for the long tail of distinct wrong answers (``majority_at_n``).
   - greedy: the calibration greedy accuracy, at the cost of one sample.
-  Intervals: percentiles over calibration problems resampled with replacement.
+  Intervals: percentiles over calibration problems resampled with replacement; with
+  ``test_n``, the interval of an accuracy *measured* on that many other problems, which adds
+  their sampling noise (each resample's accuracy drawn through a binomial of ``test_n``).
 - ``plan``: for a FLOP budget per query, every (policy, strategy, N) whose cost fits; the one
   with the highest predicted accuracy wins (ties: the cheaper).
 
@@ -55,18 +59,29 @@ class Calibration:
     right: list  # per problem: how many of the samples were right
     answers: list  # per problem: [[count, is_right], ...] per distinct parsed answer
     unparsed: list  # per problem: samples without a parsable answer (they never vote)
-    flops_per_sample: float
-    flops_greedy: float
+    flops_prefill: float  # mean FLOPs of a prompt's prefill
+    flops_decode: float  # mean FLOPs of one sample's decoding (after the shared prefill)
+    flops_greedy: float  # mean FLOPs of a greedy answer, prefill included
+
+    def cost(self, strategy: str, n: int) -> float:
+        """FLOPs per query of ``strategy`` at N."""
+        return sample_cost(self.flops_greedy, self.flops_prefill, self.flops_decode, strategy, n)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def sample_cost(greedy: float, prefill: float, decode: float, strategy: str, n: int) -> float:
+    """FLOPs per query: a greedy answer's, or one prefill and N decodes."""
+    return greedy if strategy == "greedy" else prefill + n * decode
 
 
 def answer_samples(model, tokenizer, task, problems: list, samples: int, temperature: float,
                    max_new_tokens: int, seed: int = 0) -> dict:
     """Greedy and ``samples`` sampled answers to ``problems``: per problem, whether the greedy
     answer was right, whether each sample was right and its vote key (``answer_keys``); the mean
-    FLOPs of one sample and of a greedy answer (``keenlm.ledger.generation_flops``)."""
+    FLOPs (``keenlm.ledger.generation_flops``) of a greedy answer, of a prompt's prefill and of
+    one sample's decoding."""
     prompts = [p.prompt for p in problems]
     greedy = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     sampled = complete(model, tokenizer, prompts, temperature=temperature, seed=seed,
@@ -76,10 +91,12 @@ def answer_samples(model, tokenizer, task, problems: list, samples: int, tempera
     n_tokens = lambda text: len(tokenizer.encode(text))  # noqa: E731
     flops = sum(generation_flops(model, n_tokens(p), [n_tokens(c) for c in sampled[mine]])
                 for p, mine in zip(prompts, per))
+    prefill = sum(generation_flops(model, n_tokens(p), []) for p in prompts)
     return {"greedy_right": [r == 1.0 for r in task.reward(prompts, greedy)],
             "right": [ok[mine] for mine in per],
             "keys": [answer_keys(task, p, sampled[mine]) for p, mine in zip(prompts, per)],
-            "flops_per_sample": flops / (len(prompts) * samples),
+            "flops_prefill": prefill / len(prompts),
+            "flops_decode": (flops - prefill) / (len(prompts) * samples),
             "flops_greedy": sum(generation_flops(model, n_tokens(p), [n_tokens(c)])
                                 for p, c in zip(prompts, greedy)) / len(prompts)}
 
@@ -102,7 +119,7 @@ def calibrate(name: str, model, tokenizer, task, problems: int = 50, samples: in
     params = sum(p.numel() for p in model.parameters())
     return Calibration(name, params, samples, got["greedy_right"],
                        [sum(ok) for ok in got["right"]], answers, unparsed,
-                       got["flops_per_sample"], got["flops_greedy"])
+                       got["flops_prefill"], got["flops_decode"], got["flops_greedy"])
 
 
 def answer_keys(task, prompt: str, completions: list[str]) -> list:
@@ -210,8 +227,9 @@ class Predictor:
                 for i, (a, u) in enumerate(zip(self.cal.answers, self.cal.unparsed))])
         return self._majority[n]
 
-    def predict(self, strategy: str, n: int) -> dict:
-        """Predicted accuracy of ``strategy`` at ``n`` with its interval; FLOPs per query."""
+    def predict(self, strategy: str, n: int, test_n: int = 0) -> dict:
+        """Predicted accuracy of ``strategy`` at ``n`` with its interval (``test_n`` > 0: of
+        an accuracy measured on ``test_n`` problems); FLOPs per query."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
         if n < 1:
@@ -223,10 +241,13 @@ class Predictor:
         else:
             vals = self._per_problem(strategy, n)
             full, boots = float(vals.mean()), [float(vals[ix].mean()) for ix in self.idx]
+        if test_n > 0:  # the noise of measuring it on test_n problems (its own generator)
+            rng = np.random.default_rng([self.seed, test_n, n, STRATEGIES.index(strategy)])
+            boots = rng.binomial(test_n, np.clip(boots, 0.0, 1.0)) / test_n
         lo, hi = np.percentile(boots, [(1 - self.level) / 2 * 100, (1 + self.level) / 2 * 100])
         out = {"policy": cal.name, "strategy": strategy, "n": 1 if strategy == "greedy" else n,
                "accuracy": float(full), "low": float(lo), "high": float(hi),
-               "flops": cal.flops_greedy if strategy == "greedy" else n * cal.flops_per_sample}
+               "flops": cal.cost(strategy, n)}
         if strategy == "best_of_n_verifier" and n <= cal.samples:
             out["measured"] = float(np.mean([pass_at_k(cal.samples, c, n) for c in cal.right]))
         return out
@@ -245,7 +266,7 @@ def plan(cals: list, budget: float, ns=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         cal = pred.cal
         for s in strategies:
             for n in ((1,) if s == "greedy" else ns):
-                if (cal.flops_greedy if s == "greedy" else n * cal.flops_per_sample) <= budget:
+                if cal.cost(s, n) <= budget:
                     options.append(pred.predict(s, n))
     best = max(options, key=lambda o: (o["accuracy"], -o["flops"]), default=None)
     return {"budget": budget, "chosen": best, "options": options}

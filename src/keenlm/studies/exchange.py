@@ -33,7 +33,7 @@ from typing import Literal
 import keenlm
 from keenlm.data.tasks import get_task, majority, write_demonstrations
 from keenlm.infer.plan import (STRATEGIES, Calibration, Predictor, answer_samples, calibrate,
-                               plan)
+                               plan, sample_cost)
 from keenlm.plot import line_chart
 from keenlm.runs import atomic_write_text
 from keenlm.studies.common import Log, parse_size, write_results
@@ -99,7 +99,7 @@ def exchange(out, o: Options, log: Log = print) -> dict:
     res = {"task": task.name, "options": {k: getattr(o, k) for k in o.__dataclass_fields__},
            "policies": policies, "points": points, "crossover": _crossover(points),
            "planner_check": check,
-           "predicted_vs_measured": _predicted_vs_measured(preds, points, ns)}
+           "predicted_vs_measured": _predicted_vs_measured(preds, points, ns, o.eval_n)}
     write_results(out, res, _table(res))
     _charts(points, out)
     return res
@@ -136,7 +136,8 @@ def _points(measured: dict, policies: dict, ns, queries: float) -> list[dict]:
                                      for n in ns}
         for strategy, by_n in acc.items():
             for n, a in by_n.items():
-                inf = m["flops_greedy"] if strategy == "greedy" else n * m["flops_per_sample"]
+                inf = sample_cost(m["flops_greedy"], m["flops_prefill"], m["flops_decode"],
+                                  strategy, n)
                 out.append({"policy": size, "params": policies[size]["params"],
                             "strategy": strategy, "n": n, "accuracy": a, "flops": inf,
                             "total_flops": inf + amortized})
@@ -154,12 +155,13 @@ def _best(points, budget: float, key: str = "flops") -> dict | None:
 
 
 def _check_planner(preds: list[Predictor], points: list[dict], ns) -> list[dict]:
-    """Three budgets across the measured range of inference FLOPs per query: the planner's
-    pick (from calibration alone) against the measured best within the budget."""
+    """Nine budgets spread evenly (in log) across the measured range of inference FLOPs per
+    query, 10% to 90%: the planner's pick (from calibration alone) against the measured best
+    within the budget."""
     costs = sorted(p["flops"] for p in points)
     lo, hi = math.log(costs[0]), math.log(costs[-1])
     out = []
-    for frac in (0.25, 0.5, 0.75):
+    for frac in [i / 10 for i in range(1, 10)]:
         budget = math.exp(lo + frac * (hi - lo))
         pick = plan(preds, budget, ns=ns)["chosen"]
         best = _best(points, budget)
@@ -174,13 +176,16 @@ def _check_planner(preds: list[Predictor], points: list[dict], ns) -> list[dict]
     return out
 
 
-def _predicted_vs_measured(preds: list[Predictor], points: list[dict], ns) -> list[dict]:
+def _predicted_vs_measured(preds: list[Predictor], points: list[dict], ns,
+                           test_n: int) -> list[dict]:
+    """Each prediction beside its measurement; the interval is that of an accuracy measured
+    on ``test_n`` problems (calibration resampling and test sampling noise together)."""
     rows = []
     for pred in preds:
         cal = pred.cal
         for s in STRATEGIES:
             for n in ((1,) if s == "greedy" else ns):
-                p = pred.predict(s, n)
+                p = pred.predict(s, n, test_n=test_n)
                 m = next(x for x in points if (x["policy"], x["strategy"], x["n"]) ==
                          (cal.name, s, p["n"]))
                 rows.append({**p, "measured": m["accuracy"],
@@ -236,7 +241,8 @@ def _table(r: dict) -> str:
     inside = [x["inside"] for x in r["predicted_vs_measured"]]
     err = [abs(x["accuracy"] - x["measured"]) for x in r["predicted_vs_measured"]]
     lines += ["", f"Predictions against measurements: {sum(inside)} of {len(inside)} measured "
-              f"accuracies inside the 90% interval; mean absolute error "
+              f"accuracies inside the 90% interval (calibration resampling and the noise of "
+              f"{o['eval_n']} test problems); mean absolute error "
               f"{100 * sum(err) / len(err):.1f} points."]
     return "\n".join(lines)
 
