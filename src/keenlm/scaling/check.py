@@ -270,19 +270,21 @@ def table(r: dict) -> str:
 
 
 def _lr_table(lr: dict, targets: list[dict]) -> list[str]:
-    rates = sorted({k for v in lr["per_depth"].values() for k in v["losses"]}, key=float)
+    mults = sorted(lr["multipliers"])
     lines = ["", f"Learning rate, tuned first: every fitted depth at {lr['tokens']:,} tokens with "
-             f"x{', x'.join(map(str, lr['multipliers']))} the size dial's rate (validation loss; "
+             f"x{', x'.join(map(str, mults))} the size dial's rate (validation loss at each; "
              "the best, in bold, is the rate of all that depth's runs, and that run is its "
              f"fitted run at this token count; the sweep took {lr['seconds'] / 60:.1f} min, "
              "all counted in the fitted runs' time). A best rate at the edge of the sweep is "
              "marked *.", "",
-             "| depth | " + " | ".join(f"lr {k}" for k in rates) + " |",
-             "|---|" + "---|" * len(rates)]
+             "| depth | best rate | " + " | ".join(f"x{m}" for m in mults) + " |",
+             "|---|---|" + "---|" * len(mults)]
     for d, v in lr["per_depth"].items():
+        rates = sorted(v["losses"], key=float)  # in the order of the multipliers
         cells = [("**{:.4f}**" if float(k) == v["lr"] else "{:.4f}").format(v["losses"][k])
-                 if k in v["losses"] else "" for k in rates]
-        lines.append(f"| {d}{' *' if v['at_edge'] else ''} | " + " | ".join(cells) + " |")
+                 for k in rates]
+        lines.append(f"| {d}{' *' if v['at_edge'] else ''} | {v['lr']:.3g} | "
+                     + " | ".join(cells) + " |")
     law = lr["law"]
     lines += ["", f"Fitted to the best rates: lr(N) = {math.exp(law['a']):.3g} N^{law['b']:.3f} "
               "(N without embeddings); targets: " + ", ".join(
