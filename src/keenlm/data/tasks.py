@@ -372,13 +372,15 @@ def chat_task(task: Task, tokenizer, shots: int = 0, examples: str = "demonstrat
 # ------------------------------------------------------------------------------ warm-up and evaluation
 
 
-def write_demonstrations(task: Task, path, n: int) -> Path:
+def write_demonstrations(task: Task, path, n: int, val_size: int = 0) -> Path:
     """A .jsonl corpus of ``n`` training problems with their worked completions (one
     document per line, field "text"): train on it with ``--data.corpus PATH`` for the
-    supervised warm-up that gives RL a policy with non-zero success."""
+    supervised warm-up that gives RL a policy with non-zero success. ``val_size``: none of
+    the first that many validation problems is among them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"text": p.prompt + p.demonstration}) for p in task.problems("train", n)]
+    lines = [json.dumps({"text": p.prompt + p.demonstration})
+             for p in task.problems("train", n, val_size=val_size)]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 

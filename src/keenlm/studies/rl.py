@@ -68,17 +68,6 @@ def warmup_config(size: str, demos: Path, steps: int, out_dir: Path, max_seq_len
                       "checkpoint": checkpoint or {}}}
 
 
-def _validation_set(task, eval_n: int) -> list:
-    """Training-split problems that are not among the demonstrations."""
-    pool = task.problems("train", N_DEMOS + 3 * eval_n)
-    seen = {p.prompt for p in pool[:N_DEMOS]}
-    val = [p for p in pool[N_DEMOS:] if p.prompt not in seen][:eval_n]
-    if len(val) < eval_n // 2:
-        raise ValueError(f"task {task.name} has too few distinct training problems for a validation "
-                         f"set beside {N_DEMOS} demonstrations; raise the difficulty")
-    return val
-
-
 def _first_checkpoint_reaching(sft: Path, task, val: list, start_at: float, max_new: int = 32):
     """(the warm-up's validation pass@1 by step, the first checkpoint reaching ``start_at``,
     else the last one)."""
@@ -101,16 +90,18 @@ def rl_start(out: Path, task: str, difficulty: int, size: str, sft_steps: int, s
     """The starting policy of the RL studies: supervised warm-up of a byte-level ``size``
     policy on 6000 demonstrations of the task (resumable, checkpoints every 100 steps); the
     first checkpoint whose greedy pass@1 on a validation set reaches ``start_at`` (the last
-    otherwise). The validation problems come from the train split and are not among the
-    demonstrations, so the held-out test split plays no part in the choice.
+    otherwise). The validation problems are the task's val split, kept out of the
+    demonstrations, so the held-out test split plays no part in the choice (and the RL runs
+    keep their best policy by the same problems).
 
     Returns {"task", "policy": a function giving a fresh copy of the starting policy,
     "held_out": a function scoring a policy on the test split, "start": its scores,
     "start_step", "sft_seconds", "warmup_validation"}."""
     parse_size(size)  # a bad size fails before any work
     t = get_task(task, difficulty, scratchpad)
-    demos = write_demonstrations(t, out / "demonstrations.jsonl", N_DEMOS)
-    val = _validation_set(t, eval_n)
+    # the validation problems: the task's val split, kept out of the demonstrations
+    demos = write_demonstrations(t, out / "demonstrations.jsonl", N_DEMOS, val_size=eval_n)
+    val = t.problems("val", eval_n)
     t0 = time.perf_counter()
     keenlm.train(warmup_config(size, demos, sft_steps, out / "sft", 256, lr=3e-3, checkpoint={
         "every": 100, "keep": sft_steps // 100 + 1}))
