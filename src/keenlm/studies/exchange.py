@@ -91,7 +91,9 @@ def exchange(out, o: Options, log: Log = print) -> dict:
             size, km.net, km.tokenizer, task, o.calib_n, o.calib_samples, o.temperature,
             o.max_new_tokens).to_dict(), Calibration))
         measured[size] = _cached(out / f"measured-{size}.json",
-                                 lambda: _measure(km, task, o), None)
+                                 lambda: _measure(
+            km, task, task.problems("test", o.eval_n), o.max_n, o.temperature,
+            o.max_new_tokens), None)
         log(f"{size}: {params:,} params, greedy {measured[size]['greedy']:.3f} on test")
     points = _points(measured, policies, ns, o.queries)
     preds = [Predictor(cal) for cal in cals]  # fitted once, for every budget and the table
@@ -113,11 +115,12 @@ def _cached(path: Path, make, kind):
     return kind(**value) if kind else value
 
 
-def _measure(km, task, o: Options) -> dict:
-    """Greedy and ``max_n`` sampled answers to each test problem (``plan.answer_samples``),
+def _measure(km, task, problems: list, max_n: int, temperature: float,
+             max_new_tokens: int) -> dict:
+    """Greedy and ``max_n`` sampled answers to each of ``problems`` (``plan.answer_samples``),
     the vote keys written as text."""
-    got = answer_samples(km.net, km.tokenizer, task, task.problems("test", o.eval_n), o.max_n,
-                         o.temperature, o.max_new_tokens, seed=12345)
+    got = answer_samples(km.net, km.tokenizer, task, problems, max_n, temperature,
+                         max_new_tokens, seed=12345)
     got["keys"] = [[None if k is None else repr(k) for k in keys] for keys in got["keys"]]
     got["greedy"] = sum(got["greedy_right"]) / len(got["greedy_right"])
     return got

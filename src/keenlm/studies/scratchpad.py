@@ -29,14 +29,13 @@ from typing import Literal
 
 import keenlm
 from keenlm.data.tasks import Problem, get_task, write_demonstrations
-from keenlm.infer.plan import answer_samples
 from keenlm.infer.task_eval import complete
 from keenlm.model import load_model_state
 from keenlm.plot import line_chart
 from keenlm.runs import atomic_write_text
 from keenlm.runs import load_model_state as read_weights
 from keenlm.studies.common import Log, parse_size, write_results
-from keenlm.studies.exchange import _best, _points
+from keenlm.studies.exchange import _best, _cached, _measure, _points
 from keenlm.studies.rl import N_DEMOS, warmup_config
 
 FORMATS = ("direct", "scratchpad")
@@ -105,14 +104,14 @@ def scratchpad(out, o: Options, log: Log = print) -> dict:
         km = keenlm.load(out / fmt)
         flops_per_step = res.ledger["flops_total"] / o.sft_steps
         curves[fmt] = _cached(out / f"curve-{fmt}.json",
-                              lambda: _curve(km, task, test, max_new, flops_per_step))
+                              lambda: _curve(km, task, test, max_new, flops_per_step), None)
         params = sum(p.numel() for p in km.net.parameters())
         policies[fmt] = {"params": params, "train_flops": res.ledger["flops_total"],
                          "demonstration_bytes": _mean_len(demos), "max_new_tokens": max_new}
         load_model_state(km.net, read_weights(sorted((out / fmt / "checkpoints").glob("step-*"),
                                                      key=_step)[-1]))
         measured[fmt] = _cached(out / f"measured-{fmt}.json", lambda: _measure(
-            km, task, test, o, max_new))
+            km, task, test, o.max_n, o.temperature, max_new), None)
         final[fmt] = {**curves[fmt][-1], "flops_greedy": measured[fmt]["flops_greedy"]}
         log(f"{fmt}: {params:,} params, held-out greedy pass@1 by step "
             + ", ".join(f"{c['step']}: {c['accuracy']:.3f}" for c in curves[fmt]))
@@ -144,12 +143,6 @@ def _mean_len(demos: Path) -> float:
     return sum(len(json.loads(x)["text"].encode()) for x in lines) / len(lines)
 
 
-def _cached(path: Path, make):
-    if not path.exists():
-        atomic_write_text(path, json.dumps(make()) + "\n")
-    return json.loads(path.read_text())
-
-
 def _curve(km, task, test: list, max_new: int, flops_per_step: float) -> list[dict]:
     """Held-out greedy pass@1 and mean answer length at every checkpoint."""
     prompts = [p.prompt for p in test]
@@ -162,14 +155,6 @@ def _curve(km, task, test: list, max_new: int, flops_per_step: float) -> list[di
                      "accuracy": sum(right) / len(right),
                      "answer_bytes": sum(len(c.encode()) for c in comps) / len(comps)})
     return rows
-
-
-def _measure(km, task, test: list, o: Options, max_new: int) -> dict:
-    got = answer_samples(km.net, km.tokenizer, task, test, o.max_n, o.temperature, max_new,
-                         seed=12345)
-    got["keys"] = [[None if k is None else repr(k) for k in keys] for keys in got["keys"]]
-    got["greedy"] = sum(got["greedy_right"]) / len(got["greedy_right"])
-    return got
 
 
 def _equal_inference(points: list[dict], final: dict, rungs: int = 6) -> list[dict]:
