@@ -106,3 +106,75 @@ def test_rl_with_dynamic_sampling_and_the_format_reward_dropped(tmp_path):
         rl_config(dict(oversample=-1))
     with pytest.raises(ValueError, match="format_reward_until"):
         rl_config(dict(format_reward_until=1.5))
+
+
+def _problems(bins: dict[int, int]):
+    from keenlm.data.tasks import Problem
+    return [Problem(f"{b}+{i}", "", "", {"op": "+", "a": 9 * b, "b": 1 if b else 0})
+            for b, n in bins.items() for i in range(n)]
+
+
+def test_curriculum_bins_problems_and_weights_them_by_learnability():
+    from keenlm.data.tasks import difficulty_bin
+    from keenlm.train.rl_batch import Curriculum
+    probs = [p for p in _problems({0: 50, 1: 50})]
+    assert {difficulty_bin(p) for p in probs} == {0, 1}  # 0 + 0 and 9 + 1 (one carry)
+    cur = Curriculum(probs)
+    assert cur.weights() == {0: 0.27, 1: 0.27}  # untried bins: the largest weight
+    cur.success = {0: 0.5, 1: 0.0}
+    rng = random.Random(0)
+    drawn = [difficulty_bin(p) for _ in range(200) for p in cur.draw(rng, 5)]
+    # weights 0.27 : 0.02 -> about 93% from the half-solved bin
+    assert 0.85 < drawn.count(0) / len(drawn) < 0.99
+    picks = cur.draw(random.Random(1), 100)  # every problem once: bins run out, then the other
+    assert len({p.prompt for p in picks}) == 100
+    with pytest.raises(ValueError, match="101 prompts"):
+        cur.draw(rng, 101)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_curriculum_success_is_each_bins_share_of_right_samples_averaged_over_steps(seed):
+    from keenlm.train.rl_batch import Curriculum
+    rng = random.Random(seed)
+    cur = Curriculum(_problems({0: 5, 1: 5}), keep=0.7)
+    g = 4
+    prompts = [p.prompt for p in cur.draw(rng, 6)]
+    raw = [rng.choice([0.0, 0.1, 1.0]) for _ in range(6 * g)]
+    cur.observe(prompts, raw, g)
+    for b in (0, 1):
+        mine = [raw[i * g:(i + 1) * g] for i, p in enumerate(prompts) if cur.bin_of[p] == b]
+        if mine:
+            want = sum(r == 1.0 for grp in mine for r in grp) / (g * len(mine))
+            assert cur.success[b] == pytest.approx(want)
+    before = dict(cur.success)
+    cur.observe(prompts[:1], [1.0] * g, g)  # one more step: only that bin moves
+    b = cur.bin_of[prompts[0]]
+    assert cur.success[b] == pytest.approx(0.7 * before[b] + 0.3)
+    assert all(cur.success[o] == before[o] for o in before if o != b)
+    again = Curriculum(cur.problems)
+    again.load(json.loads(json.dumps(cur.state())))  # what a checkpoint keeps
+    assert again.success == cur.success
+
+
+def test_rl_with_a_curriculum_records_and_resumes_the_bins_success(tmp_path):
+    km = tiny_policy(3)
+    opts = dict(task="addition", difficulty=2, prompts=2, group=4, steps=3, max_new_tokens=4,
+                lr=3e-3, eval_every=0, eval_n=4, curriculum="learnability", save_every=2,
+                out_dir=str(tmp_path / "rl"), progress=False)
+
+    def reward(prompts, comps):  # right for prompts whose first number is even
+        return [1.0 if int(p.split()[2]) % 2 == 0 else 0.0 for p in prompts]
+
+    tr = RLTrainer(km, rl_config(opts), reward=reward)
+    tr.fit()
+    recs = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["kind"] == "rl"]
+    assert len(steps) == 3 and all("bin_success" in r for r in steps)
+    assert steps[-1]["bin_success"] == tr.curriculum.state() and tr.curriculum.success
+    assert all(0 <= p <= 1 for p in tr.curriculum.success.values())
+    # a run resumed from its step-2 checkpoint continues with the same bins' success
+    resumed = RLTrainer(tiny_policy(3), rl_config({**opts, "steps": 3, "resume": True}),
+                        reward=reward)
+    assert resumed.step == 3 and resumed.curriculum.success == tr.curriculum.success
+    with pytest.raises(ValueError, match="curriculum"):
+        rl_config(dict(curriculum="easy-first"))

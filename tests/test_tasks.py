@@ -1,5 +1,7 @@
 """Verifiable tasks: deterministic splits, exact rewards, a verifier that never evaluates text."""
 
+import dataclasses
+import random
 import re
 
 import pytest
@@ -147,3 +149,22 @@ def test_equation_examples_restate_the_problem_before_the_answer():
                                          f"<answer>{q.answer}</answer>")
     with pytest.raises(ValueError, match="examples"):
         get_task("addition", 2, template="chat", tokenizer=tok, shots=2, examples="essay")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_difficulty_bins_count_carries_and_multiplicative_steps(seed):
+    from keenlm.data.tasks import (_addition_steps, arithmetic_problem, bin_measure,
+                                   countdown_problem, difficulty_bin)
+    rng = random.Random(seed)
+    for digits in (1, 2, 3, 5):
+        p = arithmetic_problem("+", digits, False, rng)
+        # the worked steps write each carry: the bin counts the same carries
+        steps = _addition_steps(p.meta["a"], p.meta["b"])
+        assert difficulty_bin(p) == steps.count("carry 1") and bin_measure(p) == "carries"
+        m = arithmetic_problem("*", digits, False, rng)
+        assert difficulty_bin(m) == len([d for d in str(m.meta["b"]) if int(d) > 1])
+    for n in (2, 3, 4):
+        c = countdown_problem(n, rng)
+        assert difficulty_bin(c) == c.answer.count("*") + c.answer.count("/") <= n - 1
+    with pytest.raises(ValueError, match="no difficulty bin"):
+        difficulty_bin(dataclasses.replace(c, meta={}))

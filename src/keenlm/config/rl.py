@@ -17,6 +17,7 @@ EXAMPLES = ("demonstration", "equation")  # keenlm.data.tasks.EXAMPLES
 TEMPLATES = ("plain", "chat")  # keenlm.data.tasks.TEMPLATES (config sits below data; a test keeps them equal)
 RL_ALGOS = ("grpo", "rft")
 RL_LOSSES = ("grpo", "dapo", "dr_grpo")
+RL_CURRICULA = ("none", "learnability")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class RLConfig:
     max_new_tokens: int = 32  # completion length limit
     seed: int = 0  # prompt order and sampling
     oversample: int = 0  # dynamic sampling (DAPO): up to this many extra rounds of fresh prompts per step, keeping groups whose rewards differ until the step has `prompts` of them; 0: off
+    curriculum: str = "none"  # none | learnability: prompts drawn by difficulty bin (carries, multiplicative steps) weighted by p(1-p) of the bin's recent sampled success
     format_reward_until: float = 0.0  # once this share of a step's samples is well formed, a well-formed wrong answer earns 0 instead of 0.1; 0: never
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters on the policy (--lora-rank > 0; rl.lora)
     optim: RLOptimConfig = field(default_factory=RLOptimConfig)  # the update (rl.optim)
@@ -111,6 +113,8 @@ class RLConfig:
         check(self.algo in RL_ALGOS, p + "algo", self.algo, " | ".join(RL_ALGOS))
         check(self.loss in RL_LOSSES, p + "loss", self.loss, " | ".join(RL_LOSSES))
         check(self.oversample >= 0, p + "oversample", self.oversample, "an integer >= 0")
+        check(self.curriculum in RL_CURRICULA, p + "curriculum", self.curriculum,
+              " | ".join(RL_CURRICULA))
         check(0 <= self.format_reward_until <= 1, p + "format_reward_until",
               self.format_reward_until, "a share in [0, 1] (0: never drop the format reward)")
         for name in ("difficulty", "prompts", "steps", "epochs", "minibatches", "max_new_tokens"):

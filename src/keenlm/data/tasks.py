@@ -369,6 +369,38 @@ def chat_task(task: Task, tokenizer, shots: int = 0, examples: str = "demonstrat
                 stream=task.stream or task.name)  # the plain task's problems, asked another way
 
 
+# ------------------------------------------------------------------------------ difficulty
+
+
+BINS = {"+": "carries", "*": "digits of the second operand above 1",
+        "countdown": "* and / in the generating expression"}
+
+
+def difficulty_bin(p: Problem) -> int:
+    """A problem's difficulty, known before it is answered (the model plays no part): the carries
+    of an addition; the digits of a multiplication's second operand above 1 (the partial
+    products that need a real multiplication); the multiplicative steps of the expression a
+    Countdown target was made from. 0 is the easiest; ``BINS`` names each measure."""
+    m = p.meta
+    if m.get("op") == "+":
+        a, b, carry, n = m["a"], m["b"], 0, 0
+        while a or b:
+            carry = (a % 10 + b % 10 + carry) // 10
+            n += carry
+            a, b = a // 10, b // 10
+        return n
+    if m.get("op") == "*":
+        return sum(d not in "01" for d in str(m["b"]))
+    if "numbers" in m:
+        return sum(c in "*/" for c in p.answer)
+    raise ValueError(f"no difficulty bin for the problem {p.prompt[:60]!r}")
+
+
+def bin_measure(p: Problem) -> str:
+    """What ``difficulty_bin`` counts for this problem's task."""
+    return BINS["countdown"] if "numbers" in p.meta else BINS[p.meta["op"]]
+
+
 # ------------------------------------------------------------------------------ warm-up and evaluation
 
 

@@ -76,13 +76,15 @@ class GroupOptions:
     lr: float = 2e-4  # learning rate of the RL runs
     prompts: int = 16  # prompts per step of the equal-prompts arm
     samples_per_step: int = 64  # prompts x G of the equal-samples arm (0: no such arm)
+    scratchpad: bool = False  # demonstrations and answers worked step by step (longer answers)
 
 
 def run_group(out, opts: GroupOptions) -> dict:
     return group(out, groups=opts.groups, steps=opts.rl_steps, prompts=opts.prompts,
                  task=opts.task, difficulty=opts.difficulty, size=opts.size,
                  sft_steps=opts.sft_steps, start_at=opts.start_at, eval_n=opts.eval_n,
-                 lr=opts.lr, samples_per_step=opts.samples_per_step)
+                 lr=opts.lr, samples_per_step=opts.samples_per_step,
+                 scratchpad=opts.scratchpad)
 
 
 def group_summary(res: dict) -> str:
@@ -220,7 +222,8 @@ def _epochs_table(res: dict) -> str:
 def group(out: str | Path, groups=(2, 4, 8, 16), steps: int = 150, prompts: int = 16,
           task: str = "countdown", difficulty: int = 2, size: str = "128x4",
           sft_steps: int = 1500, start_at: float = 0.2, eval_n: int = 200, samples: int = 8,
-          lr: float = 2e-4, samples_per_step: int = 0, log: Log = print) -> dict:
+          lr: float = 2e-4, samples_per_step: int = 0, log: Log = print,
+          scratchpad: bool = False) -> dict:
     """GRPO from one starting policy with each group size: equal prompts and steps, and (with
     ``samples_per_step``) equal samples per step and steps; resumable (a finished run is kept;
     a run both arms share is run once)."""
@@ -231,7 +234,9 @@ def group(out: str | Path, groups=(2, 4, 8, 16), steps: int = 150, prompts: int 
         raise ValueError(f"samples_per_step {samples_per_step}: a multiple of every group size "
                          f"{list(groups)}")
     out = Path(out)
-    s0 = rl_start(out, task, difficulty, size, sft_steps, start_at, eval_n, samples, log)
+    max_new = 160 if scratchpad else 32  # worked answers are several lines long
+    s0 = rl_start(out, task, difficulty, size, sft_steps, start_at, eval_n, samples, log,
+                  scratchpad, max_new)
     arms = [("equal prompts", [(g, prompts) for g in sorted(groups)])]
     if samples_per_step:
         arms.append(("equal samples", [(g, samples_per_step // g) for g in sorted(groups)]))
@@ -241,6 +246,7 @@ def group(out: str | Path, groups=(2, 4, 8, 16), steps: int = 150, prompts: int 
             name = f"g{g}" if n_prompts == prompts else f"g{g}-p{n_prompts}"
             opts = {"task": task, "difficulty": difficulty, "algo": "grpo", "group": g,
                     "prompts": n_prompts, "steps": steps, "optim": {"lr": lr},
+                    **({"scratchpad": True, "max_new_tokens": max_new} if scratchpad else {}),
                     "run": {"eval_n": eval_n, "out_dir": str(out / name), "resume": False,
                             "progress": False}}
             rec = _group_run(out / name, opts, s0)

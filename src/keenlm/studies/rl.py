@@ -37,7 +37,7 @@ class Options:
     sft_steps: int = 1500  # supervised warm-up steps
     start_at: float = 0.2  # start RL from the first warm-up checkpoint (every 100 steps) whose validation pass@1 reaches this
     budget: float = 880.0  # wall-clock seconds of each RL run (sampling, updates, evaluations)
-    algos: tuple[str, ...] = ("grpo", "rft")  # runs, each from the same policy: ALGO[:LOSS][+dynamic][+format] (e.g. grpo:dr_grpo,grpo:dr_grpo+dynamic+format; +dynamic: DAPO's dynamic sampling, 3 extra rounds; +format: the format reward dropped once 90% of samples are well formed)
+    algos: tuple[str, ...] = ("grpo", "rft")  # runs, each from the same policy: ALGO[:LOSS][+dynamic][+format][+curriculum] (e.g. grpo:dr_grpo,grpo:dr_grpo+dynamic+format; +dynamic: DAPO's dynamic sampling, 3 extra rounds; +format: the format reward dropped once 90% of samples are well formed; +curriculum: prompts by difficulty bin, weighted by learnability)
     eval_n: int = 200  # held-out problems
     lr: float = 2e-4  # learning rate of the RL runs
     scratchpad: bool = False  # demonstrations and answers worked step by step (longer answers)
@@ -174,7 +174,8 @@ def rl(out: str | Path, task: str = "countdown", difficulty: int = 2, size: str 
     return results
 
 
-REMEDIES = {"dynamic": {"oversample": 3}, "format": {"format_reward_until": 0.9}}
+REMEDIES = {"dynamic": {"oversample": 3}, "format": {"format_reward_until": 0.9},
+            "curriculum": {"curriculum": "learnability"}}
 
 
 def _remedies(spec: str) -> dict:
@@ -203,6 +204,9 @@ def _rl_run(folder: Path, s0: dict, cfg) -> tuple[dict, list[dict]]:
            **_lengths([r["completion_len"] for r in recs if r["kind"] == "rl"]),
            "samples_per_step": cfg.prompts * cfg.group, "lr": cfg.optim.lr,
            "oversample": cfg.oversample, "format_reward_until": cfg.format_reward_until,
+           "curriculum": cfg.curriculum,
+           "bin_success": next((r["bin_success"] for r in reversed(recs) if "bin_success" in r),
+                               None),
            "format_dropped_at": next((r["step"] for r in recs
                                       if r.get("event") == "format_dropped"), None)}
     return row, recs
@@ -235,6 +239,8 @@ def _rl_table(res: dict) -> str:
     for r in res["runs"]:
         name = "GRPO (" + r["loss"] + ")" if r["algo"] == "grpo" else "RFT"
         name += "".join([", dynamic sampling" if r.get("oversample") else "",
+                         ", curriculum by difficulty" if r.get("curriculum", "none") != "none"
+                         else "",
                          ", format reward dropped" + (f" at step {r['format_dropped_at']}"
                                                       if r.get("format_dropped_at") else
                                                       " (never reached)")
@@ -248,4 +254,7 @@ def _rl_table(res: dict) -> str:
                          f"{f[f'maj@{k}']:.3f} | {r['length_first']:.1f} -> "
                          f"{r['length_last']:.1f} |")
         notes += [f"- {name} warned: {w}" for w in r.get("warnings", [])]
+        if r.get("bin_success"):
+            notes.append(f"- {name}: sampled success by difficulty bin at the end: " + ", ".join(
+                f"bin {b} {p:.2f}" for b, p in sorted(r["bin_success"].items())))
     return "\n".join(lines + ([""] + notes if notes else []))

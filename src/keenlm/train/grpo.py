@@ -54,7 +54,7 @@ from keenlm.train.logprobs import completion_mask, shared_prefix_logprobs
 from keenlm.train import distributed
 from keenlm.train.loop import LoopShell, pick_device
 from keenlm.train.optim import FiniteGuard, build_optimizer, grad_norm, init_base_lr, set_lr
-from keenlm.train.rl_batch import Drawn, FormatReward, draw_batch
+from keenlm.train.rl_batch import Curriculum, Drawn, FormatReward, draw_batch
 from keenlm.train.rl_objective import ALGORITHMS, LOSSES
 from keenlm.train.rl_watch import Watch
 
@@ -164,6 +164,8 @@ class RLTrainer(LoopShell):
         val_n = run.eval_n if run.keep_best else 0
         self.val_problems = self.task.problems("val", val_n) if val_n else []
         self.train_problems = self.task.problems("train", 5000, val_size=val_n)
+        self.curriculum = (Curriculum(self.train_problems) if cfg.curriculum == "learnability"
+                           else None)
         self.warnings: list[str] = []
         self.planned_steps = cfg.steps
         self.eval_every, self.save_every = run.eval_every, run.save_every
@@ -187,7 +189,8 @@ class RLTrainer(LoopShell):
 
     def extra_state(self) -> dict:
         return {"updates": self.updates, "nonfinite": self.guard.state(),
-                "watch": self.watch.state(), "format_dropped_at": self.format.dropped_at}
+                "watch": self.watch.state(), "format_dropped_at": self.format.dropped_at,
+                "curriculum": self.curriculum.state() if self.curriculum else None}
 
     def save(self):
         """Every rank holds the same weights: rank 0 writes them, the others wait."""
@@ -203,6 +206,8 @@ class RLTrainer(LoopShell):
         self.guard.load(state.get("nonfinite"))
         self.watch.load(state.get("watch"))
         self.format.dropped_at = int(state.get("format_dropped_at", 0))
+        if self.curriculum:
+            self.curriculum.load(state.get("curriculum"))
 
     # --------------------------------------------------------------------------- one step
 
@@ -210,7 +215,9 @@ class RLTrainer(LoopShell):
         """The step's prompts (with rl.oversample: the candidates of every round)."""
         rng = random.Random(f"{self.cfg.seed}|{step}")
         k = self.cfg.prompts * (1 + self.cfg.oversample)
-        return [p.prompt for p in rng.sample(self.train_problems, k)]
+        drawn = (self.curriculum.draw(rng, k) if self.curriculum
+                 else rng.sample(self.train_problems, k))
+        return [p.prompt for p in drawn]
 
     def _draw(self, chunk: list[str], offset: int) -> Drawn:
         """Sample and score the groups of ``chunk`` (``offset``: its place among the step's
@@ -255,6 +262,9 @@ class RLTrainer(LoopShell):
             raw = [r for part in parts for r in part[2]]
         else:
             raw = drew["all"].raw  # every group drawn, the informative or not
+        if self.curriculum:  # every group drawn (in order), with the task's own rewards
+            self.curriculum.observe(prompts if self.dist.active else drew["all"].prompts, raw,
+                                    cfg.group)
         if self.format.observe(self.step + 1, raw) and self.is_main:
             runs.append_jsonl(self.run_dir / "metrics.jsonl",
                               {"kind": "event", "step": self.step + 1, "event": "format_dropped",
@@ -290,6 +300,7 @@ class RLTrainer(LoopShell):
                 "zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
                 "coverage": float((sampled == 1.0).any(dim=1).float().mean()),
                 **({"groups_drawn": drew["drawn"]} if cfg.oversample else {}),
+                **({"bin_success": self.curriculum.state()} if self.curriculum else {}),
                 "completion_len": gen_tokens / gen_rows, **stats,
                 "gen_tokens_per_s": gen_tokens / t_gen, "gen_s": t_gen, "train_s": t_train,
                 "train_tokens_per_s": train_tokens / t_train if t_train > 0 else 0.0,

@@ -17,12 +17,24 @@ the literature, both off by default (``rl.oversample``, ``rl.format_reward_until
   ``until``, a well-formed wrong answer earns 0 for the rest of the run, so the update no
   longer pays for the format alone.
 
+- **Curriculum by difficulty** (``rl.curriculum`` "learnability"): the step's prompts are drawn
+  bin by bin (``keenlm.data.tasks.difficulty_bin``: carries, multiplicative steps), each bin
+  weighted by its learnability p(1 - p), p being the bin's recent sampled success (Foster &
+  Foerster 2025, "Learning to Reason at the Frontier of Learnability"; Tzannetos et al. 2023
+  for the p(1 - p) weight). A bin the policy never or always solves gives no GRPO signal and
+  gets only a small floor weight, so training starts where the easy problems are half
+  solved and moves to harder bins as they become learnable -- an easy-to-hard order the
+  policy's own success sets, with no schedule to tune.
+
 ``draw_batch`` is the reference: with ``rounds`` 0 it is exactly one draw of ``prompts`` groups.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from typing import Callable
+
+from keenlm.data.tasks import Problem, difficulty_bin
 
 FORMAT_ONLY = 0.1  # the tiered reward of a well-formed wrong answer (keenlm.data.tasks)
 
@@ -113,3 +125,56 @@ class FormatReward:
             self.dropped_at = step
             return True
         return False
+
+
+@dataclass
+class Curriculum:
+    """Prompts drawn by difficulty bin with weight p(1 - p) + ``floor`` (p: the bin's sampled
+    success, an exponential average over the steps that drew from it with weight ``keep`` on
+    the past; a bin not drawn yet weighs 0.25, the most a bin can, so every bin is tried)."""
+    problems: list  # the training problems (keenlm.data.tasks.Problem)
+    floor: float = 0.02
+    keep: float = 0.7
+    success: dict = field(default_factory=dict)  # bin -> recent sampled success
+
+    def __post_init__(self):
+        self.bins: dict[int, list[Problem]] = {}
+        for p in self.problems:
+            self.bins.setdefault(difficulty_bin(p), []).append(p)
+        self.bin_of = {p.prompt: b for b, ps in self.bins.items() for p in ps}
+
+    def weights(self) -> dict[int, float]:
+        return {b: (0.25 if b not in self.success else
+                    self.success[b] * (1 - self.success[b])) + self.floor
+                for b in sorted(self.bins)}
+
+    def draw(self, rng: random.Random, k: int) -> list[Problem]:
+        """``k`` distinct problems: each from a bin drawn by weight (a bin used up is dropped)."""
+        if k > len(self.problems):
+            raise ValueError(f"{k} prompts from {len(self.problems)} training problems")
+        left = {b: list(ps) for b, ps in self.bins.items()}
+        w = self.weights()
+        out = []
+        for _ in range(k):
+            bins = [b for b in sorted(left) if left[b]]
+            b = rng.choices(bins, [w[b] for b in bins])[0]
+            out.append(left[b].pop(rng.randrange(len(left[b]))))
+        return out
+
+    def observe(self, prompts: list[str], raw: list[float], g: int) -> None:
+        """After a step: each bin's share of right samples (raw reward 1) among its groups."""
+        right: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            tally = right.setdefault(self.bin_of[prompt], [0, 0])
+            tally[0] += sum(r == 1.0 for r in raw[i * g:(i + 1) * g])
+            tally[1] += g
+        for b, (ok, n) in right.items():
+            rate = ok / n
+            self.success[b] = rate if b not in self.success else (
+                self.keep * self.success[b] + (1 - self.keep) * rate)
+
+    def state(self) -> dict:
+        return {str(b): p for b, p in self.success.items()}
+
+    def load(self, state: dict | None) -> None:
+        self.success = {int(b): float(p) for b, p in (state or {}).items()}
