@@ -107,6 +107,60 @@ def test_exchange_study_runs_end_to_end_tiny(tmp_path):
         assert cost[1] - decode > 0  # the prefill, paid once
     again = exchange(tmp_path / "ex", o, log=lambda s: None)  # resumes: everything cached
     assert again["points"] == res["points"]
+    # by difficulty bin: the bins' accuracies, weighted by their problems, are the whole's
+    o2 = Options(**{**o.__dict__, "min_bin": 2})
+    res = exchange(tmp_path / "ex", o2, log=lambda s: None)  # the same cached answers
+    whole = {(p["policy"], p["strategy"], p["n"]): p["accuracy"] for p in res["points"]}
+    bins = res["bins"]["task"]
+    assert sum(b["test_n"] for b in bins) == 6 and all(b["test_n"] >= 2 for b in bins)
+    for key, acc in whole.items():
+        parts = [(b["test_n"], next(p["accuracy"] for p in b["points"]
+                                    if (p["policy"], p["strategy"], p["n"]) == key)) for b in bins]
+        assert sum(n * a for n, a in parts) / 6 == pytest.approx(acc)
+    pooled = res["bins"]["pooled"]  # strategies on the first half of the samples only
+    assert sum(b["test_n"] for b in pooled) == 6
+    assert max(p["n"] for b in pooled for p in b["points"]) == 2
+    assert all(b["planner_check"] == [] for b in pooled)
+    assert "By the task's difficulty bins (carries" in (tmp_path / "ex" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bins_are_merged_into_ascending_ranges_that_each_hold_enough_problems(seed):
+    from keenlm.studies.exchange import merge_bins
+    rng = np.random.default_rng(seed)
+    values = list(rng.integers(0, 6, rng.integers(1, 120)))
+    ranges = merge_bins(values, 15)
+    covered = [v for lo, hi in ranges for v in sorted(set(values)) if lo <= v <= hi]
+    assert covered == sorted(set(values))  # every value in exactly one range, in order
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [sum(lo <= v <= hi for v in values) for lo, hi in ranges]
+    assert all(n >= 15 for n in sizes) or len(ranges) == 1
+
+
+def test_pooled_difficulty_reads_only_the_held_back_samples():
+    from keenlm.studies.exchange import _pooled_bins
+    rng = np.random.default_rng(0)
+    right = [[bool(x) for x in rng.integers(0, 2, 8)] for _ in range(30)]
+    m = {"a": {"right": right}, "b": {"right": [r[::-1] for r in right]}}
+    bins = _pooled_bins(m, 4)
+    flipped = {k: {"right": [[not x for x in r[:4]] + r[4:] for r in v["right"]]}
+               for k, v in m.items()}
+    assert _pooled_bins(flipped, 4) == bins  # the first half (what strategies use) plays no part
+    share = [(sum(right[i][4:]) + sum(right[i][::-1][4:])) / 8 for i in range(30)]
+    for p, b in zip(share, bins):  # 0 is the easiest bin, 4 no right answer at all
+        assert (b == 4) == (p == 0) and (b == 0) == (p >= 0.5)
+
+
+def test_a_calibration_subset_keeps_only_those_problems():
+    cal = Calibration("x", 10, 4, [True, False, True], [4, 0, 2], [[[4, True]], [[3, False]],
+                      [[2, True], [2, False]]], [0, 1, 0], 1.0, 2.0, 3.0)
+    sub = cal.subset([2, 0])
+    assert sub.greedy == [True, True] and sub.right == [2, 4] and sub.unparsed == [0, 0]
+    assert sub.flops_decode == cal.flops_decode and cal.subset([0, 1, 2]) == cal
+    with pytest.raises(ValueError, match="at least 2"):
+        cal.subset([1])
+    with pytest.raises(ValueError, match="by index"):
+        cal.subset([0, 3])
 
 
 def test_votes_count_the_tagged_answer_by_the_tasks_key():

@@ -37,7 +37,7 @@ ranking quality and says when it is below chance).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -69,6 +69,17 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def subset(self, idx: list[int]) -> "Calibration":
+        """The calibration of only some of its problems (e.g. one difficulty bin's)."""
+        if len(idx) < 2 or not all(0 <= i < len(self.right) for i in idx):
+            raise ValueError(f"a subset of {len(self.right)} calibration problems needs at least "
+                             f"2 of them, by index; got {len(idx)}")
+
+        def pick(xs):
+            return [xs[i] for i in idx]
+        return replace(self, greedy=pick(self.greedy), right=pick(self.right),
+                       answers=pick(self.answers), unparsed=pick(self.unparsed))
 
 
 def sample_cost(greedy: float, prefill: float, decode: float, strategy: str, n: int) -> float:

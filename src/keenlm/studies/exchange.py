@@ -19,6 +19,13 @@ The planner is then checked: from the calibration runs alone (``keenlm.infer.pla
 picks a (policy, strategy, N) for three budgets; its pick's *measured* accuracy is compared
 with the measured best within the same budget (target: within 2 points).
 
+Per difficulty bin (``keenlm.data.tasks.difficulty_bin``: carries, multiplicative steps --
+known before a problem is answered; adjacent bins merged until each holds ``min_bin`` test
+problems) the same measurements give each bin's points, crossover and planner check, the
+planner calibrated on the validation problems of that bin alone. Snell et al. (2024) found the
+exchange rate depends on difficulty: test-time compute pays on easier problems, parameters on
+the hardest; the bins test that here.
+
 Everything finished is kept in the output folder (warm-ups, calibrations, measurements), so a
 stopped study continues where it stopped.
 """
@@ -31,7 +38,8 @@ from pathlib import Path
 from typing import Literal
 
 import keenlm
-from keenlm.data.tasks import get_task, majority, write_demonstrations
+from keenlm.data.tasks import (bin_measure, difficulty_bin, get_task, majority,
+                               write_demonstrations)
 from keenlm.infer.plan import (STRATEGIES, Calibration, Predictor, answer_samples, calibrate,
                                plan, sample_cost)
 from keenlm.plot import line_chart
@@ -56,6 +64,7 @@ class Options:
     queries: float = 10000.0  # training FLOPs are spread over this many queries
     temperature: float = 0.8  # sampling temperature
     max_new_tokens: int = 48  # answer length limit
+    min_bin: int = 40  # test problems per difficulty bin at least (adjacent bins merged)
 
 
 def run(out, o: Options) -> dict:
@@ -98,12 +107,17 @@ def exchange(out, o: Options, log: Log = print) -> dict:
     points = _points(measured, policies, ns, o.queries)
     preds = [Predictor(cal) for cal in cals]  # fitted once, for every budget and the table
     check = _check_planner(preds, points, ns)
+    bins = _by_bin(task, o, measured, policies, cals, ns)
     res = {"task": task.name, "options": {k: getattr(o, k) for k in o.__dataclass_fields__},
            "policies": policies, "points": points, "crossover": _crossover(points),
            "planner_check": check,
-           "predicted_vs_measured": _predicted_vs_measured(preds, points, ns, o.eval_n)}
-    write_results(out, res, _table(res))
+           "predicted_vs_measured": _predicted_vs_measured(preds, points, ns, o.eval_n),
+           "bin_measure": bin_measure(task.problems("test", 1)[0]), "bins": bins}
+    write_results(out, res, _table(res) + "\n\n" + _bins_table(res))
     _charts(points, out)
+    for kind, rows in bins.items():
+        for b in rows:
+            _charts(b["points"], out, f"_{kind}_bin{b['label']}", kinds=(("total_flops", "total"),))
     return res
 
 
@@ -250,11 +264,140 @@ def _table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _charts(points: list[dict], out: Path) -> None:
-    for key, label in (("flops", "inference"), ("total_flops", "total")):
+def _charts(points: list[dict], out: Path, suffix: str = "",
+            kinds=(("flops", "inference"), ("total_flops", "total"))) -> None:
+    for key, label in kinds:
         series = {}
         for p in points:
             series.setdefault(f"{p['policy']} {p['strategy']}", []).append((p[key], p["accuracy"]))
-        line_chart(series, out / f"accuracy_vs_{label}_flops.svg",
+        line_chart(series, out / f"accuracy_vs_{label}_flops{suffix}.svg",
                    x_label=f"{label} FLOPs per query (log scale)", y_label="held-out accuracy",
                    y_range=(0.0, 1.0), log_x=True)
+
+
+# --------------------------------------------------------------------------------- by difficulty
+
+
+def merge_bins(values: list[int], min_size: int) -> list[tuple[int, int]]:
+    """Ranges (lo, hi) of bin values, adjacent values merged from the easiest up until each
+    range holds ``min_size`` problems (a short last range joins the one before it)."""
+    counts = {v: values.count(v) for v in sorted(set(values))}
+    ranges, lo, n = [], None, 0
+    for v, c in counts.items():
+        lo, n = (v if lo is None else lo), n + c
+        if n >= min_size:
+            ranges.append((lo, v))
+            lo, n = None, 0
+    if lo is not None:  # the hardest problems, too few on their own
+        last = max(counts)
+        ranges[-1:] = [(ranges[-1][0], last)] if ranges else [(lo, last)]
+    return ranges
+
+
+def _label(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+# pooled success of the held-back samples -> bin value (0: the easiest), and each bin's range
+POOLED = ((0.5, 1.0), (0.2, 0.5), (0.05, 0.2), (0.0, 0.05), (0.0, 0.0))
+
+
+def _pooled_bins(measured: dict, half: int) -> list[int]:
+    """Each test problem's difficulty for these policies (Snell et al.'s oracle bins): the
+    share of right answers among every policy's samples from ``half`` on, which the binned
+    strategies never use (they take the first ``half``)."""
+    ms = list(measured.values())
+    out = []
+    for i in range(len(ms[0]["right"])):
+        held = [r for m in ms for r in m["right"][i][half:]]
+        p = sum(held) / len(held)
+        out.append(len(POOLED) - 1 if p == 0 else
+                   next(v for v, (low, _) in enumerate(POOLED) if p >= low))
+    return out
+
+
+def _pooled_label(lo: int, hi: int) -> str:
+    """A merged range of pooled-success bins as an interval of the share, e.g. "[0.2, 1]"."""
+    a, b = POOLED[hi][0], POOLED[lo][1]
+    if hi == len(POOLED) - 1:
+        return "0" if lo == hi else f"[0, {b:g})"
+    return f"{'(' if a == 0 else '['}{a:g}, {b:g}{']' if b == 1 else ')'}"
+
+
+def _by_bin(task, o: Options, measured: dict, policies: dict, cals: list, ns) -> dict:
+    """Each difficulty bin's measured points and crossover: by the task's bins (with the planner
+    checked, calibrated on the validation problems of the same bin), and by the policies'
+    pooled success (``_pooled_bins``; strategies measured on the other half of the samples)."""
+    half = o.max_n // 2
+    test = [difficulty_bin(p) for p in task.problems("test", o.eval_n)]
+    val = [difficulty_bin(p) for p in task.problems("val", o.calib_n)]
+    return {"task": _bin_rows(test, val, o, measured, policies, cals, ns, o.max_n, _label),
+            "pooled": _bin_rows(_pooled_bins(measured, half), None, o, measured, policies,
+                                cals, [n for n in ns if n <= half], half, _pooled_label)}
+
+
+def _bin_rows(test: list, val: list | None, o: Options, measured: dict, policies: dict,
+              cals: list, ns, samples: int, label) -> list[dict]:
+    out = []
+    for lo, hi in merge_bins(test, o.min_bin):
+        idx = [i for i, b in enumerate(test) if lo <= b <= hi]
+        sub = {size: {**m, "right": [m["right"][i][:samples] for i in idx],
+                      "keys": [m["keys"][i][:samples] for i in idx],
+                      "greedy_right": [m["greedy_right"][i] for i in idx],
+                      "greedy": sum(m["greedy_right"][i] for i in idx) / len(idx)}
+               for size, m in measured.items()}
+        points = _points(sub, policies, ns, o.queries)
+        vidx = [i for i, b in enumerate(val or []) if lo <= b <= hi]
+        check = (_check_planner([Predictor(c.subset(vidx)) for c in cals], points, ns)
+                 if len(vidx) >= 2 else [])
+        out.append({"label": label(lo, hi), "range": [lo, hi], "test_n": len(idx),
+                    "calib_n": len(vidx), "points": points, "crossover": _crossover(points),
+                    "planner_check": check})
+    return out
+
+
+def _bins_table(r: dict) -> str:
+    return "\n\n".join([
+        _bin_section(r["bins"]["task"], f"By the task's difficulty bins ({r['bin_measure']}, "
+                     f"known before answering; bins merged to hold at least "
+                     f"{r['options']['min_bin']} test problems)", r["policies"]),
+        _bin_section(r["bins"]["pooled"], "By the policies' pooled success on held-back samples "
+                     f"(Snell et al.'s oracle difficulty: the share of right answers among all "
+                     f"policies' samples {r['options']['max_n'] // 2 + 1}-{r['options']['max_n']}; "
+                     f"the strategies use samples 1-{r['options']['max_n'] // 2}). A bin is a "
+                     f"range of that share; it is known only after sampling, so the planner is "
+                     f"not checked on it", r["policies"])])
+
+
+def _bin_section(bins: list[dict], title: str, policies: dict) -> str:
+    """Per bin: each policy's greedy, majority and best-of-N at the largest N; the measured best
+    at a low, middle and high budget of total FLOPs; the planner's record in the bin."""
+    n = max(p["n"] for p in bins[0]["points"])
+    lines = [title + ":", "",
+             f"| bin | test problems | policy | greedy | majority@{n} | best-of-{n} (verifier) |",
+             "|---|---|---|---|---|---|"]
+    for b in bins:
+        acc = {(p["policy"], p["strategy"], p["n"]): p["accuracy"] for p in b["points"]}
+        for size in policies:
+            lines.append(f"| {b['label']} | {b['test_n']} | {size} | "
+                         f"{acc[(size, 'greedy', 1)]:.3f} | {acc[(size, 'majority', n)]:.3f} | "
+                         f"{acc[(size, 'best_of_n_verifier', n)]:.3f} |")
+    lines += ["", "The measured best in each bin within a budget of total FLOPs per query (the "
+              "2nd, 5th and 8th budget of the bin's ladder):", "",
+              "| bin | budget | with verifier | accuracy | without | accuracy |",
+              "|---|---|---|---|---|---|"]
+    for b in bins:
+        for i in (1, 4, 7):
+            a, c = b["crossover"]["with_verifier"][i], b["crossover"]["without_verifier"][i]
+            lines.append(f"| {b['label']} | {a['budget']:.3g} | " + " | ".join(
+                f"{x['policy']} {x['strategy']} N={x['n']} | {x['accuracy']:.3f}"
+                if "policy" in x else "- | -" for x in (a, c)) + " |")
+    checked = [b for b in bins if b["planner_check"]]
+    if checked:
+        lines.append("")
+    for b in checked:
+        ok = sum(c["within_2_points"] for c in b["planner_check"])
+        lines.append(f"- bin {b['label']}: the planner, calibrated on the bin's {b['calib_n']} "
+                     f"validation problems, picked the best or within 2 points at {ok} of "
+                     f"{len(b['planner_check'])} budgets")
+    return "\n".join(lines)
