@@ -117,7 +117,8 @@ def exchange(out, o: Options, log: Log = print) -> dict:
     _charts(points, out)
     for kind, rows in bins.items():
         for b in rows:
-            _charts(b["points"], out, f"_{kind}_bin{b['label']}", kinds=(("total_flops", "total"),))
+            _charts(b["points"], out, f"_{kind}_bin{_label(*b['range'])}",
+                    kinds=(("total_flops", "total"),))
     return res
 
 
@@ -371,7 +372,7 @@ def _bins_table(r: dict) -> str:
 
 def _bin_section(bins: list[dict], title: str, policies: dict) -> str:
     """Per bin: each policy's greedy, majority and best-of-N at the largest N; the measured best
-    at a low, middle and high budget of total FLOPs; the planner's record in the bin."""
+    along the bin's ladder of total FLOPs per query; the planner's record in the bin."""
     n = max(p["n"] for p in bins[0]["points"])
     lines = [title + ":", "",
              f"| bin | test problems | policy | greedy | majority@{n} | best-of-{n} (verifier) |",
@@ -383,12 +384,15 @@ def _bin_section(bins: list[dict], title: str, policies: dict) -> str:
                          f"{acc[(size, 'greedy', 1)]:.3f} | {acc[(size, 'majority', n)]:.3f} | "
                          f"{acc[(size, 'best_of_n_verifier', n)]:.3f} |")
     lines += ["", "The measured best in each bin within a budget of total FLOPs per query (the "
-              "2nd, 5th and 8th budget of the bin's ladder):", "",
+              "bin's ladder; a row is left out where neither choice changes):", "",
               "| bin | budget | with verifier | accuracy | without | accuracy |",
               "|---|---|---|---|---|---|"]
     for b in bins:
-        for i in (1, 4, 7):
-            a, c = b["crossover"]["with_verifier"][i], b["crossover"]["without_verifier"][i]
+        seen = None
+        for a, c in zip(b["crossover"]["with_verifier"], b["crossover"]["without_verifier"]):
+            if (_choice(a), _choice(c)) == seen:
+                continue
+            seen = (_choice(a), _choice(c))
             lines.append(f"| {b['label']} | {a['budget']:.3g} | " + " | ".join(
                 f"{x['policy']} {x['strategy']} N={x['n']} | {x['accuracy']:.3f}"
                 if "policy" in x else "- | -" for x in (a, c)) + " |")
@@ -401,3 +405,7 @@ def _bin_section(bins: list[dict], title: str, policies: dict) -> str:
                      f"validation problems, picked the best or within 2 points at {ok} of "
                      f"{len(b['planner_check'])} budgets")
     return "\n".join(lines)
+
+
+def _choice(x: dict) -> tuple:
+    return (x.get("policy"), x.get("strategy"), x.get("n"))
