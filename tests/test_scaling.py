@@ -270,8 +270,11 @@ def test_the_check_tunes_the_learning_rate_per_size_before_fitting(tmp_path, sma
     from keenlm.scaling.check import prediction_check
 
     kw = dict(fit_depths=(1, 2, 3), fit_tokens=(640, 1280), targets=((4, 640),),
-              base=_base(small_corpus, tmp_path / "cache"), samples=10, log=lambda s: None)
+              base=_base(small_corpus, tmp_path / "cache"), samples=10, log=lambda s: None,
+              aspect=16, head_dim=16)  # a narrower size dial than the default 32
     r = prediction_check(tmp_path / "chk", lr_sweep=(0.5, 1.0), **kw)
+    for run in r["runs"] + r["targets"]:  # the sweep's, the fitted and the target's runs
+        assert run["config"]["model"]["d_model"] == 16 * run["depth"]
     lr = r["lr_sweep"]
     assert lr["tokens"] == 640 and set(lr["per_depth"]) == {"1", "2", "3"}
     for d, v in lr["per_depth"].items():
@@ -286,6 +289,7 @@ def test_the_check_tunes_the_learning_rate_per_size_before_fitting(tmp_path, sma
     expect = float(np.exp(law["a"]) * target["non_embedding"] ** law["b"])
     assert target["lr"] == pytest.approx(expect, rel=5e-3)
     assert r["targets"][0]["config"]["train"]["optim"]["lr"] == target["lr"]
-    assert "Learning rate, tuned first" in (tmp_path / "chk" / "results.md").read_text()
+    text = (tmp_path / "chk" / "results.md").read_text()
+    assert "Learning rate, tuned first" in text and "d_model = 16 x depth" in text
     with pytest.raises(ValueError, match="distinct positive"):
         prediction_check(tmp_path / "bad", lr_sweep=(1.0, 1.0), **kw)

@@ -34,8 +34,10 @@ def _sweep(args) -> int:
     base = _base(args)
     atomic_write_text(Path(args.out) / "base.json", json.dumps(base, indent=2) + "\n")
     depths = _numbers(args.depths, int)
-    trials = (sweep.isoflop(base, depths, _numbers(args.isoflop)) if args.isoflop else
-              sweep.grid(base, depths, _numbers(args.tokens or "4e6", int)))
+    trials = (sweep.isoflop(base, depths, _numbers(args.isoflop), aspect=args.aspect,
+                            head_dim=args.head_dim) if args.isoflop else
+              sweep.grid(base, depths, _numbers(args.tokens or "4e6", int), aspect=args.aspect,
+                         head_dim=args.head_dim))
     res = sweep.run_sweep(trials, args.out, backend=args.backend)
     print(f"{len(res['results'])} trials finished, {len(res['failed'])} failed")
     for name, err in res["failed"].items():
@@ -62,7 +64,7 @@ def _check(args) -> int:
         targets=_targets(args.targets) if args.targets else [(args.target_depth, max(tokens))])
     lr_sweep = tuple(_numbers(args.lr_sweep, float)) if args.lr_sweep else ()
     r = check.prediction_check(args.out, backend=args.backend, base=_base(args),
-                               lr_sweep=lr_sweep, **kw)
+                               lr_sweep=lr_sweep, aspect=args.aspect, head_dim=args.head_dim, **kw)
     print(check.table(r))
     return 0
 
@@ -121,7 +123,7 @@ def add_parser(sub, fmt):
     s.add_argument("action", choices=tuple(ACTIONS))
     s.add_argument("out", nargs="?", default="runs/scale", help="the sweep's folder")
     s.add_argument("--depths", default="1,2,3,4,5", help="sweep/check: depths of the size dial "
-                   "(d_model = 32 x depth, heads of 32)")
+                   "(d_model = --aspect x depth, heads of --head-dim)")
     s.add_argument("--tokens", default="", help="sweep: training tokens (a list: a grid; "
                    "default 4e6); check: the fitted runs' token counts (default 1e6,2e6: "
                    "L(N, D); one count: L(N)); predict: tokens of the predicted run")
@@ -134,6 +136,10 @@ def add_parser(sub, fmt):
     s.add_argument("--seq-len", type=int, default=256,
                    help="sweep/check: tokens per training sequence (and the model's context)")
     s.add_argument("--batch-size", type=int, default=16, help="sweep/check: sequences per step")
+    s.add_argument("--aspect", type=int, default=32, help="sweep/check: the size dial's d_model "
+                   "per layer (d_model = aspect x depth; smaller: a ladder of narrower models)")
+    s.add_argument("--head-dim", type=int, default=32, help="sweep/check: the size dial's "
+                   "attention head width (d_model is rounded to a multiple of it)")
     s.add_argument("--depth", type=int, default=8, help="predict: the model to predict")
     s.add_argument("--target-depth", type=int, default=8, help="check: the model to predict, "
                    "on the largest of --tokens (when --targets is not given)")

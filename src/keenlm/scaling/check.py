@@ -56,7 +56,9 @@ def prediction_check(out: str | Path, fit_depths=(1, 2, 3, 4, 5),
                      fit_tokens: Sequence[int] = (1_000_000, 2_000_000),
                      targets: Sequence[tuple[int, int]] = ((8, 2_000_000),),
                      backend: str = "local", samples: int = 200, base: dict | None = None,
-                     lr_sweep: Sequence[float] = (), log: Log = print) -> dict:
+                     lr_sweep: Sequence[float] = (), log: Log = print, aspect: int = 32,
+                     head_dim: int = 32) -> dict:
+    """``aspect``, ``head_dim``: the size dial (d_model = aspect x depth, heads of head_dim)."""
     out = Path(out)
     if len(fit_depths) < 3 or not targets or any(d <= max(fit_depths) for d, _ in targets):
         raise ValueError("fit on >= 3 depths and predict deeper models than all of them")
@@ -64,11 +66,12 @@ def prediction_check(out: str | Path, fit_depths=(1, 2, 3, 4, 5),
     t0 = time.perf_counter()
     if any(m <= 0 for m in lr_sweep) or len(set(lr_sweep)) != len(lr_sweep):
         raise ValueError(f"lr_sweep {list(lr_sweep)}: distinct positive multipliers")
-    to_fit = grid(base, fit_depths, fit_tokens)
-    goals = [grid(base, [depth], [tokens])[0] for depth, tokens in targets]
+    dial = {"aspect": aspect, "head_dim": head_dim}
+    to_fit = grid(base, fit_depths, fit_tokens, **dial)
+    goals = [grid(base, [depth], [tokens], **dial)[0] for depth, tokens in targets]
     tuned = None
     if lr_sweep:
-        tuned = tune_lr(base, fit_depths, min(fit_tokens), lr_sweep, out, backend, log)
+        tuned = tune_lr(base, fit_depths, min(fit_tokens), lr_sweep, out, backend, log, dial)
         to_fit = [with_lr(t, tuned["per_depth"][str(t.depth)]["lr"]) for t in to_fit]
         goals = [with_lr(t, tuned["lr_of"](_point(t)["non_embedding"])) for t in goals]
     sizes = sorted({model_params(t.config)["non_embedding"] for t in to_fit})
@@ -101,7 +104,8 @@ def prediction_check(out: str | Path, fit_depths=(1, 2, 3, 4, 5),
     for t in goals:
         actual.append(run_trial(t, out))
         log(f"{t.name}: val loss {actual[-1]['val_loss']:.4f}")
-    result = {"fit_depths": list(fit_depths), "design": design, "runs": runs, "targets": actual,
+    result = {"fit_depths": list(fit_depths), "dial": dial, "design": design, "runs": runs,
+              "targets": actual,
               "lr_sweep": None if tuned is None else {
                   **predictions["lr"], "seconds": tuned["seconds"]},
               "predictions": predictions, "seconds_this_call": time.perf_counter() - t0,
@@ -129,12 +133,12 @@ def with_lr(t: Trial, lr: float) -> Trial:
 
 
 def tune_lr(base: dict, depths, tokens: int, multipliers, out: Path, backend: str,
-            log: Log) -> dict:
+            log: Log, dial: dict | None = None) -> dict:
     """Each depth at ``tokens`` with every multiplier of its size-dial rate: the best rate per
     depth, and the power law lr(N) = exp(a) N^b (N without embeddings) fitted to them."""
     trials = []
     for d in depths:
-        t = grid(base, [d], [tokens])[0]
+        t = grid(base, [d], [tokens], **(dial or {}))[0]
         trials += [with_lr(t, t.config["train"]["optim"]["lr"] * m) for m in multipliers]
     runs = _run(trials, out, backend, log)
     per_depth = {}
@@ -230,7 +234,9 @@ def _scores(predictions: dict, actual: list[dict]) -> list[dict]:
 
 def table(r: dict) -> str:
     pr, d = r["predictions"], r["design"]
-    lines = [f"Fit: {len(r['runs'])} runs, {pr['law']}, sizes spanning {d['fit_span']:.1f}x, "
+    dial = r.get("dial", {"aspect": 32, "head_dim": 32})
+    lines = [f"Size dial: d_model = {dial['aspect']} x depth, heads of {dial['head_dim']}. "
+             f"Fit: {len(r['runs'])} runs, {pr['law']}, sizes spanning {d['fit_span']:.1f}x, "
              f"tokens {', '.join(f'{t:,}' for t in d['fit_tokens'])}; targets "
              + ", ".join(f"{t['name']} ({x:.1f}x the largest fitted N)"
                          for t, x in zip(r["targets"], d["target_over_largest"]))
