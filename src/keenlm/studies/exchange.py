@@ -16,8 +16,9 @@ gives, for a ladder of budgets per query, the measured best choice: where it mov
 policy, parameters became the better buy.
 
 The planner is then checked: from the calibration runs alone (``keenlm.infer.plan.plan``) it
-picks a (policy, strategy, N) for three budgets; its pick's *measured* accuracy is compared
-with the measured best within the same budget (target: within 2 points).
+picks a (policy, strategy, N) for nine budgets (10% to 90% of the measured range, log scale);
+its pick's *measured* accuracy is compared with the measured best within the same budget
+(target: within 2 points).
 
 Per difficulty bin (``keenlm.data.tasks.difficulty_bin``: carries, multiplicative steps --
 known before a problem is answered; adjacent bins merged until each holds ``min_bin`` test
